@@ -1,0 +1,48 @@
+"""dora_lab: dynamic-rank LoRA (DoRA, Mao et al. 2024) for ablations of scorers and schedules.
+
+The adapter core (:mod:`dora_lab.adapter`) knows nothing of scorers or schedules; scorers
+(:mod:`dora_lab.scorers`, built-ins in the top-level ``metrics`` package) and schedules
+(:mod:`dora_lab.schedules`) are looked up by name in registries, and the
+:class:`~dora_lab.controller.PruningController` joins them.
+"""
+
+from .adapter import (
+    ParameterCount,
+    RankOneLinear,
+    adapter_layers,
+    count_parameters,
+    default_targets,
+    inject_adapters,
+)
+from .controller import PruningController, StepInfo
+from .registry import RegistryError, import_plugins
+from .regularizers import get_regularizer, list_regularizers, register_regularizer
+from .schedules import BudgetSchedule, get_schedule, list_schedules, register_schedule
+from .scorers import Scorer, get_scorer, list_scorers, make_scorer, register_scorer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetSchedule",
+    "ParameterCount",
+    "PruningController",
+    "RankOneLinear",
+    "RegistryError",
+    "Scorer",
+    "StepInfo",
+    "adapter_layers",
+    "count_parameters",
+    "default_targets",
+    "get_regularizer",
+    "get_schedule",
+    "get_scorer",
+    "import_plugins",
+    "inject_adapters",
+    "list_regularizers",
+    "list_schedules",
+    "list_scorers",
+    "make_scorer",
+    "register_regularizer",
+    "register_schedule",
+    "register_scorer",
+]

@@ -1,0 +1,177 @@
+"""The rank-1-component adapter around one frozen ``nn.Linear`` (ALGORITHMS.md section 1).
+
+    h = W0 x + b0 + (alpha / r0) * B diag(c * m) A dropout(x)
+
+``A`` is ``r x d_in`` (row i = input vector of component i), ``B`` is ``d_out x r`` (column i =
+output vector), ``c`` one scalar per component and ``mask`` a 0/1 buffer.  ``r`` starts at ``r0``
+and shrinks when the layer is compacted; the scale keeps ``r0``.
+
+While pruning is soft the mask is *not* applied in the forward pass (``hard_mask`` is False): a
+soft-pruned component has ``c_i = 0`` but still gets a gradient and may come back.  Once the mask
+is frozen it is applied every step, and :meth:`compact` can drop the pruned components for good.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["RankOneLinear", "InitMode"]
+
+InitMode = Literal["dora", "adalora"]
+
+
+class RankOneLinear(nn.Module):
+    """A frozen linear layer plus ``r0`` trainable rank-1 components."""
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        r0: int,
+        alpha: float = 8.0,
+        dropout: float = 0.1,
+        init: InitMode = "dora",
+    ) -> None:
+        super().__init__()
+        if r0 < 1:
+            raise ValueError(f"start rank r0 must be >= 1, got {r0}")
+        if init not in ("dora", "adalora"):
+            raise ValueError(f"init must be 'dora' or 'adalora', got {init!r}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.r0 = r0
+        self.alpha = float(alpha)
+        self.scale = self.alpha / r0
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base.weight
+        self.A = nn.Parameter(torch.empty(r0, self.in_features, dtype=w.dtype, device=w.device))
+        self.B = nn.Parameter(torch.empty(self.out_features, r0, dtype=w.dtype, device=w.device))
+        self.c = nn.Parameter(torch.zeros(r0, dtype=w.dtype, device=w.device))
+        self.register_buffer("mask", torch.ones(r0, dtype=w.dtype, device=w.device))
+        # Original index (0..r0-1) of each remaining component; survives compaction.
+        self.register_buffer("index", torch.arange(r0, device=w.device))
+        self.hard_mask = False
+        self.merged = False
+        self.reset_parameters(init)
+
+    mask: torch.Tensor
+    index: torch.Tensor
+
+    def reset_parameters(self, init: InitMode = "dora") -> None:
+        with torch.no_grad():
+            if init == "dora":
+                nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.A, 0.0, 0.02)
+                nn.init.normal_(self.B, 0.0, 0.02)
+            self.c.zero_()
+
+    # -- sizes --------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """Components currently stored (``r0`` until compaction)."""
+        return int(self.c.shape[0])
+
+    @property
+    def active_rank(self) -> int:
+        """Components not pruned (mask = 1)."""
+        return int(self.mask.sum().item())
+
+    @property
+    def params_per_component(self) -> int:
+        return self.in_features + self.out_features + 1
+
+    def active_parameters(self) -> int:
+        return self.active_rank * self.params_per_component
+
+    def effective_c(self) -> torch.Tensor:
+        return self.c * self.mask if self.hard_mask else self.c
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.merged or self.rank == 0:
+            return out
+        z = F.linear(self.dropout(x), self.A)  # (..., r)
+        z = z * (self.effective_c() * self.scale)
+        return out + F.linear(z, self.B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``dW = (alpha/r0) B diag(c m) A`` (``d_out x d_in``); for merging and tests."""
+        return (self.B * (self.effective_c() * self.scale)) @ self.A
+
+    # -- pruning ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def soft_prune(self, keep: torch.Tensor) -> None:
+        """Zero ``c`` of components not in ``keep`` (bool, length ``rank``); they stay trainable."""
+        self.mask.copy_(keep.to(self.mask.dtype))
+        self.c.mul_(self.mask)
+
+    @torch.no_grad()
+    def freeze_mask(self, keep: torch.Tensor) -> None:
+        """Fix the final mask: from now on pruned components are zero in every forward pass."""
+        self.soft_prune(keep)
+        self.hard_mask = True
+
+    @torch.no_grad()
+    def compact(self, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+        """Drop masked components physically; slice the optimizer's state the same way.
+
+        A, B and c become new, smaller Parameters (autograd caches a leaf's shape, so the old
+        objects cannot shrink in place); ``optimizer``'s param groups and state are moved to them.
+        Returns the kept positions (indices into the pre-compaction rank).
+        """
+        if self.merged:
+            raise RuntimeError("unmerge() the adapter before compacting it")
+        keep = torch.nonzero(self.mask > 0, as_tuple=False).flatten()
+        for attr, dim in (("A", 0), ("B", 1), ("c", 0)):
+            old: nn.Parameter = getattr(self, attr)
+            new = nn.Parameter(old.data.index_select(dim, keep).contiguous(), requires_grad=old.requires_grad)
+            if old.grad is not None:
+                new.grad = old.grad.index_select(dim, keep).contiguous()
+            if optimizer is not None:
+                _move_optimizer_param(optimizer, old, new, dim, keep)
+            setattr(self, attr, new)
+        self.mask = self.mask[keep].contiguous()
+        self.index = self.index[keep].contiguous()
+        return keep
+
+    # -- merging ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ``dW`` into the base weight (an explicit call; inference then costs the base's)."""
+        if not self.merged:
+            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r0={self.r0}, rank={self.rank}, "
+                f"active={self.active_rank}, alpha={self.alpha}, hard_mask={self.hard_mask}")
+
+
+def _move_optimizer_param(
+    optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, dim: int, keep: torch.Tensor
+) -> None:
+    """Point ``optimizer`` at ``new`` instead of ``old``, slicing per-element state along ``dim``."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is not None:
+        optimizer.state[new] = {
+            k: v.index_select(dim, keep).contiguous() if torch.is_tensor(v) and v.shape == old.shape else v
+            for k, v in state.items()
+        }

@@ -1,0 +1,135 @@
+"""Name -> implementation registries for scorers, schedules and regularisers.
+
+One small generic :class:`Registry` serves all three.  Registering checks the name (lowercase,
+``[a-z][a-z0-9_]*``) and refuses a clash with a message that says how to fix it; looking up an
+unknown name lists every registered name.  Built-ins register themselves when their module is
+imported; third-party packages register through the entry-point groups ``dora_lab.scorers``,
+``dora_lab.schedules`` and ``dora_lab.regularizers`` (each entry point names a module to import),
+and a config can name extra modules or ``.py`` files to import (:func:`import_plugins`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from collections.abc import Callable, Iterable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Generic, TypeVar
+
+__all__ = ["Registry", "RegistryError", "import_plugins"]
+
+T = TypeVar("T")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class RegistryError(ValueError):
+    """A bad registration or an unknown name."""
+
+
+class Registry(Generic[T]):
+    """A checked mapping from lowercase names to implementations.
+
+    ``kind`` is used in messages ("scorer", "schedule"), ``group`` is the entry-point group
+    scanned once on first lookup, and ``check`` validates an object's shape at registration
+    (it raises :class:`RegistryError` with a message).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        group: str,
+        check: Callable[[str, object], None] | None = None,
+        builtins: Iterable[str] = (),
+    ) -> None:
+        self.kind = kind
+        self.group = group
+        self._check = check
+        self._builtins = tuple(builtins)
+        self._items: dict[str, T] = {}
+        self._origin: dict[str, str] = {}
+        self._loaded = False
+
+    # -- registration -------------------------------------------------------------------------
+    def add(self, name: str, obj: T, *, replace: bool = False) -> T:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise RegistryError(
+                f"invalid {self.kind} name {name!r}: use lowercase letters, digits and '_', "
+                f"starting with a letter (for example {str(name).lower().replace('-', '_')!r})"
+            )
+        if self._check is not None:
+            self._check(name, obj)
+        origin = getattr(obj, "__module__", "?") + "." + getattr(obj, "__qualname__", repr(obj))
+        if name in self._items and not replace and self._origin.get(name) != origin:
+            raise RegistryError(
+                f"{self.kind} {name!r} is already registered by {self._origin[name]}; "
+                f"pick another name, or pass replace=True to override it on purpose"
+            )
+        self._items[name] = obj
+        self._origin[name] = origin
+        return obj
+
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (tests use this to clean up after themselves)."""
+        self._items.pop(name, None)
+        self._origin.pop(name, None)
+
+    # -- lookup -------------------------------------------------------------------------------
+    def _ensure_loaded(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self._builtins:
+            importlib.import_module(module)
+        for ep in entry_points(group=self.group):
+            try:
+                ep.load()
+            except Exception as exc:  # a broken plugin must not hide the built-ins
+                print(f"dora_lab: could not load {self.kind} plugin {ep.name!r} ({ep.value}): {exc}",
+                      file=sys.stderr)
+
+    def get(self, name: str) -> T:
+        self._ensure_loaded()
+        try:
+            return self._items[name]
+        except KeyError:
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}; registered {self.kind}s: {', '.join(self.names())}. "
+                f"To add one, decorate it with @register_{self.kind}({name!r}) in a module that is "
+                f"imported (config key 'plugins', or the entry-point group '{self.group}')"
+            ) from None
+
+    def names(self) -> list[str]:
+        self._ensure_loaded()
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        self._ensure_loaded()
+        return name in self._items
+
+
+def import_plugins(plugins: Iterable[str]) -> None:
+    """Import extra modules (``package.module``) or files (``path/to/file.py``) that register things."""
+    for plugin in plugins:
+        if plugin.endswith(".py") or "/" in plugin:
+            path = Path(plugin)
+            if not path.is_file():
+                raise RegistryError(f"plugin file {plugin!r} does not exist (config key 'plugins')")
+            mod_name = f"dora_lab_plugin_{path.stem}_{abs(hash(str(path.resolve()))):x}"
+            if mod_name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(mod_name, path)
+            if spec is None or spec.loader is None:
+                raise RegistryError(f"cannot import plugin file {plugin!r}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod_name] = module
+            spec.loader.exec_module(module)
+        else:
+            try:
+                importlib.import_module(plugin)
+            except ImportError as exc:
+                raise RegistryError(
+                    f"cannot import plugin module {plugin!r} (config key 'plugins'): {exc}"
+                ) from exc

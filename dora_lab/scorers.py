@@ -1,0 +1,209 @@
+"""Importance scorers: the base class, the function adapter, and the scorer registry.
+
+A scorer maps each component of each adapted layer to one non-negative score; the controller
+ranks all layers' scores together.  The controller calls :meth:`Scorer.update` once per
+optimizer step, *after* ``optimizer.step()`` and *before* the gradients are cleared, until
+pruning ends; then it reads :meth:`Scorer.scores`.
+
+The short way to add one is a function of one layer's components (``layer.A``, ``layer.B``,
+``layer.c`` and their ``.grad``) that returns a tensor of length ``layer.rank``::
+
+    from dora_lab import register_scorer
+
+    @register_scorer("movement", needs_grad=True)
+    def movement(component):
+        return (component.c * component.c.grad).abs()
+
+``beta`` adds an exponential moving average over steps (``S <- beta S + (1 - beta) s``); it is a
+hyper-parameter every function scorer accepts from the config.  Scorers that keep per-element
+state (``smoothed_uncertainty``) subclass :class:`Scorer` instead.  The built-ins live in the
+top-level ``metrics/`` package, one file each.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from .adapter.layer import RankOneLinear
+from .registry import Registry, RegistryError
+
+__all__ = [
+    "FunctionScorer",
+    "Scorer",
+    "combine_elementwise",
+    "get_scorer",
+    "list_scorers",
+    "make_scorer",
+    "register_scorer",
+    "require_grads",
+]
+
+Layers = Mapping[str, RankOneLinear]
+
+
+class Scorer(ABC):
+    """Base class.  Subclasses implement :meth:`update` and :meth:`scores`.
+
+    Constructor keyword arguments are the scorer's hyper-parameters (set from the config's
+    ``scorer`` block).  ``needs_grad`` tells the controller the scorer reads ``.grad``.
+    """
+
+    needs_grad: ClassVar[bool] = False
+    name: ClassVar[str] = ""
+
+    @abstractmethod
+    def update(self, layers: Layers) -> None:
+        """Called once per optimizer step while pruning is live (grads still present)."""
+
+    @abstractmethod
+    def scores(self) -> dict[str, torch.Tensor]:
+        """The current score of every component, one 1-D tensor per layer name."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        del state
+
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Any]:
+        """The keyword arguments the constructor takes, with their defaults."""
+        sig = inspect.signature(cls.__init__)
+        return {
+            n: (None if p.default is inspect.Parameter.empty else p.default)
+            for n, p in sig.parameters.items()
+            if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        }
+
+
+class FunctionScorer(Scorer):
+    """Wraps ``fn(layer) -> scores`` with an optional EMA (``beta``; ``None`` means no smoothing)."""
+
+    fn: ClassVar[Callable[[RankOneLinear], torch.Tensor]]
+    default_beta: ClassVar[float | None] = None
+
+    def __init__(self, beta: float | None = "default") -> None:  # type: ignore[assignment]
+        if beta == "default":
+            beta = self.default_beta
+        if beta is not None and not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"scorer {self.name!r}: beta must be in [0, 1) or null, got {beta}")
+        self.beta = None if beta is None else float(beta)
+        self._scores: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Any]:
+        return {"beta": cls.default_beta}
+
+    def update(self, layers: Layers) -> None:
+        for name, layer in layers.items():
+            with torch.no_grad():
+                s = type(self).fn(layer).detach().to(torch.float32)
+            if s.shape != (layer.rank,):
+                raise ValueError(
+                    f"scorer {self.name!r} returned shape {tuple(s.shape)} for layer {name!r}; "
+                    f"it must return one score per component, shape ({layer.rank},)"
+                )
+            prev = self._scores.get(name)
+            if self.beta is None or prev is None or prev.shape != s.shape:
+                # The EMA starts at 0 as in the paper's code: S_0 = (1 - beta) s_0.
+                self._scores[name] = s if self.beta is None else (1 - self.beta) * s
+            else:
+                self._scores[name] = self.beta * prev + (1 - self.beta) * s
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return dict(self._scores)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scores": {k: v.clone() for k, v in self._scores.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._scores = {k: v.clone() for k, v in state["scores"].items()}
+
+
+def require_grads(layer: RankOneLinear, scorer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A.grad, B.grad, c.grad)``, or a clear error when backward has not run."""
+    grads = (layer.A.grad, layer.B.grad, layer.c.grad)
+    if any(g is None for g in grads):
+        raise RuntimeError(
+            f"scorer {scorer!r} needs gradients but the adapter has none: call controller.step() "
+            f"after optimizer.step() and before optimizer.zero_grad()"
+        )
+    return grads  # type: ignore[return-value]
+
+
+def combine_elementwise(i_a: torch.Tensor, i_b: torch.Tensor, i_c: torch.Tensor) -> torch.Tensor:
+    """Per-component score from element scores: ``I(c_i) + mean_j I(A[i,j]) + mean_j I(B[j,i])``."""
+    return i_c + i_a.mean(dim=1) + i_b.mean(dim=0)
+
+
+def _check(name: str, obj: object) -> None:
+    if not (isinstance(obj, type) and issubclass(obj, Scorer)):
+        raise RegistryError(f"scorer {name!r} must be a Scorer subclass or a function of one layer")
+    if inspect.isabstract(obj):
+        raise RegistryError(f"scorer {name!r} ({obj.__qualname__}) does not implement update/scores")
+
+
+SCORERS: Registry[type[Scorer]] = Registry(
+    "scorer", "dora_lab.scorers", _check,
+    builtins=("metrics.magnitude", "metrics.sensitivity", "metrics.uncertainty"),
+)
+
+
+def register_scorer(
+    name: str, *, beta: float | None = None, needs_grad: bool = False, replace: bool = False
+) -> Callable[[Any], Any]:
+    """Register a :class:`Scorer` subclass, or a function ``fn(layer) -> Tensor[rank]``.
+
+    For a function, ``beta`` is the default EMA factor (``None``: no smoothing) and
+    ``needs_grad`` says whether it reads gradients.  The decorated object is returned unchanged.
+    """
+
+    def decorate(obj: Any) -> Any:
+        cls: type[Scorer]
+        if isinstance(obj, type):
+            cls = obj
+        elif callable(obj):
+            params = [p for p in inspect.signature(obj).parameters.values() if p.default is p.empty]
+            if len(params) != 1:
+                raise RegistryError(
+                    f"scorer function {name!r} must take exactly one argument (the layer's components)"
+                )
+            cls = type(
+                f"{obj.__name__}_scorer",
+                (FunctionScorer,),
+                {"fn": staticmethod(obj), "default_beta": beta, "needs_grad": needs_grad,
+                 "__module__": obj.__module__, "__qualname__": obj.__qualname__, "__doc__": obj.__doc__},
+            )
+        else:
+            raise RegistryError(f"cannot register {obj!r} as scorer {name!r}: not a class or function")
+        cls.name = name
+        SCORERS.add(name, cls, replace=replace)
+        return obj
+
+    return decorate
+
+
+def get_scorer(name: str) -> type[Scorer]:
+    return SCORERS.get(name)
+
+
+def list_scorers() -> list[str]:
+    return SCORERS.names()
+
+
+def make_scorer(name: str, **params: Any) -> Scorer:
+    """Build scorer ``name`` with hyper-parameters ``params``; unknown ones are refused by name."""
+    cls = get_scorer(name)
+    allowed = cls.hyperparameters()
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"scorer {name!r} has no hyper-parameter(s) {unknown}; it takes: "
+            f"{', '.join(f'{k} (default {v})' for k, v in allowed.items()) or 'none'}"
+        )
+    return cls(**params)

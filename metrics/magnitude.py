@@ -1,0 +1,25 @@
+"""``magnitude``: DoRA's own score, the share of the layer's update carried by each component.
+
+    s_i = |c_i| ||B[:,i]|| ||A[i,:]|| / ( ||B diag(c) A||_F + 1e-8 )
+
+The denominator comes from ``||B diag(c) A||_F^2 = sum_ij (B^T B)_ij c_i c_j (A A^T)_ij``, so the
+cost is ``O(r^2 (d_in + d_out))`` and no ``d_out x d_in`` matrix is ever formed.  Smoothed by an
+EMA with ``beta = 0.9`` (the paper's), from weights only: no gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dora_lab.adapter.layer import RankOneLinear
+from dora_lab.scorers import register_scorer
+
+
+@register_scorer("magnitude", beta=0.9)
+def magnitude(component: RankOneLinear) -> torch.Tensor:
+    a, b = component.A.detach().float(), component.B.detach().float()
+    c = component.effective_c().detach().float()
+    share = c.abs() * b.norm(dim=0) * a.norm(dim=1)
+    gram = (b.T @ b) * (a @ a.T)
+    total = (c @ gram @ c).clamp_min(0.0).sqrt()
+    return share / (total + 1e-8)

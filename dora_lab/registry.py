@@ -61,6 +61,9 @@ class Registry(Generic[T]):
             )
         if self._check is not None:
             self._check(name, obj)
+        # Load the built-ins and entry points first, so a clash with one of them is refused here,
+        # with this message, instead of breaking the built-in's import at the first lookup.
+        self._ensure_loaded()
         origin = getattr(obj, "__module__", "?") + "." + getattr(obj, "__qualname__", repr(obj))
         if name in self._items and not replace and self._origin.get(name) != origin:
             raise RegistryError(

@@ -1,0 +1,286 @@
+"""Run configuration: YAML (safe loader) -> typed, validated objects.
+
+Everything a run needs is in one :class:`RunConfig`.  A YAML file may name a ``base:`` file
+(relative to itself) that it overrides key by key, and ``--set key.path=value`` overrides apply
+last (values parsed as YAML: ``--set train.lr=3e-4``, ``--set adapter.targets=[query,value]``).
+Every error (an unknown key, a wrong type, an impossible schedule) is a :class:`ConfigError`
+whose message names the key's dotted path, raised before anything starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "AdapterConfig",
+    "BudgetConfig",
+    "ConfigError",
+    "ModelConfig",
+    "RegularizerConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "ScorerConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "flatten",
+    "load_config",
+    "load_config_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Strict):
+    name: str = "cola"
+    data_dir: str | None = Field(None, description="folder with train/validation .jsonl/.csv/.tsv; null = Hub")
+    max_length: int = Field(128, ge=8)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+
+
+class ModelConfig(_Strict):
+    name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    trainable: list[str] = Field(default_factory=lambda: ["classifier", "pooler"])
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class AdapterConfig(_Strict):
+    targets: list[str] | str | None = None
+    r0: int = Field(3, ge=1)
+    alpha: float = Field(8.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    init: Literal["dora", "adalora"] = "dora"
+
+
+class BudgetConfig(_Strict):
+    target_rank: float | None = Field(2.0, ge=0)
+    target_params: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> BudgetConfig:
+        if self.target_params is not None and self.target_rank is not None:
+            # target_params given explicitly wins over the default target_rank
+            object.__setattr__(self, "target_rank", None)
+        if self.target_params is None and self.target_rank is None:
+            raise ValueError("set budget.target_rank (average rank) or budget.target_params")
+        return self
+
+
+class ScorerConfig(_Strict):
+    name: str = "magnitude"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScheduleConfig(_Strict):
+    name: str = "dora"
+    warmup: float = Field(0.15, ge=0, description="t_i: a fraction of the steps if < 1, else steps")
+    final: float = Field(0.5, ge=0, description="t_f: a fraction of the steps if < 1, else steps")
+    interval: int = Field(100, ge=1)
+    compact: bool = True
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> ScheduleConfig:
+        if self.warmup < 1 and self.final < 1 and self.warmup + self.final >= 1:
+            raise ValueError(
+                f"warmup ({self.warmup}) + final ({self.final}) >= 1 leaves no steps for pruning; "
+                f"make their sum below 1"
+            )
+        return self
+
+
+class RegularizerConfig(_Strict):
+    name: str | None = "dem"
+    weight: float = Field(0.1, ge=0)
+
+
+class TrainConfig(_Strict):
+    method: Literal["adapter", "full"] = "adapter"
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    head_lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(100, ge=1, description="evaluate every N optimizer steps (and at the end)")
+    group_by_length: bool = True
+    divergence_loss: float = Field(1e4, gt=0, description="stop a run whose loss exceeds this or is NaN")
+    save_adapter: bool = True
+
+
+class RunConfig(_Strict):
+    """One training run, fully resolved."""
+
+    seed: int = 0
+    output_dir: str = "runs"
+    plugins: list[str] = Field(default_factory=list)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    scorer: ScorerConfig = Field(default_factory=ScorerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    study: dict[str, Any] | None = Field(None, description="the study block, validated by dora_lab.study")
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> RunConfig:
+        rank = self.budget.target_rank
+        if rank is not None and rank > self.adapter.r0:
+            raise ValueError(
+                f"budget.target_rank ({rank}) is above the start rank adapter.r0 ({self.adapter.r0}); "
+                f"the budget can only shrink"
+            )
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as plain data (what is saved with every run)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved(), sort_keys=False)
+
+
+# -- loading ------------------------------------------------------------------------------------
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, following ``base:`` links (relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config {str(path)!r} includes itself through 'base'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {str(path)!r} must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = read_yaml(path.parent / base, _seen + (path.resolve(),))
+    return _deep_merge(parent, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` strings (values parsed as YAML) to a config dict."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        try:
+            value = _number_or(yaml.safe_load(raw)) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _number_or(value: Any) -> Any:
+    """YAML 1.1 reads ``3e-4`` as a string; people mean the number."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        return float(value)
+    return value
+
+
+def load_config_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Validate plain data into a :class:`RunConfig`, with dotted key paths in every error."""
+    try:
+        cfg = RunConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                section = _section_model(err["loc"][:-1])
+                allowed = ", ".join(section.model_fields) if section else ""
+                msg = f"unknown key; allowed here: {allowed}"
+            lines.append(f"  {loc}: {msg}" + (f" (got {err['input']!r})" if _show_input(err) else ""))
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+    _check_registered(cfg)
+    return cfg
+
+
+def _show_input(err: Any) -> bool:
+    return err["type"] not in ("extra_forbidden", "missing") and not isinstance(err.get("input"), dict)
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _check_registered(cfg: RunConfig) -> None:
+    """Scorer, schedule and regulariser names must be registered (after importing plugins)."""
+    from . import registry, regularizers, schedules, scorers
+
+    try:
+        registry.import_plugins(cfg.plugins)
+        scorers.make_scorer(cfg.scorer.name, **cfg.scorer.params)
+        schedules.get_schedule(cfg.schedule.name)
+        if cfg.regularizer.name:
+            regularizers.get_regularizer(cfg.regularizer.name)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read ``path`` (or the defaults), apply ``--set`` overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return load_config_dict(apply_overrides(data, overrides))
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params and Optuna search spaces)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out

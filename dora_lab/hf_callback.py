@@ -1,0 +1,48 @@
+"""Pruning under the Hugging Face ``Trainer``: a ``TrainerCallback`` that steps the controller.
+
+``Trainer`` calls ``on_optimizer_step`` after ``optimizer.step()`` and before the gradients are
+zeroed, exactly where :meth:`PruningController.step` belongs, so pruning under ``Trainer``
+matches the plain loop (PEFT's AdaLoRA, by contrast, needs a manual ``update_and_allocate`` call
+that ``Trainer`` never makes)::
+
+    callback = DoraTrainerCallback(lambda total: PruningController(model, make_scorer("magnitude"),
+                                                                     "dora", total, target_rank=2))
+    Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback]).train()
+
+The factory receives ``state.max_steps`` (the Trainer's optimizer steps).  Regularisers (DEM) are
+not added to the Trainer's loss by this callback; add ``callback.controller.regularization_loss()``
+in a ``compute_loss`` override if you want them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .controller import PruningController, StepInfo
+
+__all__ = ["DoraTrainerCallback"]
+
+
+class DoraTrainerCallback(TrainerCallback):
+    """Steps a :class:`PruningController` once per optimizer step of a ``transformers.Trainer``."""
+
+    def __init__(self, controller: PruningController | Callable[[int], PruningController]) -> None:
+        self._factory = None if isinstance(controller, PruningController) else controller
+        self.controller: PruningController | None = controller if isinstance(controller, PruningController) else None
+        self.history: list[StepInfo] = []
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        if self.controller is None and self._factory is not None:
+            self.controller = self._factory(state.max_steps)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                          **kwargs: Any) -> None:
+        if self.controller is None:
+            raise RuntimeError("DoraTrainerCallback: the controller was not built (on_train_begin not called)")
+        optimizer = kwargs.get("optimizer")
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
+        self.history.append(self.controller.step(optimizer))

@@ -1,0 +1,183 @@
+"""The eight GLUE tasks and their metrics.
+
+A :class:`TaskSpec` says what a task's rows look like (the text columns of the Hugging Face
+dataset ``nyu-mll/glue``, the label column is always ``label``), how many outputs the model
+head needs, which splits are evaluated and which metric ranks runs.  :func:`compute_metrics`
+turns raw model outputs into GLUE's metrics with scipy / scikit-learn (no ``evaluate``).
+
+>>> spec = get_task("cola")
+>>> spec.text_fields, spec.num_labels, spec.main_metric
+(('sentence',), 2, 'matthews_correlation')
+>>> compute_metrics(spec, [[2.0, -1.0], [0.1, 0.3], [0.0, 1.0]], [0, 1, 0])
+{'matthews_correlation': 0.5, 'accuracy': 0.6666666666666666}
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LABEL_COLUMN", "TASKS", "TaskSpec", "compute_metrics", "get_task"]
+
+#: The label column of every GLUE task (``nyu-mll/glue`` and local files alike).
+LABEL_COLUMN = "label"
+
+_HUB = "nyu-mll/glue"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What one GLUE task looks like.
+
+    ``text_fields`` are the input columns (one for single-sentence tasks, two for pair tasks,
+    fed to the tokenizer as a pair); ``num_labels`` is the width of the model head (1 for the
+    regression task stsb); ``eval_splits`` are the splits evaluated besides ``train``;
+    ``hub_path`` is the ``(path, config)`` pair for :func:`datasets.load_dataset`.
+    """
+
+    name: str
+    text_fields: tuple[str, ...]
+    num_labels: int
+    is_regression: bool
+    main_metric: str
+    eval_splits: tuple[str, ...]
+    hub_path: tuple[str, str]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column a row must have: the text fields, then ``label``."""
+        return (*self.text_fields, LABEL_COLUMN)
+
+
+def _task(
+    name: str,
+    text_fields: tuple[str, ...],
+    *,
+    num_labels: int = 2,
+    main_metric: str = "accuracy",
+    eval_splits: tuple[str, ...] = ("validation",),
+) -> TaskSpec:
+    return TaskSpec(
+        name=name,
+        text_fields=text_fields,
+        num_labels=num_labels,
+        is_regression=num_labels == 1,
+        main_metric=main_metric,
+        eval_splits=eval_splits,
+        hub_path=(_HUB, name),
+    )
+
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        _task("cola", ("sentence",), main_metric="matthews_correlation"),
+        _task("sst2", ("sentence",)),
+        _task("mrpc", ("sentence1", "sentence2")),
+        _task("stsb", ("sentence1", "sentence2"), num_labels=1, main_metric="pearson"),
+        _task("qqp", ("question1", "question2")),
+        _task(
+            "mnli",
+            ("premise", "hypothesis"),
+            num_labels=3,
+            eval_splits=("validation_matched", "validation_mismatched"),
+        ),
+        _task("qnli", ("question", "sentence")),
+        _task("rte", ("sentence1", "sentence2")),
+    )
+}
+
+# Tasks whose F1 on the positive class (label 1) GLUE reports next to accuracy.
+_F1_TASKS = frozenset({"mrpc", "qqp"})
+
+
+def get_task(name: str) -> TaskSpec:
+    """The :class:`TaskSpec` called ``name`` (case-insensitive); ValueError lists the known ones."""
+    spec = TASKS.get(str(name).lower())
+    if spec is None:
+        raise ValueError(f"unknown GLUE task {name!r}; choose one of: {', '.join(TASKS)}")
+    return spec
+
+
+def _to_array(x: Any, what: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
+        x = x.detach().cpu().float().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(f"{what} must be numeric, got dtype {arr.dtype}")
+    return arr
+
+
+def _finite(value: float) -> float:
+    """A plain float; an undefined correlation (nan, from a constant input) counts as 0.0."""
+    value = float(value)
+    return 0.0 if math.isnan(value) else value
+
+
+def compute_metrics(spec: TaskSpec, predictions: Any, labels: Sequence[float] | Any) -> dict[str, float]:
+    """GLUE metrics of raw model outputs against gold labels, as plain Python floats.
+
+    ``predictions`` are the model's outputs in the same order as ``labels`` (a numpy array, a
+    torch tensor or nested lists): logits of shape ``(n, num_labels)`` for classification (the
+    class is the argmax; a 1-D array of integer class ids is accepted too), scores of shape
+    ``(n,)`` or ``(n, 1)`` for regression (stsb).
+
+    Keys: ``accuracy`` for every classification task, ``matthews_correlation`` for cola, ``f1``
+    (positive class 1) for mrpc and qqp, ``pearson`` and ``spearmanr`` for stsb.  A correlation
+    that is undefined because one side is constant (a model predicting one class) is 0.0, not
+    nan, so it can rank runs and feed Optuna.
+    """
+    # Imported here: scipy.stats and sklearn.metrics take seconds to import, and task lookup
+    # (config validation) should not pay for them.
+    from scipy import stats
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    preds = _to_array(predictions, "predictions")
+    gold = _to_array(labels, "labels")
+    if gold.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {gold.shape}")
+    n = gold.shape[0]
+    if n == 0:
+        raise ValueError("cannot compute metrics on zero examples")
+    if preds.shape[0] != n:
+        raise ValueError(f"{preds.shape[0]} predictions for {n} labels: they must match one to one")
+
+    if spec.is_regression:
+        if preds.ndim == 2 and preds.shape[1] == 1:
+            preds = preds[:, 0]
+        if preds.ndim != 1:
+            raise ValueError(f"{spec.name} is a regression task: predictions must have shape (n,) or (n, 1), got {preds.shape}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", stats.ConstantInputWarning)
+            pearson = stats.pearsonr(preds.astype(np.float64), gold.astype(np.float64))[0]
+            spearman = stats.spearmanr(preds, gold)[0]
+        return {"pearson": _finite(pearson), "spearmanr": _finite(spearman)}
+
+    if preds.ndim == 2:
+        if preds.shape[1] != spec.num_labels:
+            raise ValueError(
+                f"{spec.name} has {spec.num_labels} labels but predictions have shape {preds.shape}; "
+                f"expected logits of shape (n, {spec.num_labels})"
+            )
+        pred_ids = preds.argmax(axis=1)
+    elif preds.ndim == 1 and np.all(np.mod(preds, 1) == 0):
+        pred_ids = preds.astype(np.int64)
+    else:
+        raise ValueError(
+            f"predictions for {spec.name} must be logits of shape (n, {spec.num_labels}) or integer "
+            f"class ids of shape (n,), got shape {preds.shape} dtype {preds.dtype}"
+        )
+    gold_ids = gold.astype(np.int64)
+
+    out: dict[str, float] = {}
+    if spec.name == "cola":
+        out["matthews_correlation"] = _finite(matthews_corrcoef(gold_ids, pred_ids))
+    out["accuracy"] = float(np.mean(pred_ids == gold_ids))
+    if spec.name in _F1_TASKS:
+        out["f1"] = float(f1_score(gold_ids, pred_ids, pos_label=1, average="binary", zero_division=0.0))
+    return out

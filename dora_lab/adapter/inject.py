@@ -101,6 +101,7 @@ def inject_adapters(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = RankOneLinear(linear, r0=r0, alpha=alpha, dropout=dropout, init=init)
+        layer.train(linear.training)  # an eval-mode model gets eval-mode adapters (no dropout)
         setattr(parent, child, layer)
         layers[name] = layer
     keep = tuple(trainable)

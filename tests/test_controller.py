@@ -1,0 +1,166 @@
+"""The pruning controller: a full run for every scorer x schedule pair, the global top-k decision,
+soft pruning during the decay, the frozen mask after it, and the parameter budget unit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import adamw, adapted_bert, batches, randomize_c, train
+
+from dora_lab import PruningController, adapter_layers, get_schedule, make_scorer
+
+T, WARMUP, FINAL, INTERVAL = 12, 2, 3, 2  # decay over steps 2..9, prune at 2, 4, 6, 8, 9
+TARGET_RANK = 1.5  # 18 of the 48 components of the tiny BERT (12 layers x r0 = 4)
+
+
+# -- the shared matrix: a full controller run ---------------------------------------------------------
+def test_full_run_ends_with_exactly_the_target(scorer_name: str, schedule_name: str) -> None:
+    model = adapted_bert(0, dtype=torch.float32)
+    layers = adapter_layers(model)
+    controller = PruningController(model, make_scorer(scorer_name), schedule_name, T, target_rank=TARGET_RANK,
+                                   warmup=WARMUP, final=FINAL, interval=INTERVAL)
+    optimizer = adamw(model)
+    infos = train(model, optimizer, controller, batches(T))
+    prunes = getattr(get_schedule(schedule_name), "prunes", True)
+    target = 18 if prunes else 48
+
+    assert [i.step for i in infos] == list(range(T))
+    budgets = [i.budget for i in infos]
+    active = [i.active_components for i in infos]
+    assert all(b2 <= b1 for b1, b2 in zip(budgets, budgets[1:], strict=False)), budgets
+    assert all(a2 <= a1 for a1, a2 in zip(active, active[1:], strict=False)), active
+    assert budgets[0] == 48 and budgets[T - FINAL :] == [target] * FINAL
+    for info in infos:
+        if info.pruned:
+            assert info.active_components == info.budget, info
+    assert active[-1] == target == sum(layer.active_rank for layer in layers.values())
+    assert sum(controller.allocation().values()) == target
+    assert [i.pruned for i in infos] == [prunes and t in (2, 4, 6, 8, 9) for t in range(T)]
+    assert [i.frozen for i in infos] == [prunes and t >= T - FINAL for t in range(T)]
+    if prunes:  # compacted: only the survivors are stored, with their original indices
+        assert sum(layer.rank for layer in layers.values()) == target
+        for layer in layers.values():
+            assert layer.hard_mask and bool((layer.mask == 1).all()) and layer.index.numel() == layer.rank
+            assert layer.A.shape == (layer.rank, layer.in_features) and layer.B.shape == (layer.out_features, layer.rank)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in model.parameters() if p.requires_grad}  # compaction moved them
+    assert infos[-1].active_parameters == sum(layer.active_parameters() for layer in layers.values())
+
+
+# -- the decision -------------------------------------------------------------------------------------
+def trained(steps: int = 2, scorer: str = "sensitivity", **kw: object) -> tuple[torch.nn.Module, PruningController]:
+    model = adapted_bert(0)
+    randomize_c(model)
+    kw.setdefault("target_rank", 2)
+    controller = PruningController(model, make_scorer(scorer), "dora", 20, warmup=10, final=5, **kw)  # type: ignore[arg-type]
+    train(model, adamw(model), controller, batches(steps))  # warm-up: scores only
+    return model, controller
+
+
+def test_decide_keeps_the_global_top_budget() -> None:
+    model, controller = trained()
+    scores = controller.scorer.scores()
+    ranked = sorted(((float(v), n, i) for n, s in scores.items() for i, v in enumerate(s)), reverse=True)
+    for budget in (0, 1, 7, 30, 48):
+        keep = controller.decide(budget)
+        expected = {(n, i) for _, n, i in ranked[:budget]}
+        got = {(n, i) for n, k in keep.items() for i, flag in enumerate(k.tolist()) if flag}
+        assert got == expected
+    # decide() changes nothing
+    assert all(layer.active_rank == 4 for layer in adapter_layers(model).values())
+    # the ranking is global: layers end up with different ranks
+    assert len(set(controller.decide(20)[n].sum().item() for n in scores)) > 1
+
+
+def test_decide_in_parameters_is_a_greedy_fill_that_never_exceeds_the_budget() -> None:
+    model, controller = trained(target_rank=None, target_params=1000)
+    layers = controller.layers
+    assert controller.unit == "parameters" and controller.schedule.start == 3632
+    scores = controller.scorer.scores()
+    ranked = sorted(((float(v), n, i) for n, s in scores.items() for i, v in enumerate(s)), reverse=True)
+    for budget in (64, 500, 1000):
+        used, expected = 0, set()
+        for _, n, i in ranked:
+            cost = layers[n].in_features + layers[n].out_features + 1
+            if used + cost <= budget:
+                used, expected = used + cost, expected | {(n, i)}
+        keep = controller.decide(budget)
+        assert {(n, i) for n, k in keep.items() for i, f in enumerate(k.tolist()) if f} == expected
+        controller.apply(keep)
+        assert sum(layer.active_parameters() for layer in layers.values()) == used <= budget
+
+
+def test_parameter_budget_run_ends_at_or_below_the_target() -> None:
+    model = adapted_bert(0, dtype=torch.float32)
+    controller = PruningController(model, make_scorer("magnitude"), "linear", T, target_params=1200,
+                                   warmup=WARMUP, final=FINAL, interval=INTERVAL)
+    infos = train(model, adamw(model), controller, batches(T))
+    assert infos[0].budget == 3632 and infos[-1].budget == 1200
+    assert 1200 - 97 < infos[-1].active_parameters <= 1200  # the greedy fill leaves less than one component
+
+
+# -- soft pruning, then the frozen mask ---------------------------------------------------------------
+def test_soft_pruned_components_can_come_back_and_freeze_stops_scoring() -> None:
+    model = adapted_bert(0)
+    randomize_c(model)
+    layers = adapter_layers(model)
+    controller = PruningController(model, make_scorer("magnitude", beta=None), "linear", 14, target_rank=1,
+                                   warmup=2, final=4, interval=3, compact=False)
+    seen: dict[int, dict[str, list[float]]] = {}
+    snapshot = lambda _: seen.__setitem__(controller.t, {n: l.c.tolist() for n, l in layers.items()})  # noqa: E731
+    data = batches(14)
+    opt = adamw(model, lr=0.05)
+    infos = train(model, opt, controller, data[:6], before_step=snapshot)  # prune steps 2 and 5
+    assert infos[2].pruned and infos[2].budget == 48  # p = 0 at t_i: nothing to prune yet
+    assert infos[5].pruned and infos[5].budget == 48 - int(36 * 3 / 8) == 35 and not controller.frozen
+    pruned = [(n, i) for n, layer in layers.items() for i, m in enumerate(layer.mask.tolist()) if m == 0]
+    assert len(pruned) == 13 and all(layers[n].c[i] == 0 for n, i in pruned)
+    assert not any(layer.hard_mask for layer in layers.values())
+    infos += train(model, opt, controller, data[6:8], before_step=snapshot)
+    assert all(seen[7][n][i] != 0 for n, i in pruned)  # still trainable: c moved away from zero
+
+    frozen_at = 14 - 4
+    infos += train(model, opt, controller, data[8 : frozen_at + 1])
+    assert infos[frozen_at].frozen and infos[frozen_at].active_components == 12
+    assert infos[frozen_at - 1].budget > 12 and not infos[frozen_at - 1].frozen
+    scores = {n: s.clone() for n, s in controller.scorer.scores().items()}
+    dws = {n: layer.delta_weight().detach().clone() for n, layer in layers.items()}
+    infos += train(model, opt, controller, data[frozen_at + 1 :])
+    assert [i.phase for i in infos] == ["warmup"] * 2 + ["decay"] * 9 + ["final"] * 3
+    for n, s in controller.scorer.scores().items():
+        assert torch.equal(s, scores[n])  # no scoring after the freeze
+    for n, layer in layers.items():
+        assert layer.hard_mask and layer.rank == 4  # compact=False keeps the shapes
+        off = layer.mask == 0
+        assert torch.equal(layer.effective_c()[off], torch.zeros_like(layer.c[off]))
+        if layer.active_rank:
+            assert not torch.allclose(layer.delta_weight(), dws[n])  # the survivors still train
+        kept = (layer.B * layer.c * layer.mask * layer.scale) @ layer.A
+        torch.testing.assert_close(layer.delta_weight(), kept)
+
+
+def test_constant_schedule_never_scores_or_prunes() -> None:
+    model = adapted_bert(0, dtype=torch.float32)
+    scorer = make_scorer("sensitivity")
+    controller = PruningController(model, scorer, "constant", 6, target_rank=1, warmup=1, final=1)
+    infos = train(model, adamw(model), controller, batches(6))
+    assert scorer.scores() == {} and not any(i.pruned for i in infos)
+    assert controller.schedule.target == controller.schedule.start == 48
+
+
+def test_controller_rejects_bad_arguments() -> None:
+    model = adapted_bert(0)
+    scorer = make_scorer("magnitude")
+    with pytest.raises(ValueError, match="exactly one of target_rank or target_params"):
+        PruningController(model, scorer, "dora", 100)
+    with pytest.raises(ValueError, match="exactly one of target_rank or target_params"):
+        PruningController(model, scorer, "dora", 100, target_rank=2, target_params=10)
+    with pytest.raises(ValueError, match="no adapter layers"):
+        PruningController(torch.nn.Linear(2, 2), scorer, "dora", 100, target_rank=2)
+    with pytest.raises(ValueError, match=r"target budget \(60\) is above the start budget \(48\)"):
+        PruningController(model, scorer, "dora", 100, target_rank=5)
+    with pytest.raises(ValueError, match=r"warm-up \(50 steps\) \+ final \(50 steps\) >= total steps \(100\)"):
+        PruningController(model, scorer, "dora", 100, target_rank=2, warmup=0.5, final=0.5)
+    c = PruningController(model, scorer, "dora", 1000, target_rank=2)  # the paper's defaults
+    assert (c.schedule.warmup_steps, c.schedule.final_steps, c.schedule.interval) == (150, 500, 100)
+    assert c.schedule.target == 24

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "AdapterConfig",
@@ -68,8 +68,20 @@ class AdapterConfig(_Strict):
 
 
 class BudgetConfig(_Strict):
-    target_rank: float | None = Field(2.0, ge=0)
-    target_params: int | None = Field(None, ge=0)
+    target_rank: float | None = Field(2.0, ge=0, description="final average active rank per matrix")
+    target_params: int | None = Field(None, ge=0, description="final active adapter parameters: 340000 or '0.34M'")
+
+    @field_validator("target_params", mode="before")
+    @classmethod
+    def _suffixed(cls, value: Any) -> Any:
+        """Accept the papers' way of writing budgets: ``"0.34M"``, ``"340k"``."""
+        if isinstance(value, str):
+            m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmM]?)\s*", value)
+            if m is None:
+                raise ValueError(f"{value!r} is not a parameter count; write 340000, '340k' or '0.34M'")
+            scale = {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
+            return int(round(float(m.group(1)) * scale))
+        return value
 
     @model_validator(mode="after")
     def _one_of(self) -> BudgetConfig:

@@ -65,5 +65,9 @@ def test_base_include_overrides_key_by_key(tmp_path: Path) -> None:
 def test_target_params_replaces_default_rank_and_flatten() -> None:
     cfg = load_config_dict({"budget": {"target_params": 50000}})
     assert cfg.budget.target_rank is None and cfg.budget.target_params == 50000
+    assert load_config_dict({"budget": {"target_params": "0.34M"}}).budget.target_params == 340_000
+    assert load_config_dict({"budget": {"target_params": "76.8k"}}).budget.target_params == 76_800
+    with pytest.raises(ConfigError, match="budget.target_params: 'lots' is not a parameter count"):
+        load_config_dict({"budget": {"target_params": "lots"}})
     flat = flatten(cfg.resolved())
     assert flat["budget.target_params"] == 50000 and flat["train.lr"] == cfg.train.lr

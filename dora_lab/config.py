@@ -174,7 +174,11 @@ class RunConfig(_Strict):
 
 # -- loading ------------------------------------------------------------------------------------
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Override ``base`` key by key.  A section whose ``name`` changes (``scorer``) does not
+    inherit the old ``params``: they belonged to the other implementation."""
     out = copy.deepcopy(base)
+    if "name" in over and over["name"] != out.get("name"):
+        out.pop("params", None)
     for key, value in over.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
@@ -206,7 +210,9 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` strings (values parsed as YAML) to a config dict."""
     out = copy.deepcopy(data)
-    for item in overrides:
+    # Renames first: a new scorer drops the old one's params, then its own params apply.
+    ordered = sorted(overrides, key=lambda o: not o.split("=", 1)[0].strip().endswith(".name"))
+    for item in ordered:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key.path=value, got {item!r}")
@@ -221,6 +227,8 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
             node = child
+        if parts[-1] == "name" and value != node.get("name"):
+            node.pop("params", None)  # a new scorer does not inherit the old one's hyper-parameters
         node[parts[-1]] = value
     return out
 

@@ -71,3 +71,12 @@ def test_target_params_replaces_default_rank_and_flatten() -> None:
         load_config_dict({"budget": {"target_params": "lots"}})
     flat = flatten(cfg.resolved())
     assert flat["budget.target_params"] == 50000 and flat["train.lr"] == cfg.train.lr
+
+
+def test_a_new_scorer_does_not_inherit_the_old_ones_params(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs" / "cola.yaml", ["scorer.name=smoothed_uncertainty"])
+    assert cfg.scorer.params == {}
+    cfg = load_config(REPO / "configs" / "cola.yaml", ["scorer.name=smoothed_uncertainty", "scorer.params.beta1=0.5"])
+    assert cfg.scorer.params == {"beta1": 0.5}
+    (tmp_path / "c.yaml").write_text(f"base: {REPO / 'configs' / 'cola.yaml'}\nscorer: {{name: sensitivity}}\n")
+    assert load_config(tmp_path / "c.yaml").scorer.params == {}

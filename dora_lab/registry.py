@@ -22,7 +22,7 @@ from typing import Generic, TypeVar
 __all__ = ["Registry", "RegistryError", "import_plugins"]
 
 T = TypeVar("T")
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_NAME = re.compile(r"[a-z][a-z0-9_]*")  # fullmatch: "$" would let a trailing newline through
 
 
 class RegistryError(ValueError):
@@ -54,10 +54,13 @@ class Registry(Generic[T]):
 
     # -- registration -------------------------------------------------------------------------
     def add(self, name: str, obj: T, *, replace: bool = False) -> T:
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            # Suggest a fixed name only when the fix is itself a valid name.
+            fixed = re.sub(r"[^a-z0-9_]+", "_", str(name).strip().lower()).strip("_")
+            hint = f" (for example {fixed!r})" if _NAME.fullmatch(fixed) else ""
             raise RegistryError(
                 f"invalid {self.kind} name {name!r}: use lowercase letters, digits and '_', "
-                f"starting with a letter (for example {str(name).lower().replace('-', '_')!r})"
+                f"starting with a letter{hint}"
             )
         if self._check is not None:
             self._check(name, obj)
@@ -128,7 +131,12 @@ def import_plugins(plugins: Iterable[str]) -> None:
                 raise RegistryError(f"cannot import plugin file {plugin!r}")
             module = importlib.util.module_from_spec(spec)
             sys.modules[mod_name] = module
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                # Forget the half-run module, or the next call would skip the (fixed) file silently.
+                del sys.modules[mod_name]
+                raise
         else:
             try:
                 importlib.import_module(plugin)

@@ -159,6 +159,8 @@ class BudgetSchedule:
         """Active budget allowed at step ``t`` (exactly ``target`` from the last pruning step on)."""
         if not self.prunes:
             return self.start
+        if t >= self.end_step:  # exact, even when a curve stops short of the target at p = 1
+            return self.target
         value = int(self._fn(self.progress(t), self.start, self.target))
         return min(max(value, self.target), self.start)
 

@@ -19,7 +19,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import dora_lab
-from dora_lab import PruningController, StepInfo, adapter_layers, inject_adapters
+from dora_lab import PruningController, RankOneLinear, StepInfo, adapter_layers, inject_adapters
 
 PLUGINS = sorted(str(p) for p in (Path(__file__).parent / "plugins").glob("*.py"))
 dora_lab.import_plugins(PLUGINS)
@@ -52,7 +52,7 @@ def _parametrized_by_marker(metafunc: pytest.Metafunc, arg: str) -> bool:
 
 def tiny_config() -> BertConfig:
     """2 layers, hidden 32, 2 heads, MLP 64, vocabulary 100, 2 labels; no dropout."""
-    return BertConfig(
+    return BertConfig(  # type: ignore[call-arg]
         hidden_size=HIDDEN, num_hidden_layers=N_LAYERS, num_attention_heads=2,
         intermediate_size=INTERMEDIATE, vocab_size=VOCAB, num_labels=2, max_position_embeddings=32,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -61,13 +61,15 @@ def tiny_config() -> BertConfig:
 
 def tiny_bert(seed: int = 0, dtype: torch.dtype = torch.float64) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    return BertForSequenceClassification(tiny_config()).to(dtype).eval()
+    model = BertForSequenceClassification(tiny_config())
+    torch.nn.Module.to(model, dtype=dtype)  # in place
+    return model.eval()
 
 
 def adapted_bert(
     seed: int = 0, r0: int = 4, dtype: torch.dtype = torch.float64, base: torch.nn.Module | None = None,
     **inject_kw: object,
-) -> BertForSequenceClassification:
+) -> torch.nn.Module:
     """A tiny BERT (or a deep copy of ``base``) with adapters in the default six linears per layer."""
     model = copy.deepcopy(base) if base is not None else tiny_bert(seed, dtype)
     torch.manual_seed(seed + 1)
@@ -124,3 +126,15 @@ def train(
         optimizer.zero_grad()
     return infos
 
+
+def slow_magnitude(layer: RankOneLinear) -> torch.Tensor:
+    """Materialise every ``dW_i = c_i B[:,i] A[i,:]`` and the full ``B diag(c) A`` (d_out x d_in)."""
+    a, b, c = layer.A.detach().double(), layer.B.detach().double(), layer.c.detach().double()
+    full = b @ torch.diag(c) @ a
+    assert full.shape == (layer.out_features, layer.in_features)
+    denominator = torch.sqrt((full**2).sum()) + 1e-8
+    shares = []
+    for i in range(layer.rank):
+        dw_i = c[i] * torch.outer(b[:, i], a[i, :])
+        shares.append(torch.sqrt((dw_i**2).sum()) / denominator)
+    return torch.stack(shares)

@@ -87,6 +87,32 @@ def test_forward_is_base_plus_scaled_rank_one_sum_by_hand() -> None:
         assert not torch.allclose(out, by_hand([1, 0, 1]))
 
 
+def test_training_dropout_is_inverted_dropout_on_the_adapter_input_only() -> None:
+    """With A = B = I, c = 1 and alpha = r0 the adapter's output is ``dropout(x)`` itself: every
+    entry of ``x = 1`` must come out as 0 or ``1/(1-p)``, kept with probability ``1-p``."""
+    n, p = 20, 0.1
+    base = nn.Linear(n, n).double()
+    layer = RankOneLinear(base, r0=n, alpha=float(n), dropout=p).train()
+    with torch.no_grad():
+        layer.A.copy_(torch.eye(n))
+        layer.B.copy_(torch.eye(n))
+        layer.c.fill_(1.0)
+    x = torch.ones(1000, n, dtype=torch.float64)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        first = layer(x) - base(x)
+        torch.manual_seed(0)
+        again = layer(x) - base(x)
+        other = layer(x) - base(x)
+    kept = first > 0
+    torch.testing.assert_close(first[kept], torch.full_like(first[kept], 1 / (1 - p)))
+    assert torch.equal(first[~kept], torch.zeros_like(first[~kept]))
+    assert abs(kept.double().mean().item() - (1 - p)) < 0.01  # 20,000 draws: 5 standard deviations
+    assert torch.equal(first, again) and not torch.equal(first, other)  # torch.manual_seed fixes the mask
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x) - base(x), x)
+
+
 def test_soft_pruned_component_is_zero_but_still_learns() -> None:
     torch.manual_seed(0)
     layer = RankOneLinear(nn.Linear(4, 3).double(), r0=2, dropout=0.0)
@@ -137,7 +163,7 @@ def test_default_bert_targets_are_the_six_linears_per_layer() -> None:
                                       "output.dense"]
     layers = inject_adapters(model, r0=2)
     assert list(layers) == ALL_SIX
-    assert isinstance(model.bert.pooler.dense, nn.Linear) and isinstance(model.classifier, nn.Linear)
+    assert isinstance(model.get_submodule("bert.pooler.dense"), nn.Linear) and isinstance(model.classifier, nn.Linear)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {f"{n}.{p}" for n in ALL_SIX for p in ("A", "B", "c")} | {"classifier.weight", "classifier.bias"}
     assert trainable == expected  # base weights, embeddings, pooler frozen

@@ -43,6 +43,7 @@ def test_compaction_keeps_logits_and_slices_parameters_and_optimizer_state() -> 
         assert torch.equal(optimizer.state[layer.A]["exp_avg"], m_a[kept])
         assert torch.equal(optimizer.state[layer.B]["exp_avg_sq"], v_b[:, kept])
         assert layer.mask.tolist() == [1.0] * len(kept) and layer.active_rank == len(kept)
+        assert layer.scale == 8.0 / 4  # alpha / r0: the scale keeps the start rank
     assert len(optimizer.state) == sum(1 for p in model.parameters() if p.requires_grad)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import adamw, adapted_bert, batches, randomize_c, train
+from conftest import adamw, adapted_bert, batches, randomize_c, slow_magnitude, train
 
 from dora_lab import PruningController, adapter_layers, get_schedule, make_scorer
 
@@ -47,6 +47,32 @@ def test_full_run_ends_with_exactly_the_target(scorer_name: str, schedule_name: 
     assert infos[-1].active_parameters == sum(layer.active_parameters() for layer in layers.values())
 
 
+def test_controller_scores_every_step_until_the_freeze_and_prunes_by_the_ema() -> None:
+    """magnitude's EMA (beta 0.9) fed once per step from step 0 to the last pruning step, then the
+    final mask is the global top-18 of that EMA."""
+    model = adapted_bert(0)
+    randomize_c(model)
+    controller = PruningController(model, make_scorer("magnitude"), "dora", T, target_rank=TARGET_RANK,
+                                   warmup=WARMUP, final=FINAL, interval=INTERVAL)
+    layers = controller.layers
+    ema = {n: torch.zeros(4, dtype=torch.float64) for n in layers}
+    fed: list[int] = []
+
+    def reference(_: int) -> None:  # runs just before controller.step, on the same weights
+        if controller.t <= T - FINAL:
+            fed.append(controller.t)
+            for n, layer in layers.items():
+                ema[n] = 0.9 * ema[n] + 0.1 * slow_magnitude(layer)
+
+    train(model, adamw(model), controller, batches(T), before_step=reference)
+    assert fed == list(range(T - FINAL + 1))
+    for n, s in controller.scorer.scores().items():
+        torch.testing.assert_close(s.double(), ema[n], rtol=1e-5, atol=1e-7)
+    top = sorted(((float(v), n, i) for n, e in ema.items() for i, v in enumerate(e)), reverse=True)[:18]
+    kept = {(n, int(i)) for n, layer in layers.items() for i in layer.index.tolist()}
+    assert kept == {(n, i) for _, n, i in top}
+
+
 # -- the decision -------------------------------------------------------------------------------------
 def trained(steps: int = 2, scorer: str = "sensitivity", **kw: object) -> tuple[torch.nn.Module, PruningController]:
     model = adapted_bert(0)
@@ -79,7 +105,7 @@ def test_decide_in_parameters_is_a_greedy_fill_that_never_exceeds_the_budget() -
     scores = controller.scorer.scores()
     ranked = sorted(((float(v), n, i) for n, s in scores.items() for i, v in enumerate(s)), reverse=True)
     for budget in (64, 500, 1000):
-        used, expected = 0, set()
+        used, expected = 0, set[tuple[str, int]]()
         for _, n, i in ranked:
             cost = layers[n].in_features + layers[n].out_features + 1
             if used + cost <= budget:
@@ -107,7 +133,7 @@ def test_soft_pruned_components_can_come_back_and_freeze_stops_scoring() -> None
     controller = PruningController(model, make_scorer("magnitude", beta=None), "linear", 14, target_rank=1,
                                    warmup=2, final=4, interval=3, compact=False)
     seen: dict[int, dict[str, list[float]]] = {}
-    snapshot = lambda _: seen.__setitem__(controller.t, {n: l.c.tolist() for n, l in layers.items()})  # noqa: E731
+    snapshot = lambda _: seen.__setitem__(controller.t, {n: m.c.tolist() for n, m in layers.items()})  # noqa: E731
     data = batches(14)
     opt = adamw(model, lr=0.05)
     infos = train(model, opt, controller, data[:6], before_step=snapshot)  # prune steps 2 and 5

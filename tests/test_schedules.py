@@ -4,14 +4,16 @@ the configuration errors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from peft import AdaLoraConfig
 from peft.tuners.adalora.layer import RankAllocator
 from torch import nn
 
-from dora_lab import get_schedule
-from dora_lab.schedules import BudgetSchedule, resolve_steps
+from dora_lab import get_schedule, register_schedule
+from dora_lab.schedules import SCHEDULES, BudgetSchedule, resolve_steps
 
 # T = 20 steps, t_i = 4, t_f = 6: decay over steps 4..14 (span 10), last pruning step 14.
 T, TI, TF, N, NT = 20, 4, 6, 48, 24
@@ -39,6 +41,23 @@ def test_budget_never_increases_and_ends_at_the_target(schedule_name: str) -> No
             assert s.is_final_step(total - tf)
         else:
             assert not any(s.is_prune_step(t) for t in range(total))
+
+
+def test_a_schedule_that_stops_short_still_ends_exactly_at_the_target() -> None:
+    """A user's logistic curve reaches only ~99% of the way at p = 1; the shared phases promise the
+    target from the last pruning step on, whatever the curve returns there."""
+
+    def sigmoid(p: float, start: int, target: int) -> int:
+        return start - int((start - target) / (1 + math.exp(-10 * (p - 0.5))))
+
+    assert sigmoid(1.0, N, NT) == NT + 1
+    register_schedule("test_sigmoid")(sigmoid)
+    try:
+        s = sched("test_sigmoid")
+        assert s.budget(T - TF - 1) > NT
+        assert [s.budget(t) for t in range(T - TF, T)] == [NT] * TF
+    finally:
+        SCHEDULES.remove("test_sigmoid")
 
 
 # -- closed forms -------------------------------------------------------------------------------------

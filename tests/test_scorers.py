@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import adamw, adapted_bert, batches, randomize_c, tiny_bert, train
+from conftest import adamw, adapted_bert, batches, randomize_c, slow_magnitude, tiny_bert, train
 from peft import AdaLoraConfig, get_peft_model
 from peft.tuners.adalora.layer import RankAllocator
 
@@ -45,19 +45,6 @@ def test_scores_are_deterministic_for_a_seed(scorer_name: str) -> None:
 
 
 # -- magnitude ----------------------------------------------------------------------------------------
-def slow_magnitude(layer: RankOneLinear) -> torch.Tensor:
-    """Materialise every ``dW_i = c_i B[:,i] A[i,:]`` and the full ``B diag(c) A`` (d_out x d_in)."""
-    a, b, c = layer.A.detach().double(), layer.B.detach().double(), layer.c.detach().double()
-    full = b @ torch.diag(c) @ a
-    assert full.shape == (layer.out_features, layer.in_features)
-    denominator = torch.sqrt((full**2).sum()) + 1e-8
-    shares = []
-    for i in range(layer.rank):
-        dw_i = c[i] * torch.outer(b[:, i], a[i, :])
-        shares.append(torch.sqrt((dw_i**2).sum()) / denominator)
-    return torch.stack(shares)
-
-
 def test_magnitude_matches_materialised_reference_with_ema() -> None:
     model = adapted_bert(0)
     randomize_c(model)
@@ -163,8 +150,8 @@ def test_smoothed_uncertainty_matches_peft_rank_allocator() -> None:
 
     def feed_both(step: int) -> None:
         for name, layer in layers.items():
-            for ours, theirs in ((layer.A, "lora_A"), (layer.B, "lora_B"), (layer.c, "lora_E")):
-                p = pparams[keys[name] % theirs]
+            for ours, kind in ((layer.A, "lora_A"), (layer.B, "lora_B"), (layer.c, "lora_E")):
+                p = pparams[keys[name] % kind]
                 with torch.no_grad():
                     p.copy_(ours.detach().view_as(p))
                 p.grad = ours.grad.detach().clone().view_as(p)  # type: ignore[union-attr]
@@ -174,7 +161,7 @@ def test_smoothed_uncertainty_matches_peft_rank_allocator() -> None:
         for name in layers:
             theirs = peft_component_scores(allocator, keys[name])
             assert theirs.abs().max() > 0
-            torch.testing.assert_close(ours_now[name].double(), theirs, rtol=1e-4, atol=1e-6 * theirs.abs().max())
+            torch.testing.assert_close(ours_now[name].double(), theirs, rtol=1e-4, atol=1e-6 * float(theirs.abs().max()))
 
     train(model, adamw(model), None, batches(5), before_step=feed_both)
 

@@ -153,6 +153,7 @@ class RunConfig(_Strict):
     regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     study: dict[str, Any] | None = Field(None, description="the study block, validated by dora_lab.study")
+    report: dict[str, Any] | None = Field(None, description="the report block, read by dora_lab.report")
 
     @model_validator(mode="after")
     def _budget_fits(self) -> RunConfig:

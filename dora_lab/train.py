@@ -202,7 +202,7 @@ def _write_outputs(run_dir: Path, result: RunResult, controller: PruningControll
     (run_dir / "metrics.json").write_text(json.dumps({**result.summary(), "history": result.history}, indent=1))
     if controller is not None:
         (run_dir / "allocation.json").write_text(json.dumps(result.allocation, indent=1))
-        masks = {n: layer.index.tolist() for n, layer in controller.layers.items()}
+        masks = {n: layer.index[layer.mask > 0].tolist() for n, layer in controller.layers.items()}
         (run_dir / "scores.json").write_text(json.dumps(
             {"scorer": controller.scorer.name, "scores": controller.component_scores(),
              "kept_components": masks}, indent=1))

@@ -1,0 +1,255 @@
+"""Reports built from real tiny studies: the shipped ablation files run by the real study runner on a
+tiny BERT and a slice of CoLA (SQLite Optuna and MLflow stores), then ``python -m dora_lab.report``;
+every number in the tables is checked against the trials and run folders computed here.
+
+The study runner does not know the ``report:`` block yet (RunConfig forbids unknown top-level keys),
+so the runner gets a copy of each study file without it; the report reads the shipped file itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import os
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from scipy import stats as sps
+from tiny import minilm_dir, tiny_overrides
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from dora_lab import report
+from dora_lab.config import ConfigError, read_yaml
+from dora_lab.study import main as study_main
+from dora_lab.study_space import parse_study, read_study_block, trial_config
+
+REPO = Path(__file__).resolve().parents[1]
+STUDIES = REPO / "studies"
+
+
+def _tiny_model(path: Path) -> Path:
+    """The tests' tiny BERT, initialised wide (std 0.5) so that its predictions differ from run to run
+    (at the default 0.02 it predicts one class and every run scores the same)."""
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    config = BertConfig(  # type: ignore[call-arg]
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, num_labels=2, initializer_range=0.5)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    threads, old = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    root = tmp_path_factory.mktemp("report")
+    out = root / "out"
+    sets = [*tiny_overrides(_tiny_model(root / "tiny"), out, train=64, evals=64), "train.eval_every=4",
+            "train.lr=0.03", "adapter.alpha=64", "train.warmup_ratio=0"]
+    yield {"root": root, "out": out, "sets": sets}
+    torch.set_num_threads(threads)
+    if old is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old
+
+
+def run_study(env: dict[str, Any], name: str, *extra: str) -> None:
+    """Run ``studies/<name>.yaml`` (less its report block) with the tiny overrides."""
+    data = yaml.safe_load((STUDIES / f"{name}.yaml").read_text())
+    data.pop("report", None)
+    data["base"] = str(STUDIES / data["base"])
+    copy = env["root"] / f"{name}.yaml"
+    copy.write_text(yaml.safe_dump(data))
+    assert study_main([str(copy), *(x for s in [*env["sets"], *extra] for x in ("--set", s))]) == 0
+
+
+def report_args(env: dict[str, Any], name: str, out: Path, *extra: str) -> list[str]:
+    return [str(STUDIES / f"{name}.yaml"), *(x for s in env["sets"] for x in ("--set", s)), "--out", str(out),
+            *extra]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def trials(env: dict[str, Any], name: str) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{env['out'] / 'optuna.db'}")
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def top(scores: list[float], k: int) -> set[int]:
+    """The positions of the k highest scores (Python's sort is stable: ties go to the earlier position)."""
+    return set(sorted(range(len(scores)), key=lambda i: -scores[i])[:k])
+
+
+def test_scorer_ablation_report(env: dict[str, Any]) -> None:
+    two = "study.space.scorer.name={type: categorical, choices: [magnitude, sensitivity]}"
+    run_study(env, "ablation_scorer", two)
+    done = trials(env, "ablation_scorer")
+    assert len(done) == 6
+    out = env["root"] / "scorer-report"
+    assert report.main(report_args(env, "ablation_scorer", out)) == 0
+    value = {(t.params["scorer.name"], t.params["seed"]): float(t.value or 0) for t in done}
+    assert len(set(value.values())) > 2  # the tiny runs do differ
+
+    groups = {g["group"]: g for g in read_csv(out / "groups.csv")}
+    assert list(groups) == ["magnitude", "sensitivity"]  # the reference (report.reference) first
+    for scorer, g in groups.items():
+        xs = [value[(scorer, s)] for s in (0, 1, 2)]
+        mean, sd = statistics.mean(xs), statistics.stdev(xs)
+        half = sps.t.ppf(0.975, 2) * sd / math.sqrt(3)
+        assert int(g["n"]) == 3 and float(g["mean"]) == pytest.approx(mean) and float(g["sd"]) == pytest.approx(sd)
+        assert float(g["ci_low"]) == pytest.approx(mean - half) and float(g["ci_high"]) == pytest.approx(mean + half)
+        assert float(g["min"]) == min(xs) and float(g["max"]) == max(xs)
+        assert float(g["active_components"]) == 2 * 12  # target rank 2 x 12 matrices
+        assert float(g["trainable_parameters"]) > float(g["adapter_parameters_final"]) > 0
+
+    (cmp,) = read_csv(out / "comparisons.csv")
+    diffs = [value[("sensitivity", s)] - value[("magnitude", s)] for s in (0, 1, 2)]
+    assert (cmp["group"], cmp["reference"], cmp["n"]) == ("sensitivity", "magnitude", "3")
+    assert float(cmp["mean_diff"]) == pytest.approx(statistics.mean(diffs), abs=1e-12)
+    if statistics.stdev(diffs) > 1e-9:
+        p = sps.ttest_rel([value[("sensitivity", s)] for s in (0, 1, 2)],
+                          [value[("magnitude", s)] for s in (0, 1, 2)])
+        assert float(cmp["p_t"]) == pytest.approx(float(p.pvalue))
+        assert float(cmp["p_holm"]) == pytest.approx(float(p.pvalue))  # one comparison: Holm changes nothing
+    assert float(cmp["p_sign_flip"]) >= 0.25  # 3 pairs
+
+    # agreement: Kendall tau over the 36 components of each pair of same-seed runs, and top-24 overlap
+    rows = [r for r in read_csv(out / "agreement.csv") if r["kind"] == "scorer vs scorer"]
+    assert sorted(int(r["seed_a"]) for r in rows) == [0, 1, 2]
+    folder = {(t.params["scorer.name"], t.params["seed"]): Path(t.user_attrs["run_dir"]) for t in done}
+    for r in rows:
+        seed = int(r["seed_a"])
+        a = yaml.safe_load((folder[("magnitude", seed)] / "scores.json").read_text())["scores"]
+        b = yaml.safe_load((folder[("sensitivity", seed)] / "scores.json").read_text())["scores"]
+        x = [v for layer in a for v in a[layer]]
+        y = [v for layer in a for v in b[layer]]
+        assert len(x) == int(r["components"]) == 36 and int(r["k"]) == 24
+        assert float(r["kendall_tau"]) == pytest.approx(float(sps.kendalltau(x, y).statistic))
+        assert float(r["top_k_overlap"]) == pytest.approx(len(top(x, 24) & top(y, 24)) / 24)
+    assert {r["kind"] for r in read_csv(out / "agreement.csv")} == {"scorer vs scorer", "seed vs seed"}
+
+    md = (out / "report.md").read_text()
+    for text in ("## Results per group", "## Paired comparisons against the reference", "Holm",
+                 "ttest_rel", "sign-flip", "## Agreement between scorers", "Kendall",
+                 "![rank allocation](allocation.png)",
+                 "95% CI", "`scorer.name` = magnitude", "**matthews_correlation**"):
+        assert text in md, text
+    for picture in ("metric_by_group.png", "allocation.png", "budget.png"):
+        data = (out / picture).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, picture
+    # the same files on the study's MLflow parent run
+    client = MlflowClient(f"sqlite:///{env['out'] / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ablation_scorer")
+    assert exp is not None
+    (parent,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("dora_lab.role") == "study"]
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/groups.csv", "report/comparisons.csv", "report/metric_by_group.png",
+            "report/allocation.png", "report/budget.png"} <= logged
+    assert client.get_run(parent.info.run_id).data.tags["dora_lab.report"] == "report/report.md"
+
+    # by study name and storage: the same groups
+    again = env["root"] / "by-name"
+    assert report.main(["ablation_scorer", "--storage", f"sqlite:///{env['out'] / 'optuna.db'}", "--no-mlflow",
+                        "--reference", "scorer.name=sensitivity", "--out", str(again)]) == 0
+    by_name = {g["group"]: g for g in read_csv(again / "groups.csv")}
+    assert list(by_name) == ["sensitivity", "magnitude"]
+    assert all(by_name[k]["mean"] == groups[k]["mean"] for k in groups)
+    (cmp2,) = read_csv(again / "comparisons.csv")
+    assert float(cmp2["mean_diff"]) == pytest.approx(-float(cmp["mean_diff"]))
+
+
+def test_budget_ablation_pools_both_arms(env: dict[str, Any]) -> None:
+    one_seed = "study.space.seed={type: categorical, choices: [0]}"
+    run_study(env, "ablation_budget", one_seed)
+    run_study(env, "ablation_budget_constant", one_seed)
+    out = env["root"] / "budget-report"
+    assert report.main(report_args(env, "ablation_budget", out, "--no-mlflow")) == 0
+    groups = {g["group"]: g for g in read_csv(out / "groups.csv")}
+    ranks = ("1", "2", "4")
+    assert list(groups) == [f"schedule=constant, final_rank={k}" for k in ranks] + [
+        f"schedule=dora, final_rank={k}" for k in ranks]
+    # LoRA at rank k: k components in each of the 12 matrices, each 32 + 32 + 1 (attention: q k v out) or
+    # 32 + 64 + 1 (the MLP's two) parameters: 2 layers x (4 x 65 + 2 x 97) = 908 per unit of rank
+    for k in ranks:
+        assert float(groups[f"schedule=constant, final_rank={k}"]["adapter_parameters_final"]) == 908 * int(k)
+        assert float(groups[f"schedule=dora, final_rank={k}"]["active_components"]) == 12 * int(k)
+    value = {(t.params.get("budget.target_rank"), t.params.get("adapter.r0")): float(t.value or 0)
+             for name in ("ablation_budget", "ablation_budget_constant") for t in trials(env, name)}
+    rows = read_csv(out / "comparisons.csv")
+    assert [(r["group"], r["reference"]) for r in rows] == [
+        (f"schedule=dora, final_rank={k}", f"schedule=constant, final_rank={k}") for k in ranks]
+    for r, k in zip(rows, ranks, strict=True):  # one seed: the difference itself, no test
+        assert float(r["mean_diff"]) == pytest.approx(value[(float(k), None)] - value[(None, int(k))])
+        assert r["n"] == "1" and math.isnan(float(r["p_t"]))
+    md = (out / "report.md").read_text()
+    assert "`ablation_budget` (" in md and "`ablation_budget_constant` (" in md and "final_rank` is measured" in md
+
+
+def test_study_files_are_the_documented_designs(tmp_path: Path) -> None:
+    """Each shipped ablation: its grid, that every grid point is a valid run config, its report block."""
+    expected = {"ablation_scorer": 9, "ablation_schedule": 9, "ablation_budget": 9, "ablation_budget_constant": 9}
+    for name, size in expected.items():
+        path = STUDIES / f"{name}.yaml"
+        source = report.source_from_config(path, [f"output_dir={tmp_path}"])
+        assert source.name == name and source.storage == f"sqlite:///{tmp_path / 'optuna.db'}"
+        data = read_yaml(path)
+        data.pop("report", None)
+        block = read_study_block(path)
+        study = parse_study(block)
+        grid = study.grid()
+        assert study.sampler.name == "grid" and grid["seed"] == [0, 1, 2]
+        points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+        assert len(points) == size
+        configs = [trial_config(data, study, p) for p in points]
+        assert {c.seed for c in configs} == {0, 1, 2}
+        if name == "ablation_scorer":  # the full training of configs/cola.yaml
+            assert {(c.task.max_train_samples, c.task.max_eval_samples, c.train.epochs) for c in configs} == {
+                (None, None, 3.0)}
+            assert {c.schedule.name for c in configs} == {"dora"}
+        if name == "ablation_budget":
+            assert {(c.adapter.r0, c.budget.target_rank, c.schedule.name) for c in configs} == {
+                (6, 1.0, "dora"), (6, 2.0, "dora"), (6, 4.0, "dora")}
+        if name == "ablation_budget_constant":
+            assert {(c.adapter.r0, c.schedule.name) for c in configs} == {(1, "constant"), (2, "constant"),
+                                                                          (4, "constant")}
+    assert report.read_report_block(STUDIES / "ablation_scorer.yaml")["reference"] == {"scorer.name": "magnitude"}
+    assert report.read_report_block(STUDIES / "ablation_schedule.yaml")["reference"] == {"schedule.name": "dora"}
+    budget = report.read_report_block(STUDIES / "ablation_budget.yaml")
+    assert budget["factors"] == ["schedule.name", "final_rank"]
+    assert budget["include"] == ["ablation_budget_constant.yaml"]
+
+
+def test_bad_report_blocks_and_references(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {REPO / 'configs' / 'cola.yaml'}\nreport:\n  referense: {{scorer.name: magnitude}}\n")
+    with pytest.raises(ConfigError, match="report.referense: unknown key; allowed: reference, factors, include"):
+        report.read_report_block(bad)
+    bad.write_text("report:\n  reference: [magnitude]\n")
+    with pytest.raises(ConfigError, match="must map config keys to one value each"):
+        report.read_report_block(bad)
+    groups = [("magnitude", "dora"), ("sensitivity", "dora"), ("magnitude", "linear"), ("sensitivity", "linear")]
+    factors = ["scorer.name", "schedule.name"]
+    # a partial reference: each group against the reference scorer with the same schedule
+    assert report.references(groups, factors, {"scorer.name": "magnitude"}) == {
+        ("sensitivity", "dora"): ("magnitude", "dora"), ("sensitivity", "linear"): ("magnitude", "linear")}
+    assert report.references(groups, factors, {"scorer.name": "magnitude", "schedule.name": "dora"}) == {
+        g: ("magnitude", "dora") for g in groups[1:]}
+    with pytest.raises(ConfigError, match="'seed' is not a factor of this study; factors: scorer.name, schedule"):
+        report.references(groups, factors, {"seed": 0})
+    with pytest.raises(ConfigError, match="scorer.name=magnitud is not in the study; it has magnitude, sensitivity"):
+        report.references(groups, factors, {"scorer.name": "magnitud"})

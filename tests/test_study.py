@@ -1,0 +1,304 @@
+"""End-to-end studies on the tiny BERT and a slice of the shared CoLA, with real stores: SQLite for
+Optuna and MLflow, a real ``mlflow server`` (REST), and PostgreSQL when DORA_LAB_TEST_POSTGRES is set.
+
+Every study here shares one output folder (one optuna.db, one mlflow.db: MLflow's first migration
+costs seconds) and has its own name.  A tiny trial is 8 optimizer steps with two evaluations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+from tiny import make_tiny_model_dir, tiny_overrides
+
+from dora_lab.scorers import SCORERS
+from dora_lab.study import main
+from dora_lab.study_space import db_url
+
+REPO = Path(__file__).resolve().parents[1]
+COLA_YAML = str(REPO / "configs" / "cola.yaml")
+N_MATRICES = 2 * 6  # the tiny BERT: 2 layers x 6 adapted linears
+STEPS = 8  # 64 sentences / batch 16 x 2 epochs
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared; one thread is faster under contention
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    root = tmp_path_factory.mktemp("study")
+    yield {"model": make_tiny_model_dir(root / "tiny"), "out": root / "out", "root": root}
+    torch.set_num_threads(threads)
+    if old is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old
+
+
+def args(env: dict[str, Path], name: str, n: int, *extra: str) -> list[str]:
+    sets = [*tiny_overrides(env["model"], env["out"], train=64, evals=64), "train.eval_every=4",
+            f"study.name={name}", f"study.n_trials={n}", *extra]
+    return [COLA_YAML, *[x for s in sets for x in ("--set", s)]]
+
+
+def client(env: dict[str, Path], uri: str | None = None) -> MlflowClient:
+    return MlflowClient(uri or f"sqlite:///{env['out'] / 'mlflow.db'}")
+
+
+def runs(c: MlflowClient, name: str) -> tuple[Any, list[Any]]:
+    exp = c.get_experiment_by_name(name)
+    assert exp is not None
+    found = c.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in found if r.data.tags.get("dora_lab.role") == "study"]
+    assert len(parents) == 1, "exactly one parent run per study"
+    children = sorted((r for r in found if r.data.tags.get("dora_lab.role") == "trial"),
+                      key=lambda r: int(r.data.tags["trial"]))
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    return parents[0], children
+
+
+def load(env: dict[str, Path], name: str, storage: str | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{env['out'] / 'optuna.db'}")
+
+
+def test_three_trials_then_resume(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args(env, "basic", 3)) == 0
+    printed = capsys.readouterr().out
+    assert f"mlflow ui --backend-store-uri sqlite:///{env['out'] / 'mlflow.db'} --host 127.0.0.1 --port 5000" in printed
+    assert "| trial | state | value |" in printed
+    c = client(env)
+    parent, children = runs(c, "basic")
+    assert [r.data.tags["trial"] for r in children] == ["0", "1", "2"]
+    study = load(env, "basic")
+    for run, trial in zip(children, study.trials, strict=True):
+        assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"
+        # params: the flattened resolved config, the sampled values included
+        assert float(run.data.params["train.lr"]) == pytest.approx(trial.params["train.lr"])
+        assert run.data.params["adapter.r0"] == str(trial.params["adapter.r0"])
+        assert run.data.params["budget.target_rank"] == "2.0" and run.data.tags["budget"] == "rank 2"
+        assert {"task", "model", "scorer", "schedule", "seed"} <= set(run.data.tags)
+        run_dir = Path(trial.user_attrs["run_dir"])
+        assert run.data.tags["dora_lab.adapter_dir"] == str((run_dir / "adapter").resolve())
+        assert (run_dir / "adapter").is_dir()  # written by train_run, read by the export tool
+        # metric histories at optimizer steps; the budget reaches the target: 2 per matrix
+        loss = c.get_metric_history(run.info.run_id, "train_loss")
+        assert sorted(m.step for m in loss) == list(range(1, STEPS + 1))
+        mcc = c.get_metric_history(run.info.run_id, "matthews_correlation")
+        assert sorted(m.step for m in mcc) == [4, 8]
+        active = sorted(c.get_metric_history(run.info.run_id, "active_components"), key=lambda m: m.step)
+        assert active[0].value == N_MATRICES * trial.params["adapter.r0"] and active[-1].value == N_MATRICES * 2
+        assert len(c.get_metric_history(run.info.run_id, "lr")) == STEPS
+        assert trial.value == pytest.approx(max(m.value for m in mcc))  # the best after pruning ended
+        allocation = json.loads((run_dir / "allocation.json").read_text())
+        assert sum(allocation.values()) == N_MATRICES * 2 == trial.user_attrs["active_components"]
+        arts = {a.path for a in c.list_artifacts(run.info.run_id)} | {
+            a.path for a in c.list_artifacts(run.info.run_id, "plots")}
+        assert {"config.yaml", "allocation.json", "plots/rank_heatmap.png", "plots/budget.png"} <= arts
+    summary = {a.path for a in c.list_artifacts(parent.info.run_id, "summary")}
+    plots = {a.path for a in c.list_artifacts(parent.info.run_id, "summary/plots")}
+    assert {"summary/trials.csv", "summary/trials.md"} <= summary
+    assert {"summary/plots/optimization_history.png", "summary/plots/param_importances.png",
+            "summary/plots/parallel_coordinate.png"} <= plots
+    assert parent.data.tags["best.trial"] == str(study.best_trial.number)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 3
+
+    # the same command again: the same study and parent; numbering goes on, nothing duplicated
+    assert main(args(env, "basic", 1)) == 0
+    parent2, children = runs(client(env), "basic")
+    assert parent2.info.run_id == parent.info.run_id
+    assert [r.data.tags["trial"] for r in children] == ["0", "1", "2", "3"]
+    assert [t.number for t in load(env, "basic").trials] == [0, 1, 2, 3]
+
+
+BOOM = '''
+from dora_lab import register_scorer
+
+@register_scorer("boom")
+def boom(layer):
+    raise RuntimeError("boom: this scorer fails on purpose")
+'''
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(env: dict[str, Path]) -> None:
+    plugin = env["root"] / "boom_scorer.py"
+    plugin.write_text(BOOM)
+    grid = ["study.sampler=grid", "study.n_trials=null", f"plugins=[{plugin}]",
+            "study.space={train.divergence_loss: {type: categorical, choices: [0.001, 10000.0]}, "
+            "scorer.name: {type: categorical, choices: [magnitude, boom]}}"]
+    try:
+        assert main(args(env, "failing", 1, *grid)) == 0
+        # running the finished grid again runs nothing
+        assert main(args(env, "failing", 1, *grid)) == 0
+    finally:
+        SCORERS.remove("boom")
+    study = load(env, "failing")
+    assert len(study.trials) == 4  # the whole grid ran although three trials failed
+    by_state: dict[str, list[optuna.trial.FrozenTrial]] = {}
+    for t in study.trials:
+        by_state.setdefault(t.state.name, []).append(t)
+    assert len(by_state["COMPLETE"]) == 1 and len(by_state["FAIL"]) == 3
+    reasons = {(t.params["train.divergence_loss"], t.params["scorer.name"]): t.user_attrs["fail_reason"]
+               for t in by_state["FAIL"]}
+    assert reasons[(0.001, "magnitude")].startswith("DivergenceError: training diverged at step 0")
+    assert reasons[(10000.0, "boom")] == "RuntimeError: boom: this scorer fails on purpose"
+    _, children = runs(client(env), "failing")
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert len(failed) == 3 and all(r.data.tags["state"] == "FAIL" for r in failed)
+    assert {r.data.tags["fail_reason"] for r in failed} == set(reasons.values())
+
+
+def test_two_workers_share_one_storage_and_parent(env: dict[str, Path]) -> None:
+    assert main([*args(env, "workers", 2), "--workers", "2"]) == 0
+    study = load(env, "workers")
+    assert sorted(t.number for t in study.trials) == [0, 1]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert study.trials[0].params != study.trials[1].params  # each worker's sampler has its own seed
+    _, children = runs(client(env), "workers")
+    assert len(children) == 2
+    workers = {r.data.tags["dora_lab.worker"] for r in children}
+    assert len(workers) == 2 and f"{socket.gethostname()}:{os.getpid()}" not in workers
+
+
+def _cli(env: dict[str, Path], name: str, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "dora_lab.study", *args(env, name, 1, *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait_for_training(env: dict[str, Path], name: str, proc: subprocess.Popen[bytes]) -> None:
+    metrics = env["out"] / "studies" / name / "trial-000" / "config.yaml"
+    deadline = time.time() + 120
+    while not metrics.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode() if proc.stdout else ""
+        time.sleep(0.2)
+    time.sleep(1.5)  # into the training loop
+
+
+def test_ctrl_c_fails_the_trial_and_stops_cleanly(env: dict[str, Path]) -> None:
+    proc = _cli(env, "interrupted", "train.epochs=200")
+    _wait_for_training(env, "interrupted", proc)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, out
+    assert "Run the same command again to continue" in out
+    (trial,) = load(env, "interrupted").trials
+    assert trial.state == optuna.trial.TrialState.FAIL and "KeyboardInterrupt" in trial.user_attrs["fail_reason"]
+    parent, (child,) = runs(client(env), "interrupted")
+    assert child.info.status == "KILLED" and "KeyboardInterrupt" in child.data.tags["fail_reason"]
+    assert parent.info.status == "KILLED"
+
+
+def test_a_killed_workers_trial_goes_stale_and_fails(env: dict[str, Path]) -> None:
+    beat = ("study.heartbeat_interval=1", "study.grace_period=2")
+    proc = _cli(env, "killed", "train.epochs=200", *beat)
+    _wait_for_training(env, "killed", proc)
+    proc.kill()
+    proc.communicate()
+    assert load(env, "killed").trials[0].state == optuna.trial.TrialState.RUNNING
+    time.sleep(2.5)
+    assert main(args(env, "killed", 1, *beat)) == 0  # resuming fails the stale trial, then runs one
+    first, second = load(env, "killed").trials
+    assert first.state == optuna.trial.TrialState.FAIL and second.state == optuna.trial.TrialState.COMPLETE
+    _, children = runs(client(env), "killed")
+    assert children[0].info.status == "FAILED" and "heartbeat" in children[0].data.tags["fail_reason"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return dict(json.loads(r.read()))
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return dict(json.loads(r.read()))
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(env: dict[str, Path]) -> Iterator[str]:
+    """A real ``mlflow server`` on a free loopback port; its backend is the shared SQLite store
+    (already migrated: starting is faster), its artifacts a folder of its own."""
+    port = _free_port()
+    client(env).search_experiments()  # create (migrate) the store if no test did yet
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{env['out'] / 'mlflow.db'}",
+         "--artifacts-destination", str(env["root"] / "served-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 150
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail("mlflow server did not start")
+            time.sleep(0.5)
+    yield uri
+    with contextlib.suppress(ProcessLookupError):  # the server and its uvicorn worker: the group we started
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_mlflow_server_serves_the_study(env: dict[str, Path], mlflow_server: str) -> None:
+    assert main(args(env, "served", 1, f"study.tracking_uri={mlflow_server}")) == 0
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    exp = _get(f"{api}/experiments/get-by-name?experiment_name=served")["experiment"]
+    found = _post(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in found]
+    parent = [r for r, t in zip(found, tags, strict=True) if t["dora_lab.role"] == "study"]
+    child = [(r, t) for r, t in zip(found, tags, strict=True) if t["dora_lab.role"] == "trial"]
+    assert len(parent) == 1 and len(child) == 1
+    run, ctags = child[0]
+    assert ctags["mlflow.parentRunId"] == parent[0]["info"]["run_id"] and run["info"]["status"] == "FINISHED"
+    query = urllib.parse.urlencode({"run_id": run["info"]["run_id"], "metric_key": "train_loss"})
+    history = _get(f"{api}/metrics/get-history?{query}")["metrics"]
+    assert sorted(int(m["step"]) for m in history) == list(range(1, STEPS + 1))
+    assert any(p["key"] == "train.lr" for p in run["data"]["params"])
+    arts = _get(f"{api}/artifacts/list?" + urllib.parse.urlencode({"run_id": run["info"]["run_id"], "path": "plots"}))
+    assert "plots/rank_heatmap.png" in {f["path"] for f in arts["files"]}
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not os.environ.get("DORA_LAB_TEST_POSTGRES"),
+                    reason="DORA_LAB_TEST_POSTGRES is not set (scripts/ci_postgres.sh starts a server and prints it)")
+def test_postgres_storage_two_workers(env: dict[str, Path]) -> None:
+    url = db_url(os.environ["DORA_LAB_TEST_POSTGRES"])
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    try:
+        assert main([*args(env, name, 2, f"study.storage={url}"), "--workers", "2"]) == 0
+        study = load(env, name, storage=url)
+        assert sorted(t.number for t in study.trials) == [0, 1]
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        _, children = runs(client(env), name)
+        assert len({r.data.tags["dora_lab.worker"] for r in children}) == 2
+    finally:
+        optuna.delete_study(study_name=name, storage=url)

@@ -1,0 +1,132 @@
+"""The study block: validation with dotted paths, the search space against RunConfig, the order in
+which a trial's config is composed, and the shipped study files (no training here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from dora_lab.config import ConfigError
+from dora_lab.study import prepare
+from dora_lab.study_space import parse_study, read_study_block, suggest, trial_config
+
+REPO = Path(__file__).resolve().parents[1]
+COLA = REPO / "configs" / "cola.yaml"
+
+
+def error(overrides: list[str], path: Path = COLA) -> str:
+    with pytest.raises(ConfigError) as info:
+        prepare(path, overrides)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("study.sampler.nam=tpe", "study.sampler.nam: unknown key"),
+    ("study.sampler={name: random, n_startup_trials: 3}", "study.sampler.n_startup_trials: unknown key"),
+    ("study.pruner=foo", "study.pruner: Input tag 'foo'"),
+    ("study.space.train.lr={type: float, low: 1.0e-4, high: 1.0e-3, bogus: 1}", "study.space.train.lr.bogus: unknown key"),
+    ("study.space.train.lr={low: 1.0e-4, high: 1.0e-3}", "study.space.train.lr: a searched key needs type"),
+    ("study.space.train.lr={type: float, low: 1.0e-3, high: 1.0e-4}", "low (0.001) is above high (0.0001)"),
+    ("study.space.train.lr={type: float, low: 0, high: 1}", "study.space.train.lr: 0.0 does not fit config key 'train.lr'"),
+    ("study.space.train.lrx={type: float, low: 1, high: 2}", "'lrx' is not a key of train (allowed: method, epochs"),
+    ("study.space.study.n_trials={type: int, low: 1, high: 2}", "'study' is not a key of the top level"),
+    ("study.space.adapter.r0={type: float, low: 3, high: 5}", "'adapter.r0' takes integers; use type: int"),
+    ("study.space.schedule.name={type: categorical, choices: [dora, nope]}", "unknown schedule(s) ['nope']; registered: adalora"),
+    ("study.space.scorer.name={type: categorical, choices: [magnitud]}", "unknown scorer(s) ['magnitud']"),
+    ("study.space.adapter.targets={type: categorical, choices: [[query]]}", "choices must be numbers, strings"),
+    ("study.sampler=grid", "sampler grid takes categorical parameters only"),
+    ("study.overrides={train.epoch: 1}", "no config key 'train.epoch'"),
+    ("study.overrides.schedule.final=0.95", "study's base config (study.overrides applied) is invalid"),
+    ("study.n_trials=0", "study.n_trials: Input should be greater than or equal to 1"),
+])
+def test_bad_study_blocks_name_the_key(override: str, expected: str) -> None:
+    assert expected in error([override])
+
+
+def test_defaults_and_the_shipped_study() -> None:
+    setup = prepare(COLA, ["output_dir=/tmp/somewhere"])
+    assert setup.name == "cola" and setup.metric == "matthews_correlation"
+    assert setup.storage == "sqlite:////tmp/somewhere/optuna.db"
+    assert setup.study.direction == "maximize" and setup.study.sampler.name == "tpe"
+    assert setup.base.budget.target_rank == 2  # the budget is held fixed
+    assert set(setup.study.space) == {"adapter.r0", "schedule.name", "schedule.warmup", "schedule.final",
+                                      "schedule.interval", "scorer.params.beta", "train.lr"}
+    assert setup.study.space["train.lr"].log  # type: ignore[union-attr]
+
+
+def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert prepare(COLA, ["output_dir=/tmp/x"]).tracking_uri == "sqlite:////tmp/x/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert prepare(COLA, ["output_dir=/tmp/x"]).tracking_uri == "http://127.0.0.1:5999"
+    assert prepare(COLA, ["study.tracking_uri=sqlite:////tmp/y.db"]).tracking_uri == "sqlite:////tmp/y.db"
+
+
+def test_nested_and_dotted_keys_mean_the_same() -> None:
+    setup = prepare(COLA, ["study.space.train.lr={type: float, low: 1.0e-4, high: 2.0e-4}",
+                           "study.overrides.train.epochs=1", "study.overrides.scorer.params={}"])
+    assert setup.study.space["train.lr"].high == 2.0e-4  # type: ignore[union-attr]
+    assert setup.study.overrides["train.epochs"] == 1
+    assert setup.study.overrides["scorer.params"] == {}  # a free mapping is replaced, not descended
+
+
+def test_trial_config_order_file_overrides_cli_params() -> None:
+    setup = prepare(COLA, ["train.epochs=3", "adapter.r0=4"])
+    assert setup.base.train.epochs == 3  # the command line wins over study.overrides (2)
+    assert setup.base.task.max_train_samples == 1600  # study.overrides over the file (null)
+    cfg = trial_config(setup.data, setup.study, {"adapter.r0": 5, "scorer.params.beta": 0.8}, setup.cli)
+    assert cfg.adapter.r0 == 5 and cfg.scorer.params == {"beta": 0.8} and cfg.study is None
+    with pytest.raises(ConfigError, match="leaves no steps for pruning"):
+        trial_config(setup.data, setup.study, {"schedule.warmup": 0.6, "schedule.final": 0.5}, setup.cli)
+
+
+def test_suggest_covers_every_type() -> None:
+    study = parse_study({"space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                                   "adapter.r0": {"type": "int", "low": 3, "high": 6, "step": 3},
+                                   "seed": {"type": "categorical", "choices": [0, 1]}}})
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    values = suggest(trial, study.space)
+    assert 1e-4 <= values["train.lr"] <= 1e-2 and values["adapter.r0"] in (3, 6) and values["seed"] in (0, 1)
+    assert trial.distributions["train.lr"].log  # type: ignore[attr-defined]
+
+
+def test_ablation_files_replace_space_sampler_pruner(tmp_path: Path) -> None:
+    grid = prepare(REPO / "studies" / "scorer_schedule_grid.yaml")
+    assert grid.name == "scorer_x_schedule" and grid.study.sampler.name == "grid"
+    assert grid.study.pruner.name == "none" and list(grid.study.space) == ["scorer.name", "schedule.name", "seed"]
+    assert grid.study.overrides["train.epochs"] == 2 and grid.study.overrides["scorer.params"] == {}  # merged
+    sweep = prepare(REPO / "studies" / "budget_sweep.yaml")
+    assert sweep.study.grid()["budget.target_rank"] == [1.0, 1.5, 2.0, 3.0]
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {COLA}\nstudy:\n  n_trials: 2\n")
+    block = read_study_block(child)
+    assert block is not None and block["n_trials"] == 2 and "train.lr" in block["space"]  # inherited
+
+
+def test_grid_resume_requeues_interrupted_points_only(tmp_path: Path) -> None:
+    from dora_lab.study import _trials_to_run, open_study
+
+    setup = prepare(COLA, [f"output_dir={tmp_path}", "study.sampler=grid", "study.n_trials=null",
+                           "study.space={seed: {type: categorical, choices: [0, 1, 2]}}"])
+    study = open_study(setup)
+    assert _trials_to_run(setup, study) == 3
+
+    def fail(reason: str) -> None:
+        trial = study.ask()
+        suggest(trial, setup.study.space)
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    fail("interrupted (KeyboardInterrupt / Ctrl-C)")  # to be run again
+    fail("DivergenceError: training diverged")  # a result: not run again
+    interrupted, diverged = study.trials
+    assert _trials_to_run(setup, study) == 2  # the interrupted point and the one never started
+    assert _trials_to_run(setup, study) == 2  # asking again queues nothing twice
+    (queued,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert queued.system_attrs["fixed_params"] == interrupted.params
+    seen: list[int] = []
+    study.optimize(lambda t: seen.append(suggest(t, setup.study.space)["seed"]) or 0.0, n_trials=2)
+    assert sorted([*seen, diverged.params["seed"]]) == [0, 1, 2] and seen[0] == interrupted.params["seed"]
+    assert _trials_to_run(setup, study) == 0

@@ -1,0 +1,149 @@
+"""The MLflow tracker, the Optuna reporter and the pictures, on a real SQLite MLflow store with
+synthetic runs (no training): exact metric histories, statuses, the parent found again by tag."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from dora_lab.callbacks import RunInfo, RunResult
+from dora_lab.config import ConfigError, RunConfig
+from dora_lab.plots import allocation_grid
+from dora_lab.study import OptunaReporter, _objective_value, prepare
+from dora_lab.tracking import ROLE_TAG, STUDY_TAG, StudyTracker, markdown_table, safe_url, write_table
+
+ALLOCATION = {f"bert.encoder.layer.{i}.{m}": (i + j) % 4 for i in range(2)
+              for j, m in enumerate(["attention.self.query", "attention.self.value", "output.dense"])}
+
+
+@pytest.fixture(scope="module")
+def tracker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StudyTracker]:
+    root = tmp_path_factory.mktemp("tracking")
+    yield StudyTracker(f"sqlite:///{root / 'mlflow.db'}", "exp", "s1", artifact_root=root / "art")
+
+
+def _info(run_dir: Path) -> RunInfo:
+    return RunInfo(config={}, run_dir=run_dir, total_steps=6, steps_per_epoch=3, trainable_parameters=100,
+                   adapter_parameters=50, budget_curve=[12, 12, 10, 8, 8, 8], budget_unit="components")
+
+
+def test_parent_is_found_again_by_tag(tracker: StudyTracker) -> None:
+    first = tracker.parent_run({"config": "a.yaml"})
+    assert tracker.parent_run() == first  # again: the same run, no duplicate
+    # a parent created by another process a moment later (a race) loses against the oldest
+    tracker.client.create_run(tracker.experiment_id, tags={STUDY_TAG: "s1", ROLE_TAG: "study"})
+    assert tracker.parent_run() == first
+    other = StudyTracker(tracker.uri, "exp", "s2")
+    assert other.experiment_id == tracker.experiment_id and other.parent_run() != first
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    assert exp.artifact_location.startswith("file://") and exp.artifact_location.endswith("/art/exp")
+
+
+def test_trial_logger_streams_metrics_and_artifacts(tracker: StudyTracker, tmp_path: Path) -> None:
+    parent = tracker.parent_run()
+    cfg = RunConfig()
+    logger = tracker.start_trial(parent, 7, cfg, tmp_path)
+    logger.log_config(cfg)
+    logger.on_train_begin(_info(tmp_path))
+    for step in range(6):
+        logger.on_step(step, {"train_loss": 1.0 / (step + 1), "lr": 0.1 * step, "active_components": 12 - step,
+                              "active_parameters": 100.0 - step, "budget": 12.0, "epoch": 0.0})
+        if step in (2, 5):
+            logger.on_evaluate(step + 1, {"matthews_correlation": step / 10, "accuracy": 0.5, "step": step + 1.0})
+    (tmp_path / "allocation.json").write_text(json.dumps(ALLOCATION))
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    logger.on_train_end(RunResult("matthews_correlation", 0.5, 6, {"matthews_correlation": 0.5}, steps=6,
+                                  active_components_final=8, adapter_parameters_final=40, seconds=60))
+    logger.finish("COMPLETE", value=0.5)
+
+    c = MlflowClient(tracker.uri)
+    run = c.get_run(logger.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["trial"] == "7"
+    assert run.data.tags["scorer"] == "magnitude" and run.data.tags["budget"] == "rank 2"
+    assert run.data.tags["dora_lab.adapter_dir"] == str((tmp_path / "adapter").resolve())
+    assert run.data.params["adapter.r0"] == "3" and run.data.params["model.trainable"] == '["classifier", "pooler"]'
+    loss = sorted((m.step, m.value) for m in c.get_metric_history(logger.run_id, "train_loss"))
+    assert loss == [(s, pytest.approx(1.0 / s)) for s in range(1, 7)]
+    assert [(m.step, m.value) for m in c.get_metric_history(logger.run_id, "matthews_correlation")] == \
+        [(3, pytest.approx(0.2)), (6, pytest.approx(0.5))]
+    active = sorted((m.step, m.value) for m in c.get_metric_history(logger.run_id, "active_parameters"))
+    assert active[0] == (0, 50) and active[-1] == (6, 95)  # at start: the adapter's, then per step
+    assert run.data.metrics["objective"] == 0.5 and run.data.metrics["minutes"] == 1.0
+    files = {a.path for a in c.list_artifacts(logger.run_id)} | {a.path for a in c.list_artifacts(logger.run_id, "plots")}
+    assert {"allocation.json", "config.yaml", "plots/rank_heatmap.png", "plots/budget.png"} <= files
+
+
+@pytest.mark.parametrize(("state", "status", "tag"), [
+    ("PRUNED", "KILLED", "PRUNED"), ("FAIL", "FAILED", "FAIL"), ("INTERRUPTED", "KILLED", "FAIL")])
+def test_finish_states(tracker: StudyTracker, tmp_path: Path, state: str, status: str, tag: str) -> None:
+    logger = tracker.start_trial(tracker.parent_run(), 1, RunConfig(), tmp_path)
+    logger.finish(state, reason="why")
+    run = MlflowClient(tracker.uri).get_run(logger.run_id)
+    assert run.info.status == status and run.data.tags["state"] == tag
+    assert run.data.tags["prune_reason" if state == "PRUNED" else "fail_reason"] == "why"
+    tracker.mark_failed(logger.run_id, "stale")  # a closed run is left alone
+    assert MlflowClient(tracker.uri).get_run(logger.run_id).info.status == status
+
+
+def test_mark_failed_closes_a_running_child(tracker: StudyTracker, tmp_path: Path) -> None:
+    logger = tracker.start_trial(tracker.parent_run(), 2, RunConfig(), tmp_path)
+    tracker.mark_failed(logger.run_id, "worker died")
+    run = MlflowClient(tracker.uri).get_run(logger.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["fail_reason"] == "worker died"
+
+
+def test_allocation_grid_is_layers_by_module_types() -> None:
+    rows, cols, grid = allocation_grid(ALLOCATION)
+    assert rows == ["0", "1"] and cols == ["attention.self.query", "attention.self.value", "output.dense"]
+    assert grid == [[(i + j) % 4 for j in range(3)] for i in range(2)]
+    _, _, sparse = allocation_grid({"model.layers.0.q_proj": 1, "model.layers.1.v_proj": 2})
+    assert sparse[0][0] == 1 and math.isnan(sparse[0][1]) and sparse[1][1] == 2
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return True
+
+
+def test_reporter_reports_and_prunes(tmp_path: Path) -> None:
+    study = optuna.create_study(direction="maximize", pruner=AlwaysPrune())
+    trial = study.ask()
+    reporter = OptunaReporter(trial, "matthews_correlation")
+    reporter.on_train_begin(_info(tmp_path))
+    assert reporter.eligible_from == 4  # the first step with the final budget (8)
+    with pytest.raises(optuna.TrialPruned, match="pruned at step 3: matthews_correlation = 0.2500"):
+        reporter.on_evaluate(3, {"matthews_correlation": 0.25, "step": 3.0})
+    assert trial.user_attrs["prune_reason"].startswith("pruned at step 3")
+    assert study.trials[0].intermediate_values == {3: 0.25}
+    with pytest.raises(ConfigError, match="'f1' is not measured; the evaluation gives matthews_correlation"):
+        OptunaReporter(trial, "f1").on_evaluate(3, {"matthews_correlation": 0.25, "step": 3.0})
+
+
+def test_objective_value_best_after_pruning_or_final() -> None:
+    history = [{"matthews_correlation": 0.9, "step": 2.0}, {"matthews_correlation": 0.3, "step": 4.0},
+               {"matthews_correlation": 0.4, "step": 6.0}]
+    setup = prepare(Path(__file__).parents[1] / "configs" / "cola.yaml")
+    assert _objective_value(setup, history, eligible_from=4) == 0.4  # 0.9 came before the budget was met
+    setup.study.objective = "final"
+    assert _objective_value(setup, history, eligible_from=4) == 0.4
+    setup.study.objective, setup.study.direction = "best", "minimize"
+    assert _objective_value(setup, history, eligible_from=4) == 0.3
+
+
+def test_tables_and_safe_urls(tmp_path: Path) -> None:
+    rows = [{"trial": 0, "state": "COMPLETE", "value": 0.123456, "reason": ""},
+            {"trial": 1, "state": "FAIL", "value": None, "reason": "ValueError: a|b"}]
+    write_table(rows, tmp_path / "t.csv", tmp_path / "t.md")
+    assert (tmp_path / "t.csv").read_text().splitlines() == ["trial,state,value,reason", "0,COMPLETE,0.123456,",
+                                                             "1,FAIL,,ValueError: a|b"]
+    assert "| 0 | COMPLETE | 0.1235 |  |" in (tmp_path / "t.md").read_text()
+    assert "ValueError: a/b" in markdown_table(rows)
+    assert safe_url("postgresql://dora:secret@127.0.0.1:5432/db") == "postgresql://dora:***@127.0.0.1:5432/db"
+    assert safe_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"

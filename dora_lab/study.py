@@ -162,6 +162,11 @@ def make_objective(setup: StudySetup, tracker: StudyTracker, parent_id: str,
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, setup.study.space)
+        if setup.study.sampler.name == "grid":
+            twin = _earlier_twin(trial, params)
+            if twin is not None:  # two workers drew the same point at once: run it only once
+                trial.set_user_attr("duplicate_of", twin)
+                raise optuna.TrialPruned(f"grid point already taken by trial {twin}")
         run_dir = setup.study_dir / f"trial-{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
         logger: TrialLogger | None = None
@@ -200,6 +205,15 @@ def make_objective(setup: StudySetup, tracker: StudyTracker, parent_id: str,
             raise
 
     return objective
+
+
+def _earlier_twin(trial: optuna.Trial, params: dict[str, Any]) -> int | None:
+    """The number of an earlier running or complete trial with the same grid point, if any."""
+    states = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE)
+    for t in trial.study.get_trials(deepcopy=False, states=states):
+        if t.number < trial.number and t.params == params:
+            return t.number
+    return None
 
 
 def _retryable(t: optuna.trial.FrozenTrial) -> bool:
@@ -325,6 +339,9 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
             optimize(setup, n_trials, parent_id, progress=sys.stderr.isatty(), tracker=tracker, study=study)
         elif n_trials != 0:
             interrupted = _run_workers(setup, n_trials, workers, parent_id)
+            left = 0 if interrupted else _trials_to_run(setup, open_study(setup, tracker))
+            if setup.study.sampler.name == "grid" and left:  # points lost to duplicate draws
+                optimize(setup, left, parent_id, tracker=tracker, study=open_study(setup, tracker))
     except KeyboardInterrupt:
         interrupted = True
     study = open_study(setup, tracker)  # fresh trials, from every worker

@@ -177,6 +177,20 @@ def test_two_workers_share_one_storage_and_parent(env: dict[str, Path]) -> None:
     assert len(workers) == 2 and f"{socket.gethostname()}:{os.getpid()}" not in workers
 
 
+def test_a_grid_on_two_workers_runs_every_point_exactly_once(env: dict[str, Path]) -> None:
+    grid = ["study.sampler={name: grid, seed: 0}", "study.pruner=none", "study.n_trials=null",
+            "study.timeout=null", "study.space={seed: {type: categorical, choices: [0, 1, 2, 3]}}"]
+    assert main([*args(env, "grid_workers", 1, *grid), "--workers", "2"]) == 0
+    study = load(env, "grid_workers")
+    done = sorted(t.params["seed"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    assert done == [0, 1, 2, 3]  # a point two workers drew at once is pruned as a duplicate, not rerun
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.PRUNED:
+            assert "duplicate_of" in t.user_attrs
+    assert main([*args(env, "grid_workers", 1, *grid), "--workers", "2"]) == 0  # finished: runs nothing
+    assert len(load(env, "grid_workers").trials) == len(study.trials)
+
+
 def _cli(env: dict[str, Path], name: str, *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "dora_lab.study", *args(env, name, 1, *extra)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -20,6 +20,7 @@ trial is one :func:`dora_lab.train.train_run` of the config with the trial's val
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import signal
 import subprocess
@@ -244,11 +245,15 @@ def _trials_to_run(setup: StudySetup, study: optuna.Study) -> int | None:
                 queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))[-1]
                 for key in ("grid_id", "search_space"):
                     study._storage.set_trial_system_attr(queued._trial_id, key, t.system_attrs[key])
-    size = 1
-    for choices in setup.study.grid().values():
-        size *= len(choices)
+    grid = setup.study.grid()
+    trials = study.get_trials(deepcopy=False)  # with the retries just queued
     done = {point(t) for t in trials if t.state.is_finished() and not _retryable(t)}
-    left = max(0, size - len(done))
+    taken = done | {point(t) for t in trials if t.state in (optuna.trial.TrialState.WAITING,
+                                                             optuna.trial.TrialState.RUNNING)}
+    for values in itertools.product(*(grid[k] for k in keys)):
+        if values not in taken:  # queue the missing points themselves: no sampler can skip them
+            study.enqueue_trial(dict(zip(keys, values, strict=True)))
+    left = max(0, len(list(itertools.product(*grid.values()))) - len(done))
     return left if n is None else min(n, left)
 
 

@@ -417,7 +417,9 @@ def make_sampler(study: StudyConfig, offset: int = 0) -> optuna.samplers.BaseSam
                                           multivariate=s.multivariate)
     if isinstance(s, RandomSampler):
         return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.GridSampler(study.grid(), seed=seed)
+    # Never offset a grid's seed: it orders the grid, and every worker (and every resume) must
+    # agree on which point a grid id names, or two trials run the same point.
+    return optuna.samplers.GridSampler(study.grid(), seed=s.seed)
 
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:

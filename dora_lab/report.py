@@ -214,6 +214,21 @@ def _agreement(groups: dict[tuple[str, ...], list[Run]], keys: Sequence[tuple[st
 
 
 # -- the command --------------------------------------------------------------------------------
+def drop_repeats(runs: Sequence[Run], factors: Sequence[str]) -> tuple[list[Run], list[dict[str, Any]]]:
+    """Keep one run per (study, group, seed): a second COMPLETE run of the same point (a grid point
+    two workers drew at once, before dora_lab deduplicated them) would count one seed twice."""
+    kept: dict[tuple[Any, ...], Run] = {}
+    repeats: list[dict[str, Any]] = []
+    for run in sorted(runs, key=lambda r: (r.study, r.trial)):
+        key = (run.study, run.seed, *(run.factor(f) for f in factors))
+        if key in kept:
+            repeats.append({"study": run.study, "trial": run.trial, "state": "COMPLETE",
+                            "reason": f"repeats trial {kept[key].trial} (same group and seed); left out"})
+        else:
+            kept[key] = run
+    return list(kept.values()), repeats
+
+
 def _sources(args: argparse.Namespace) -> list[Source]:
     sources: list[Source] = []
     for spec in args.study:
@@ -267,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not runs:
             raise ConfigError(f"no COMPLETE trial in {', '.join(s.name for s in sources)}; nothing to report")
         factors = args.factors or first.report.get("factors") or detect_factors(runs, searched - {"seed"})
+        runs, repeats = drop_repeats(runs, factors)
+        skipped = [*skipped, *repeats]
         derived, mixed = side_keys(runs, factors)
         for f in factors:
             if f not in DERIVED and not any(f in r.config for r in runs):

@@ -267,7 +267,7 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
           f"**What is compared.** {len(runs)} complete runs from {study_list}, grouped by "
           f"{', '.join(f'`{f}`' for f in factors) or '(nothing varies)'} into {len(groups)} groups; seeds "
           f"{', '.join(map(str, seeds))}. The value is **{metric}**, {what}. "
-          f"{len(skipped)} trial(s) not COMPLETE are left out (listed under Notes).", ""]
+          f"{len(skipped)} trial(s) are left out (not COMPLETE, or repeating a group and seed; listed under Notes).", ""]
     if derived:
         keys = ", ".join(f"`{k}`" for k in derived)
         md += [f"Keys that also differ between runs but follow from the factors: {keys}.", ""]

@@ -197,12 +197,16 @@ def _cli(env: dict[str, Path], name: str, *extra: str) -> subprocess.Popen[bytes
 
 
 def _wait_for_training(env: dict[str, Path], name: str, proc: subprocess.Popen[bytes]) -> None:
-    metrics = env["out"] / "studies" / name / "trial-000" / "config.yaml"
+    """Until the trial has reported its first evaluation to Optuna: then it is inside the loop
+    (a fixed sleep after start-up was flaky on a loaded machine: the run sometimes finished first)."""
     deadline = time.time() + 120
-    while not metrics.exists():
+    while True:
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode() if proc.stdout else ""
+        with contextlib.suppress(Exception):  # the storage or the study may not exist yet
+            trials = load(env, name).trials
+            if trials and trials[0].intermediate_values:
+                return
         time.sleep(0.2)
-    time.sleep(1.5)  # into the training loop
 
 
 def test_ctrl_c_fails_the_trial_and_stops_cleanly(env: dict[str, Path]) -> None:

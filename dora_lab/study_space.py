@@ -419,7 +419,17 @@ def make_sampler(study: StudyConfig, offset: int = 0) -> optuna.samplers.BaseSam
         return optuna.samplers.RandomSampler(seed=seed)
     # Never offset a grid's seed: it orders the grid, and every worker (and every resume) must
     # agree on which point a grid id names, or two trials run the same point.
-    return optuna.samplers.GridSampler(study.grid(), seed=s.seed)
+    return _RunnerGridSampler(study.grid(), seed=s.seed)
+
+
+class _RunnerGridSampler(optuna.samplers.GridSampler):
+    """A GridSampler that never calls ``study.stop()``: the runner queues the missing points and
+    asks for exactly that many trials, so a grid whose ids were used up by repeated points (or a
+    resumed study) still runs the points it queued."""
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                    state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:
+        return None
 
 
 def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:

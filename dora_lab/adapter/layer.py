@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,12 +98,32 @@ class RankOneLinear(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        """``W0 x + b0 + (alpha/r0) B diag(c m) A dropout(x)``, arranged for speed on a CPU.
+
+        Given the same dropout mask, the same numbers (up to float rounding) and gradients as the
+        plain ``base(x) + F.linear(F.linear(dropout(x), A) * c_eff * scale, B)``; what changed and
+        why is measured in benchmarks/ (README.md there):
+
+        - on a CPU the dropout mask is drawn by :func:`_cpu_keep_mask` (same Bernoulli(1 - p)
+          distribution as ``nn.Dropout``, other random numbers for a given torch seed; torch's own
+          CPU sampler is single-threaded at ~6 ns per entry and cost more than the adapter's
+          products), as a float 0/1 tensor (torch's bool kernels are several times slower), and
+          dropout's ``1/(1-p)`` moves into the ``r`` coefficients instead of a pass over ``x``;
+        - the coefficients are folded into ``B`` (``d_out x r``), stored transposed and contiguous:
+          MKL's skinny products with an ``r``-wide operand are several times faster in that layout,
+          which is what the backward pass multiplies with;
+        - the rank-``r`` update is accumulated into the base output in place (``addmm_``).
+        """
         if self.merged or self.rank == 0:
-            return out
-        z = F.linear(self.dropout(x), self.A)  # (..., r)
-        z = z * (self.effective_c() * self.scale)
-        return out + F.linear(z, self.B)
+            return self.base(x)
+        x2 = x.reshape(-1, self.in_features)
+        xd, keep = _dropout_parts(self.dropout, x2)
+        coef = self.effective_c() * (self.scale / keep)
+        z = F.linear(xd, self.A)  # (n, r)
+        bt = (self.B * coef).t().contiguous()  # (r, d_out)
+        out = self.base(x2)
+        out = out.addmm_(z, bt) if out.dtype == z.dtype else out + z @ bt
+        return out.view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """The update ``dW = (alpha/r0) B diag(c m) A`` (``d_out x d_in``); for merging and tests."""
@@ -161,6 +182,49 @@ class RankOneLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r0={self.r0}, rank={self.rank}, "
                 f"active={self.active_rank}, alpha={self.alpha}, hard_mask={self.hard_mask}")
+
+
+def _dropout_parts(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(x * mask, 1 - p)``: ``dropout(x) = x * mask / (1 - p)`` with the division left to the caller.
+
+    On a CPU the mask comes from :func:`_cpu_keep_mask` (torch's CPU Bernoulli sampler runs on one
+    thread at a few ns per element and cost more than the adapter's matrix products); elsewhere,
+    and for any dropout module other than ``nn.Dropout``/``nn.Identity``, torch's own sampler is used.
+    """
+    if isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and (not dropout.training or dropout.p == 0)):
+        return x, 1.0
+    if not isinstance(dropout, nn.Dropout) or not 0.0 < dropout.p < 1.0:
+        return dropout(x), 1.0
+    keep = 1.0 - float(dropout.p)
+    if x.device.type == "cpu" and _FAST_CPU_DROPOUT:
+        mask = _cpu_keep_mask(x.shape, keep, x.dtype)
+    else:
+        mask = torch.empty_like(x).bernoulli_(keep)
+    return x * mask, keep
+
+
+# Draw CPU dropout masks with numpy's SFC64 generator (seeded from torch's generator) instead of
+# torch's Bernoulli sampler.  Same distribution, different random numbers for a given torch seed.
+# False: torch's sampler, i.e. exactly nn.Dropout's masks (slower; the benchmark compares both).
+_FAST_CPU_DROPOUT = True
+_INT32_SPAN = 2**32
+
+
+def _cpu_keep_mask(shape: torch.Size, keep: float, dtype: torch.dtype) -> torch.Tensor:
+    """A float 0/1 tensor, each entry 1 independently with probability ``keep`` (to within 2^-32).
+
+    32 random bits per entry from numpy's SFC64 (about 1 ns per entry against torch's 5 to 6), its
+    seed drawn from torch's default generator so that ``torch.manual_seed`` (and a saved torch RNG
+    state) fixes every mask.  An entry is kept when its bits, read as a signed int32, fall below
+    ``round(keep * 2^32) - 2^31``: exactly ``round(keep * 2^32)`` of the 2^32 patterns.
+    """
+    n = math.prod(shape)
+    seed = int(torch.randint(0, 2**62, ()).item())
+    bits = torch.from_numpy(np.random.SFC64(seed).random_raw((n + 1) // 2).view(np.int32)[:n]).view(shape)
+    threshold = min(round(keep * _INT32_SPAN) - _INT32_SPAN // 2, _INT32_SPAN // 2 - 1)
+    # float32: write the 0/1 floats over the bits they came from (one buffer, not two).
+    out = bits.view(torch.float32) if dtype == torch.float32 else torch.empty(shape, dtype=dtype)
+    return torch.lt(bits, threshold, out=out)
 
 
 def _move_optimizer_param(

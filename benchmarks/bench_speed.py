@@ -2,12 +2,14 @@
 
     python benchmarks/bench_speed.py [--quick] [--out benchmarks/results]
 
-Everything runs in one process (under ``--budget`` seconds, 540 by default: the number of timing
-rounds adapts to the machine's speed, down to a minimum per model), on one fixed batch (the first 32 sentences of GLUE CoLA's train
+Everything runs in one process, on one fixed batch (the first 32 sentences of GLUE CoLA's train
 split, tokenized with the MiniLM tokenizer and padded to the batch's longest), for two models:
 the real pretrained all-MiniLM-L6-v2 (6 layers, hidden 384) and a wider BERT built from a config
-(hidden 1024, 4 layers, 16 heads, MLP 4096, random weights).  ``--quick`` swaps both for a tiny
-2-layer, 32-wide BERT and cuts the repetitions so the whole run takes seconds (for the tests).
+(hidden 1024, 4 layers, 16 heads, MLP 4096, random weights).  The run keeps within ``--budget``
+seconds (540 by default): the number of timing rounds adapts to the machine's speed, down to a
+minimum per model.  ``--quick`` swaps both models for a tiny 2-layer, 32-wide BERT and cuts the
+repetitions so the whole run takes seconds (for the tests).  OpenMP threads wait passively (see
+``OMP_WAIT_POLICY`` below).
 
 A *step* is everything a training loop does per optimizer step: forward with the loss, backward,
 ``AdamW.step()`` (torch's defaults, weight decay 0.01), then ``controller.step(optimizer)`` (or
@@ -28,10 +30,14 @@ configurations only as ratios within one run.  The configurations:
                        A/B/c and the optimizer state compacted to the kept components
     scorer_<name>      dora_r3 plus a PruningController with that scorer inside the decay window:
                        the scorer is updated every step (its added cost is the controller's share)
+    dora_r3_plain_forward   dora_r3 with the formula's plain forward (nn.Dropout, two F.linear,
+                            an add): what RankOneLinear.forward's arrangement saves
+    dora_r3_torch_dropout   dora_r3 with its dropout masks from torch's CPU sampler (nn.Dropout's)
 
+The rank-8 pair and the two dora_r3 variants run on MiniLM only (the wide model's steps are slow).
 The classifier head is trained with every adapter (the paper does); the floor trains only the
 embeddings' LayerNorm.  Frozen weight matrices are shared between the configurations of a model
-(they are never written), so building eleven of them costs little memory.
+(they are never written), so building a dozen of them costs little memory.
 
 Memory.  ``tracemalloc`` does not see torch's allocations and ``ru_maxrss`` is a process-wide
 high-water mark that cannot separate configurations timed in one process.  So each configuration
@@ -232,20 +238,22 @@ class Config:
 
     def step(self, batch: dict[str, torch.Tensor], record: bool = False) -> None:
         adapter_layer._FAST_CPU_DROPOUT = self.fast_dropout
-        t0 = time.perf_counter()
-        loss = self.model(**batch).loss
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        self.optimizer.step()
-        t3 = time.perf_counter()
-        if self.after_optimizer is not None:
-            self.after_optimizer(self.steps_done)
-        t4 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        t5 = time.perf_counter()
+        try:
+            t0 = time.perf_counter()
+            loss = self.model(**batch).loss
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            self.optimizer.step()
+            t3 = time.perf_counter()
+            if self.after_optimizer is not None:
+                self.after_optimizer(self.steps_done)
+            t4 = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            t5 = time.perf_counter()
+        finally:
+            adapter_layer._FAST_CPU_DROPOUT = True
         self.steps_done += 1
-        adapter_layer._FAST_CPU_DROPOUT = True
         if record:
             self.times.append([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4])
 

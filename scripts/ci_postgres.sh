@@ -55,7 +55,8 @@ mkdir -p "$SOCK"
 if ! as_pg "$BIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1; then
   echo "== starting the cluster on 127.0.0.1:$PORT"
   as_pg "$BIN/pg_ctl" -D "$DATA" -l "$DATA/server.log" -w -t 60 \
-    -o "-c listen_addresses=127.0.0.1 -p $PORT -k $SOCK -c max_connections=100" start
+    -o "-c listen_addresses=127.0.0.1 -p $PORT -k $SOCK -c max_connections=100" start \
+    3>&- </dev/null >>"$DATA/pg_ctl.out" 2>&1  # the server must not hold our stdout: $(...) would wait forever
 fi
 
 psql_() { as_pg "$BIN/psql" -h "$SOCK" -p "$PORT" -U postgres -v ON_ERROR_STOP=1 -qtA "$@"; }

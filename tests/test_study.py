@@ -192,8 +192,11 @@ def test_a_grid_on_two_workers_runs_every_point_exactly_once(env: dict[str, Path
 
 
 def _cli(env: dict[str, Path], name: str, *extra: str) -> subprocess.Popen[bytes]:
+    # SIGINT back to its default in the child: under a shell that ignores it (a background job, as
+    # with nohup ... &) the child would inherit SIG_IGN and Python would never raise KeyboardInterrupt.
     return subprocess.Popen([sys.executable, "-m", "dora_lab.study", *args(env, name, 1, *extra)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_training(env: dict[str, Path], name: str, proc: subprocess.Popen[bytes]) -> None:

@@ -16,20 +16,9 @@ from dora_lab.data import load_splits, make_loader
 from dora_lab.evaluate import predict
 from dora_lab.tasks import compute_metrics, get_task
 from dora_lab.train import train_run
-from tests.tiny import COLA, REPO, minilm_dir
+from tests.tiny import COLA, REPO, LossRecorder, minilm_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not COLA.is_dir(), reason=f"no shared CoLA at {COLA}")]
-
-
-class _Losses:
-    def __init__(self) -> None:
-        self.values: list[float] = []
-
-    def on_train_begin(self, info: object) -> None: ...
-    def on_evaluate(self, step: int, metrics: dict[str, float]) -> None: ...
-    def on_train_end(self, result: object) -> None: ...
-    def on_step(self, step: int, logs: dict[str, float]) -> None:
-        self.values.append(logs["train_loss"])
 
 
 def test_minilm_cola_trains_prunes_and_reloads(tmp_path: Path) -> None:
@@ -38,7 +27,7 @@ def test_minilm_cola_trains_prunes_and_reloads(tmp_path: Path) -> None:
         "task.max_eval_samples=320", "train.epochs=1", "train.eval_every=48", "schedule.interval=4",
         f"output_dir={tmp_path}",
     ])
-    losses = _Losses()
+    losses = LossRecorder()
     result = train_run(cfg, tmp_path / "run", callbacks=[losses], progress=False)  # type: ignore[list-item]
 
     assert result.steps == 96 and len(losses.values) == 96

@@ -10,7 +10,7 @@ import torch
 
 from dora_lab.config import load_config
 from dora_lab.train import DivergenceError, train_run
-from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
+from tests.tiny import COLA, REPO, LossRecorder, make_tiny_model_dir, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")
 
@@ -45,19 +45,9 @@ def test_run_meets_budget_and_writes_its_files(tiny_dir: Path, tmp_path: Path) -
 
 
 def test_loss_falls_and_same_seed_gives_same_metrics(tiny_dir: Path, tmp_path: Path) -> None:
-    class Losses:
-        def __init__(self) -> None:
-            self.values: list[float] = []
-
-        def on_train_begin(self, info: object) -> None: ...
-        def on_evaluate(self, step: int, metrics: dict[str, float]) -> None: ...
-        def on_train_end(self, result: object) -> None: ...
-        def on_step(self, step: int, logs: dict[str, float]) -> None:
-            self.values.append(logs["train_loss"])
-
     runs = []
     for i in range(2):
-        cb = Losses()
+        cb = LossRecorder()
         cfg = _cfg(tiny_dir, tmp_path, "train.lr=1e-2", "train.epochs=60", "task.max_train_samples=16",
                    "train.save_adapter=false", "train.eval_every=20", "adapter.dropout=0")
         runs.append((train_run(cfg, tmp_path / f"r{i}", callbacks=[cb], progress=False), cb.values))  # type: ignore[list-item]

@@ -45,3 +45,16 @@ def tiny_overrides(model_dir: Path, out: Path, train: int = 256, evals: int = 12
         "train.eval_every=8",
         "schedule.interval=2",
     ]
+
+
+class LossRecorder:
+    """A TrainCallback that keeps every optimizer step's training loss."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_begin(self, info: object) -> None: ...
+    def on_evaluate(self, step: int, metrics: dict[str, float]) -> None: ...
+    def on_train_end(self, result: object) -> None: ...
+    def on_step(self, step: int, logs: dict[str, float]) -> None:
+        self.values.append(logs["train_loss"])

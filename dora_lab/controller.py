@@ -108,12 +108,18 @@ class PruningController:
             return torch.zeros(())
         return self.reg_weight * reg(list(self.layers.values()))
 
-    def step(self, optimizer: torch.optim.Optimizer | None = None) -> StepInfo:
+    def step(self, optimizer: torch.optim.Optimizer | None = None, *, update_scores: bool = True) -> StepInfo:
+        """One optimizer step: update the scores, prune when the schedule says so.
+
+        ``update_scores=False`` advances the schedule without feeding this step's gradients to the
+        scorer: for a step that fp16 loss scaling skipped because its gradients overflowed.
+        """
         t = self.t
         sched = self.schedule
         pruned = False
         if sched.prunes and not self.frozen:
-            self.scorer.update(self.layers)
+            if update_scores:
+                self.scorer.update(self.layers)
             if sched.is_prune_step(t):
                 keep = self.decide(sched.budget(t))
                 self.apply(keep, final=sched.is_final_step(t), optimizer=optimizer)

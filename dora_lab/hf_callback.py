@@ -43,6 +43,8 @@ class DoraTrainerCallback(TrainerCallback):
                           **kwargs: Any) -> None:
         if self.controller is None:
             raise RuntimeError("DoraTrainerCallback: the controller was not built (on_train_begin not called)")
-        optimizer = kwargs.get("optimizer")
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
-        self.history.append(self.controller.step(optimizer))
+        wrapped = kwargs.get("optimizer")
+        optimizer = getattr(wrapped, "optimizer", wrapped)  # unwrap accelerate's AcceleratedOptimizer
+        # fp16: accelerate's loss scaler skips a step whose gradients overflowed; keep them out of the scores
+        skipped = bool(getattr(wrapped, "step_was_skipped", False))
+        self.history.append(self.controller.step(optimizer, update_scores=not skipped))

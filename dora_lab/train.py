@@ -114,6 +114,8 @@ def train_run(
 
     # -- the loop ----------------------------------------------------------------------------
     autocast = _autocast(cfg.model.precision, device)
+    # fp16 needs loss scaling or small gradients flush to zero; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16")
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] = (-math.inf, -1, {})  # metric, step, weights
     batches = _micro_batches(train_loader)
@@ -129,15 +131,19 @@ def train_run(
                 loss = model(**batch).loss / cfg.train.grad_accum
                 if controller is not None:
                     loss = loss + controller.regularization_loss().to(loss.device) / cfg.train.grad_accum
-            loss.backward()
+            scaler.scale(loss).backward()
             loss_sum += float(loss.detach())
         if not math.isfinite(loss_sum) or loss_sum > cfg.train.divergence_loss:
             raise DivergenceError(f"training diverged at step {step}: loss {loss_sum}; lower train.lr")
+        scaler.unscale_(optimizer)  # clipping and the scorers see true gradients (a no-op unless fp16)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if cfg.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        optimizer.step()
-        state = controller.step(optimizer) if controller is not None else None
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = scaler.is_enabled() and scaler.get_scale() < scale  # fp16 overflow: no update was made
+        state = controller.step(optimizer, update_scores=not skipped) if controller is not None else None
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         logs = {"train_loss": loss_sum, "lr": float(scheduler.get_last_lr()[0]), "epoch": float(epoch)}

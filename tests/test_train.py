@@ -93,3 +93,20 @@ def test_full_finetuning_and_constant_baselines_run(tiny_dir: Path, tmp_path: Pa
     const = train_run(_cfg(tiny_dir, tmp_path, "schedule.name=constant", "train.max_steps=4"),
                       tmp_path / "const", progress=False)
     assert const.active_components_final == 3 * 12  # plain LoRA at the start rank: nothing pruned
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_run_on_cpu(tiny_dir: Path, tmp_path: Path, precision: str) -> None:
+    """Autocast runs end to end (the adapter's fp32 factors meet bf16/fp16 activations), meets the
+    budget, and under fp16 the scorer sees unscaled gradients (GradScaler's factor undone)."""
+    scores = {}
+    for p in ("fp32", precision):
+        cfg = _cfg(tiny_dir, tmp_path, f"model.precision={p}", "model.device=cpu", "scorer.name=sensitivity",
+                   "train.save_adapter=false")
+        result = train_run(cfg, tmp_path / p, progress=False)
+        assert result.active_components_final == 2 * 12
+        assert all(torch.isfinite(torch.tensor(h["matthews_correlation"])) for h in result.history)
+        per_layer = json.loads((tmp_path / p / "scores.json").read_text())["scores"]
+        scores[p] = torch.tensor([s for layer in per_layer.values() for s in layer])
+    assert torch.isfinite(scores[precision]).all()
+    assert 0.5 < float(scores[precision].mean() / scores["fp32"].mean()) < 2.0

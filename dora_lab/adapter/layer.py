@@ -120,9 +120,9 @@ class RankOneLinear(nn.Module):
         xd, keep = _dropout_parts(self.dropout, x2)
         coef = self.effective_c() * (self.scale / keep)
         z = F.linear(xd, self.A)  # (n, r)
-        bt = (self.B * coef).t().contiguous()  # (r, d_out)
+        bt = (self.B * coef).t().to(z.dtype).contiguous()  # (r, d_out); z's dtype under autocast
         out = self.base(x2)
-        out = out.addmm_(z, bt) if out.dtype == z.dtype else out + z @ bt
+        out = out.addmm_(z, bt) if out.dtype == z.dtype else out + (z @ bt).to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""The GPU path: the same adapter, controller, training run, checkpoint, merge and PEFT export on
+CUDA, checked against the CPU.  Skipped on machines without a CUDA device (CI has none); run with
+``python -m pytest tests/test_cuda.py`` on a GPU machine."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import adamw, adapted_bert, batches, randomize_c, train
+from transformers import AutoModelForSequenceClassification
+
+from dora_lab import PruningController, adapter_layers, make_scorer
+from dora_lab.checkpoint import load_adapter
+from dora_lab.config import load_config
+from dora_lab.merge import merged_model
+from dora_lab.peft_export import export_peft
+from dora_lab.train import train_run
+from tests.tiny import REPO, make_tiny_model_dir, tiny_overrides
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = torch.device("cuda")
+
+
+def _to(data: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.to(device), y.to(device)) for x, y in data]
+
+
+def test_forward_and_gradients_match_cpu() -> None:
+    cpu = adapted_bert(dtype=torch.float64)
+    randomize_c(cpu)
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    x, y = batches(1, seed=3)[0]
+    for model, device in ((cpu, torch.device("cpu")), (gpu, CUDA)):
+        model(input_ids=x.to(device), labels=y.to(device)).loss.backward()
+    for (name, p_cpu), (_, p_gpu) in zip(cpu.named_parameters(), gpu.named_parameters(), strict=True):
+        if p_cpu.grad is not None:
+            assert p_gpu.grad is not None, name
+            torch.testing.assert_close(p_gpu.grad.cpu(), p_cpu.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_pruning_on_cuda_makes_the_cpu_decisions(scorer_name: str) -> None:
+    """Every registered scorer: the whole schedule (soft pruning, freeze, compaction with AdamW
+    state) on the GPU keeps exactly the components the CPU keeps, and the state stays on the GPU."""
+    data = batches(12, seed=1)
+    runs = {}
+    for device in (torch.device("cpu"), CUDA):
+        model = adapted_bert(r0=4, dtype=torch.float64).to(device)
+        randomize_c(model)
+        model.train()
+        opt = adamw(model)
+        ctl = PruningController(model, make_scorer(scorer_name), "dora", len(data), target_rank=2,
+                                warmup=0.25, final=0.25, interval=2)
+        infos = train(model, opt, ctl, _to(data, device))
+        runs[device.type] = (model, opt, ctl, infos)
+    (m_cpu, _, c_cpu, i_cpu), (m_gpu, o_gpu, c_gpu, i_gpu) = runs["cpu"], runs["cuda"]
+    assert c_gpu.frozen and i_gpu[-1].active_components == i_cpu[-1].active_components == 2 * len(c_gpu.layers)
+    for name, layer in c_gpu.layers.items():
+        torch.testing.assert_close(layer.index.cpu(), c_cpu.layers[name].index, msg=name)
+        assert layer.A.shape[0] == layer.active_rank  # compacted
+    for group in o_gpu.param_groups:
+        for p in group["params"]:
+            assert p.is_cuda
+            for value in o_gpu.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    assert value.is_cuda and value.shape == p.shape
+    x = batches(1, seed=9)[0][0]
+    m_cpu.eval()
+    m_gpu.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m_gpu(input_ids=x.to(CUDA)).logits.cpu(), m_cpu(input_ids=x).logits,
+                                   rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_train_run_on_cuda(tmp_path: Path, precision: str) -> None:
+    """A full run on the GPU in each precision meets the budget; its saved adapter reloads on the
+    CPU and on the GPU with the same predictions."""
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    cfg = load_config(REPO / "configs" / "cola.yaml", [
+        *tiny_overrides(model_dir, tmp_path / "out"), "model.device=cuda", f"model.precision={precision}",
+        "scorer.name=sensitivity",
+    ])
+    result = train_run(cfg, tmp_path / "run", progress=False)
+    n_layers = len(result.allocation)
+    assert sum(result.allocation.values()) == result.active_components_final == 2 * n_layers
+    assert all(torch.isfinite(torch.tensor(h["matthews_correlation"])) for h in result.history)
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text())["scores"]
+    flat = torch.tensor([s for layer in scores.values() for s in layer])
+    assert torch.isfinite(flat).all() and flat.max() > 0
+    # sensitivity |theta * grad|: with fp16 loss scaling undone, the scores are those of fp32 in size
+    assert flat.mean() < 1.0, f"scores look loss-scaled: mean {flat.mean():.3g}"
+
+    x = torch.randint(1, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for device in ("cpu", "cuda"):
+        base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+        model = load_adapter(tmp_path / "run" / "adapter", base).to(device).eval()
+        with torch.no_grad():
+            out[device] = model(input_ids=x.to(device)).logits.float().cpu()
+    torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_scores_match_fp32_in_size(tmp_path: Path) -> None:
+    """The scorer reads unscaled gradients under fp16 (GradScaler's 65536x would show at once)."""
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    means = {}
+    for precision in ("fp32", "fp16"):
+        cfg = load_config(REPO / "configs" / "cola.yaml", [
+            *tiny_overrides(model_dir, tmp_path / "out"), "model.device=cuda", f"model.precision={precision}",
+            "scorer.name=sensitivity",
+        ])
+        run = tmp_path / precision
+        train_run(cfg, run, progress=False)
+        scores = json.loads((run / "scores.json").read_text())["scores"]
+        means[precision] = torch.tensor([s for layer in scores.values() for s in layer]).mean().item()
+    assert 0.5 < means["fp16"] / means["fp32"] < 2.0, means
+
+
+def test_merge_and_peft_export_on_cuda(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    model_dir = make_tiny_model_dir(tmp_path / "model", dropout=0.0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    from dora_lab import inject_adapters
+
+    inject_adapters(model, r0=4, trainable=("classifier", "pooler"))
+    randomize_c(model, 2)
+    layers = adapter_layers(model)
+    first = next(iter(layers.values()))
+    first.freeze_mask(torch.tensor([True, False, True, False]))
+    first.compact()
+    model.to(CUDA).eval()
+    x = torch.randint(1, 1000, (4, 16), generator=torch.Generator().manual_seed(1)).to(CUDA)
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        merged = merged_model(model)
+        torch.testing.assert_close(merged(input_ids=x).logits, ref, rtol=1e-4, atol=1e-5)
+    export_peft(model, tmp_path / "peft", base_model=str(model_dir))
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "peft").to(CUDA).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=x).logits, ref, rtol=1e-4, atol=1e-5)

@@ -74,9 +74,9 @@ def test_nested_and_dotted_keys_mean_the_same() -> None:
 
 def test_trial_config_order_file_overrides_cli_params() -> None:
     setup = prepare(COLA, ["train.epochs=3", "adapter.r0=4"])
-    assert setup.base.train.epochs == 3  # the command line wins over study.overrides (1)
+    assert setup.base.train.epochs == 3  # the command line wins over study.overrides (2)
     assert setup.base.train.eval_every == 100  # study.overrides over the file
-    assert prepare(COLA).base.train.epochs == 1  # study.overrides (1) over the file (3)
+    assert prepare(COLA).base.train.epochs == 2  # study.overrides (2) over the file (3)
     cfg = trial_config(setup.data, setup.study, {"adapter.r0": 5, "scorer.params.beta": 0.8}, setup.cli)
     assert cfg.adapter.r0 == 5 and cfg.scorer.params == {"beta": 0.8} and cfg.study is None
     with pytest.raises(ConfigError, match="leaves no steps for pruning"):
@@ -97,7 +97,7 @@ def test_ablation_files_replace_space_sampler_pruner(tmp_path: Path) -> None:
     grid = prepare(REPO / "studies" / "scorer_schedule_grid.yaml")
     assert grid.name == "scorer_x_schedule" and grid.study.sampler.name == "grid"
     assert grid.study.pruner.name == "none" and list(grid.study.space) == ["scorer.name", "schedule.name", "seed"]
-    assert grid.study.overrides["train.epochs"] == 1 and grid.study.overrides["scorer.params"] == {}  # merged
+    assert grid.study.overrides["train.epochs"] == 2 and grid.study.overrides["scorer.params"] == {}  # merged
     sweep = prepare(REPO / "studies" / "budget_sweep.yaml")
     assert sweep.study.grid()["budget.target_rank"] == [1.0, 1.5, 2.0, 3.0]
     child = tmp_path / "child.yaml"

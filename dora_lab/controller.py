@@ -117,6 +117,13 @@ class PruningController:
         t = self.t
         sched = self.schedule
         pruned = False
+        if optimizer is None and self.compact_at_end and sched.prunes and not self.frozen:
+            raise ValueError(
+                "PruningController.step() needs the optimizer: call controller.step(optimizer) after "
+                "optimizer.step().  When pruning ends the adapters are compacted into new, smaller "
+                "parameters and the optimizer (and its state) must be moved to them; without an optimizer "
+                "build the controller with compact=False."
+            )
         if sched.prunes and not self.frozen:
             if update_scores:
                 self.scorer.update(self.layers)

@@ -190,3 +190,24 @@ def test_controller_rejects_bad_arguments() -> None:
     c = PruningController(model, scorer, "dora", 1000, target_rank=2)  # the paper's defaults
     assert (c.schedule.warmup_steps, c.schedule.final_steps, c.schedule.interval) == (150, 500, 100)
     assert c.schedule.target == 24
+
+
+def test_step_without_optimizer_is_refused_while_compaction_is_pending() -> None:
+    """Compaction replaces A, B and c; an optimizer the controller never saw would keep training the
+    old tensors.  So step() without one is refused from the first step, naming the fix."""
+    model = adapted_bert(0, dtype=torch.float32)
+    data = batches(T)
+    controller = PruningController(model, make_scorer("magnitude"), "dora", T, target_rank=TARGET_RANK,
+                                   warmup=WARMUP, final=FINAL, interval=INTERVAL)
+    with pytest.raises(ValueError, match=r"controller.step\(optimizer\).*compact=False"):
+        controller.step()
+    assert controller.t == 0  # nothing happened
+    uncompacted = PruningController(model, make_scorer("magnitude"), "dora", T, target_rank=TARGET_RANK,
+                                    warmup=WARMUP, final=FINAL, interval=INTERVAL, compact=False)
+    optimizer = adamw(model)
+    for x, y in data:  # without compaction the controller needs no optimizer
+        model(input_ids=x, labels=y).loss.backward()
+        optimizer.step()
+        info = uncompacted.step()
+        optimizer.zero_grad()
+    assert info.frozen and info.active_components == 18

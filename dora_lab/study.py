@@ -14,7 +14,10 @@ trial is one :func:`dora_lab.train.train_run` of the config with the trial's val
 - Failures: a trial that raises (including :class:`~dora_lab.train.DivergenceError` and an invalid
   sampled config) is recorded FAIL with the reason (trial user attr ``fail_reason``, MLflow tag
   ``fail_reason``) and the study goes on; Ctrl-C fails the running trial the same way and stops
-  the study cleanly (exit 130) after writing the summary.
+  the study cleanly (exit 130) after writing the summary.  Before any trial the base config's data
+  and model are loaded once (:func:`preflight`): a missing data folder or an unreachable Hub is one
+  error (exit 2) that stores nothing.  A trial that still fails to load its data or model stops
+  the study (every later trial would fail alike); a run whose trials all failed exits with 1.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import yaml
 
 from .callbacks import RunInfo, TrainCallback
 from .config import ConfigError, RunConfig, apply_overrides, load_config_dict, read_yaml
+from .data import DataError, load_splits
+from .models import ModelLoadError, check_model
 from .study_space import (
     StudyConfig,
     make_pruner,
@@ -157,6 +162,18 @@ def _objective_value(setup: StudySetup, history: list[dict[str, float]], eligibl
     return float(max(values) if setup.study.direction == "maximize" else min(values))
 
 
+ENVIRONMENT_ERRORS = (DataError, ModelLoadError)
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Load the config's data and the model's config and tokenizer once, before any trial, so
+    that a missing data folder or an unreachable Hub is one clear error instead of a failed trial
+    each.  Raises :class:`~dora_lab.data.DataError` or :class:`~dora_lab.models.ModelLoadError`."""
+    load_splits(get_task(cfg.task.name), cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
+                max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed)
+    check_model(cfg.model.name)
+
+
 def make_objective(setup: StudySetup, tracker: StudyTracker, parent_id: str,
                    progress: bool = False) -> Callable[[optuna.Trial], float]:
     from .train import train_run
@@ -203,6 +220,10 @@ def make_objective(setup: StudySetup, tracker: StudyTracker, parent_id: str,
             trial.set_user_attr("fail_reason", reason)
             if logger is not None:
                 logger.finish("FAIL", reason=reason)
+            if isinstance(exc, ENVIRONMENT_ERRORS):  # not the trial's values: every next trial would fail too
+                print(f"error: trial {trial.number} could not load its data or model; stopping the study.\n"
+                      f"{exc}", file=sys.stderr)
+                trial.study.stop()
             raise
 
     return objective
@@ -327,6 +348,11 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     """The CLI's main path: open the study and its parent run, run the trials, summarize."""
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
+    try:
+        preflight(setup.base)
+    except ENVIRONMENT_ERRORS as exc:
+        print(f"error: {exc}\nNothing was started or stored.", file=sys.stderr)
+        return 2
     tracker = _tracker(setup)
     study = open_study(setup, tracker)
     parent_id = tracker.parent_run(_parent_tags(setup))
@@ -356,6 +382,11 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     if interrupted:
         print("stopped by Ctrl-C; finished trials are kept. Run the same command again to continue.")
         return 130
+    ran = [t for t in study.trials if t.number >= before and t.state.is_finished()]
+    if ran and all(t.state == optuna.trial.TrialState.FAIL for t in ran):
+        print(f"error: all {len(ran)} trial(s) of this run failed; their reasons are in the table above "
+              "(and in each MLflow run's fail_reason tag).", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -165,6 +165,28 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(env: dict[str, Path]) 
     assert {r.data.tags["fail_reason"] for r in failed} == set(reasons.values())
 
 
+def test_missing_data_or_model_is_one_error_not_a_failed_study(env: dict[str, Path],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    missing = env["root"] / "no_such_data"
+    # the base config cannot load its data or model: refused before anything is stored
+    assert main(args(env, "nodata", 2, f"task.data_dir={missing}")) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Nothing was started or stored" in err
+    assert main(args(env, "nomodel", 2, f"model.name={env['root'] / 'no_such_model'}")) == 2
+    assert "set model.name to its local folder" in capsys.readouterr().err
+    for name in ("nodata", "nomodel"):
+        with pytest.raises(KeyError):
+            load(env, name)
+    # a trial's own data folder is missing: that trial fails and the study stops, since every later
+    # trial would fail alike; all of this run's trials failed, so the exit code says so
+    space = f"study.space={{task.data_dir: {{type: categorical, choices: [{missing}]}}}}"
+    assert main(args(env, "trialdata", 3, space)) == 1
+    study = load(env, "trialdata")
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    assert study.trials[0].user_attrs["fail_reason"].startswith("DataError")
+    assert "stopping the study" in capsys.readouterr().err
+
+
 def test_two_workers_share_one_storage_and_parent(env: dict[str, Path]) -> None:
     assert main([*args(env, "workers", 2), "--workers", "2"]) == 0
     study = load(env, "workers")

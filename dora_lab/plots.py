@@ -112,7 +112,10 @@ def study_plots(study: Any, folder: str | Path, target_name: str = "objective") 
                 warnings.simplefilter("ignore")
                 ax = draw()
             fig: Any = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
-            fig.set_size_inches(8, 5)
+            # parallel coordinates: one axis per parameter, each with its own tick labels; give
+            # every axis ~1.7 inches so that neighbouring labels do not overlap
+            width = max(8.0, 1.7 * (len(study.best_trial.params) + 1)) if name.startswith("parallel") else 8.0
+            fig.set_size_inches(width, 5)
             fig.tight_layout()
             _save(fig, folder / name)
         except Exception as exc:  # a picture must never fail the study

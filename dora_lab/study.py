@@ -359,9 +359,9 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
         study.set_user_attr(key, value)
-    n_trials = _trials_to_run(setup, study)
-    before = len(study.trials)
-    print(f"study {setup.name!r}: {before} trial(s) so far in {safe_url(setup.storage)}; running "
+    finished_before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    n_trials = _trials_to_run(setup, study)  # a grid queues its missing points here (WAITING trials)
+    print(f"study {setup.name!r}: {len(finished_before)} finished trial(s) so far in {safe_url(setup.storage)}; running "
           f"{'until the timeout' if n_trials is None else n_trials} more"
           f"{f' on {workers} workers' if workers > 1 else ''}", flush=True)
     interrupted = False
@@ -382,7 +382,7 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     if interrupted:
         print("stopped by Ctrl-C; finished trials are kept. Run the same command again to continue.")
         return 130
-    ran = [t for t in study.trials if t.number >= before and t.state.is_finished()]
+    ran = [t for t in study.trials if t.state.is_finished() and t.number not in finished_before]
     if ran and all(t.state == optuna.trial.TrialState.FAIL for t in ran):
         print(f"error: all {len(ran)} trial(s) of this run failed; their reasons are in the table above "
               "(and in each MLflow run's fail_reason tag).", file=sys.stderr)

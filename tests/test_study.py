@@ -187,6 +187,17 @@ def test_missing_data_or_model_is_one_error_not_a_failed_study(env: dict[str, Pa
     assert "stopping the study" in capsys.readouterr().err
 
 
+def test_a_grid_whose_every_trial_fails_exits_with_1(env: dict[str, Path],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    grid = ["study.sampler=grid", "study.n_trials=null",
+            "study.space={train.divergence_loss: {type: categorical, choices: [0.001, 0.002]}}"]
+    assert main(args(env, "all_diverge", 1, *grid)) == 1  # a diverging trial is a result: the grid goes on
+    out = capsys.readouterr()
+    assert "0 finished trial(s) so far" in out.out and "all 2 trial(s) of this run failed" in out.err
+    assert [t.state.name for t in load(env, "all_diverge").trials] == ["FAIL", "FAIL"]
+    assert main(args(env, "all_diverge", 1, *grid)) == 0  # nothing left to run is not a failure
+
+
 def test_two_workers_share_one_storage_and_parent(env: dict[str, Path]) -> None:
     assert main([*args(env, "workers", 2), "--workers", "2"]) == 0
     study = load(env, "workers")

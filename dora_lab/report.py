@@ -214,16 +214,19 @@ def _agreement(groups: dict[tuple[str, ...], list[Run]], keys: Sequence[tuple[st
 
 
 # -- the command --------------------------------------------------------------------------------
-def drop_repeats(runs: Sequence[Run], factors: Sequence[str]) -> tuple[list[Run], list[dict[str, Any]]]:
-    """Keep one run per (study, group, seed): a second COMPLETE run of the same point (a grid point
-    two workers drew at once, before dora_lab deduplicated them) would count one seed twice."""
+def drop_repeats(runs: Sequence[Run]) -> tuple[list[Run], list[dict[str, Any]]]:
+    """Keep one run per (study, seed, configuration): a second COMPLETE run of the same point (a grid
+    point two workers drew at once, before dora_lab deduplicated them) would count one seed twice.
+    Runs are repeats only when their whole resolved configs agree (apart from paths and devices), so
+    grouping by fewer factors than vary never drops a distinct run."""
     kept: dict[tuple[Any, ...], Run] = {}
     repeats: list[dict[str, Any]] = []
     for run in sorted(runs, key=lambda r: (r.study, r.trial)):
-        key = (run.study, run.seed, *(run.factor(f) for f in factors))
+        point = tuple(sorted((k, fmt(v)) for k, v in run.config.items() if k not in NOT_FACTORS))
+        key = (run.study, run.seed, point)
         if key in kept:
             repeats.append({"study": run.study, "trial": run.trial, "state": "COMPLETE",
-                            "reason": f"repeats trial {kept[key].trial} (same group and seed); left out"})
+                            "reason": f"repeats trial {kept[key].trial} (same configuration and seed); left out"})
         else:
             kept[key] = run
     return list(kept.values()), repeats
@@ -282,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not runs:
             raise ConfigError(f"no COMPLETE trial in {', '.join(s.name for s in sources)}; nothing to report")
         factors = args.factors or first.report.get("factors") or detect_factors(runs, searched - {"seed"})
-        runs, repeats = drop_repeats(runs, factors)
+        runs, repeats = drop_repeats(runs)
         skipped = [*skipped, *repeats]
         derived, mixed = side_keys(runs, factors)
         for f in factors:

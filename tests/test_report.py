@@ -253,3 +253,21 @@ def test_bad_report_blocks_and_references(tmp_path: Path) -> None:
         report.references(groups, factors, {"seed": 0})
     with pytest.raises(ConfigError, match="scorer.name=magnitud is not in the study; it has magnitude, sensitivity"):
         report.references(groups, factors, {"scorer.name": "magnitud"})
+
+
+def test_repeats_are_whole_configurations_not_groups() -> None:
+    """A repeat is the same configuration and seed run twice; grouping by fewer factors than vary
+    (here only the scorer, while the schedule varies too) must not drop distinct runs."""
+    from dora_lab.report import drop_repeats
+    from dora_lab.report_io import Run
+
+    runs = [Run("s", n, seed, value, {"scorer.name": scorer, "schedule.name": sched, "output_dir": out})
+            for n, seed, value, scorer, sched, out in [
+                (0, 0, 0.1, "a", "dora", "x"), (1, 0, 0.1, "a", "dora", "y"),  # a repeat: only a path differs
+                (2, 1, 0.3, "a", "dora", "x"), (3, 0, 0.2, "b", "dora", "x"),
+                (4, 0, 0.4, "a", "linear", "x")]]  # same scorer and seed, other schedule: not a repeat
+    kept, repeats = drop_repeats(runs)
+    assert [r.trial for r in kept] == [0, 2, 3, 4]
+    assert [(r["trial"], r["reason"]) for r in repeats] == [
+        (1, "repeats trial 0 (same configuration and seed); left out")]
+

@@ -118,14 +118,3 @@ def test_t_interval_covers_at_the_nominal_rate() -> None:
 
 def test_docstring_examples() -> None:
     assert doctest.testmod(dora_lab.stats).failed == 0
-
-
-def test_report_keeps_one_run_per_group_and_seed() -> None:
-    from dora_lab.report import drop_repeats
-    from dora_lab.report_io import Run
-
-    runs = [Run("s", n, seed, value, {"scorer.name": scorer})
-            for n, seed, value, scorer in [(0, 0, 0.1, "a"), (1, 0, 0.1, "a"), (2, 1, 0.3, "a"), (3, 0, 0.2, "b")]]
-    kept, repeats = drop_repeats(runs, ["scorer.name"])
-    assert [r.trial for r in kept] == [0, 2, 3]
-    assert [(r["trial"], r["reason"]) for r in repeats] == [(1, "repeats trial 0 (same group and seed); left out")]

@@ -214,15 +214,9 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     # Renames first: a new scorer drops the old one's params, then its own params apply.
     ordered = sorted(overrides, key=lambda o: not o.split("=", 1)[0].strip().endswith(".name"))
     for item in ordered:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set expects key.path=value, got {item!r}")
-        try:
-            value = _number_or(yaml.safe_load(raw)) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+        key, value = parse_assignment(item)
         node = out
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
@@ -232,6 +226,18 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             node.pop("params", None)  # a new scorer does not inherit the old one's hyper-parameters
         node[parts[-1]] = value
     return out
+
+
+def parse_assignment(item: str, flag: str = "--set") -> tuple[str, Any]:
+    """``"key.path=value"`` -> ``("key.path", value)``, the value read as YAML (``3e-4`` a number;
+    nothing after ``=`` is null).  Every ``KEY=VALUE`` argument of the CLIs goes through here."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{flag} expects key.path=value, got {item!r}")
+    try:
+        return key.strip(), _number_or(yaml.safe_load(raw)) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{flag} {key.strip()}: cannot parse value {raw!r}: {exc}") from exc
 
 
 def _number_or(value: Any) -> Any:

@@ -29,9 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import ConfigError
+from .config import ConfigError, parse_assignment
 from .report_io import (
     Run,
     Source,
@@ -277,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = sources[0]
         reference = first.report.get("reference", {})
         if args.reference:
-            reference = {k.strip(): yaml.safe_load(v) for k, _, v in (r.partition("=") for r in args.reference)}
+            reference = dict(parse_assignment(r, "--reference") for r in args.reference)
         loaded = [load_runs(source) for source in sources]
         runs = [r for rs, _, _ in loaded for r in rs]
         skipped = [s for _, ss, _ in loaded for s in ss]

@@ -22,10 +22,8 @@ import yaml
 from scipy import stats as sps
 
 from . import report_plots
-from .config import ConfigError, apply_overrides, flatten, read_yaml
+from .config import ConfigError, flatten, read_yaml
 from .stats import Summary
-from .study_space import parse_study, read_study_block, trial_config
-from .tasks import get_task
 from .tracking import markdown_table, safe_url
 
 __all__ = ["Run", "Source", "fmt", "load_runs", "log_to_mlflow", "mlflow_parent", "read_report_block", "render",
@@ -106,22 +104,14 @@ def read_report_block(path: str | Path) -> dict[str, Any]:
 
 
 def source_from_config(path: str | Path, overrides: Sequence[str] = ()) -> Source:
-    """Resolve a study config like the study CLI does (``--set`` included), its report block apart."""
-    data = read_yaml(path)
-    block = read_study_block(path)
-    if block is not None:
-        data["study"] = block
-    data = apply_overrides(data, overrides)
-    report = _check_block(data.pop("report", None), str(path))
-    study = parse_study(data.get("study"), data.get("plugins") or [])
-    cli = {k.strip(): yaml.safe_load(v) if v.strip() else None
-           for k, _, v in (o.partition("=") for o in overrides) if not k.strip().startswith(("study.", "report."))}
-    base = trial_config(data, study, {}, cli)
-    out = Path(base.output_dir).resolve()
-    name = study.study_name(path)
-    return Source(name=name, storage=study.storage_url(out), tracking_uri=study.tracking(out),
-                  experiment=study.experiment or name, output_dir=out, report=report, path=Path(path),
-                  metric=study.metric or get_task(base.task.name).main_metric, objective=study.objective)
+    """Resolve a study config exactly as the study CLI does (``--set`` included), plus its report block."""
+    from .study import prepare
+
+    setup = prepare(path, overrides)
+    return Source(name=setup.name, storage=setup.storage, tracking_uri=setup.tracking_uri,
+                  experiment=setup.study.experiment or setup.name, output_dir=setup.output_dir,
+                  report=_check_block(setup.data.get("report"), str(path)), path=Path(path),
+                  metric=setup.metric, objective=setup.study.objective)
 
 
 def _read(folder: Path | None, name: str) -> Any:

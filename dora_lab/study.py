@@ -35,10 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
 from .callbacks import RunInfo, TrainCallback
-from .config import ConfigError, RunConfig, apply_overrides, load_config_dict, read_yaml
+from .config import ConfigError, RunConfig, apply_overrides, load_config_dict, parse_assignment, read_yaml
 from .data import DataError, load_splits
 from .models import ModelLoadError, check_model
 from .study_space import (
@@ -83,11 +82,7 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
     data = apply_overrides(data, overrides)
     cfg = load_config_dict(data)
     study = parse_study(cfg.study, cfg.plugins)
-    cli: dict[str, Any] = {}
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        if not key.strip().startswith("study."):
-            cli[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    cli = {key: value for key, value in map(parse_assignment, overrides) if not key.startswith("study.")}
     try:
         base = trial_config(data, study, {}, cli)
     except ConfigError as exc:

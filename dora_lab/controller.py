@@ -127,7 +127,10 @@ class PruningController:
         if sched.prunes and not self.frozen:
             if update_scores:
                 self.scorer.update(self.layers)
-            if sched.is_prune_step(t):
+            # a prune step whose gradients were skipped (fp16 overflow) before any score exists waits
+            # for the next step; the final step always decides (and says so if it cannot)
+            waiting = not update_scores and not sched.is_final_step(t) and not self.scorer.scores()
+            if sched.is_prune_step(t) and not waiting:
                 keep = self.decide(sched.budget(t))
                 self.apply(keep, final=sched.is_final_step(t), optimizer=optimizer)
                 pruned = True

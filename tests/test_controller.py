@@ -211,3 +211,43 @@ def test_step_without_optimizer_is_refused_while_compaction_is_pending() -> None
         info = uncompacted.step()
         optimizer.zero_grad()
     assert info.frozen and info.active_components == 18
+
+
+@pytest.mark.parametrize("scorer_name", ["magnitude", "smoothed_uncertainty"])
+def test_skipped_steps_feed_no_scores_and_an_early_prune_waits(scorer_name: str) -> None:
+    """fp16 loss scaling skips a step whose gradients overflowed: step(update_scores=False) still
+    advances the schedule but leaves the scores as they were; a prune step reached before any
+    score exists waits for the next step instead of failing."""
+    model = adapted_bert(0, dtype=torch.float32)
+    randomize_c(model)
+    data = batches(T)
+    opt = adamw(model)
+    ctl = PruningController(model, make_scorer(scorer_name), "dora", T, target_rank=TARGET_RANK,
+                            warmup=0, final=FINAL, interval=INTERVAL)  # step 0 is a prune step
+    infos = []
+    for t, (x, y) in enumerate(data):
+        model(input_ids=x, labels=y).loss.backward()
+        opt.step()
+        before = {n: s.clone() for n, s in ctl.scorer.scores().items()}
+        infos.append(ctl.step(opt, update_scores=t not in (0, 5)))  # steps 0 and 5 "skipped"
+        if t == 5:
+            assert before.keys() == ctl.scorer.scores().keys()
+            for n, s in before.items():
+                assert torch.equal(s, ctl.scorer.scores()[n]), n
+        opt.zero_grad()
+    assert [i.step for i in infos] == list(range(T)) and ctl.t == T
+    assert not infos[0].pruned and infos[2].pruned  # step 0 waited (no scores yet); pruning went on
+    assert infos[-1].frozen and infos[-1].active_components == 18
+
+
+def test_step_without_optimizer_is_accepted_once_nothing_is_left_to_compact() -> None:
+    model = adapted_bert(0, dtype=torch.float32)
+    data = batches(T)
+    ctl = PruningController(model, make_scorer("magnitude"), "dora", T, target_rank=TARGET_RANK,
+                            warmup=WARMUP, final=FINAL, interval=INTERVAL)
+    infos = train(model, adamw(model), ctl, data)
+    assert infos[-1].frozen
+    assert ctl.step().frozen  # after the freeze and compaction: no optimizer needed
+    constant = PruningController(adapted_bert(1, dtype=torch.float32), make_scorer("magnitude"), "constant", T,
+                                 target_rank=TARGET_RANK)
+    assert constant.step().active_components == 48  # a schedule that never prunes needs none either

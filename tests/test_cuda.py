@@ -78,7 +78,8 @@ def test_pruning_on_cuda_makes_the_cpu_decisions(scorer_name: str) -> None:
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_train_run_on_cuda(tmp_path: Path, precision: str) -> None:
     """A full run on the GPU in each precision meets the budget; its saved adapter reloads on the
-    CPU and on the GPU with the same predictions."""
+    CPU and on the GPU with the same predictions.  (Mixed-precision scores against fp32's:
+    tests/test_train.py::test_mixed_precision_matches_fp32, which runs on cuda too.)"""
     model_dir = make_tiny_model_dir(tmp_path / "model")
     cfg = load_config(REPO / "configs" / "cola.yaml", [
         *tiny_overrides(model_dir, tmp_path / "out"), "model.device=cuda", f"model.precision={precision}",
@@ -87,12 +88,9 @@ def test_train_run_on_cuda(tmp_path: Path, precision: str) -> None:
     result = train_run(cfg, tmp_path / "run", progress=False)
     n_layers = len(result.allocation)
     assert sum(result.allocation.values()) == result.active_components_final == 2 * n_layers
-    assert all(torch.isfinite(torch.tensor(h["matthews_correlation"])) for h in result.history)
     scores = json.loads((tmp_path / "run" / "scores.json").read_text())["scores"]
     flat = torch.tensor([s for layer in scores.values() for s in layer])
     assert torch.isfinite(flat).all() and flat.max() > 0
-    # sensitivity |theta * grad|: with fp16 loss scaling undone, the scores are those of fp32 in size
-    assert flat.mean() < 1.0, f"scores look loss-scaled: mean {flat.mean():.3g}"
 
     x = torch.randint(1, 1000, (4, 16), generator=torch.Generator().manual_seed(0))
     out = {}
@@ -102,22 +100,6 @@ def test_train_run_on_cuda(tmp_path: Path, precision: str) -> None:
         with torch.no_grad():
             out[device] = model(input_ids=x.to(device)).logits.float().cpu()
     torch.testing.assert_close(out["cuda"], out["cpu"], rtol=1e-4, atol=1e-5)
-
-
-def test_fp16_scores_match_fp32_in_size(tmp_path: Path) -> None:
-    """The scorer reads unscaled gradients under fp16 (GradScaler's 65536x would show at once)."""
-    model_dir = make_tiny_model_dir(tmp_path / "model")
-    means = {}
-    for precision in ("fp32", "fp16"):
-        cfg = load_config(REPO / "configs" / "cola.yaml", [
-            *tiny_overrides(model_dir, tmp_path / "out"), "model.device=cuda", f"model.precision={precision}",
-            "scorer.name=sensitivity",
-        ])
-        run = tmp_path / precision
-        train_run(cfg, run, progress=False)
-        scores = json.loads((run / "scores.json").read_text())["scores"]
-        means[precision] = torch.tensor([s for layer in scores.values() for s in layer]).mean().item()
-    assert 0.5 < means["fp16"] / means["fp32"] < 2.0, means
 
 
 def test_merge_and_peft_export_on_cuda(tmp_path: Path) -> None:

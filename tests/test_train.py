@@ -95,18 +95,28 @@ def test_full_finetuning_and_constant_baselines_run(tiny_dir: Path, tmp_path: Pa
     assert const.active_components_final == 3 * 12  # plain LoRA at the start rank: nothing pruned
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_run_on_cpu(tiny_dir: Path, tmp_path: Path, precision: str) -> None:
-    """Autocast runs end to end (the adapter's fp32 factors meet bf16/fp16 activations), meets the
-    budget, and under fp16 the scorer sees unscaled gradients (GradScaler's factor undone)."""
-    scores = {}
+def test_mixed_precision_matches_fp32(tiny_dir: Path, tmp_path: Path, precision: str, device: str) -> None:
+    """Autocast runs end to end (the adapter's fp32 factors meet bf16/fp16 activations), and the
+    scorer sees the gradients fp32 sees: under fp16 GradScaler's factor (65536) is undone before the
+    scores are updated.  Same seed, so the scores agree to rounding and the same components survive."""
+    scores, kept = {}, {}
     for p in ("fp32", precision):
-        cfg = _cfg(tiny_dir, tmp_path, f"model.precision={p}", "model.device=cpu", "scorer.name=sensitivity",
+        cfg = _cfg(tiny_dir, tmp_path, f"model.precision={p}", f"model.device={device}", "scorer.name=sensitivity",
                    "train.save_adapter=false")
         result = train_run(cfg, tmp_path / p, progress=False)
         assert result.active_components_final == 2 * 12
-        assert all(torch.isfinite(torch.tensor(h["matthews_correlation"])) for h in result.history)
-        per_layer = json.loads((tmp_path / p / "scores.json").read_text())["scores"]
-        scores[p] = torch.tensor([s for layer in per_layer.values() for s in layer])
-    assert torch.isfinite(scores[precision]).all()
-    assert 0.5 < float(scores[precision].mean() / scores["fp32"].mean()) < 2.0
+        saved = json.loads((tmp_path / p / "scores.json").read_text())
+        scores[p] = torch.tensor([s for layer in saved["scores"].values() for s in layer])
+        kept[p] = saved["kept_components"]
+    assert scores["fp32"].abs().max() > 0
+    if device == "cpu":  # measured: fp16 within 0.1%, bf16 within 0.5% of fp32, element by element
+        rtol = 1e-2 if precision == "fp16" else 2e-2
+        torch.testing.assert_close(scores[precision], scores["fp32"], rtol=rtol,
+                                   atol=1e-3 * float(scores["fp32"].max()))
+        assert kept[precision] == kept["fp32"]
+    else:  # on an H100 the half-precision runs drift apart element by element (up to 55%); the
+        # loss scale (65536) would still show at once in the size of the scores
+        assert 0.5 < float(scores[precision].mean() / scores["fp32"].mean()) < 2.0

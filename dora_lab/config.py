@@ -210,21 +210,27 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` strings (values parsed as YAML) to a config dict."""
-    out = copy.deepcopy(data)
-    # Renames first: a new scorer drops the old one's params, then its own params apply.
-    ordered = sorted(overrides, key=lambda o: not o.split("=", 1)[0].strip().endswith(".name"))
-    for item in ordered:
-        key, value = parse_assignment(item)
+    return set_values(data, [parse_assignment(item) for item in overrides])
+
+
+def set_values(data: Mapping[str, Any], pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
+    """A copy of ``data`` with each dotted ``key.path`` set to its value (replacing what was there).
+
+    Renames go first, and a section whose ``name`` changes loses its ``params``: a new scorer does
+    not inherit the old one's hyper-parameters, then its own ``params`` (if given) apply.  The
+    command line's ``--set`` and a study's overrides and sampled values all go through here."""
+    out = copy.deepcopy(dict(data))
+    for key, value in sorted(pairs, key=lambda kv: not kv[0].endswith(".name")):
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section")
+                raise ConfigError(f"{key}: {part!r} is not a section")
             node = child
         if parts[-1] == "name" and value != node.get("name"):
-            node.pop("params", None)  # a new scorer does not inherit the old one's hyper-parameters
-        node[parts[-1]] = value
+            node.pop("params", None)
+        node[parts[-1]] = copy.deepcopy(value)
     return out
 
 

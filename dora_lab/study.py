@@ -41,6 +41,7 @@ from .config import ConfigError, RunConfig, apply_overrides, load_config_dict, p
 from .data import DataError, load_splits
 from .models import ModelLoadError, check_model
 from .study_space import (
+    CategoricalParam,
     StudyConfig,
     make_pruner,
     make_sampler,
@@ -174,16 +175,18 @@ def make_objective(setup: StudySetup, tracker: StudyTracker, parent_id: str,
     from .train import train_run
 
     def objective(trial: optuna.Trial) -> float:
-        params = suggest(trial, setup.study.space)
-        if setup.study.sampler.name == "grid":
-            twin = _earlier_twin(trial, params)
-            if twin is not None:  # two workers drew the same point at once: run it only once
-                trial.set_user_attr("duplicate_of", twin)
-                raise optuna.TrialPruned(f"grid point already taken by trial {twin}")
         run_dir = setup.study_dir / f"trial-{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
         logger: TrialLogger | None = None
         try:
+            # inside the try: a space that no longer fits the stored trials (a choice added to a
+            # categorical, say) fails here, and the trial must say why
+            params = suggest(trial, setup.study.space)
+            if setup.study.sampler.name == "grid":
+                twin = _earlier_twin(trial, params)
+                if twin is not None:  # two workers drew the same point at once: run it only once
+                    trial.set_user_attr("duplicate_of", twin)
+                    raise optuna.TrialPruned(f"grid point already taken by trial {twin}")
             try:
                 cfg, error = trial_config(setup.data, setup.study, params, setup.cli), None
             except ConfigError as exc:
@@ -269,7 +272,7 @@ def _trials_to_run(setup: StudySetup, study: optuna.Study) -> int | None:
     for values in itertools.product(*(grid[k] for k in keys)):
         if values not in taken:  # queue the missing points themselves: no sampler can skip them
             study.enqueue_trial(dict(zip(keys, values, strict=True)))
-    left = max(0, len(list(itertools.product(*grid.values()))) - len(done))
+    left = len({tuple(p) for p in itertools.product(*(grid[k] for k in keys))} - done)  # points dropped from the grid do not count
     return left if n is None else min(n, left)
 
 
@@ -307,8 +310,8 @@ def _worker_command(setup: StudySetup, n: int | None, parent_id: str, threads: i
     return cmd + (["--n-trials", str(n)] if n is not None else [])
 
 
-def _run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_id: str) -> bool:
-    """Start the workers, wait for them; ``True`` if Ctrl-C stopped them."""
+def _run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_id: str) -> tuple[bool, bool]:
+    """Start the workers, wait for them; ``(Ctrl-C stopped them, a worker failed)``."""
     shares: list[int | None] = [None] * workers if n_trials is None else [
         n_trials // workers + (i < n_trials % workers) for i in range(workers)]
     shares = [s for s in shares if s != 0]
@@ -335,8 +338,8 @@ def _run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_i
                 p.kill()
     bad = [p.returncode for p in procs if p.returncode not in (0, 130, -signal.SIGINT)]
     if bad:
-        print(f"warning: {len(bad)} worker(s) exited with codes {bad}", file=sys.stderr)
-    return interrupted
+        print(f"error: {len(bad)} worker(s) exited with codes {bad}; their output is above", file=sys.stderr)
+    return interrupted, bool(bad)
 
 
 def run_study(setup: StudySetup, workers: int = 1) -> int:
@@ -350,6 +353,7 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
         return 2
     tracker = _tracker(setup)
     study = open_study(setup, tracker)
+    _check_space_unchanged(setup, study)
     parent_id = tracker.parent_run(_parent_tags(setup))
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
@@ -359,12 +363,12 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     print(f"study {setup.name!r}: {len(finished_before)} finished trial(s) so far in {safe_url(setup.storage)}; running "
           f"{'until the timeout' if n_trials is None else n_trials} more"
           f"{f' on {workers} workers' if workers > 1 else ''}", flush=True)
-    interrupted = False
+    interrupted = worker_failed = False
     try:
         if workers == 1:
             optimize(setup, n_trials, parent_id, progress=sys.stderr.isatty(), tracker=tracker, study=study)
         elif n_trials != 0:
-            interrupted = _run_workers(setup, n_trials, workers, parent_id)
+            interrupted, worker_failed = _run_workers(setup, n_trials, workers, parent_id)
             left = 0 if interrupted else _trials_to_run(setup, open_study(setup, tracker))
             if setup.study.sampler.name == "grid" and left:  # points lost to duplicate draws
                 optimize(setup, left, parent_id, tracker=tracker, study=open_study(setup, tracker))
@@ -377,12 +381,29 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     if interrupted:
         print("stopped by Ctrl-C; finished trials are kept. Run the same command again to continue.")
         return 130
-    ran = [t for t in study.trials if t.state.is_finished() and t.number not in finished_before]
+    if worker_failed:
+        return 1
+    ran = [t for t in study.trials if t.state.is_finished() and t.number not in finished_before
+           and "duplicate_of" not in t.user_attrs]  # a pruned duplicate grid draw is no result
     if ran and all(t.state == optuna.trial.TrialState.FAIL for t in ran):
         print(f"error: all {len(ran)} trial(s) of this run failed; their reasons are in the table above "
               "(and in each MLflow run's fail_reason tag).", file=sys.stderr)
         return 1
     return 0
+
+
+def _check_space_unchanged(setup: StudySetup, study: optuna.Study) -> None:
+    """Optuna refuses a categorical whose choices differ from the study's earlier trials (every new
+    trial would fail); say so before any trial starts.  Float and int ranges may change."""
+    for t in study.get_trials(deepcopy=False):
+        for key, dist in t.distributions.items():
+            param = setup.study.space.get(key)
+            if isinstance(dist, optuna.distributions.CategoricalDistribution) and isinstance(param, CategoricalParam) \
+                    and list(dist.choices) != list(param.choices):
+                raise ConfigError(
+                    f"study.space.{key}: the choices {list(param.choices)} differ from those of the study "
+                    f"{setup.name!r} so far {list(dist.choices)}; Optuna cannot change a categorical within "
+                    f"one study.  Start a new one: --set study.name={setup.name}_v2 (same storage, new trials)")
 
 
 def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, Any]]) -> None:

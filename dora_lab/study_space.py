@@ -39,10 +39,10 @@ import optuna
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from .config import ConfigError, RunConfig, load_config_dict
+from .config import ConfigError, RunConfig, load_config_dict, set_values
 
 __all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "db_url", "make_pruner", "make_sampler",
-           "parse_study", "read_study_block", "set_path", "suggest", "trial_config"]
+           "parse_study", "read_study_block", "suggest", "trial_config"]
 
 Primitive = bool | int | float | str | None
 
@@ -370,18 +370,6 @@ def read_study_block(path: str | Path) -> dict[str, Any] | None:
 
 
 # -- one trial ------------------------------------------------------------------------------------
-def set_path(data: dict[str, Any], path: str, value: Any) -> None:
-    """Set ``data[a][b][c] = value`` for ``path = "a.b.c"`` (replacing, like ``--set``)."""
-    node = data
-    parts = path.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{path}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = copy.deepcopy(value)
-
-
 def suggest(trial: optuna.Trial, space: Mapping[str, Any]) -> dict[str, Any]:
     """Ask the trial for a value of every searched key."""
     values: dict[str, Any] = {}
@@ -399,10 +387,9 @@ def trial_config(base: Mapping[str, Any], study: StudyConfig, params: Mapping[st
                  cli: Mapping[str, Any] | None = None) -> RunConfig:
     """A trial's config: ``base`` (no study block) <- study.overrides <- the CLI's ``--set`` values
     (so the command line wins over the study file) <- the sampled ``params``; then validated."""
-    data = {k: copy.deepcopy(v) for k, v in base.items() if k != "study"}
+    data: dict[str, Any] = {k: v for k, v in base.items() if k != "study"}
     for layer in (study.overrides, cli or {}, params):
-        for key, value in layer.items():
-            set_path(data, key, value)
+        data = set_values(data, layer.items())
     return load_config_dict(data)
 
 

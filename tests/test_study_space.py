@@ -132,3 +132,52 @@ def test_grid_resume_requeues_interrupted_points_only(tmp_path: Path) -> None:
     study.optimize(lambda t: seen.append(suggest(t, setup.study.space)["seed"]) or 0.0, n_trials=2)
     assert sorted([*seen, diverged.params["seed"]]) == [0, 1, 2] and interrupted.params["seed"] in seen
     assert _trials_to_run(setup, study) == 0
+
+
+def test_grid_with_changed_choices_runs_its_new_points(tmp_path: Path) -> None:
+    """Points that left the grid do not count as done: [0, 1, 2] finished, then [2, 3, 4] runs 3, 4."""
+    from dora_lab.study import _trials_to_run, open_study
+
+    def grid(choices: str):  # type: ignore[no-untyped-def]
+        return prepare(COLA, [f"output_dir={tmp_path}", "study.sampler=grid", "study.n_trials=null",
+                              f"study.space={{seed: {{type: categorical, choices: {choices}}}}}"])
+
+    first = grid("[0, 1, 2]")
+    study = open_study(first)
+    assert _trials_to_run(first, study) == 3
+    study.optimize(lambda t: float(suggest(t, first.study.space)["seed"]), n_trials=3)
+    second = grid("[2, 3, 4]")
+    assert _trials_to_run(second, open_study(second)) == 2
+
+
+def test_a_searched_scorer_drops_the_base_scorers_params() -> None:
+    """Sampled values follow the --set rule: a new scorer.name does not inherit cola's beta (a
+    magnitude hyper-parameter smoothed_uncertainty does not take); its own params still apply."""
+    setup = prepare(COLA)
+    assert setup.base.scorer.params == {"beta": 0.9}
+    cfg = trial_config(setup.data, setup.study, {"scorer.name": "smoothed_uncertainty"}, setup.cli)
+    assert cfg.scorer.name == "smoothed_uncertainty" and cfg.scorer.params == {}
+    cfg = trial_config(setup.data, setup.study, {"scorer.name": "sensitivity", "scorer.params.beta": 0.5}, setup.cli)
+    assert cfg.scorer.params == {"beta": 0.5}
+    cli = prepare(COLA, ["scorer.params.beta=9e-1"])  # the number rule of --set reaches the trials too
+    assert cli.base.scorer.params == {"beta": 0.9}
+
+
+def test_a_changed_categorical_is_refused_before_any_trial(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Optuna cannot change a categorical's choices within one study; the runner says so (exit 2)
+    and names the fix instead of failing every new trial."""
+    from dora_lab.study import main, open_study
+
+    from tests.tiny import COLA as COLA_DATA
+
+    sets = [f"output_dir={tmp_path}", f"task.data_dir={COLA_DATA}", "study.sampler=grid", "study.n_trials=null"]
+    first = prepare(COLA, [*sets, "study.space={seed: {type: categorical, choices: [0, 1]}}"])
+    study = open_study(first)
+    study.optimize(lambda t: float(suggest(t, first.study.space)["seed"]), n_trials=2)
+    argv = [str(COLA), *(x for s in [*sets, "study.space={seed: {type: categorical, choices: [0, 1, 2]}}"]
+                         for x in ("--set", s))]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "study.space.seed: the choices [0, 1, 2] differ" in err and "--set study.name=cola_v2" in err
+    assert len(open_study(first).trials) == 2  # nothing added

@@ -1,6 +1,7 @@
 """MLflow tracking of a study: one parent run per study, one child run per trial.
 
-Only this module and :mod:`dora_lab.study` import MLflow.  It talks to the tracking store through
+MLflow is imported here, by the study runner and by the tools that read finished runs
+(:mod:`dora_lab.report_io`, :mod:`dora_lab.export`).  This module talks to the tracking store through
 :class:`mlflow.MlflowClient` (no global "active run"), so any process (a ``--workers`` worker, or
 another machine in the distributed mode) can log a child under the same parent: the child carries
 the tag ``mlflow.parentRunId``, which is what ``mlflow.start_run(nested=True)`` sets too.
@@ -9,7 +10,9 @@ The parent is found again by its tags (``dora_lab.study`` = the study name, ``do
 ``study``), so running a study again continues under the same parent instead of adding one.
 
 Child runs get the trial's flattened resolved config as params; tags ``task model scorer schedule
-budget seed trial state`` (+ ``fail_reason`` and ``dora_lab.adapter_dir``); metrics at every
+budget seed trial state`` (+ ``fail_reason`` or ``prune_reason``, ``dora_lab.adapter_dir``,
+``dora_lab.run_dir``, ``dora_lab.worker``, and ``dora_lab.artifact_error`` when a file could not
+be logged); metrics at every
 optimizer step (``train_loss lr active_components active_parameters budget``) and at every
 evaluation (the task's metrics), sent at each evaluation and at least every 30 s; artifacts
 ``config.yaml``, ``allocation.json``, the rank heatmap, the budget plot.  Status: FINISHED
@@ -136,13 +139,16 @@ class TrialLogger(TrainCallback):
         if self.done:
             return
         self.done = True
+        tags: dict[str, str] = {}
         try:
             self.flush()
             if value is not None:
                 self.client.log_metric(self.run_id, "objective", value)
             self._artifacts()
+        except Exception as exc:  # a file or picture that cannot be logged must not change the trial's outcome
+            tags["dora_lab.artifact_error"] = f"{type(exc).__name__}: {exc}"[:5000]
         finally:  # even when the store hiccups, the run must not stay RUNNING
-            tags = {"state": "FAIL" if state == "INTERRUPTED" else state}
+            tags["state"] = "FAIL" if state == "INTERRUPTED" else state
             if reason:
                 tags["fail_reason" if state != "PRUNED" else "prune_reason"] = reason[:5000]
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])

@@ -75,7 +75,6 @@ def test_nested_and_dotted_keys_mean_the_same() -> None:
 def test_trial_config_order_file_overrides_cli_params() -> None:
     setup = prepare(COLA, ["train.epochs=3", "adapter.r0=4"])
     assert setup.base.train.epochs == 3  # the command line wins over study.overrides (2)
-    assert setup.base.train.eval_every == 100  # study.overrides over the file
     assert prepare(COLA).base.train.epochs == 2  # study.overrides (2) over the file (3)
     cfg = trial_config(setup.data, setup.study, {"adapter.r0": 5, "scorer.params.beta": 0.8}, setup.cli)
     assert cfg.adapter.r0 == 5 and cfg.scorer.params == {"beta": 0.8} and cfg.study is None

@@ -92,6 +92,21 @@ def test_finish_states(tracker: StudyTracker, tmp_path: Path, state: str, status
     assert MlflowClient(tracker.uri).get_run(logger.run_id).info.status == status
 
 
+def test_an_artifact_that_cannot_be_logged_does_not_change_the_outcome(tracker: StudyTracker, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    logger = tracker.start_trial(tracker.parent_run(), 3, RunConfig(), tmp_path)
+
+    def broken() -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(logger, "_artifacts", broken)
+    logger.finish("COMPLETE", value=0.5)
+    run = MlflowClient(tracker.uri).get_run(logger.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"
+    assert run.data.tags["dora_lab.artifact_error"] == "OSError: disk full"
+    assert run.data.metrics["objective"] == 0.5
+
+
 def test_mark_failed_closes_a_running_child(tracker: StudyTracker, tmp_path: Path) -> None:
     logger = tracker.start_trial(tracker.parent_run(), 2, RunConfig(), tmp_path)
     tracker.mark_failed(logger.run_id, "worker died")
@@ -127,12 +142,12 @@ def test_reporter_reports_and_prunes(tmp_path: Path) -> None:
 
 
 def test_objective_value_best_after_pruning_or_final() -> None:
-    history = [{"matthews_correlation": 0.9, "step": 2.0}, {"matthews_correlation": 0.3, "step": 4.0},
-               {"matthews_correlation": 0.4, "step": 6.0}]
+    history = [{"matthews_correlation": 0.9, "step": 2.0}, {"matthews_correlation": 0.5, "step": 4.0},
+               {"matthews_correlation": 0.3, "step": 6.0}, {"matthews_correlation": 0.4, "step": 8.0}]
     setup = prepare(Path(__file__).parents[1] / "configs" / "cola.yaml")
-    assert _objective_value(setup, history, eligible_from=4) == 0.4  # 0.9 came before the budget was met
+    assert _objective_value(setup, history, eligible_from=4) == 0.5  # 0.9 came before the budget was met
     setup.study.objective = "final"
-    assert _objective_value(setup, history, eligible_from=4) == 0.4
+    assert _objective_value(setup, history, eligible_from=4) == 0.4  # the last evaluation, not the best
     setup.study.objective, setup.study.direction = "best", "minimize"
     assert _objective_value(setup, history, eligible_from=4) == 0.3
 

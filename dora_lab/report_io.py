@@ -198,6 +198,7 @@ def _agreement_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
         out.append({"A": a, "B": b, "kind": kind, "pairs": len(rs),
                     "Kendall tau: mean [min, max]": f"{sum(tau) / len(tau):.3f} [{min(tau):.3f}, {max(tau):.3f}]",
                     "top-k overlap: mean [min, max]": f"{sum(top) / len(top):.3f} [{min(top):.3f}, {max(top):.3f}]",
+                    "chance k/N": " ".join(sorted({f"{r['k'] / r['components']:.3f}" for r in rs})),
                     "k": " ".join(sorted({str(r["k"]) for r in rs})),
                     "components": " ".join(sorted({str(r["components"]) for r in rs}))})
     return out
@@ -287,7 +288,8 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
     if comparisons:
         ref = ", ".join(f"`{k}` = {v}" for k, v in reference.items())
         md += [f"Reference: {ref}. Each group is compared with the reference group that has the same other "
-               "factors, run by run with the same seed (same data order and initialisation); the difference is "
+               "factors, run by run with the same seed (same data order; the same initialisation where the adapters "
+               "have the same shapes); the difference is "
                "group - reference.", "",
                markdown_table([{"group": c["group"], "reference": c["reference"], "pairs": c["n"],
                                 "mean diff": _num(c["mean_diff"]), "95% CI": _ci(c["ci_low"], c["ci_high"]),
@@ -311,9 +313,11 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
         md += ["Which components do scorers rank high? From each run's scores.json: the score of every component "
                "(all layers) at the last pruning decision. Kendall's tau-b (scipy.stats.kendalltau) over all "
                "components; top-k overlap = |top-k(A) & top-k(B)| / k with k = the final budget in components. "
-               "*scorer vs scorer* pairs runs of the same seed; *seed vs seed* pairs one group's runs across seeds, "
-               "the baseline of how far a ranking moves without changing the scorer. Each run's scores come from "
-               "its own training (the runs diverge once their masks differ), so disagreement includes that drift.",
+               "*scorer vs scorer* pairs runs of the same seed (same initialisation, so component i is the same "
+               "vector at the start). *seed vs seed* pairs one group's runs across seeds: there component i starts "
+               "from other random vectors, so it shows the chance level (tau near 0, top-k near k/N, given as "
+               "*chance k/N*), a floor rather than a like-for-like baseline. Each run's scores come from its own "
+               "training (the runs diverge once their masks differ), so disagreement includes that drift.",
                "", markdown_table(_agreement_summary(agreement))]
     else:
         md += ["Not computed: " + ("the scorer does not vary between the groups." if "scorer.name" not in factors

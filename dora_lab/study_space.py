@@ -1,23 +1,26 @@
 """The ``study:`` block of a config: what an Optuna study searches, and how.
 
-A study block sits beside the run config it tunes (``configs/cola.yaml`` has one)::
+A study block sits beside the run config it tunes; every key, with the values
+``configs/cola.yaml`` uses (the defaults where the file does not set them)::
 
     study:
       name: null                 # default: the config file's name (cola)
+      experiment: null           # MLflow experiment; default: the study's name
       metric: null               # default: the task's main metric (matthews_correlation for cola)
       direction: maximize
       objective: best            # best: the best evaluation once pruning has ended; final: the last
-      n_trials: 6                # trials per invocation (split over --workers); null: until timeout
-      timeout: 900               # seconds after which no new trial starts (null: none)
+      n_trials: 8                # trials per invocation (split over --workers); null: until timeout
+      timeout: 840               # seconds after which no new trial starts (null: none)
       sampler: {name: tpe, seed: 0, n_startup_trials: 3}     # or random / grid (all seeded)
-      pruner: {name: median, n_startup_trials: 2, n_warmup_steps: 0}   # or hyperband / none
+      pruner: {name: median, n_startup_trials: 3, n_warmup_steps: 300}   # or hyperband / none
       storage: null              # Optuna storage; default sqlite:///<output_dir>/optuna.db
       tracking_uri: null         # MLflow; default $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
-      heartbeat_interval: 10     # seconds; a RUNNING trial silent for grace_period is marked FAIL
+      heartbeat_interval: 10     # seconds between a RUNNING trial's heartbeats (RDB storages)
+      grace_period: null         # a RUNNING trial silent this long is marked FAIL (default 2 x heartbeat_interval)
       overrides:                 # dotted key -> value, set in every trial (replaces, like --set)
         train.epochs: 2
       space:                     # dotted config key -> distribution
-        train.lr: {type: float, low: 3.0e-4, high: 3.0e-3, log: true}
+        train.lr: {type: float, low: 1.5e-3, high: 6.0e-3, log: true}
         adapter.r0: {type: int, low: 3, high: 5}
         schedule.name: {type: categorical, choices: [dora, adalora, linear]}
 

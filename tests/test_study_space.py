@@ -167,7 +167,6 @@ def test_a_changed_categorical_is_refused_before_any_trial(tmp_path: Path,
     """Optuna cannot change a categorical's choices within one study; the runner says so (exit 2)
     and names the fix instead of failing every new trial."""
     from dora_lab.study import main, open_study
-
     from tests.tiny import COLA as COLA_DATA
 
     sets = [f"output_dir={tmp_path}", f"task.data_dir={COLA_DATA}", "study.sampler=grid", "study.n_trials=null"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +19,9 @@ from dora_lab.data import (
     restore_order,
 )
 from dora_lab.tasks import compute_metrics, get_task
+from tests.tiny import COLA as TINY_COLA
 
-COLA_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/glue/cola"
+COLA_DIR = TINY_COLA  # tests/tiny.py: ../shared, or DORA_LAB_TEST_COLA
 COLA = get_task("cola")
 
 

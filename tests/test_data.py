@@ -13,8 +13,9 @@ import pytest
 
 from dora_lab.data import DataError, load_splits
 from dora_lab.tasks import get_task
+from tests.tiny import COLA as TINY_COLA
 
-COLA_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/glue/cola"
+COLA_DIR = TINY_COLA  # tests/tiny.py: ../shared, or DORA_LAB_TEST_COLA
 needs_cola = pytest.mark.skipif(
     not (COLA_DIR / "train.jsonl").is_file(), reason=f"shared GLUE CoLA not found at {COLA_DIR}"
 )

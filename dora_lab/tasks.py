@@ -38,6 +38,12 @@ class TaskSpec:
     fed to the tokenizer as a pair); ``num_labels`` is the width of the model head (1 for the
     regression task stsb); ``eval_splits`` are the splits evaluated besides ``train``;
     ``hub_path`` is the ``(path, config)`` pair for :func:`datasets.load_dataset`.
+
+    How the task's files look in the GLUE download itself (``glue_data/<TASK>/*.tsv``):
+    ``label_names`` are the class names that some tasks write instead of ids, in the order of
+    ``nyu-mll/glue`` (name ``i`` is label ``i``); ``glue_columns`` renames GLUE's header names to
+    these columns (``(("Quality", "label"), ...)``); ``glue_headerless`` names the columns of a
+    GLUE file that has no header row (CoLA's: source, label, original label, sentence).
     """
 
     name: str
@@ -47,6 +53,9 @@ class TaskSpec:
     main_metric: str
     eval_splits: tuple[str, ...]
     hub_path: tuple[str, str]
+    label_names: tuple[str, ...] = ()
+    glue_columns: tuple[tuple[str, str], ...] = ()
+    glue_headerless: tuple[str, ...] = ()
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -61,6 +70,9 @@ def _task(
     num_labels: int = 2,
     main_metric: str = "accuracy",
     eval_splits: tuple[str, ...] = ("validation",),
+    label_names: tuple[str, ...] = (),
+    glue_columns: dict[str, str] | None = None,
+    glue_headerless: tuple[str, ...] = (),
 ) -> TaskSpec:
     return TaskSpec(
         name=name,
@@ -70,25 +82,33 @@ def _task(
         main_metric=main_metric,
         eval_splits=eval_splits,
         hub_path=(_HUB, name),
+        label_names=label_names,
+        glue_columns=tuple((glue_columns or {}).items()),
+        glue_headerless=glue_headerless,
     )
 
 
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        _task("cola", ("sentence",), main_metric="matthews_correlation"),
+        _task("cola", ("sentence",), main_metric="matthews_correlation",
+              glue_headerless=("source", LABEL_COLUMN, "original_label", "sentence")),
         _task("sst2", ("sentence",)),
-        _task("mrpc", ("sentence1", "sentence2")),
-        _task("stsb", ("sentence1", "sentence2"), num_labels=1, main_metric="pearson"),
-        _task("qqp", ("question1", "question2")),
+        _task("mrpc", ("sentence1", "sentence2"),
+              glue_columns={"#1 String": "sentence1", "#2 String": "sentence2", "Quality": LABEL_COLUMN}),
+        _task("stsb", ("sentence1", "sentence2"), num_labels=1, main_metric="pearson",
+              glue_columns={"score": LABEL_COLUMN}),
+        _task("qqp", ("question1", "question2"), glue_columns={"is_duplicate": LABEL_COLUMN}),
         _task(
             "mnli",
             ("premise", "hypothesis"),
             num_labels=3,
             eval_splits=("validation_matched", "validation_mismatched"),
+            label_names=("entailment", "neutral", "contradiction"),
+            glue_columns={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": LABEL_COLUMN},
         ),
-        _task("qnli", ("question", "sentence")),
-        _task("rte", ("sentence1", "sentence2")),
+        _task("qnli", ("question", "sentence"), label_names=("entailment", "not_entailment")),
+        _task("rte", ("sentence1", "sentence2"), label_names=("entailment", "not_entailment")),
     )
 }
 

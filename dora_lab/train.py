@@ -70,7 +70,7 @@ def train_run(
     # -- data and model -------------------------------------------------------------------
     splits = load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
                          max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels)
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels, max_length=cfg.task.max_length)
     seed_everything(cfg.seed)  # adapters' init must not depend on what loading consumed
     adapted = cfg.train.method == "adapter"
     if adapted:

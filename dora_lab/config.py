@@ -189,7 +189,8 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 
 
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config, following ``base:`` links (relative to the file)."""
+    """Read a YAML config, following ``base:`` links (relative to the file); relative ``plugins:``
+    file paths are made relative to the file that names them too (absolute in the result)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")

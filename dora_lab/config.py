@@ -189,7 +189,8 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
 
 
 def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config, following ``base:`` links (relative to the file)."""
+    """Read a YAML config, following ``base:`` links (relative to the file); relative ``plugins:``
+    file paths are made relative to the file that names them too (absolute in the result)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
@@ -201,11 +202,23 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config {str(path)!r} must be a mapping of keys, got {type(data).__name__}")
+    plugins = data.get("plugins")
+    if isinstance(plugins, list):  # like base: a plugin file is found next to the YAML that names it
+        data["plugins"] = [_relative_to(path, p) for p in plugins]
     base = data.pop("base", None)
     if base is None:
         return data
     parent = read_yaml(path.parent / base, _seen + (path.resolve(),))
     return _deep_merge(parent, data)
+
+
+def _relative_to(config: Path, plugin: Any) -> Any:
+    """A relative plugin file path as a path relative to the folder of ``config`` (absolute)."""
+    from .registry import is_plugin_file
+
+    if not isinstance(plugin, str) or not is_plugin_file(plugin) or Path(plugin).expanduser().is_absolute():
+        return plugin
+    return str((config.parent / plugin).resolve())
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -294,7 +307,16 @@ def _check_registered(cfg: RunConfig) -> None:
     try:
         registry.import_plugins(cfg.plugins)
         scorers.make_scorer(cfg.scorer.name, **cfg.scorer.params)
-        schedules.get_schedule(cfg.schedule.name)
+        schedule = schedules.get_schedule(cfg.schedule.name)
+        total = cfg.train.max_steps
+        if total and cfg.train.method == "adapter" and getattr(schedule, "prunes", True):
+            s = cfg.schedule
+            try:  # known before any data or model is loaded: refuse now, not after loading them
+                schedules.check_phases(schedules.resolve_steps(s.warmup, total), schedules.resolve_steps(s.final, total),
+                                       total)
+            except ValueError as exc:
+                raise ValueError(f"schedule.warmup ({s.warmup:g}) and schedule.final ({s.final:g}) do not fit "
+                                 f"train.max_steps ({total}): {exc}, or raise train.max_steps") from None
         if cfg.regularizer.name:
             regularizers.get_regularizer(cfg.regularizer.name)
     except ValueError as exc:

@@ -28,7 +28,8 @@ import json
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,9 @@ def _load_local(
     for split, limit in limits.items():
         path = _split_file(spec, folder, split)
         columns, raw = _read_table(spec, path)
+        if not raw and not any(columns):  # an empty file has no columns either, and they are not what to fix
+            raise DataError(f"{path} is empty (no rows); it should hold {spec.name}'s {split} rows with "
+                            f"columns {', '.join(spec.columns)}")
         _check_columns(spec, columns, str(path), tsv=path.suffix == ".tsv")
         rows = _normalise(spec, raw, str(path), None)
         keep = _subset(len(rows), limit, seed)
@@ -201,7 +205,7 @@ def _read_table(spec: TaskSpec, path: Path) -> tuple[list[str], list[Row]]:
     if path.suffix == ".jsonl":
         return _read_jsonl(path)
     delimiter = "\t" if path.suffix == ".tsv" else ","
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8") as f, _decoding(path):
         # GLUE's own TSVs contain bare quote characters: read them literally.
         if delimiter == "\t":
             table = list(csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE))
@@ -254,7 +258,7 @@ def _hub_names(spec: TaskSpec, header: list[str]) -> list[str]:
 def _read_jsonl(path: Path) -> tuple[list[str], list[Row]]:
     rows: list[Row] = []
     columns: dict[str, None] = {}
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8") as f, _decoding(path):
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -268,6 +272,24 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[Row]]:
                 columns = dict.fromkeys(row)
             rows.append(row)
     return list(columns), rows
+
+
+@contextmanager
+def _decoding(path: Path) -> Iterator[None]:
+    """Turn a ``UnicodeDecodeError`` while reading ``path`` into a :class:`DataError` that names the
+    file, the line and the byte (the error's own position is within a read buffer, not the file)."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                raise DataError(
+                    f"{path} line {number} is not UTF-8 text (byte {line[bad.start]:#04x} at column "
+                    f"{bad.start + 1}); save the file as UTF-8"
+                ) from exc
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason}); save the file as UTF-8") from exc
 
 
 # -- checks shared by both sources -------------------------------------------------------------

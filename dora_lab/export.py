@@ -30,6 +30,7 @@ from .checkpoint import (
     load_adapter,
     read_adapter_config,
 )
+from .cli import refuse
 from .models import resolve_model_path
 
 __all__ = ["main", "resolve_source"]
@@ -74,6 +75,7 @@ def _adapter_from_mlflow(run_id: str, tracking_uri: str | None, workdir: Path) -
                 f"or set MLFLOW_TRACKING_URI"
             )
         uri = default
+    _check_store_exists(uri, "--tracking-uri" if tracking_uri else "MLFLOW_TRACKING_URI")
     client = mlflow.MlflowClient(tracking_uri=uri)
     try:
         run = client.get_run(run_id)
@@ -99,6 +101,22 @@ def _adapter_from_mlflow(run_id: str, tracking_uri: str | None, workdir: Path) -
             f"and no artifact path {ADAPTER_DIRNAME!r} ({e})"
         ) from e
     return Path(local)
+
+
+def _check_store_exists(uri: str, key: str) -> None:
+    """A local tracking store (``sqlite:///file``, ``file:///folder`` or a plain folder) must already
+    exist: MLflow would otherwise create an empty one at the wrong path just to look a run up."""
+    if uri.startswith("sqlite:///"):
+        path, what = Path(uri.removeprefix("sqlite:///")), "MLflow database"
+        ok = path.is_file()
+    elif "://" not in uri or uri.startswith("file:"):
+        path, what = Path(uri.removeprefix("file://").removeprefix("file:")), "MLflow store folder"
+        ok = path.is_dir()
+    else:  # a tracking server: it answers for itself
+        return
+    if not ok:
+        raise ExportError(f"{key} {uri}: no {what} at {path.expanduser().absolute()}; point {key} at the "
+                          f"store the run was logged to (the study prints it: mlflow ui --backend-store-uri ...)")
 
 
 def _describe(out: Path) -> str:
@@ -171,8 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             plain.save_pretrained(str(out))  # type: ignore[operator]
             _save_tokenizer(path, local_only, out)
     except (ExportError, AdapterError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return refuse(e)
     print(_describe(out))
     return 0
 

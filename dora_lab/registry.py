@@ -14,12 +14,13 @@ import importlib
 import importlib.util
 import re
 import sys
+import traceback
 from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Generic, TypeVar
 
-__all__ = ["Registry", "RegistryError", "import_plugins"]
+__all__ = ["Registry", "RegistryError", "import_plugins", "is_plugin_file"]
 
 T = TypeVar("T")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")  # fullmatch: "$" would let a trailing newline through
@@ -116,11 +117,21 @@ class Registry(Generic[T]):
         return name in self._items
 
 
+def is_plugin_file(plugin: str) -> bool:
+    """A ``plugins`` entry names a file (``path/to/file.py``), not a module (``package.module``)."""
+    return plugin.endswith(".py") or "/" in plugin
+
+
 def import_plugins(plugins: Iterable[str]) -> None:
-    """Import extra modules (``package.module``) or files (``path/to/file.py``) that register things."""
+    """Import extra modules (``package.module``) or files (``path/to/file.py``) that register things.
+
+    Either way the plugin is Python code, run in this process.  A file path is taken as given
+    (relative to the current folder); :func:`dora_lab.config.read_yaml` makes a config's relative
+    paths relative to the YAML file that names them.  A plugin that fails to import is a
+    :class:`RegistryError` naming the plugin, the file and line, and the config key."""
     for plugin in plugins:
-        if plugin.endswith(".py") or "/" in plugin:
-            path = Path(plugin)
+        if is_plugin_file(plugin):
+            path = Path(plugin).expanduser()
             if not path.is_file():
                 raise RegistryError(f"plugin file {plugin!r} does not exist (config key 'plugins')")
             mod_name = f"dora_lab_plugin_{path.stem}_{abs(hash(str(path.resolve()))):x}"
@@ -133,14 +144,37 @@ def import_plugins(plugins: Iterable[str]) -> None:
             sys.modules[mod_name] = module
             try:
                 spec.loader.exec_module(module)
-            except BaseException:
+            except BaseException as exc:
                 # Forget the half-run module, or the next call would skip the (fixed) file silently.
                 del sys.modules[mod_name]
+                if isinstance(exc, Exception):
+                    raise _plugin_error(f"plugin file {plugin!r}", exc, path) from exc
                 raise
         else:
             try:
                 importlib.import_module(plugin)
-            except ImportError as exc:
-                raise RegistryError(
-                    f"cannot import plugin module {plugin!r} (config key 'plugins'): {exc}"
-                ) from exc
+            except Exception as exc:
+                missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+                if missing and f"{plugin}.".startswith(f"{missing}."):  # the plugin itself is not there
+                    raise RegistryError(
+                        f"cannot import plugin module {plugin!r} (config key 'plugins'): {exc}"
+                    ) from exc
+                raise _plugin_error(f"plugin module {plugin!r}", exc) from exc
+
+
+def _plugin_error(what: str, exc: Exception, path: Path | None = None) -> RegistryError:
+    """``what`` (a plugin, config key 'plugins') failed while being imported: say where, by file and line.
+
+    A plugin is Python code run on import; the line is the syntax error's, else the deepest line of
+    the traceback inside ``path`` (a file plugin) or of its last frame (a module plugin)."""
+    if isinstance(exc, SyntaxError):
+        where = f"{exc.filename or path}, line {exc.lineno}"
+        detail = f"SyntaxError: {exc.msg}"
+    else:
+        frames = list(traceback.extract_tb(exc.__traceback__))
+        if path is not None:
+            mine = [f for f in frames if Path(f.filename).resolve() == path.resolve()]
+            frames = mine or frames
+        where = f"{frames[-1].filename}, line {frames[-1].lineno}" if frames else str(path or "?")
+        detail = f"{type(exc).__name__}: {exc}"
+    return RegistryError(f"{what} (config key 'plugins') failed on import at {where}: {detail}")

@@ -30,6 +30,7 @@ from .registry import Registry, RegistryError
 __all__ = [
     "BudgetSchedule",
     "ScheduleFn",
+    "check_phases",
     "get_schedule",
     "list_schedules",
     "register_schedule",
@@ -105,6 +106,19 @@ def resolve_steps(value: float, total_steps: int) -> int:
     return int(round(value * total_steps)) if value < 1 else int(value)
 
 
+def check_phases(warmup_steps: int, final_steps: int, total_steps: int) -> None:
+    """A pruning schedule's warm-up and final phases (in steps) must leave a step to prune in, and
+    the final phase at least one step; else ``ValueError``.  The config checks this before a run
+    when ``train.max_steps`` fixes the length; :class:`BudgetSchedule` checks it always."""
+    if final_steps < 1:
+        raise ValueError("schedule.final must leave at least one step with the mask frozen")
+    if warmup_steps + final_steps >= total_steps:
+        raise ValueError(
+            f"schedule warm-up ({warmup_steps} steps) + final ({final_steps} steps) "
+            f">= total steps ({total_steps}): no step is left for pruning; shorten them"
+        )
+
+
 @dataclass
 class BudgetSchedule:
     """A registered schedule function bound to one run's length and budgets.
@@ -133,13 +147,7 @@ class BudgetSchedule:
         if self.target < 0:
             raise ValueError(f"the target budget cannot be negative, got {self.target}")
         if self.prunes:
-            if self.final_steps < 1:
-                raise ValueError("schedule.final must leave at least one step with the mask frozen")
-            if self.warmup_steps + self.final_steps >= self.total_steps:
-                raise ValueError(
-                    f"schedule warm-up ({self.warmup_steps} steps) + final ({self.final_steps} steps) "
-                    f">= total steps ({self.total_steps}): no step is left for pruning; shorten them"
-                )
+            check_phases(self.warmup_steps, self.final_steps, self.total_steps)
 
     @property
     def prunes(self) -> bool:

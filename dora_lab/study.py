@@ -37,6 +37,7 @@ from typing import Any
 import optuna
 
 from .callbacks import RunInfo, TrainCallback
+from .cli import check_writable_folder, refuse
 from .config import ConfigError, RunConfig, apply_overrides, load_config_dict, parse_assignment, read_yaml
 from .data import DataError, load_splits
 from .models import ModelLoadError, check_model
@@ -346,11 +347,14 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     """The CLI's main path: open the study and its parent run, run the trials, summarize."""
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
+    check_writable_folder(setup.output_dir, "output_dir")
+    for key, url in (("study.storage", setup.storage), ("study.tracking_uri", setup.tracking_uri)):
+        if url.startswith("sqlite:///"):
+            check_writable_folder(Path(url.removeprefix("sqlite:///")).parent, key)
     try:
         preflight(setup.base)
     except ENVIRONMENT_ERRORS as exc:
-        print(f"error: {exc}\nNothing was started or stored.", file=sys.stderr)
-        return 2
+        return refuse(exc)
     tracker = _tracker(setup)
     study = open_study(setup, tracker)
     _check_space_unchanged(setup, study)
@@ -441,8 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.worker:
             return run_study(setup, args.workers)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(exc)
     # a worker started by run_study
     if args.threads:
         import torch

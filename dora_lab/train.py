@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,9 +19,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import count_parameters, inject_adapters
+from .adapter import adapter_layers, count_parameters, inject_adapters
 from .callbacks import RunInfo, RunResult, TrainCallback
 from .checkpoint import save_adapter
+from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, refuse
 from .config import ConfigError, RunConfig, load_config
 from .controller import PruningController
 from .data import load_splits, make_loader
@@ -61,8 +61,6 @@ def train_run(
     """Train one model as ``cfg`` says; write its files to ``run_dir``; return what it measured."""
     t0 = time.time()
     run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
     seed_everything(cfg.seed)
     spec = get_task(cfg.task.name)
     device = resolve_device(cfg.model.device)
@@ -96,12 +94,19 @@ def train_run(
         optimizer, lambda step: lr_factor(step, total, cfg.train.warmup_ratio))
     controller = None
     if adapted:
-        controller = PruningController(
-            model, make_scorer(cfg.scorer.name, **cfg.scorer.params), cfg.schedule.name, total,
-            target_rank=cfg.budget.target_rank, target_params=cfg.budget.target_params,
-            warmup=cfg.schedule.warmup, final=cfg.schedule.final, interval=cfg.schedule.interval,
-            regularizer=cfg.regularizer.name, reg_weight=cfg.regularizer.weight,
-            compact=cfg.schedule.compact)
+        try:
+            controller = PruningController(
+                model, make_scorer(cfg.scorer.name, **cfg.scorer.params), cfg.schedule.name, total,
+                target_rank=cfg.budget.target_rank, target_params=cfg.budget.target_params,
+                warmup=cfg.schedule.warmup, final=cfg.schedule.final, interval=cfg.schedule.interval,
+                regularizer=cfg.regularizer.name, reg_weight=cfg.regularizer.weight,
+                compact=cfg.schedule.compact)
+        except ValueError as exc:  # a schedule or budget that does not fit this run's length or model
+            raise ConfigError(f"the schedule and budget do not fit this run ({total} optimizer steps, "
+                              f"{len(adapter_layers(model))} adapted matrices): {exc}") from None
+    # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
     counts = count_parameters(model)
     info = RunInfo(
         config=cfg.resolved(), run_dir=run_dir, total_steps=total, steps_per_epoch=steps_per_epoch,
@@ -228,13 +233,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="override a config key (dotted path), e.g. --set train.lr=3e-4")
     parser.add_argument("--run-dir", default=None, help="where to write the run's files")
     args = parser.parse_args(argv)
+    # bad input (config, data, model, output folder) exits 2 with nothing stored; a failure once
+    # training runs exits 1 and says what the run folder keeps (dora_lab.cli)
     try:
         cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.run_dir) if args.run_dir is not None else _default_run_dir(cfg)
+        check_writable_folder(run_dir, "--run-dir" if args.run_dir is not None else "output_dir")
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(exc)
     print(cfg.to_yaml())
-    result = train_run(cfg, args.run_dir)
+    try:
+        result = train_run(cfg, run_dir)
+    except INPUT_ERRORS as exc:  # train_run raises these before it makes the run folder
+        return refuse(exc)
+    except KeyboardInterrupt as exc:
+        return failed(exc, run_dir, EXIT_INTERRUPTED)
+    except Exception as exc:
+        return failed(exc, run_dir)
     print(json.dumps(result.summary(), indent=1))
     return 0
 

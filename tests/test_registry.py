@@ -207,7 +207,7 @@ def test_a_plugin_file_that_failed_is_imported_again_once_fixed(tmp_path: Path, 
     cleanup.append("fixed_scorer")
     plugin = tmp_path / "fragile.py"
     plugin.write_text("from dora_lab import register_scorer\nraise RuntimeError('a typo in the plugin')\n")
-    with pytest.raises(RuntimeError, match="a typo in the plugin"):
+    with pytest.raises(RegistryError, match="line 2: RuntimeError: a typo in the plugin"):
         import_plugins([str(plugin)])
     plugin.write_text("from dora_lab import register_scorer\n"
                       "register_scorer('fixed_scorer')(lambda component: component.c.abs())\n")

@@ -6,9 +6,11 @@ use the same runtime), LLVM's or Intel's in some other builds.  By default an Op
 has finished its share of a region spins for a while before it sleeps (libgomp: 300,000 spins,
 about 3 ms), betting that the next region comes soon.  On an idle machine that bet pays.  Where
 another process is busy on the same cores (a laptop, CI, a shared node) it does not: the thread
-a region waits for has been descheduled, and the others spin on its core's siblings meanwhile,
+a region waits for has been descheduled, and the others spin meanwhile, taking the CPU it needs,
 so training burns CPU time for nothing (the default study's first trial used 1,105 CPU-seconds
-for 536 steps, about 240 on an idle machine).  ``OMP_WAIT_POLICY=PASSIVE`` makes waiting threads
+for 536 steps, about 240 on an idle machine; with 2 cores at a load average of 7-8,
+``benchmarks/bench_threads.py`` measured 4.0 CPU-s and 10 s a MiniLM step spinning against
+0.46 CPU-s and 0.9 s passive).  ``OMP_WAIT_POLICY=PASSIVE`` makes waiting threads
 sleep at once; every OpenMP runtime reads it (Intel's and LLVM's also read ``KMP_BLOCKTIME``,
 libgomp ``GOMP_SPINCOUNT``).  ``benchmarks/bench_threads.py`` measures what it saves and costs.
 

@@ -19,7 +19,8 @@ from ``dora_lab/__init__.py`` before anything there imports torch, which covers 
 ``python -m dora_lab.*`` command and a script or notebook that imports dora_lab first; where
 torch was imported already it does nothing (the runtime has started; changing the environment
 would only surprise this process's children).  A value the user set for any of the waiting
-variables is kept: ``OMP_WAIT_POLICY=ACTIVE`` brings back spinning.
+variables is kept, and then dora_lab adds nothing: ``GOMP_SPINCOUNT=300000`` brings back torch's
+default spinning (libgomp), ``OMP_WAIT_POLICY=ACTIVE`` spins without end.
 
 The number of threads is torch's own choice (one per usable core; set ``OMP_NUM_THREADS`` to
 change it), except in a study's ``--workers`` processes, which split the usable cores between

@@ -6,6 +6,12 @@ The adapter core (:mod:`dora_lab.adapter`) knows nothing of scorers or schedules
 :class:`~dora_lab.controller.PruningController` joins them.
 """
 
+# ruff: noqa: E402  (the imports below come after apply_env_defaults())
+# Before torch is imported: OpenMP reads its waiting policy once, when torch loads it (threads.py).
+from .threads import apply_env_defaults
+
+apply_env_defaults()
+
 from .adapter import (
     ParameterCount,
     RankOneLinear,

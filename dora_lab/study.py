@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import signal
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from .study_space import (
     trial_config,
 )
 from .tasks import get_task
+from .threads import worker_env, worker_threads
 from .tracking import StudyTracker, TrialLogger, markdown_table, safe_url
 
 __all__ = ["StudySetup", "main", "prepare", "run_study"]
@@ -316,8 +316,8 @@ def _run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_i
     shares: list[int | None] = [None] * workers if n_trials is None else [
         n_trials // workers + (i < n_trials % workers) for i in range(workers)]
     shares = [s for s in shares if s != 0]
-    threads = max(1, (os.cpu_count() or 1) // len(shares)) if shares else 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    threads = worker_threads(len(shares))
+    env = worker_env(threads)
     # Own sessions: a Ctrl-C reaches this process only, which then stops each worker exactly once.
     procs = [subprocess.Popen(_worker_command(setup, n, parent_id, threads, i), env=env, start_new_session=True)
              for i, n in enumerate(shares)]

@@ -1,0 +1,143 @@
+"""Data-parallel runs on the CPU: real ``torchrun`` processes talking over gloo, no mocks.
+
+Two processes with ``train.batch_size=b`` train on the halves of the global batches of ``2b`` rows
+that one process with ``train.batch_size=2b`` trains on; with no dropout the two runs must take
+the same pruning decisions and end with the same adapter (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from dora_lab.checkpoint import load_adapter
+from dora_lab.config import load_config
+from dora_lab.data import load_splits
+from dora_lab.tasks import get_task
+from dora_lab.train import train_run
+from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
+
+pytestmark = [
+    pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}"),
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed"),
+]
+
+CONFIG = str(REPO / "configs" / "cola.yaml")
+TIMEOUT = 180  # seconds: far above the ~30 s these take, far below a hang's
+
+
+def _env() -> dict[str, str]:
+    # the children import this checkout, one thread each (two ranks on two shared cores)
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _overrides(model_dir: Path, out: Path, batch: int) -> list[str]:
+    return [*tiny_overrides(model_dir, out, train=64, evals=32), "adapter.dropout=0.0", "scorer.name=sensitivity",
+            f"train.batch_size={batch}", "train.grad_accum=2", "train.epochs=2", "train.eval_every=2",
+            "schedule.interval=1", "schedule.warmup=1", "schedule.final=0.5"]
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def _logits(adapter: Path, model_dir: Path) -> torch.Tensor:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = load_splits(get_task("cola"), COLA, max_train_samples=8, max_eval_samples=16)["validation"]
+    batch = tokenizer([r["sentence"] for r in rows], padding=True, return_tensors="pt")
+    model = load_adapter(adapter, base_model=str(model_dir)).eval()
+    with torch.no_grad():
+        return model(**batch).logits  # type: ignore[no-any-return]
+
+
+def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path: Path) -> None:
+    model_dir = make_tiny_model_dir(tmp_path / "bert", dropout=0.0)
+    one, two = tmp_path / "one", tmp_path / "two"
+    # one process, global batch 8 (x2 accumulated): in this process
+    single = train_run(load_config(CONFIG, _overrides(model_dir, tmp_path, 8)), one, progress=False)
+    # two processes, 4 rows each (x2 accumulated, no_sync), relaunched by train.processes, with
+    # gradient checkpointing on (it must not change the numbers, nor break under DDP)
+    cmd = [sys.executable, "-m", "dora_lab.train", CONFIG, *_sets(_overrides(model_dir, tmp_path, 4)),
+           "--set", "train.processes=2", "--set", "train.gradient_checkpointing=true", "--run-dir", str(two)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+
+    ranks = json.loads((two / "distributed.json").read_text())
+    assert ranks["world_size"] == 2 and ranks["allocation_identical"]
+    assert ranks["max_weight_diff"] == 0.0  # DDP's averaged gradients are the same bytes on both ranks
+    assert ranks["rows_per_rank"] == [64, 64]  # each rank trained on half of 2 epochs x 64 rows
+
+    allocation = json.loads((two / "allocation.json").read_text())
+    assert allocation == single.allocation
+    assert sum(allocation.values()) == 2 * len(allocation)  # target rank 2, compacted
+    kept = json.loads((two / "scores.json").read_text())["kept_components"]
+    assert kept == json.loads((one / "scores.json").read_text())["kept_components"]
+
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["steps"] == single.steps == 8  # 64 rows / (8 x 2) x 2 epochs
+    for mine, theirs in zip(metrics["history"], single.history, strict=True):
+        assert mine["step"] == theirs["step"]
+        assert mine["matthews_correlation"] == pytest.approx(theirs["matthews_correlation"], abs=1e-6)
+
+    a, b = _logits(one / "adapter", model_dir), _logits(two / "adapter", model_dir)
+    assert torch.allclose(a, b, atol=1e-5, rtol=0), f"max |diff| {float((a - b).abs().max()):.3g}"
+
+
+PLUGIN = '''
+import os
+from dora_lab import Scorer, register_scorer
+from dora_lab.scorers import make_scorer
+
+
+@register_scorer("fails_on_rank_1")
+class FailsOnRank1(Scorer):
+    """Magnitude scores, except that rank 1 raises at its third update."""
+
+    def __init__(self):
+        self.inner = make_scorer("magnitude")
+        self.updates = 0
+
+    def update(self, layers):
+        self.updates += 1
+        if os.environ.get("RANK") == "1" and self.updates == 3:
+            raise RuntimeError("rank 1 fails on purpose at its third score update")
+        self.inner.update(layers)
+
+    def scores(self):
+        return self.inner.scores()
+
+'''
+
+
+def test_a_failing_rank_ends_both_processes_with_its_error(tmp_path: Path) -> None:
+    model_dir = make_tiny_model_dir(tmp_path / "bert", dropout=0.0)
+    plugin = tmp_path / "failing.py"
+    plugin.write_text(PLUGIN)
+    overrides = [*tiny_overrides(model_dir, tmp_path, train=64, evals=16), "train.batch_size=4",
+                 f"plugins=[{plugin}]", "scorer.name=fails_on_rank_1", "scorer.params={}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "dora_lab.train", CONFIG, *_sets(overrides), "--run-dir", str(tmp_path / "run")]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose" in proc.stdout + proc.stderr
+    assert time.monotonic() - start < TIMEOUT / 2  # ended by the failure, not by a timeout
+    assert not (tmp_path / "run" / "metrics.json").exists()  # rank 0 did not finish alone
+
+
+def test_processes_must_match_torchrun(tmp_path: Path) -> None:
+    model_dir = tmp_path / "bert"  # never loaded: the check comes first
+    overrides = [*tiny_overrides(model_dir, tmp_path), "train.processes=3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "dora_lab.train", CONFIG, *_sets(overrides)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode != 0
+    assert "train.processes is 3 but torchrun started 2" in proc.stdout + proc.stderr

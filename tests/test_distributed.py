@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -93,6 +94,7 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(tmp_path: Path) 
 
 PLUGIN = '''
 import os
+import socket
 from dora_lab import Scorer, register_scorer
 from dora_lab.scorers import make_scorer
 
@@ -141,3 +143,32 @@ def test_processes_must_match_torchrun(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode != 0
     assert "train.processes is 3 but torchrun started 2" in proc.stdout + proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_trainer_callback_under_accelerate_launch_equals_one_process(tmp_path: Path) -> None:
+    """``accelerate launch`` (torchrun underneath, gloo on the CPU) with 2 x 4 rows vs one process with 8."""
+    pytest.importorskip("accelerate")
+    model_dir = make_tiny_model_dir(tmp_path / "bert", dropout=0.0)
+    script = str(REPO / "tests" / "trainer_ddp_script.py")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+              "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", f"--main_process_port={_free_port()}"]
+    proc = subprocess.run([*launch, script, str(model_dir), str(tmp_path / "two"), "4"], env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.run([sys.executable, script, str(model_dir), str(tmp_path / "one"), "8"], env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1, one = (torch.load(tmp_path / d / f"rank{r}.pt") for d, r in (("two", 0), ("two", 1), ("one", 0)))
+
+    assert rank0["history"] == rank1["history"] == one["history"]  # same budgets, prune steps, active counts
+    assert rank0["allocation"] == rank1["allocation"] == one["allocation"]
+    assert sum(one["allocation"].values()) == 12  # target rank 1 x 12 layers
+    for name, weight in one["weights"].items():  # compacted at the end: the same shapes as one process
+        assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name
+        assert torch.allclose(rank0["weights"][name], weight, atol=1e-5, rtol=0), name

@@ -12,7 +12,9 @@ Everything a training loop needs to run under ``torchrun --nproc-per-node N`` li
   adapter's parameters (DDP holds the old ones in its buckets).
 - :func:`check_consistent` compares masks, allocation and weights across ranks at the end of a
   run, so a desynchronised run fails loudly instead of saving rank 0's half of the truth.
-- :func:`relaunch_command` is the ``torchrun`` command that ``train.processes: N`` runs.
+- :func:`relaunch_command` is the ``torchrun`` command that ``train.processes: N`` runs, and
+  :func:`run_in_processes` runs a study trial that way while its callbacks (MLflow, the Optuna
+  pruner) follow rank 0 live from the study's process.
 
 A failure on any rank ends every rank: ``torchrun`` stops the group when one worker exits with
 an error, and its error text is printed by the worker that raised.
@@ -22,14 +24,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from .callbacks import RunResult, TrainCallback, replay_events
+from .config import RunConfig
 
 __all__ = [
     "agree",
@@ -42,6 +52,7 @@ __all__ = [
     "no_sync",
     "rank",
     "relaunch_command",
+    "run_in_processes",
     "unwrap",
     "world_size",
     "wrap",
@@ -200,3 +211,53 @@ def relaunch_command(processes: int, module: str, argv: Sequence[str]) -> list[s
     """``python -m torch.distributed.run --standalone --nproc-per-node N -m MODULE ARGV``."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
             "-m", module, *argv]
+
+
+def run_in_processes(cfg: RunConfig, run_dir: Path, callbacks: Sequence[TrainCallback] = (),
+                     poll: float = 0.5) -> RunResult:
+    """Run ``cfg`` as ``torchrun --nproc-per-node cfg.train.processes`` and follow it from here.
+
+    Rank 0's hooks reach ``callbacks`` as they happen (through ``run_dir/events.jsonl``); a hook
+    that raises (``TrialPruned``) stops every process and raises here.  The processes' output goes
+    to ``run_dir/processes.log``; a failure on any rank raises ``RuntimeError`` with its message.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config, events, log = run_dir / "trial_config.yaml", run_dir / "events.jsonl", run_dir / "processes.log"
+    config.write_text(cfg.to_yaml())
+    events.write_text("")
+    argv = [str(config), "--run-dir", str(run_dir)]
+    env = {**os.environ, "DORA_LAB_EVENTS": str(events)}
+    result = None
+    with log.open("w") as out, events.open() as stream:
+        # own session: stopping the trial stops torchrun and every rank it started, and nothing else
+        proc = subprocess.Popen(relaunch_command(cfg.train.processes, "dora_lab.train", argv), env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                result = replay_events(stream, callbacks) or result
+                time.sleep(poll)
+            result = replay_events(stream, callbacks) or result
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    if proc.returncode != 0 or result is None:
+        raise RuntimeError(f"the {cfg.train.processes}-process run failed (exit {proc.returncode}): "
+                           f"{_first_error(log.read_text())} (the whole output: {log})")
+    return result
+
+
+def _first_error(output: str) -> str:
+    """The exception line of the rank that failed first (torchrun names it the root cause)."""
+    root = re.search(r"Root Cause.*?rank\s*:\s*(\d+)", output, re.S)
+    ranks = [root.group(1)] if root else [r"\d+"]
+    for r in ranks:
+        found = re.findall(rf"^\[rank{r}\]: (\w+(?:Error|Exception|Interrupt)\b.*)$", output, re.M)
+        if found:
+            return found[-1]
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"

@@ -172,6 +172,7 @@ def preflight(cfg: RunConfig) -> None:
 
 def make_objective(setup: StudySetup, tracker: StudyTracker, parent_id: str,
                    progress: bool = False) -> Callable[[optuna.Trial], float]:
+    from .distributed import run_in_processes
     from .train import train_run
 
     def objective(trial: optuna.Trial) -> float:
@@ -197,7 +198,10 @@ def make_objective(setup: StudySetup, tracker: StudyTracker, parent_id: str,
                 raise error
             logger.log_config(cfg)
             reporter = OptunaReporter(trial, setup.metric)
-            result = train_run(cfg, run_dir, [logger, reporter], progress=progress)
+            if cfg.train.processes > 1:  # torchrun in other processes; the hooks follow rank 0 here
+                result = run_in_processes(cfg, run_dir, [logger, reporter])
+            else:
+                result = train_run(cfg, run_dir, [logger, reporter], progress=progress)
             value = _objective_value(setup, result.history, reporter.eligible_from)
             for key, v in (("active_components", result.active_components_final),
                            ("adapter_parameters", result.adapter_parameters_final), ("best_step", result.best_step)):

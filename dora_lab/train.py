@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .adapter import count_parameters, inject_adapters
-from .callbacks import RunInfo, RunResult, TrainCallback
+from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
 from .checkpoint import save_adapter
 from .config import ConfigError, RunConfig, load_config
 from .controller import PruningController
@@ -276,7 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(cfg.to_yaml())
     try:
-        result = train_run(cfg, args.run_dir)
+        # a study trial run in several processes follows rank 0's hooks through this file
+        events = [EventLog(os.environ["DORA_LAB_EVENTS"])] if os.environ.get("DORA_LAB_EVENTS") else []
+        result = train_run(cfg, args.run_dir, events)
     finally:
         distributed.shutdown()
     if int(os.environ.get("RANK", "0")) == 0:

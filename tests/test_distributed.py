@@ -172,3 +172,42 @@ def test_trainer_callback_under_accelerate_launch_equals_one_process(tmp_path: P
     for name, weight in one["weights"].items():  # compacted at the end: the same shapes as one process
         assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name
         assert torch.allclose(rank0["weights"][name], weight, atol=1e-5, rtol=0), name
+
+
+def test_study_trials_run_in_two_processes_and_a_failing_rank_fails_its_trial(tmp_path: Path) -> None:
+    """``train.processes=2`` in a study: each trial is a torchrun of 2 ranks whose evaluations reach
+    Optuna and MLflow live; a rank that raises makes its trial FAIL with that rank's error."""
+    import optuna
+
+    from dora_lab.scorers import SCORERS
+    from dora_lab.study import main as study_main
+
+    model_dir = make_tiny_model_dir(tmp_path / "bert", dropout=0.0)
+    plugin = tmp_path / "failing.py"
+    plugin.write_text(PLUGIN)
+    out = tmp_path / "out"
+    sets = [*tiny_overrides(model_dir, out, train=64, evals=16), "train.batch_size=4", "train.eval_every=4",
+            "train.processes=2", f"plugins=[{plugin}]", "scorer.params={}", "study.name=ddp", "study.overrides={}",
+            "study.sampler=grid", "study.n_trials=null", "study.timeout=null",
+            "study.space={scorer.name: {type: categorical, choices: [magnitude, fails_on_rank_1]}}"]
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(REPO)  # the trials' torchrun children import this checkout
+    try:
+        assert study_main([CONFIG, *_sets(sets)]) == 0
+    finally:
+        SCORERS.remove("fails_on_rank_1")
+        if old is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = old
+    study = optuna.load_study(study_name="ddp", storage=f"sqlite:///{out / 'optuna.db'}")
+    trials = {t.params["scorer.name"]: t for t in study.trials}
+    good, bad = trials["magnitude"], trials["fails_on_rank_1"]
+    assert good.state.name == "COMPLETE"
+    assert sorted(good.intermediate_values) == [4, 8, 12, 16]  # reported as rank 0 evaluated
+    run_dir = Path(good.user_attrs["run_dir"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert good.value == metrics["best"] and good.user_attrs["active_components"] == 2 * 12
+    assert json.loads((run_dir / "distributed.json").read_text())["rows_per_rank"] == [64, 64]
+    assert bad.state.name == "FAIL"
+    assert "RuntimeError: rank 1 fails on purpose" in bad.user_attrs["fail_reason"]

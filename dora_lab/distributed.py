@@ -46,6 +46,8 @@ __all__ = [
     "all_mean",
     "broadcast_object",
     "check_consistent",
+    "gpu_groups",
+    "visible_gpus",
     "init_from_env",
     "is_main",
     "launched",
@@ -261,3 +263,20 @@ def _first_error(output: str) -> str:
             return found[-1]
     lines = [line for line in output.splitlines() if line.strip()]
     return lines[-1] if lines else "no output"
+
+
+def gpu_groups(gpus: Sequence[str], workers: int, per_trial: int) -> list[str | None]:
+    """``CUDA_VISIBLE_DEVICES`` for each of ``workers`` study workers on one machine whose trials use
+    ``per_trial`` processes: disjoint groups of ``per_trial`` of ``gpus`` when there are enough,
+    else ``None`` for every worker (they share the GPUs, as without this)."""
+    if len(gpus) < 2 or len(gpus) < workers * per_trial:
+        return [None] * workers
+    return [",".join(gpus[i * per_trial : (i + 1) * per_trial]) for i in range(workers)]
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them."""
+    pinned = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if pinned is not None:
+        return [g for g in pinned.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []

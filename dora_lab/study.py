@@ -11,6 +11,9 @@ trial is one :func:`dora_lab.train.train_run` of the config with the trial's val
 - Parallel: ``--workers N`` runs N worker processes (this CLI with ``--worker``) on one storage,
   this invocation's trials split between them.  Distributed: give ``study.storage`` a PostgreSQL
   URL and ``study.tracking_uri`` an MLflow server, and run the same command on every machine.
+- Data-parallel trials: with ``train.processes: N`` each trial is a ``torchrun`` of N ranks
+  (:func:`dora_lab.distributed.run_in_processes`) that this process follows live; ``--workers W``
+  gives each worker its own N GPUs when the machine has W x N (else they share them).
 - Failures: a trial that raises (including :class:`~dora_lab.train.DivergenceError` and an invalid
   sampled config) is recorded FAIL with the reason (trial user attr ``fail_reason``, MLflow tag
   ``fail_reason``) and the study goes on; Ctrl-C fails the running trial the same way and stops
@@ -39,6 +42,7 @@ import optuna
 from .callbacks import RunInfo, TrainCallback
 from .config import ConfigError, RunConfig, apply_overrides, load_config_dict, parse_assignment, read_yaml
 from .data import DataError, load_splits
+from .distributed import gpu_groups, run_in_processes, visible_gpus
 from .models import ModelLoadError, check_model
 from .study_space import (
     CategoricalParam,
@@ -172,7 +176,6 @@ def preflight(cfg: RunConfig) -> None:
 
 def make_objective(setup: StudySetup, tracker: StudyTracker, parent_id: str,
                    progress: bool = False) -> Callable[[optuna.Trial], float]:
-    from .distributed import run_in_processes
     from .train import train_run
 
     def objective(trial: optuna.Trial) -> float:
@@ -321,9 +324,12 @@ def _run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_i
     shares = [s for s in shares if s != 0]
     threads = max(1, (os.cpu_count() or 1) // len(shares)) if shares else 1
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # each worker its own GPUs when there are enough for all (train.processes per trial)
+    gpus = gpu_groups(visible_gpus(), len(shares), setup.base.train.processes)
     # Own sessions: a Ctrl-C reaches this process only, which then stops each worker exactly once.
-    procs = [subprocess.Popen(_worker_command(setup, n, parent_id, threads, i), env=env, start_new_session=True)
-             for i, n in enumerate(shares)]
+    procs = [subprocess.Popen(_worker_command(setup, n, parent_id, threads, i), start_new_session=True,
+                              env=env if g is None else {**env, "CUDA_VISIBLE_DEVICES": g})
+             for i, (n, g) in enumerate(zip(shares, gpus, strict=True))]
     interrupted = False
     try:
         for p in procs:

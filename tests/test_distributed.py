@@ -211,3 +211,12 @@ def test_study_trials_run_in_two_processes_and_a_failing_rank_fails_its_trial(tm
     assert json.loads((run_dir / "distributed.json").read_text())["rows_per_rank"] == [64, 64]
     assert bad.state.name == "FAIL"
     assert "RuntimeError: rank 1 fails on purpose" in bad.user_attrs["fail_reason"]
+
+
+def test_study_workers_get_disjoint_gpu_groups_when_there_are_enough() -> None:
+    from dora_lab.distributed import gpu_groups
+
+    assert gpu_groups(["0", "1", "2", "3"], workers=2, per_trial=2) == ["0,1", "2,3"]
+    assert gpu_groups(["4", "6", "7"], workers=3, per_trial=1) == ["4", "6", "7"]
+    assert gpu_groups(["0", "1", "2"], workers=2, per_trial=2) == [None, None]  # too few: they share
+    assert gpu_groups([], workers=2, per_trial=1) == [None, None]  # the CPU

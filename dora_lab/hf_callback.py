@@ -20,7 +20,9 @@ end of training there: it replaces the adapter's parameters, and the Trainer's D
 optimizer, which the callback does not own, would keep training the old ones.  The frozen mask
 is applied from the last prune step on (pruned components do nothing and get no update), and
 ``on_train_end`` compacts, so the trained model ends as in one process.  For gradient
-checkpointing under DDP pass ``gradient_checkpointing_kwargs={"use_reentrant": False}``.
+checkpointing under DDP pass ``activation_checkpointing_kwargs={"use_reentrant": False}``
+(``gradient_checkpointing_kwargs`` before transformers 5), and for a classification loss
+``average_tokens_across_devices=False`` (its default scales a mean loss by the world size).
 """
 
 from __future__ import annotations

@@ -18,8 +18,10 @@ gradients before ``on_optimizer_step``) every rank applies rank 0's pruning deci
 (:func:`dora_lab.distributed.agree`), so the masks are identical.  Compaction is deferred to the
 end of training there: it replaces the adapter's parameters, and the Trainer's DDP wrapper and
 optimizer, which the callback does not own, would keep training the old ones.  The frozen mask
-is applied from the last prune step on (pruned components do nothing and get no update), and
-``on_train_end`` compacts, so the trained model ends as in one process.  For gradient
+is applied from the last prune step on (pruned components add nothing to the output and nothing
+to the kept ones' gradients), and ``on_train_end`` compacts, so the trained model ends as in one
+process.  (One exception: AdaLoRA's orthogonal penalty, if added in ``compute_loss``, still sees
+the pruned rows until the end.)  For gradient
 checkpointing under DDP pass ``activation_checkpointing_kwargs={"use_reentrant": False}``
 (``gradient_checkpointing_kwargs`` before transformers 5), and for a classification loss
 ``average_tokens_across_devices=False`` (its default scales a mean loss by the world size).

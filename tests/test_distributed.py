@@ -220,3 +220,32 @@ def test_study_workers_get_disjoint_gpu_groups_when_there_are_enough() -> None:
     assert gpu_groups(["4", "6", "7"], workers=3, per_trial=1) == ["4", "6", "7"]
     assert gpu_groups(["0", "1", "2"], workers=2, per_trial=2) == [None, None]  # too few: they share
     assert gpu_groups([], workers=2, per_trial=1) == [None, None]  # the CPU
+
+
+def test_a_hook_that_raises_stops_every_rank_of_a_followed_run(tmp_path: Path) -> None:
+    """What a pruned study trial does: the study's hook raises, and torchrun with its ranks is stopped."""
+    from dora_lab.callbacks import TrainCallback
+    from dora_lab.distributed import run_in_processes
+
+    class Prune(TrainCallback):
+        def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+            raise KeyError(f"pruned at step {step}")  # any exception; Optuna's TrialPruned in a study
+
+    model_dir = make_tiny_model_dir(tmp_path / "bert", dropout=0.0)
+    cfg = load_config(CONFIG, [*tiny_overrides(model_dir, tmp_path, train=64, evals=16), "train.batch_size=4",
+                               "train.processes=2", "train.max_steps=400", "train.eval_every=2"])
+    run = tmp_path / "run"
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(REPO)
+    try:
+        with pytest.raises(KeyError, match="pruned at step 2"):
+            run_in_processes(cfg, run, [Prune()], poll=0.1)
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = old
+    size = (run / "events.jsonl").stat().st_size
+    time.sleep(3)
+    assert (run / "events.jsonl").stat().st_size == size  # rank 0 writes no more: it is gone
+    assert not (run / "metrics.json").exists()

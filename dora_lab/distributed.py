@@ -23,6 +23,7 @@ an error, and its error text is printed by the worker that raised.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import signal
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 def launched() -> bool:
@@ -165,7 +167,9 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     ids = [device.index] if device.type == "cuda" else None
     # buffers (masks, original indices) are changed on every rank alike by the agreed decisions;
     # broadcasting them at every forward would only cost time (check_consistent compares them)
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    new_name = "forward_sync_buffers" in _DDP_ARGS  # called broadcast_buffers before torch 2.13
+    no_buffer_sync: dict[str, Any] = {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=ids, **no_buffer_sync)
 
 
 def no_sync(model: nn.Module, skip: bool) -> contextlib.AbstractContextManager[Any]:

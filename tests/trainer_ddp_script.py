@@ -38,10 +38,13 @@ def main(model_dir: Path, out: Path, batch: int) -> None:
     inject_adapters(model, r0=3, dropout=0.0, trainable=["classifier", "pooler"])
     callback = DoraTrainerCallback(lambda total: PruningController(
         model, make_scorer("sensitivity"), "dora", total, target_rank=1, warmup=2, final=4, interval=1))
+    # transformers 5 renamed gradient_checkpointing; non-reentrant is the form DDP accepts
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
     args = TrainingArguments(output_dir=str(out / "trainer"), max_steps=10, per_device_train_batch_size=batch,
                              learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=100,
                              use_cpu=True, seed=0, disable_tqdm=True, average_tokens_across_devices=False,
-                             activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False})
+                             **{ckpt: True, f"{ckpt}_kwargs": {"use_reentrant": False}})
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithPadding(tokenizer),
             callbacks=[callback]).train()
     assert callback.controller is not None

@@ -18,6 +18,12 @@ batches, each mega-batch is sorted by length and split into batches, and the bat
 shuffled.  Evaluation loaders (``shuffle=False``) are sorted by length; put predictions back
 in row order with :func:`restore_order` (metrics over (prediction, label) pairs taken from the
 same batches need no reordering).  Orders depend only on ``seed`` and the epoch.
+
+Data-parallel runs (:mod:`dora_lab.distributed`) give each rank ``shards=N, shard=rank``: the
+sampler builds the batches of ``N * batch_size`` rows that one process would, and each rank takes
+its contiguous ``1/N`` of every batch, so the ranks' micro-batches together are the one-process
+global batch.  A short last batch loses its last ``len % N`` rows, so every rank's share has the
+same size (a mean loss averaged over the ranks is then the global batch's mean).
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     ``mega_batch_mult`` batches, sort each by length (longest first), split into batches,
     shuffle the batch order.  ``shuffle=True`` alone: random batches.  ``shuffle=False``:
     batches in row order, or sorted by length (longest first, ties in row order) when grouped.
-    Only the last batch may be short (dropped with ``drop_last``).
+    Only the last batch may be short (dropped with ``drop_last``).  With ``shards > 1`` the
+    batches above are built with ``shards * batch_size`` rows and shard ``shard`` of each is
+    yielded (see the module docstring).
     """
 
     def __init__(
@@ -56,7 +64,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         mega_batch_mult: int = 50,
         drop_last: bool = False,
+        shards: int = 1,
+        shard: int = 0,
     ) -> None:
+        if not isinstance(shards, int) or shards < 1 or not 0 <= shard < shards:
+            raise ValueError(f"shard must be in [0, shards) with shards >= 1, got shard {shard} of {shards}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(seed, int) or seed < 0:
@@ -64,7 +76,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         if mega_batch_mult < 1:
             raise ValueError(f"mega_batch_mult must be >= 1, got {mega_batch_mult!r}")
         self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.batch_size = batch_size
+        self.batch_size = batch_size * shards  # the global batch; each rank yields its part
+        self.shards = shards
+        self.shard = shard
         self.shuffle = shuffle
         self.group_by_length = group_by_length
         self.seed = seed
@@ -102,6 +116,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
                 batches = self._split(perm)
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
+        if self.shards > 1:
+            batches = [b[self.shard * part : (self.shard + 1) * part]
+                       for b in batches if (part := len(b) // self.shards) > 0]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -109,7 +126,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         n = len(self.lengths)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full, rest = divmod(n, self.batch_size)
+        return full + int(not self.drop_last and rest >= self.shards)
 
 
 class _Encoded(Dataset[dict[str, Any]]):
@@ -180,12 +198,14 @@ def make_loader(
     group_by_length: bool = True,
     seed: int = 0,
     drop_last: bool = False,
+    shards: int = 1,
+    shard: int = 0,
 ) -> TaskLoader:
     """A loader of padded batches of ``rows`` (from :func:`dora_lab.data.load_splits`).
 
     ``tokenizer`` is a Hugging Face tokenizer; pair tasks are encoded as sentence pairs,
     truncated together to ``max_length`` tokens.  See the module docstring for the batch keys,
-    epochs and order.
+    epochs and order, and for ``shards``/``shard`` (one rank's part of each global batch).
     """
     if not rows:
         raise ValueError(f"no rows to batch for {spec.name}")
@@ -203,6 +223,8 @@ def make_loader(
         group_by_length=group_by_length,
         seed=seed,
         drop_last=drop_last,
+        shards=shards,
+        shard=shard,
     )
     collate = _PadCollator(
         tokenizer.pad_token_id,

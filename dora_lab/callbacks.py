@@ -7,11 +7,13 @@ Training imports neither Optuna nor MLflow: the study runner and the tracker sub
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-__all__ = ["RunInfo", "RunResult", "TrainCallback"]
+__all__ = ["EventLog", "RunInfo", "RunResult", "TrainCallback", "replay_events"]
 
 
 @dataclass
@@ -74,3 +76,54 @@ class TrainCallback:
 
     def on_train_end(self, result: RunResult) -> None:
         """Once, after the last evaluation and after the run's files are written."""
+
+
+class EventLog(TrainCallback):
+    """Writes every hook call as one JSON line, for a process that follows the run from outside
+    (a study trial run by ``torchrun`` in other processes: :func:`replay_events` there)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def _write(self, event: str, **data: Any) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"event": event, **data}, default=str) + "\n")
+
+    def on_train_begin(self, info: RunInfo) -> None:
+        self._write("begin", info=asdict(info))
+
+    def on_step(self, step: int, logs: dict[str, float]) -> None:
+        self._write("step", step=step, logs=logs)
+
+    def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+        self._write("evaluate", step=step, metrics=metrics)
+
+    def on_train_end(self, result: RunResult) -> None:
+        self._write("end", result=asdict(result))
+
+
+def replay_events(stream: TextIO, callbacks: Sequence[TrainCallback]) -> RunResult | None:
+    """Call ``callbacks`` for the complete lines :class:`EventLog` has written to ``stream`` since
+    the last call; the run's result once its ``end`` line has come, else ``None``.  A hook that
+    raises (Optuna's ``TrialPruned``) raises here, as it would in the run itself."""
+    result = None
+    while True:
+        start = stream.tell()
+        line = stream.readline()
+        if not line.endswith("\n"):  # nothing new, or a line still being written: read it next time
+            stream.seek(start)
+            return result
+        event = json.loads(line)
+        kind = event["event"]
+        for cb in callbacks:
+            if kind == "begin":
+                cb.on_train_begin(RunInfo(**{**event["info"], "run_dir": Path(event["info"]["run_dir"])}))
+            elif kind == "step":
+                cb.on_step(int(event["step"]), event["logs"])
+            elif kind == "evaluate":
+                cb.on_evaluate(int(event["step"]), event["metrics"])
+        if kind == "end":
+            data = event["result"]
+            result = RunResult(**{**data, "run_dir": Path(data["run_dir"]) if data["run_dir"] else None})
+            for cb in callbacks:
+                cb.on_train_end(result)

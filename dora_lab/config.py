@@ -136,6 +136,8 @@ class TrainConfig(_Strict):
     group_by_length: bool = True
     divergence_loss: float = Field(1e4, gt=0, description="stop a run whose loss exceeds this or is NaN")
     save_adapter: bool = True
+    processes: int = Field(1, ge=1, description="data-parallel processes; > 1 relaunches under torchrun")
+    gradient_checkpointing: bool = False
 
 
 class RunConfig(_Strict):

@@ -16,7 +16,7 @@ with ``compact=True``, the pruned components are dropped from A, B, c and the op
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,7 +52,9 @@ class PruningController:
 
     ``target_rank`` (average active components per layer) or ``target_params`` (active adapter
     parameters, ``sum (d_in + d_out + 1)``) sets the final budget.  ``warmup``/``final`` are
-    fractions of ``total_steps`` when below 1, else step counts.
+    fractions of ``total_steps`` when below 1, else step counts.  ``agree`` (optional) receives
+    every keep-decision before it is applied and returns the one to apply: in a data-parallel run
+    :func:`dora_lab.distributed.agree` returns rank 0's, so every rank prunes the same components.
     """
 
     def __init__(
@@ -70,7 +72,9 @@ class PruningController:
         regularizer: str | None = None,
         reg_weight: float = 0.0,
         compact: bool = True,
+        agree: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
+        self.agree = agree
         self.layers = dict(model) if isinstance(model, Mapping) else adapter_layers(model)
         if not self.layers:
             raise ValueError("the model has no adapter layers: call inject_adapters() first")
@@ -132,6 +136,8 @@ class PruningController:
             waiting = not update_scores and not sched.is_final_step(t) and not self.scorer.scores()
             if sched.is_prune_step(t) and not waiting:
                 keep = self.decide(sched.budget(t))
+                if self.agree is not None:
+                    keep = self.agree(keep)
                 self.apply(keep, final=sched.is_final_step(t), optimizer=optimizer)
                 pruned = True
         self.t += 1

@@ -11,6 +11,9 @@ trial is one :func:`dora_lab.train.train_run` of the config with the trial's val
 - Parallel: ``--workers N`` runs N worker processes (this CLI with ``--worker``) on one storage,
   this invocation's trials split between them.  Distributed: give ``study.storage`` a PostgreSQL
   URL and ``study.tracking_uri`` an MLflow server, and run the same command on every machine.
+- Data-parallel trials: with ``train.processes: N`` each trial is a ``torchrun`` of N ranks
+  (:func:`dora_lab.distributed.run_in_processes`) that this process follows live; ``--workers W``
+  gives each worker its own N GPUs when the machine has W x N (else they share them).
 - Failures: a trial that raises (including :class:`~dora_lab.train.DivergenceError` and an invalid
   sampled config) is recorded FAIL with the reason (trial user attr ``fail_reason``, MLflow tag
   ``fail_reason``) and the study goes on; Ctrl-C fails the running trial the same way and stops
@@ -39,6 +42,7 @@ from .callbacks import RunInfo, TrainCallback
 from .cli import check_writable_folder, refuse
 from .config import ConfigError, RunConfig, apply_overrides, load_config_dict, parse_assignment, read_yaml
 from .data import DataError, load_splits
+from .distributed import gpu_groups, run_in_processes, visible_gpus
 from .models import ModelLoadError, check_model
 from .study_space import (
     CategoricalParam,
@@ -198,7 +202,10 @@ def make_objective(setup: StudySetup, tracker: StudyTracker, parent_id: str,
                 raise error
             logger.log_config(cfg)
             reporter = OptunaReporter(trial, setup.metric)
-            result = train_run(cfg, run_dir, [logger, reporter], progress=progress)
+            if cfg.train.processes > 1:  # torchrun in other processes; the hooks follow rank 0 here
+                result = run_in_processes(cfg, run_dir, [logger, reporter])
+            else:
+                result = train_run(cfg, run_dir, [logger, reporter], progress=progress)
             value = _objective_value(setup, result.history, reporter.eligible_from)
             for key, v in (("active_components", result.active_components_final),
                            ("adapter_parameters", result.adapter_parameters_final), ("best_step", result.best_step)):
@@ -318,9 +325,12 @@ def _run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_i
     shares = [s for s in shares if s != 0]
     threads = worker_threads(len(shares))
     env = worker_env(threads)
+    # each worker its own GPUs when there are enough for all (train.processes per trial)
+    gpus = gpu_groups(visible_gpus(), len(shares), setup.base.train.processes)
     # Own sessions: a Ctrl-C reaches this process only, which then stops each worker exactly once.
-    procs = [subprocess.Popen(_worker_command(setup, n, parent_id, threads, i), env=env, start_new_session=True)
-             for i, n in enumerate(shares)]
+    procs = [subprocess.Popen(_worker_command(setup, n, parent_id, threads, i), start_new_session=True,
+                              env=env if g is None else {**env, "CUDA_VISIBLE_DEVICES": g})
+             for i, (n, g) in enumerate(zip(shares, gpus, strict=True))]
     interrupted = False
     try:
         for p in procs:

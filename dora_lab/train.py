@@ -4,6 +4,11 @@ Reads top to bottom: set up (seed, data, model, adapters, optimizer, controller)
 (micro-batches -> optimizer step -> controller step -> periodic evaluation), then the run's
 files.  The controller runs after each optimizer step with the gradients still present; it
 counts optimizer steps, not micro-batches.
+
+Under ``torchrun --nproc-per-node N`` (or with ``train.processes: N``, which relaunches this command
+under torchrun) the run is data-parallel: each rank trains on its part of every global batch of
+``N * train.batch_size`` rows inside DDP, every rank applies rank 0's pruning decision, and rank 0
+alone evaluates, calls the callbacks and writes the run's files (:mod:`dora_lab.distributed`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,8 +27,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapter import adapter_layers, count_parameters, inject_adapters
-from .callbacks import RunInfo, RunResult, TrainCallback
+from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
 from .checkpoint import save_adapter
 from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, refuse
 from .config import ConfigError, RunConfig, load_config
@@ -60,10 +69,12 @@ def train_run(
 ) -> RunResult:
     """Train one model as ``cfg`` says; write its files to ``run_dir``; return what it measured."""
     t0 = time.time()
-    run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(cfg)
+    device = distributed.init_from_env(resolve_device(cfg.model.device))  # one process: unchanged
+    rank0, shards, shard = distributed.is_main(), distributed.world_size(), distributed.rank()
+    callbacks = callbacks if rank0 else ()  # the other ranks report through rank 0
+    run_dir = distributed.broadcast_object(Path(run_dir) if run_dir is not None else _default_run_dir(cfg))
     seed_everything(cfg.seed)
     spec = get_task(cfg.task.name)
-    device = resolve_device(cfg.model.device)
 
     # -- data and model -------------------------------------------------------------------
     splits = load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
@@ -76,9 +87,13 @@ def train_run(
         inject_adapters(model, r0=a.r0, targets=a.targets, alpha=a.alpha, dropout=a.dropout, init=a.init,
                         trainable=cfg.model.trainable)
     model.to(device)
+    if cfg.train.gradient_checkpointing:
+        # non-reentrant: works with a frozen embedding and under DDP (peft#1745's "marked ready twice")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_loader = make_loader(splits["train"], spec, tokenizer, batch_size=cfg.train.batch_size,
                                max_length=cfg.task.max_length, shuffle=True,
-                               group_by_length=cfg.train.group_by_length, seed=cfg.seed)
+                               group_by_length=cfg.train.group_by_length, seed=cfg.seed,
+                               shards=shards, shard=shard)
     eval_loaders = {
         name: make_loader(splits[name], spec, tokenizer, batch_size=cfg.train.eval_batch_size,
                           max_length=cfg.task.max_length, shuffle=False, group_by_length=True, seed=cfg.seed)
@@ -100,13 +115,17 @@ def train_run(
                 target_rank=cfg.budget.target_rank, target_params=cfg.budget.target_params,
                 warmup=cfg.schedule.warmup, final=cfg.schedule.final, interval=cfg.schedule.interval,
                 regularizer=cfg.regularizer.name, reg_weight=cfg.regularizer.weight,
-                compact=cfg.schedule.compact)
+                compact=cfg.schedule.compact, agree=distributed.agree if shards > 1 else None)
         except ValueError as exc:  # a schedule or budget that does not fit this run's length or model
             raise ConfigError(f"the schedule and budget do not fit this run ({total} optimizer steps, "
                               f"{len(adapter_layers(model))} adapted matrices): {exc}") from None
     # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    ddp = distributed.wrap(model, device)  # the model itself for one process
+    if shard > 0:
+        torch.manual_seed(cfg.seed + 1_000_003 * shard)  # each rank its own dropout masks
     counts = count_parameters(model)
     info = RunInfo(
         config=cfg.resolved(), run_dir=run_dir, total_steps=total, steps_per_epoch=steps_per_epoch,
@@ -125,19 +144,24 @@ def train_run(
     best: tuple[float, int, dict[str, torch.Tensor]] = (-math.inf, -1, {})  # metric, step, weights
     batches = _micro_batches(train_loader)
     bar = tqdm(total=total, desc=f"{cfg.task.name} {cfg.scorer.name}/{cfg.schedule.name} seed {cfg.seed}",
-               disable=not progress, dynamic_ncols=True)
+               disable=not (progress and rank0), dynamic_ncols=True)
     model.train()
+    rows = 0  # training rows this rank has seen (a rank's share of the global batches)
     for step in range(total):
         loss_sum = 0.0
-        for _ in range(cfg.train.grad_accum):
+        for micro in range(cfg.train.grad_accum):
             epoch, batch = next(batches)
             batch = {k: v.to(device) for k, v in batch.items() if k != "index"}
-            with autocast:
-                loss = model(**batch).loss / cfg.train.grad_accum
-                if controller is not None:
-                    loss = loss + controller.regularization_loss().to(loss.device) / cfg.train.grad_accum
-            scaler.scale(loss).backward()
+            rows += len(batch["labels"])
+            # DDP averages the gradients once, in the last micro-batch's backward
+            with distributed.no_sync(ddp, micro + 1 < cfg.train.grad_accum):
+                with autocast:
+                    loss = ddp(**batch).loss / cfg.train.grad_accum
+                    if controller is not None:
+                        loss = loss + controller.regularization_loss().to(loss.device) / cfg.train.grad_accum
+                scaler.scale(loss).backward()
             loss_sum += float(loss.detach())
+        loss_sum = distributed.all_mean(loss_sum, device)  # the global batch's loss, the same on every rank
         if not math.isfinite(loss_sum) or loss_sum > cfg.train.divergence_loss:
             raise DivergenceError(f"training diverged at step {step}: loss {loss_sum}; lower train.lr")
         scaler.unscale_(optimizer)  # clipping and the scorers see true gradients (a no-op unless fp16)
@@ -149,6 +173,8 @@ def train_run(
         scaler.update()
         skipped = scaler.is_enabled() and scaler.get_scale() < scale  # fp16 overflow: no update was made
         state = controller.step(optimizer, update_scores=not skipped) if controller is not None else None
+        if controller is not None and state is not None and state.pruned and state.frozen and controller.compact_at_end:
+            ddp = distributed.wrap(ddp, device)  # compaction made new parameters: DDP must hold those
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         logs = {"train_loss": loss_sum, "lr": float(scheduler.get_last_lr()[0]), "epoch": float(epoch)}
@@ -158,7 +184,7 @@ def train_run(
         for cb in callbacks:
             cb.on_step(step, logs)
         bar.update(1)
-        if (step + 1) % cfg.train.eval_every == 0 or step + 1 == total:
+        if rank0 and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total):
             metrics = evaluate(model, eval_loaders, spec, device, autocast)
             metrics["step"] = float(step + 1)
             history.append(metrics)
@@ -172,6 +198,9 @@ def train_run(
     bar.close()
 
     # -- the run's files -----------------------------------------------------------------------
+    history = distributed.broadcast_object(history)  # every rank returns rank 0's result
+    best = (*distributed.broadcast_object(best[:2]), best[2])
+    parallel = distributed.check_consistent(model, controller.allocation() if controller else {}, rows)
     counts = count_parameters(model)
     result = RunResult(
         metric_name=spec.main_metric, best_metric=float(best[0]), best_step=int(best[1]),
@@ -181,7 +210,11 @@ def train_run(
         active_components_final=counts.active_components, steps=total, seconds=time.time() - t0,
         run_dir=run_dir,
     )
+    if not rank0:
+        return result
     _write_outputs(run_dir, result, controller)
+    if shards > 1:
+        (run_dir / "distributed.json").write_text(json.dumps(parallel, indent=1))
     if adapted and cfg.train.save_adapter and best[2]:
         _load_trainable_state(model, best[2])  # keep the best evaluation's weights, not the last
         save_adapter(model, run_dir / "adapter", base_model=cfg.model.name, num_labels=spec.num_labels,
@@ -241,16 +274,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_writable_folder(run_dir, "--run-dir" if args.run_dir is not None else "output_dir")
     except ConfigError as exc:
         return refuse(exc)
-    print(cfg.to_yaml())
+    if cfg.train.processes > 1 and not distributed.launched():  # relaunch this command under torchrun
+        argv = list(sys.argv[1:] if argv is None else argv)
+        return subprocess.call(distributed.relaunch_command(cfg.train.processes, "dora_lab.train", argv))
+    started = int(os.environ.get("WORLD_SIZE", "1"))
+    if distributed.launched() and cfg.train.processes > 1 and started != cfg.train.processes:
+        return refuse(ConfigError(f"train.processes is {cfg.train.processes} but torchrun started {started} "
+                                  "processes; set them alike (or leave train.processes at 1 under torchrun)"))
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        print(cfg.to_yaml())
     try:
-        result = train_run(cfg, run_dir)
+        # a study trial run in several processes follows rank 0's hooks through this file
+        events = [EventLog(os.environ["DORA_LAB_EVENTS"])] if os.environ.get("DORA_LAB_EVENTS") else []
+        result = train_run(cfg, run_dir, events)
     except INPUT_ERRORS as exc:  # train_run raises these before it makes the run folder
         return refuse(exc)
     except KeyboardInterrupt as exc:
         return failed(exc, run_dir, EXIT_INTERRUPTED)
     except Exception as exc:
         return failed(exc, run_dir)
-    print(json.dumps(result.summary(), indent=1))
+    finally:
+        distributed.shutdown()
+    if main_rank:
+        print(json.dumps(result.summary(), indent=1))
     return 0
 
 

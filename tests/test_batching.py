@@ -162,3 +162,34 @@ def test_eval_predictions_restored_to_row_order(cola: dict[str, list[dict[str, A
     assert compute_metrics(COLA, got_logits, gold)["matthews_correlation"] < 0.5  # unrestored: wrong labels
     with pytest.raises(ValueError, match="exactly once"):
         restore_order(torch.zeros(len(rows), dtype=torch.long), got_logits)
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+@pytest.mark.parametrize("n, shards", [(103, 2), (103, 3), (96, 4), (97, 2)])
+def test_shards_split_every_global_batch_into_equal_parts(n: int, shards: int, group_by_length: bool) -> None:
+    """Rank r's i-th batch is the r-th equal part of one process's i-th batch of ``shards * b`` rows."""
+    lengths = [int(x) for x in np.random.default_rng(1).integers(3, 40, size=n)]
+    b = 4
+    whole = LengthGroupedBatchSampler(lengths, shards * b, shuffle=True, group_by_length=group_by_length, seed=5)
+    parts = [LengthGroupedBatchSampler(lengths, b, shuffle=True, group_by_length=group_by_length, seed=5,
+                                       shards=shards, shard=r) for r in range(shards)]
+    for epoch in (0, 1):
+        for sampler in (whole, *parts):
+            sampler.set_epoch(epoch)
+        global_batches = whole.batches()
+        kept = [batch for batch in global_batches if len(batch) >= shards]  # a batch of 1 row cannot be split
+        per_rank = [p.batches() for p in parts]
+        assert all(len(batches) == len(p) == len(kept) for batches, p in zip(per_rank, parts, strict=True))
+        for i, batch in enumerate(kept):
+            size = len(batch) // shards
+            pieces = [per_rank[r][i] for r in range(shards)]
+            assert all(len(piece) == size for piece in pieces)  # equal parts: a mean of means is the mean
+            assert sum(pieces, []) == batch[: size * shards]  # the union is the global batch (short one trimmed)
+        used = sum(len(piece) for batches in per_rank for piece in batches)
+        assert used == n - sum(len(batch) % shards for batch in global_batches)
+    assert len(kept) == len(global_batches) - int(0 < n % (shards * b) < shards)  # only (97, 2) drops one
+
+
+def test_shard_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="shard must be in"):
+        LengthGroupedBatchSampler([3, 4], 2, shuffle=False, shards=2, shard=2)

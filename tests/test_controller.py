@@ -251,3 +251,20 @@ def test_step_without_optimizer_is_accepted_once_nothing_is_left_to_compact() ->
     constant = PruningController(adapted_bert(1, dtype=torch.float32), make_scorer("magnitude"), "constant", T,
                                  target_rank=TARGET_RANK)
     assert constant.step().active_components == 48  # a schedule that never prunes needs none either
+
+
+def test_agree_replaces_every_decision_before_it_is_applied() -> None:
+    """The data-parallel hook: the controller applies what ``agree`` returns (rank 0's decision)."""
+    model = adapted_bert(0, dtype=torch.float32)
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def agree(keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seen.append(keep)
+        # keep each layer's last component, whatever the scores said
+        return {n: torch.arange(len(k)) == len(k) - 1 for n, k in keep.items()}
+
+    controller = PruningController(model, make_scorer("magnitude"), "dora", T, target_rank=1, warmup=WARMUP,
+                                   final=FINAL, interval=INTERVAL, agree=agree)
+    infos = train(model, adamw(model), controller, batches(T))
+    assert len(seen) == sum(i.pruned for i in infos) > 1
+    assert all(layer.rank == 1 and layer.index.tolist() == [3] for layer in adapter_layers(model).values())

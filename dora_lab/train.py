@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -33,11 +34,35 @@ from .scorers import make_scorer
 from .seeding import seed_everything
 from .tasks import get_task
 
-__all__ = ["DivergenceError", "main", "train_run"]
+__all__ = ["RUN_FILES", "DivergenceError", "RunDirExists", "claim_run_dir", "main", "train_run"]
 
 
 class DivergenceError(RuntimeError):
     """The loss became NaN/inf or exceeded ``train.divergence_loss``."""
+
+
+class RunDirExists(FileExistsError):
+    """The run folder already holds a run's files; nothing was written."""
+
+
+# every file and folder train_run writes into its run folder (plots/: the tracker's pictures)
+RUN_FILES = ("config.yaml", "metrics.json", "allocation.json", "scores.json", "budget.json", "adapter", "plots")
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool = False) -> None:
+    """Make ``run_dir`` ready for a new run.  If it holds a run's files, raise :class:`RunDirExists`,
+    or with ``overwrite`` remove exactly those files (other files in the folder stay): a new run never
+    sits beside an old run's adapter or metrics."""
+    old = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if old and not overwrite:
+        raise RunDirExists(f"run folder {str(run_dir)!r} already holds a run ({', '.join(p.name for p in old)}); "
+                           "choose another folder, or pass --overwrite to replace that run")
+    for path in old:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _micro_batches(loader: Any, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -57,11 +82,14 @@ def train_run(
     run_dir: str | Path | None = None,
     callbacks: Sequence[TrainCallback] = (),
     progress: bool = True,
+    overwrite: bool = False,
 ) -> RunResult:
-    """Train one model as ``cfg`` says; write its files to ``run_dir``; return what it measured."""
+    """Train one model as ``cfg`` says; write its files to ``run_dir``; return what it measured.
+    A ``run_dir`` that already holds a run is refused (:class:`RunDirExists`) before any work, unless
+    ``overwrite``, which first removes that run's files."""
     t0 = time.time()
     run_dir = Path(run_dir) if run_dir is not None else _default_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir, overwrite)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     seed_everything(cfg.seed)
     spec = get_task(cfg.task.name)
@@ -227,14 +255,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted path), e.g. --set train.lr=3e-4")
     parser.add_argument("--run-dir", default=None, help="where to write the run's files")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        if args.run_dir is not None:  # refused before any work, not after training
+            claim_run_dir(Path(args.run_dir), args.overwrite)
+    except (ConfigError, RunDirExists) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(cfg.to_yaml())
-    result = train_run(cfg, args.run_dir)
+    result = train_run(cfg, args.run_dir, overwrite=args.overwrite)
     print(json.dumps(result.summary(), indent=1))
     return 0
 

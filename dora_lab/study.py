@@ -84,6 +84,11 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
     cfg = load_config_dict(data)
     study = parse_study(cfg.study, cfg.plugins)
     cli = {key: value for key, value in map(parse_assignment, overrides) if not key.startswith("study.")}
+    for key in [k for k in cli if k in study.space]:  # the sampled value would replace it in every trial
+        raise ConfigError(
+            f"--set {key}={cli[key]}: the study searches {key!r} (study.space.{key}), so every trial would "
+            f"replace this value with a sampled one.  To run with this value only, search just it: "
+            f"--set 'study.space.{key}={{type: categorical, choices: [{cli[key]}]}}'; to search it, drop this --set")
     try:
         base = trial_config(data, study, {}, cli)
     except ConfigError as exc:

@@ -54,7 +54,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
 
 
 def args(env: dict[str, Path], name: str, n: int, *extra: str) -> list[str]:
-    sets = [*tiny_overrides(env["model"], env["out"], train=64, evals=64), "train.eval_every=4",
+    # cola's study searches schedule.interval: a --set of it would be refused (tiny_overrides sets it)
+    tiny = [s for s in tiny_overrides(env["model"], env["out"], train=64, evals=64) if not s.startswith("schedule.interval=")]
+    sets = [*tiny, "train.eval_every=4",
             f"study.name={name}", f"study.n_trials={n}", *extra]
     return [COLA_YAML, *[x for s in sets for x in ("--set", s)]]
 

@@ -73,11 +73,12 @@ def test_nested_and_dotted_keys_mean_the_same() -> None:
 
 
 def test_trial_config_order_file_overrides_cli_params() -> None:
-    setup = prepare(COLA, ["train.epochs=3", "adapter.r0=4"])
+    setup = prepare(COLA, ["train.epochs=3", "adapter.alpha=16"])
     assert setup.base.train.epochs == 3  # the command line wins over study.overrides (2)
     assert prepare(COLA).base.train.epochs == 2  # study.overrides (2) over the file (3)
     cfg = trial_config(setup.data, setup.study, {"adapter.r0": 5, "scorer.params.beta": 0.8}, setup.cli)
     assert cfg.adapter.r0 == 5 and cfg.scorer.params == {"beta": 0.8} and cfg.study is None
+    assert cfg.adapter.alpha == 16 and cfg.train.epochs == 3
     with pytest.raises(ConfigError, match="leaves no steps for pruning"):
         trial_config(setup.data, setup.study, {"schedule.warmup": 0.6, "schedule.final": 0.5}, setup.cli)
 
@@ -158,7 +159,8 @@ def test_a_searched_scorer_drops_the_base_scorers_params() -> None:
     assert cfg.scorer.name == "smoothed_uncertainty" and cfg.scorer.params == {}
     cfg = trial_config(setup.data, setup.study, {"scorer.name": "sensitivity", "scorer.params.beta": 0.5}, setup.cli)
     assert cfg.scorer.params == {"beta": 0.5}
-    cli = prepare(COLA, ["scorer.params.beta=9e-1"])  # the number rule of --set reaches the trials too
+    # the number rule of --set reaches the trials too (on a key the study does not search)
+    cli = prepare(COLA, ["study.space={train.lr: {type: float, low: 1.0e-3, high: 2.0e-3}}", "scorer.params.beta=9e-1"])
     assert cli.base.scorer.params == {"beta": 0.9}
 
 
@@ -179,3 +181,13 @@ def test_a_changed_categorical_is_refused_before_any_trial(tmp_path: Path,
     err = capsys.readouterr().err
     assert "study.space.seed: the choices [0, 1, 2] differ" in err and "--set study.name=cola_v2" in err
     assert len(open_study(first).trials) == 2  # nothing added
+
+
+def test_a_set_of_a_searched_key_is_refused_with_the_fix() -> None:
+    # cola's study searches train.lr: the sampled value would silently replace the --set one
+    message = error(["train.lr=1e-3"])
+    assert message.startswith("--set train.lr=0.001: the study searches 'train.lr' (study.space.train.lr)")
+    assert "--set 'study.space.train.lr={type: categorical, choices: [0.001]}'" in message
+    # the fix it names works, and a key the study does not search is still set
+    setup = prepare(COLA, ["study.space.train.lr={type: categorical, choices: [0.001]}", "train.epochs=1"])
+    assert setup.study.space["train.lr"].choices == [0.001] and setup.base.train.epochs == 1  # type: ignore[union-attr]

@@ -106,32 +106,42 @@ def test_ablation_files_replace_space_sampler_pruner(tmp_path: Path) -> None:
     assert block is not None and block["n_trials"] == 2 and "train.lr" in block["space"]  # inherited
 
 
-def test_grid_resume_requeues_interrupted_points_only(tmp_path: Path) -> None:
-    from dora_lab.study import _trials_to_run, open_study
+def test_grid_points_are_claimed_once_and_interrupted_ones_again(tmp_path: Path) -> None:
+    """A grid trial is created only together with its point (under the storage's lock): nothing is
+    queued ahead, a point held by a running trial is not handed out twice, and a point whose trial
+    was interrupted is free again."""
+    from dora_lab.study import _claim_grid_point, _trials_to_run, open_study
 
     setup = prepare(COLA, [f"output_dir={tmp_path}", "study.sampler=grid", "study.n_trials=null",
                            "study.space={seed: {type: categorical, choices: [0, 1, 2]}}"])
     study = open_study(setup)
-    assert _trials_to_run(setup, study) == 3  # every point queued, so no sampler can skip or repeat one
-    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 3
+    assert _trials_to_run(setup, study) == 3 and study.get_trials() == []  # counted, not queued
 
-    def fail(reason: str) -> None:
-        trial = study.ask()
+    def claim() -> optuna.Trial:
+        trial = _claim_grid_point(setup, study)
+        assert trial is not None
+        return trial
+
+    for reason in ("DivergenceError: training diverged", "interrupted (KeyboardInterrupt / Ctrl-C)"):
+        trial = claim()
         suggest(trial, setup.study.space)
         trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-
-    fail("interrupted (KeyboardInterrupt / Ctrl-C)")  # to be run again
-    fail("DivergenceError: training diverged")  # a result: not run again
-    interrupted, diverged = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    diverged, interrupted = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert (diverged.params["seed"], interrupted.params["seed"]) == (0, 1)  # the grid's order
     assert _trials_to_run(setup, study) == 2  # the interrupted point and the one never started
-    assert _trials_to_run(setup, study) == 2  # asking again queues nothing twice
-    queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
-    assert len(queued) == 2 and interrupted.params in [q.system_attrs["fixed_params"] for q in queued]
-    seen: list[int] = []
-    study.optimize(lambda t: seen.append(suggest(t, setup.study.space)["seed"]) or 0.0, n_trials=2)
-    assert sorted([*seen, diverged.params["seed"]]) == [0, 1, 2] and interrupted.params["seed"] in seen
-    assert _trials_to_run(setup, study) == 0
+    # a queue entry of a held point, left by an older version: recorded as not run, never run
+    study.enqueue_trial({"seed": 0})
+    retry, last = claim(), claim()
+    assert (suggest(retry, setup.study.space), suggest(last, setup.study.space)) == ({"seed": 1}, {"seed": 2})
+    assert study.trials[retry.number].user_attrs["retry_of"] == interrupted.number
+    stray = study.trials[2]
+    assert stray.state == optuna.trial.TrialState.FAIL and "not run" in stray.user_attrs["fail_reason"]
+    assert _claim_grid_point(setup, study) is None  # 1 and 2 are running: nothing is left to hand out
+    for trial in (retry, last):
+        study.tell(trial, 0.0)
+    assert _trials_to_run(setup, study) == 0 and _claim_grid_point(setup, study) is None
+    assert len(study.trials) == 5
 
 
 def test_grid_with_changed_choices_runs_its_new_points(tmp_path: Path) -> None:

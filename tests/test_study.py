@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 from tiny import COLA, make_tiny_model_dir, tiny_overrides
 
 from dora_lab.scorers import SCORERS
-from dora_lab.study import main
+from dora_lab.study import main, open_study, prepare, study_folder
 from dora_lab.study_space import db_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -276,6 +276,20 @@ def test_a_new_study_of_an_old_name_keeps_the_old_runs(env: dict[str, Path]) -> 
         assert child.data.tags["dora_lab.adapter_dir"] == str((folder / "adapter").resolve())
         parent = parents[child.data.tags["mlflow.parentRunId"]]
         assert parent.data.tags["dora_lab.study_uid"] == folder.parent.name
+
+
+def test_a_trial_never_writes_into_a_folder_holding_a_run(env: dict[str, Path]) -> None:
+    cli = args(env, "squatted", 1)
+    setup = prepare(cli[0], cli[2::2])
+    folder = study_folder(setup, open_study(setup)) / "trial-000"  # where trial 0 will run
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text("a run that is not this trial's")
+    assert main(cli) == 1  # its only trial failed
+    (trial,) = load(env, "squatted").trials
+    assert trial.state == optuna.trial.TrialState.FAIL and "already holds a run" in trial.user_attrs["fail_reason"]
+    assert (folder / "metrics.json").read_text() == "a run that is not this trial's"
+    (child,) = one_to_one(load(env, "squatted"), client(env), "squatted")
+    assert child.info.status == "FAILED"
 
 
 def _start(env: dict[str, Path], name: str, out: Path, storage: str, *extra: str) -> subprocess.Popen[bytes]:

@@ -33,6 +33,7 @@ __all__ = [
     "flatten",
     "load_config",
     "load_config_dict",
+    "load_yaml",
 ]
 
 
@@ -198,10 +199,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     if path.resolve() in _seen:
         raise ConfigError(f"config {str(path)!r} includes itself through 'base'")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from exc
+    data = load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"config {str(path)!r} must be a mapping of keys, got {type(data).__name__}")
     plugins = data.get("plugins")
@@ -221,6 +219,43 @@ def _relative_to(config: Path, plugin: Any) -> Any:
     if not isinstance(plugin, str) or not is_plugin_file(plugin) or Path(plugin).expanduser().is_absolute():
         return plugin
     return str((config.parent / plugin).resolve())
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error: YAML keeps
+    the last one and silently drops the first, which is never what the writer meant."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may override on purpose
+                continue
+            try:
+                key = self.construct_object(key_node, deep=True)
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let PyYAML say so
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key {key!r} is written twice (lines "
+                                    f"{first} and {key_node.start_mark.line + 1}); YAML would silently keep only "
+                                    "the last one: remove or rename one of them")
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+def load_yaml(path: str | Path) -> Any:
+    """One YAML file (safe loader), a key written twice refused; :class:`ConfigError` names the file
+    and the line.  Every config file dora_lab reads goes through here."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config {str(path)!r}, {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from exc
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

@@ -356,13 +356,16 @@ def mlflow_parent(source: Any) -> tuple[Any, str, dict[str, str]] | str:
     try:
         from mlflow import MlflowClient
 
-        from .tracking import ROLE_TAG, STUDY_TAG
+        from .tracking import ROLE_TAG, STUDY_TAG, UID_TAG
 
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(source.experiment or source.name)
         if exp is None:
             return f"no MLflow experiment {source.experiment or source.name!r} at {uri}"
         where = f"tags.`{STUDY_TAG}` = '{source.name}' and tags.`{ROLE_TAG}` = 'study'"
+        uid = optuna.load_study(study_name=source.name, storage=source.storage).user_attrs.get(UID_TAG)
+        if uid:  # the parent of this very study, not of an older one of the same name
+            where += f" and tags.`{UID_TAG}` = '{uid}'"
         found = client.search_runs([exp.experiment_id], filter_string=where, max_results=1,
                                    order_by=["attributes.start_time ASC"])
     except Exception as exc:  # MLflow is optional: the report stands without it

@@ -8,9 +8,17 @@ trial is one :func:`dora_lab.train.train_run` of the config with the trial's val
   adds ``study.n_trials`` more trials; numbering continues, the MLflow parent run is found again by
   its tags.  A trial left RUNNING by a killed worker is marked FAIL once its heartbeat is older
   than ``study.grace_period`` (RDB storages).
+- Identity: a new study gets an identity (creation time + random part, :func:`open_study`); its
+  MLflow parent run is matched by it, its trials' folders are
+  ``<output_dir>/studies/<name>/<identity>/trial-NNN``.  A new study of an old name (``optuna.db``
+  deleted, or a new storage with an old ``output_dir``) so never reuses the old parent or folders.
 - Parallel: ``--workers N`` runs N worker processes (this CLI with ``--worker``) on one storage,
   this invocation's trials split between them.  Distributed: give ``study.storage`` a PostgreSQL
   URL and ``study.tracking_uri`` an MLflow server, and run the same command on every machine.
+  Any number of processes may start the same study at once: stores are created under a lock, TPE
+  and random seed trial n with ``seed + n`` (no two processes replay one draw), and a grid point is
+  claimed (queued and asked for) under the storage's lock, so no point runs twice and every Optuna
+  trial has exactly one MLflow run.
 - Data-parallel trials: with ``train.processes: N`` each trial is a ``torchrun`` of N ranks
   (:func:`dora_lab.distributed.run_in_processes`) that this process follows live; ``--workers W``
   gives each worker its own N GPUs when the machine has W x N (else they share them).
@@ -26,12 +34,16 @@ trial is one :func:`dora_lab.train.train_run` of the config with the trial's val
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import signal
 import subprocess
 import sys
+import threading
+import time
+import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +55,7 @@ from .cli import check_writable_folder, refuse
 from .config import ConfigError, RunConfig, apply_overrides, load_config_dict, parse_assignment, read_yaml
 from .data import DataError, load_splits
 from .distributed import gpu_groups, run_in_processes, visible_gpus
+from .locks import store_lock
 from .models import ModelLoadError, check_model
 from .study_space import (
     CategoricalParam,
@@ -56,7 +69,7 @@ from .study_space import (
 )
 from .tasks import get_task
 from .threads import worker_env, worker_threads
-from .tracking import StudyTracker, TrialLogger, markdown_table, safe_url
+from .tracking import UID_TAG, StudyTracker, TrialLogger, markdown_table, safe_url
 
 __all__ = ["StudySetup", "main", "prepare", "run_study"]
 
@@ -75,7 +88,7 @@ class StudySetup:
     storage: str
     tracking_uri: str
     output_dir: Path
-    study_dir: Path  # trials' run folders and the summary
+    study_dir: Path  # <output_dir>/studies/<name>: a folder per study identity (study_folder) inside
     metric: str
 
 
@@ -89,6 +102,11 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
     cfg = load_config_dict(data)
     study = parse_study(cfg.study, cfg.plugins)
     cli = {key: value for key, value in map(parse_assignment, overrides) if not key.startswith("study.")}
+    for key in [k for k in cli if k in study.space]:  # the sampled value would replace it in every trial
+        raise ConfigError(
+            f"--set {key}={cli[key]}: the study searches {key!r} (study.space.{key}), so every trial would "
+            f"replace this value with a sampled one.  To run with this value only, search just it: "
+            f"--set 'study.space.{key}={{type: categorical, choices: [{cli[key]}]}}'; to search it, drop this --set")
     try:
         base = trial_config(data, study, {}, cli)
     except ConfigError as exc:
@@ -104,33 +122,51 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
 
 
 # -- Optuna ---------------------------------------------------------------------------------------
-def open_study(setup: StudySetup, tracker: StudyTracker | None = None, worker: int = 0) -> optuna.Study:
+def open_study(setup: StudySetup, tracker: StudyTracker | None = None) -> optuna.Study:
     """Create or load the study; RDB storages get a heartbeat so dead workers' trials go stale.
-    The sampler's seed is offset by the trials so far and the worker's index (see make_sampler)."""
+
+    Creating happens under the storage's lock (:func:`~dora_lab.locks.store_lock`): processes that
+    start together on a fresh storage neither race through its tables nor give one study two
+    identities.  A new study gets its identity (:data:`~dora_lab.tracking.UID_TAG`: creation time and
+    a random part) as a user attr; its MLflow parent run and its trial folders are named for it, so a
+    new study of an old name (its ``optuna.db`` deleted) never takes over the old one's."""
     s = setup.study
     storage: Any = setup.storage
-    if "://" in storage and not storage.startswith(("redis", "grpc")):
-        if storage.startswith("sqlite:///"):
-            Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    with store_lock(setup.storage):
+        if "://" in storage and not storage.startswith(("redis", "grpc")):
+            def stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+                if tracker is not None:
+                    tracker.mark_failed(trial.user_attrs.get("mlflow_run_id"),
+                                        "worker stopped sending heartbeats (killed?); marked stale")
 
-        def stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            if tracker is not None:
-                tracker.mark_failed(trial.user_attrs.get("mlflow_run_id"),
-                                    "worker stopped sending heartbeats (killed?); marked stale")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    storage, engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {},
+                    heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period,
+                    heartbeat_stale_trial_callback=stale if s.heartbeat_interval else None)
+        study = optuna.create_study(storage=storage, study_name=setup.name, direction=s.direction,
+                                    sampler=make_sampler(s), pruner=make_pruner(s), load_if_exists=True)
+        if UID_TAG not in study.user_attrs:  # new (or made by a dora_lab from before identities)
+            study.set_user_attr(UID_TAG, f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}")
+    _fail_stale(study)
+    return study
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(
-                storage, engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {},
-                heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period,
-                heartbeat_stale_trial_callback=stale if s.heartbeat_interval else None)
-    study = optuna.create_study(storage=storage, study_name=setup.name, direction=s.direction,
-                                sampler=make_sampler(s), pruner=make_pruner(s), load_if_exists=True)
-    study.sampler = make_sampler(s, offset=len(study.get_trials(deepcopy=False)) + 1000 * worker)
+
+def study_uid(study: optuna.Study) -> str:
+    """The study's identity, set by :func:`open_study`."""
+    return str(study.user_attrs[UID_TAG])
+
+
+def study_folder(setup: StudySetup, study: optuna.Study) -> Path:
+    """``<output_dir>/studies/<name>/<identity>``: this study's trial folders and summary."""
+    return setup.study_dir / study_uid(study)
+
+
+def _fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    return study
 
 
 class OptunaReporter(TrainCallback):
@@ -175,23 +211,23 @@ def preflight(cfg: RunConfig) -> None:
     check_model(cfg.model.name)
 
 
-def make_objective(setup: StudySetup, tracker: StudyTracker, parent_id: str,
+def make_objective(setup: StudySetup, study: optuna.Study, tracker: StudyTracker, parent_id: str,
                    progress: bool = False) -> Callable[[optuna.Trial], float]:
+    """One trial: its config, its MLflow child run (always one per trial, even when the trial fails
+    before training), its run folder (named for the study and the trial; never one that holds a
+    run already), training, its value.  Raises what the trial raised, for :func:`_run_trials`."""
     from .train import train_run
 
+    folder = study_folder(setup, study)
+
     def objective(trial: optuna.Trial) -> float:
-        run_dir = setup.study_dir / f"trial-{trial.number:03d}"
+        run_dir = folder / f"trial-{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
         logger: TrialLogger | None = None
         try:
             # inside the try: a space that no longer fits the stored trials (a choice added to a
             # categorical, say) fails here, and the trial must say why
             params = suggest(trial, setup.study.space)
-            if setup.study.sampler.name == "grid":
-                twin = _earlier_twin(trial, params)
-                if twin is not None:  # two workers drew the same point at once: run it only once
-                    trial.set_user_attr("duplicate_of", twin)
-                    raise optuna.TrialPruned(f"grid point already taken by trial {twin}")
             try:
                 cfg, error = trial_config(setup.data, setup.study, params, setup.cli), None
             except ConfigError as exc:
@@ -218,30 +254,53 @@ def make_objective(setup: StudySetup, tracker: StudyTracker, parent_id: str,
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted (KeyboardInterrupt / Ctrl-C)")
-            if logger is not None:
-                logger.finish("INTERRUPTED", reason="interrupted (KeyboardInterrupt / Ctrl-C)")
+            _child(logger, trial).finish("INTERRUPTED", reason="interrupted (KeyboardInterrupt / Ctrl-C)")
             raise
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"[:2000]
             trial.set_user_attr("fail_reason", reason)
-            if logger is not None:
-                logger.finish("FAIL", reason=reason)
+            _child(logger, trial).finish("FAIL", reason=reason)
             if isinstance(exc, ENVIRONMENT_ERRORS):  # not the trial's values: every next trial would fail too
                 print(f"error: trial {trial.number} could not load its data or model; stopping the study.\n"
                       f"{exc}", file=sys.stderr)
-                trial.study.stop()
             raise
+
+    def _child(logger: TrialLogger | None, trial: optuna.Trial) -> TrialLogger:
+        """The trial's MLflow run; created now if the trial failed before it had one (its values did
+        not fit the space), so that Optuna and MLflow stay one to one."""
+        if logger is None:
+            logger = tracker.start_trial(parent_id, trial.number, setup.base, folder / f"trial-{trial.number:03d}")
+            trial.set_user_attr("mlflow_run_id", logger.run_id)
+        return logger
 
     return objective
 
 
-def _earlier_twin(trial: optuna.Trial, params: dict[str, Any]) -> int | None:
-    """The number of an earlier running or complete trial with the same grid point, if any."""
-    states = (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE)
-    for t in trial.study.get_trials(deepcopy=False, states=states):
-        if t.number < trial.number and t.params == params:
-            return t.number
-    return None
+@contextlib.contextmanager
+def _heartbeat(trial: optuna.Trial) -> Iterator[None]:
+    """Record the trial's heartbeat every ``heartbeat_interval`` seconds while it runs (RDB storages
+    with a heartbeat), as ``study.optimize`` does, so that a killed worker's trial goes stale."""
+    storage: Any = trial.storage  # an RDBStorage, wrapped by Optuna in its cache
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+    trial_id = trial._trial_id  # Optuna's own heartbeat thread keys on it too
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _retryable(t: optuna.trial.FrozenTrial) -> bool:
@@ -250,49 +309,100 @@ def _retryable(t: optuna.trial.FrozenTrial) -> bool:
     return t.state == optuna.trial.TrialState.FAIL and (not reason or reason.startswith("interrupted"))
 
 
+def _point(t: optuna.trial.FrozenTrial, keys: Sequence[str]) -> tuple[Any, ...]:
+    values = t.params or t.system_attrs.get("fixed_params", {})  # a queued trial: fixed_params
+    return tuple(values.get(k) for k in keys)
+
+
+def _grid_state(setup: StudySetup, trials: Sequence[optuna.trial.FrozenTrial]
+                ) -> tuple[list[tuple[Any, ...]], set[tuple[Any, ...]]]:
+    """(the grid's points in order, the points a trial holds: queued, running or finished, except
+    a trial interrupted or left by a dead worker, whose point is free to run again)."""
+    keys = sorted(setup.study.space)
+    grid = setup.study.grid()
+    points = list(dict.fromkeys(itertools.product(*(grid[k] for k in keys))))
+    return points, {_point(t, keys) for t in trials if not _retryable(t)}
+
+
 def _trials_to_run(setup: StudySetup, study: optuna.Study) -> int | None:
-    """This invocation's trial count.  For a grid: the points not yet run, at most n_trials; points
-    whose trial was interrupted (Ctrl-C, a killed worker) are queued again."""
+    """This invocation's trial count.  For a grid: the points no trial holds, at most n_trials."""
     n = setup.study.n_trials
     if setup.study.sampler.name != "grid":
         return n
-    keys = sorted(setup.study.space)
-
-    def point(t: optuna.trial.FrozenTrial) -> tuple[Any, ...]:  # a queued trial has its values in fixed_params
-        values = t.params or t.system_attrs.get("fixed_params", {})
-        return tuple(values.get(k) for k in keys)
-
-    trials = study.get_trials(deepcopy=False)
-    covered = {point(t) for t in trials if t.state != optuna.trial.TrialState.FAIL or not _retryable(t)}
-    for t in trials:
-        if _retryable(t) and len(t.params) == len(keys) and point(t) not in covered:
-            study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
-            covered.add(point(t))
-            if "grid_id" in t.system_attrs:  # so that GridSampler treats the retry as that grid point
-                queued = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))[-1]
-                for key in ("grid_id", "search_space"):
-                    study._storage.set_trial_system_attr(queued._trial_id, key, t.system_attrs[key])
-    grid = setup.study.grid()
-    trials = study.get_trials(deepcopy=False)  # with the retries just queued
-    done = {point(t) for t in trials if t.state.is_finished() and not _retryable(t)}
-    taken = done | {point(t) for t in trials if t.state in (optuna.trial.TrialState.WAITING,
-                                                             optuna.trial.TrialState.RUNNING)}
-    for values in itertools.product(*(grid[k] for k in keys)):
-        if values not in taken:  # queue the missing points themselves: no sampler can skip them
-            study.enqueue_trial(dict(zip(keys, values, strict=True)))
-    left = len({tuple(p) for p in itertools.product(*(grid[k] for k in keys))} - done)  # points dropped from the grid do not count
+    points, taken = _grid_state(setup, study.get_trials(deepcopy=False))
+    left = len([p for p in points if p not in taken])  # points dropped from the grid do not count
     return left if n is None else min(n, left)
 
 
+def _claim_grid_point(setup: StudySetup, study: optuna.Study) -> optuna.Trial | None:
+    """The next grid trial, or ``None`` when every point is held.  Choosing the point and creating
+    its trial happen in one step under the storage's lock, so two processes never take one point
+    and no trial is ever created that has no point to run (what made the duplicate PRUNED trials)."""
+    keys = sorted(setup.study.space)
+    with store_lock(setup.storage, f"optuna:{setup.name}"):
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+            if waiting:  # a queue entry left behind (an older dora_lab, a process killed mid-claim)
+                mine = _point(waiting[0], keys)
+                others = {_point(t, keys) for t in trials if t.number != waiting[0].number and not _retryable(t)}
+                trial = study.ask()  # pops the oldest waiting trial: waiting[0]
+                if mine not in others:
+                    return trial
+                trial.set_user_attr("fail_reason", "a second queue entry for a grid point another trial holds "
+                                                   "(left by an older dora_lab); not run")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            points, taken = _grid_state(setup, trials)
+            free = [p for p in points if p not in taken]
+            if not free:
+                return None
+            retry = [t.number for t in trials if _retryable(t) and _point(t, keys) == free[0]]
+            study.enqueue_trial(dict(zip(keys, free[0], strict=True)),
+                                user_attrs={"retry_of": retry[-1]} if retry else None)
+            return study.ask()  # pops the trial just queued: no other is waiting
+
+
+def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[optuna.Trial], float],
+                n_trials: int | None) -> None:
+    """Ask, run and tell up to ``n_trials`` trials (``None``: no limit) until ``study.timeout``; a grid
+    also stops when no point is left.  A failed trial is recorded FAIL and the next one runs, except
+    after a data or model error (every next trial would fail too); Ctrl-C records FAIL and stops."""
+    started, ran = time.monotonic(), 0
+    while n_trials is None or ran < n_trials:
+        if setup.study.timeout is not None and time.monotonic() - started >= setup.study.timeout:
+            return
+        _fail_stale(study)
+        with warnings.catch_warnings():  # Optuna's note that heartbeats come with optimize(): _heartbeat beats
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            trial = _claim_grid_point(setup, study) if setup.study.sampler.name == "grid" else study.ask()
+        if trial is None:
+            return
+        ran += 1
+        with _heartbeat(trial):
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            except KeyboardInterrupt:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            except Exception as exc:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                if isinstance(exc, ENVIRONMENT_ERRORS):
+                    return
+            else:
+                study.tell(trial, value)
+
+
 def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = None, progress: bool = False,
-             tracker: StudyTracker | None = None, study: optuna.Study | None = None, worker: int = 0) -> None:
-    """Run ``n_trials`` trials in this process (``None``: until ``study.timeout``)."""
+             tracker: StudyTracker | None = None, study: optuna.Study | None = None) -> None:
+    """Run ``n_trials`` trials in this process (``None``: until ``study.timeout``, or a grid's end)."""
     tracker = tracker or _tracker(setup)
-    study = study or open_study(setup, tracker, worker)
-    parent_id = parent_id or tracker.parent_run(_parent_tags(setup))
+    study = study or open_study(setup, tracker)
+    parent_id = parent_id or tracker.parent_run(study_uid(study), _parent_tags(setup))
     if n_trials is None or n_trials > 0:
-        study.optimize(make_objective(setup, tracker, parent_id, progress), n_trials=n_trials,
-                       timeout=setup.study.timeout, catch=(Exception,))
+        _run_trials(setup, study, make_objective(setup, study, tracker, parent_id, progress), n_trials)
 
 
 def _tracker(setup: StudySetup) -> StudyTracker:
@@ -368,7 +478,7 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     tracker = _tracker(setup)
     study = open_study(setup, tracker)
     _check_space_unchanged(setup, study)
-    parent_id = tracker.parent_run(_parent_tags(setup))
+    parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup))
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
         study.set_user_attr(key, value)
@@ -384,12 +494,12 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
         elif n_trials != 0:
             interrupted, worker_failed = _run_workers(setup, n_trials, workers, parent_id)
             left = 0 if interrupted else _trials_to_run(setup, open_study(setup, tracker))
-            if setup.study.sampler.name == "grid" and left:  # points lost to duplicate draws
+            if setup.study.sampler.name == "grid" and left:  # points a failed worker left
                 optimize(setup, left, parent_id, tracker=tracker, study=open_study(setup, tracker))
     except KeyboardInterrupt:
         interrupted = True
     study = open_study(setup, tracker)  # fresh trials, from every worker
-    rows = tracker.summarize(parent_id, study, setup.metric, setup.study_dir / "summary",
+    rows = tracker.summarize(parent_id, study, setup.metric, study_folder(setup, study) / "summary",
                              status="KILLED" if interrupted else "FINISHED")
     print_summary(setup, study, rows)
     if interrupted:
@@ -397,8 +507,7 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
         return 130
     if worker_failed:
         return 1
-    ran = [t for t in study.trials if t.state.is_finished() and t.number not in finished_before
-           and "duplicate_of" not in t.user_attrs]  # a pruned duplicate grid draw is no result
+    ran = [t for t in study.trials if t.state.is_finished() and t.number not in finished_before]
     if ran and all(t.state == optuna.trial.TrialState.FAIL for t in ran):
         print(f"error: all {len(ran)} trial(s) of this run failed; their reasons are in the table above "
               "(and in each MLflow run's fail_reason tag).", file=sys.stderr)
@@ -431,7 +540,7 @@ def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, A
         best = study.best_trial
         print(f"best: trial {best.number}, {setup.metric} = {best.value:.4f}, "
               f"{', '.join(f'{k}={v}' for k, v in best.params.items())}\n      run folder {best.user_attrs.get('run_dir')}")
-    print(f"summary (table, plots): {setup.study_dir / 'summary'}")
+    print(f"summary (table, plots): {study_folder(setup, study) / 'summary'}")
     if setup.tracking_uri.startswith(("http://", "https://")):
         print(f"MLflow: open {setup.tracking_uri} (experiment {setup.study.experiment or setup.name!r})")
     else:
@@ -462,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        optimize(setup, args.n_trials, args.parent_run_id, progress=False, worker=args.worker)
+        optimize(setup, args.n_trials, args.parent_run_id, progress=False)
     except KeyboardInterrupt:
         return 130
     return 0

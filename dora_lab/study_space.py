@@ -34,17 +34,16 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import optuna
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from .config import ConfigError, RunConfig, load_config_dict, set_values
+from .config import ConfigError, RunConfig, load_config_dict, load_yaml, set_values
 
-__all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "db_url", "make_pruner", "make_sampler",
+__all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "TrialSeeded", "db_url", "make_pruner", "make_sampler",
            "parse_study", "read_study_block", "suggest", "trial_config"]
 
 Primitive = bool | int | float | str | None
@@ -347,7 +346,7 @@ def read_study_block(path: str | Path) -> dict[str, Any] | None:
     chain: list[dict[str, Any]] = []
     file = Path(path)
     while True:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = load_yaml(file)
         if not isinstance(data, dict):
             return None
         chain.append(data)
@@ -396,26 +395,60 @@ def trial_config(base: Mapping[str, Any], study: StudyConfig, params: Mapping[st
     return load_config_dict(data)
 
 
-def make_sampler(study: StudyConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
-    """The sampler, seeded with ``seed + offset``: the study runner passes the number of trials
-    already in the study (plus 1000 x the worker's index), so that a resumed study or a second
-    worker does not replay the first random draws of the same seed."""
+def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
+    """The sampler.  TPE and random draw trial ``n`` with the seed ``seed + n`` (see
+    :class:`TrialSeeded`): reproducible, and two processes on one storage (workers, two identical
+    commands started together, a resumed study) never replay each other's draws, since no two
+    trials share a number.  A grid's points are claimed in order by the study runner."""
     s = study.sampler
-    seed = None if s.seed is None else s.seed + offset
     if isinstance(s, TPESampler):
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials,
-                                          multivariate=s.multivariate)
+        tpe = s
+        return TrialSeeded(lambda seed: optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=tpe.n_startup_trials, multivariate=tpe.multivariate), s.seed)
     if isinstance(s, RandomSampler):
-        return optuna.samplers.RandomSampler(seed=seed)
-    # Never offset a grid's seed: it orders the grid, and every worker (and every resume) must
-    # agree on which point a grid id names, or two trials run the same point.
+        return TrialSeeded(lambda seed: optuna.samplers.RandomSampler(seed=seed), s.seed)
     return _RunnerGridSampler(study.grid(), seed=s.seed)
 
 
+class TrialSeeded(optuna.samplers.BaseSampler):
+    """A sampler made afresh for every trial with the seed ``seed + trial.number`` (``seed=None``:
+    unseeded, made once).  Optuna calls :meth:`before_trial` once the trial exists (its number
+    known) and before any value is sampled, relative ones included; TPE and random keep no state
+    between trials but their random generator, so nothing else changes."""
+
+    def __init__(self, make: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None) -> None:
+        self._make, self._seed = make, seed
+        self._inner = make(seed)
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self._seed is not None:
+            self._inner = self._make(self._seed + trial.number)
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial
+                                    ) -> dict[str, optuna.distributions.BaseDistribution]:
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                        search_space: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, Any]:
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
+                           param_distribution: optuna.distributions.BaseDistribution) -> Any:
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: optuna.trial.TrialState,
+                    values: Sequence[float] | None) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
 class _RunnerGridSampler(optuna.samplers.GridSampler):
-    """A GridSampler that never calls ``study.stop()``: the runner queues the missing points and
-    asks for exactly that many trials, so a grid whose ids were used up by repeated points (or a
-    resumed study) still runs the points it queued."""
+    """A GridSampler that never calls ``study.stop()``.  The study runner claims every grid trial
+    with its point's values (queued and asked for under a lock), so this sampler never picks a point;
+    the runner alone decides when the grid is done."""
 
     def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
                     state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:

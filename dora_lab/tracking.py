@@ -7,7 +7,12 @@ another machine in the distributed mode) can log a child under the same parent: 
 the tag ``mlflow.parentRunId``, which is what ``mlflow.start_run(nested=True)`` sets too.
 
 The parent is found again by its tags (``dora_lab.study`` = the study name, ``dora_lab.role`` =
-``study``), so running a study again continues under the same parent instead of adding one.
+``study``, and ``dora_lab.study_uid`` = the Optuna study's identity: its creation time and a random
+part, kept in the study's user attrs), so running a study again continues under the same parent
+instead of adding one, and a new study of the same name (its ``optuna.db`` deleted, or a new storage
+with the old ``output_dir``) gets a parent of its own instead of adopting the old one's.
+A fresh SQLite or file store is created under a lock (:mod:`dora_lab.locks`), so processes that start
+together on a new folder do not race through MLflow's migrations.
 
 Child runs get the trial's flattened resolved config as params; tags ``task model scorer schedule
 budget seed trial state`` (+ ``fail_reason`` or ``prune_reason``, ``dora_lab.adapter_dir``,
@@ -39,11 +44,13 @@ from mlflow.exceptions import MlflowException
 from . import plots
 from .callbacks import RunInfo, RunResult, TrainCallback
 from .config import RunConfig, flatten
+from .locks import store_lock
 
-__all__ = ["StudyTracker", "TrialLogger", "trial_rows"]
+__all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "trial_rows"]
 
 STUDY_TAG = "dora_lab.study"
 ROLE_TAG = "dora_lab.role"
+UID_TAG = "dora_lab.study_uid"
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 _STEP_KEYS = ("train_loss", "lr", "active_components", "active_parameters", "budget")
 
@@ -177,9 +184,10 @@ class StudyTracker:
     def __init__(self, tracking_uri: str, experiment: str, study_name: str,
                  artifact_root: Path | None = None) -> None:
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
         self.study_name = study_name
-        self.experiment_id = self._experiment(experiment, artifact_root)
+        with store_lock(tracking_uri, "mlflow"):  # the first access creates (migrates) a new store
+            self.client = MlflowClient(tracking_uri)
+            self.experiment_id = self._experiment(experiment, artifact_root)
 
     def _experiment(self, name: str, artifact_root: Path | None) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -196,20 +204,22 @@ class StudyTracker:
             return str(exp.experiment_id)
 
     # -- the parent run ---------------------------------------------------------------------------
-    def _parents(self) -> list[Any]:
+    def _parents(self, uid: str) -> list[Any]:
         return list(self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{STUDY_TAG}` = '{self.study_name}' and tags.`{ROLE_TAG}` = 'study'",
+            filter_string=f"tags.`{STUDY_TAG}` = '{self.study_name}' and tags.`{ROLE_TAG}` = 'study' "
+                          f"and tags.`{UID_TAG}` = '{uid}'",
             order_by=["attributes.start_time ASC"], max_results=50))
 
-    def parent_run(self, tags: Mapping[str, str] = {}) -> str:  # noqa: B006 - read only
-        """The study's parent run id: found by its tags, or created (once, even when several
-        processes race: the oldest wins and the others delete theirs)."""
-        found = self._parents()
+    def parent_run(self, uid: str, tags: Mapping[str, str] = {}) -> str:  # noqa: B006 - read only
+        """The parent run of the Optuna study whose identity is ``uid``: found by its tags, or
+        created (once, even when several processes race: the oldest wins and the others delete
+        theirs).  A parent of another study with the same name is never reused."""
+        found = self._parents(uid)
         if not found:
             run = self.client.create_run(self.experiment_id, run_name=self.study_name,
-                                         tags={STUDY_TAG: self.study_name, ROLE_TAG: "study", **tags})
-            found = self._parents()
+                                         tags={STUDY_TAG: self.study_name, ROLE_TAG: "study", UID_TAG: uid, **tags})
+            found = self._parents(uid)
             if found and found[0].info.run_id != run.info.run_id:
                 self.client.delete_run(run.info.run_id)
             elif not found:

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -42,11 +43,41 @@ from .scorers import make_scorer
 from .seeding import seed_everything
 from .tasks import get_task
 
-__all__ = ["DivergenceError", "main", "train_run"]
+__all__ = ["RUN_FILES", "DivergenceError", "RunDirExists", "claim_run_dir", "main", "train_run"]
 
 
 class DivergenceError(RuntimeError):
     """The loss became NaN/inf or exceeded ``train.divergence_loss``."""
+
+
+class RunDirExists(FileExistsError):
+    """The run folder already holds a run's files; nothing was written."""
+
+
+# every file and folder train_run writes into its run folder (plots/: the tracker's pictures)
+RUN_FILES = ("config.yaml", "metrics.json", "allocation.json", "scores.json", "budget.json", "adapter", "plots")
+
+
+def check_run_dir(run_dir: Path, overwrite: bool = False) -> list[Path]:
+    """The files of a run already in ``run_dir`` (to be removed with ``overwrite``); without
+    ``overwrite`` a folder holding a run raises :class:`RunDirExists`.  Creates nothing."""
+    old = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if old and not overwrite:
+        raise RunDirExists(f"run folder {str(run_dir)!r} already holds a run ({', '.join(p.name for p in old)}); "
+                           "choose another folder, or pass --overwrite to replace that run")
+    return old
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool = False) -> None:
+    """Make ``run_dir`` ready for a new run (:func:`check_run_dir`; with ``overwrite`` exactly the old
+    run's files are removed, other files in the folder stay): a new run never sits beside an old run's
+    adapter or metrics."""
+    for path in check_run_dir(run_dir, overwrite):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _micro_batches(loader: Any, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -66,13 +97,18 @@ def train_run(
     run_dir: str | Path | None = None,
     callbacks: Sequence[TrainCallback] = (),
     progress: bool = True,
+    overwrite: bool = False,
 ) -> RunResult:
-    """Train one model as ``cfg`` says; write its files to ``run_dir``; return what it measured."""
+    """Train one model as ``cfg`` says; write its files to ``run_dir``; return what it measured.
+    A ``run_dir`` that already holds a run is refused (:class:`RunDirExists`) before any work, unless
+    ``overwrite``, which first removes that run's files."""
     t0 = time.time()
     device = distributed.init_from_env(resolve_device(cfg.model.device))  # one process: unchanged
     rank0, shards, shard = distributed.is_main(), distributed.world_size(), distributed.rank()
     callbacks = callbacks if rank0 else ()  # the other ranks report through rank 0
     run_dir = distributed.broadcast_object(Path(run_dir) if run_dir is not None else _default_run_dir(cfg))
+    if rank0:
+        check_run_dir(run_dir, overwrite)  # refused before any work; the folder is made further down
     seed_everything(cfg.seed)
     spec = get_task(cfg.task.name)
 
@@ -121,7 +157,7 @@ def train_run(
                               f"{len(adapter_layers(model))} adapted matrices): {exc}") from None
     # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
     if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(run_dir, overwrite)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
     ddp = distributed.wrap(model, device)  # the model itself for one process
     if shard > 0:
@@ -265,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted path), e.g. --set train.lr=3e-4")
     parser.add_argument("--run-dir", default=None, help="where to write the run's files")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
     args = parser.parse_args(argv)
     # bad input (config, data, model, output folder) exits 2 with nothing stored; a failure once
     # training runs exits 1 and says what the run folder keeps (dora_lab.cli)
@@ -272,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         run_dir = Path(args.run_dir) if args.run_dir is not None else _default_run_dir(cfg)
         check_writable_folder(run_dir, "--run-dir" if args.run_dir is not None else "output_dir")
-    except ConfigError as exc:
+        check_run_dir(run_dir, args.overwrite)  # refused before any work, not after training
+    except (ConfigError, RunDirExists) as exc:
         return refuse(exc)
     if cfg.train.processes > 1 and not distributed.launched():  # relaunch this command under torchrun
         argv = list(sys.argv[1:] if argv is None else argv)
@@ -287,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # a study trial run in several processes follows rank 0's hooks through this file
         events = [EventLog(os.environ["DORA_LAB_EVENTS"])] if os.environ.get("DORA_LAB_EVENTS") else []
-        result = train_run(cfg, run_dir, events)
+        result = train_run(cfg, run_dir, events, overwrite=args.overwrite)
     except INPUT_ERRORS as exc:  # train_run raises these before it makes the run folder
         return refuse(exc)
     except KeyboardInterrupt as exc:

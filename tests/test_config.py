@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dora_lab.config import ConfigError, apply_overrides, flatten, load_config, load_config_dict
+from dora_lab.config import ConfigError, apply_overrides, flatten, load_config, load_config_dict, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,3 +80,20 @@ def test_a_new_scorer_does_not_inherit_the_old_ones_params(tmp_path: Path) -> No
     assert cfg.scorer.params == {"beta1": 0.5}
     (tmp_path / "c.yaml").write_text(f"base: {REPO / 'configs' / 'cola.yaml'}\nscorer: {{name: sensitivity}}\n")
     assert load_config(tmp_path / "c.yaml").scorer.params == {}
+
+
+def test_a_key_written_twice_is_refused_with_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "twice.yaml").write_text("seed: 1\ntrain:\n  lr: 0.01\n  epochs: 2\n  lr: 0.02\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "twice.yaml")
+    assert str(err.value) == (f"config {str(tmp_path / 'twice.yaml')!r}, line 5: key 'lr' is written twice (lines 3 "
+                              "and 5); YAML would silently keep only the last one: remove or rename one of them")
+    # in a base file too, and at the top level
+    (tmp_path / "base.yaml").write_text("seed: 1\nseed: 2\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match=r"base.yaml', line 2: key 'seed' is written twice \(lines 1 and 2\)"):
+        load_config(tmp_path / "child.yaml")
+    # a YAML merge key may override on purpose; the same key in two mappings is no repeat
+    (tmp_path / "merge.yaml").write_text("x: &d {lr: 0.01, epochs: 2}\ntrain:\n  <<: *d\n  lr: 0.03\n")
+    data = load_yaml(tmp_path / "merge.yaml")
+    assert data["train"] == {"lr": 0.03, "epochs": 2}

@@ -26,10 +26,10 @@ import optuna
 import pytest
 import torch
 from mlflow import MlflowClient
-from tiny import make_tiny_model_dir, tiny_overrides
+from tiny import COLA, make_tiny_model_dir, tiny_overrides
 
 from dora_lab.scorers import SCORERS
-from dora_lab.study import main
+from dora_lab.study import main, open_study, prepare, study_folder
 from dora_lab.study_space import db_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
 
 
 def args(env: dict[str, Path], name: str, n: int, *extra: str) -> list[str]:
-    sets = [*tiny_overrides(env["model"], env["out"], train=64, evals=64), "train.eval_every=4",
+    # cola's study searches schedule.interval: a --set of it would be refused (tiny_overrides sets it)
+    tiny = [s for s in tiny_overrides(env["model"], env["out"], train=64, evals=64) if not s.startswith("schedule.interval=")]
+    sets = [*tiny, "train.eval_every=4",
             f"study.name={name}", f"study.n_trials={n}", *extra]
     return [COLA_YAML, *[x for s in sets for x in ("--set", s)]]
 
@@ -180,7 +182,10 @@ def test_missing_data_or_model_is_one_error_not_a_failed_study(env: dict[str, Pa
     # a trial's own data folder is missing: that trial fails and the study stops, since every later
     # trial would fail alike; all of this run's trials failed, so the exit code says so
     space = f"study.space={{task.data_dir: {{type: categorical, choices: [{missing}]}}}}"
-    assert main(args(env, "trialdata", 3, space)) == 1
+    # the base's data folder comes through study.overrides: a --set of a searched key is refused
+    trialdata = args(env, "trialdata", 3, space, f"study.overrides.task.data_dir={COLA}")
+    i = next(i for i, a in enumerate(trialdata) if a.startswith("task.data_dir="))
+    assert main(trialdata[:i - 1] + trialdata[i + 1:]) == 1
     study = load(env, "trialdata")
     assert [t.state.name for t in study.trials] == ["FAIL"]
     assert study.trials[0].user_attrs["fail_reason"].startswith("DataError")
@@ -210,18 +215,128 @@ def test_two_workers_share_one_storage_and_parent(env: dict[str, Path]) -> None:
     assert len(workers) == 2 and f"{socket.gethostname()}:{os.getpid()}" not in workers
 
 
-def test_a_grid_on_two_workers_runs_every_point_exactly_once(env: dict[str, Path]) -> None:
-    grid = ["study.sampler={name: grid, seed: 0}", "study.pruner=none", "study.n_trials=null",
-            "study.timeout=null", "study.space={seed: {type: categorical, choices: [0, 1, 2, 3]}}"]
-    assert main([*args(env, "grid_workers", 1, *grid), "--workers", "2"]) == 0
-    study = load(env, "grid_workers")
-    done = sorted(t.params["seed"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
-    assert done == [0, 1, 2, 3]  # a point two workers drew at once is pruned as a duplicate, not rerun
+GRID4 = ["study.sampler={name: grid, seed: 0}", "study.pruner=none", "study.n_trials=null", "study.timeout=null",
+         "study.space={seed: {type: categorical, choices: [0, 1, 2, 3]}}"]
+
+
+def one_to_one(study: optuna.Study, c: MlflowClient, name: str) -> list[Any]:
+    """Every Optuna trial has exactly one MLflow child run of the study's parent, with its number
+    and state, and there is no other child; the children, in trial order."""
+    _, children = runs(c, name)
+    by_id = {r.info.run_id: r for r in children}
+    assert len(by_id) == len(children) == len(study.trials), (len(children), len(study.trials))
+    out = []
     for t in study.trials:
-        if t.state == optuna.trial.TrialState.PRUNED:
-            assert "duplicate_of" in t.user_attrs
-    assert main([*args(env, "grid_workers", 1, *grid), "--workers", "2"]) == 0  # finished: runs nothing
+        run = by_id[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["trial"] == str(t.number) and run.data.tags["state"] == t.state.name
+        out.append(run)
+    return out
+
+
+def test_a_grid_on_two_workers_runs_every_point_exactly_once(env: dict[str, Path]) -> None:
+    assert main([*args(env, "grid_workers", 1, *GRID4), "--workers", "2"]) == 0
+    study = load(env, "grid_workers")
+    # each point claimed once: four trials, no duplicate draw pruned, each with its MLflow run
+    assert sorted(t.params["seed"] for t in study.trials) == [0, 1, 2, 3]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    one_to_one(study, client(env), "grid_workers")
+    assert main([*args(env, "grid_workers", 1, *GRID4), "--workers", "2"]) == 0  # finished: runs nothing
     assert len(load(env, "grid_workers").trials) == len(study.trials)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_new_study_of_an_old_name_keeps_the_old_runs(env: dict[str, Path]) -> None:
+    """optuna.db gone (here: a new storage, the same output_dir): the new study's trial 0 must not
+    overwrite the old trial 0's folder nor log under the old parent run."""
+    first = ["study.n_trials=1", f"study.storage=sqlite:///{env['root'] / 'reborn-1.db'}"]
+    assert main(args(env, "reborn", 1, *first)) == 0
+    (old_trial,) = load(env, "reborn", storage=first[1].split("=", 1)[1]).trials
+    old_dir = Path(old_trial.user_attrs["run_dir"])
+    old_files = _files(old_dir)
+    assert "adapter/adapter_config.json" in old_files
+    second = ["study.n_trials=1", f"study.storage=sqlite:///{env['root'] / 'reborn-2.db'}"]
+    assert main(args(env, "reborn", 1, *second)) == 0
+    (new_trial,) = load(env, "reborn", storage=second[1].split("=", 1)[1]).trials
+    new_dir = Path(new_trial.user_attrs["run_dir"])
+    assert new_trial.number == old_trial.number == 0 and new_dir != old_dir
+    assert _files(old_dir) == old_files  # the old run's adapter and metrics untouched
+    c = client(env)
+    exp = c.get_experiment_by_name("reborn")
+    assert exp is not None
+    found = c.search_runs([exp.experiment_id])
+    parents = {r.info.run_id: r for r in found if r.data.tags["dora_lab.role"] == "study"}
+    assert len(parents) == 2  # one per study, each matched by the study's identity
+    for trial, folder in ((old_trial, old_dir), (new_trial, new_dir)):
+        child = c.get_run(trial.user_attrs["mlflow_run_id"])
+        siblings = [r for r in found if r.data.tags.get("mlflow.parentRunId") == child.data.tags["mlflow.parentRunId"]]
+        assert len(siblings) == 1  # no parent with two children called trial-000
+        assert child.data.tags["dora_lab.adapter_dir"] == str((folder / "adapter").resolve())
+        parent = parents[child.data.tags["mlflow.parentRunId"]]
+        assert parent.data.tags["dora_lab.study_uid"] == folder.parent.name
+
+
+def test_a_trial_never_writes_into_a_folder_holding_a_run(env: dict[str, Path]) -> None:
+    cli = args(env, "squatted", 1)
+    setup = prepare(cli[0], cli[2::2])
+    folder = study_folder(setup, open_study(setup)) / "trial-000"  # where trial 0 will run
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text("a run that is not this trial's")
+    assert main(cli) == 1  # its only trial failed
+    (trial,) = load(env, "squatted").trials
+    assert trial.state == optuna.trial.TrialState.FAIL and "already holds a run" in trial.user_attrs["fail_reason"]
+    assert (folder / "metrics.json").read_text() == "a run that is not this trial's"
+    (child,) = one_to_one(load(env, "squatted"), client(env), "squatted")
+    assert child.info.status == "FAILED"
+
+
+def _start(env: dict[str, Path], name: str, out: Path, storage: str, *extra: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "dora_lab.study",
+           *args(env, name, 1, f"output_dir={out}", f"study.storage={storage}", *extra)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+STORES = [pytest.param("sqlite", id="sqlite"),
+          pytest.param("postgres", id="postgres", marks=[pytest.mark.postgres, pytest.mark.skipif(
+              not os.environ.get("DORA_LAB_TEST_POSTGRES"), reason="DORA_LAB_TEST_POSTGRES is not set "
+              "(scripts/ci_postgres.sh starts a server and prints it)")])]
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_identical_studies_started_together(env: dict[str, Path], store: str) -> None:
+    """Four real processes at once on a fresh folder (so MLflow's store, and with SQLite Optuna's, is
+    created by all of them together): two identical TPE studies and two identical grid studies."""
+    out = env["root"] / f"together-{store}"
+    tag = uuid.uuid4().hex[:6]
+    storage = db_url(os.environ["DORA_LAB_TEST_POSTGRES"]) if store == "postgres" else f"sqlite:///{out / 'optuna.db'}"
+    tpe, grid = f"tpe-{tag}", f"grid-{tag}"
+    procs = [_start(env, tpe, out, storage, "study.n_trials=2"), _start(env, tpe, out, storage, "study.n_trials=2"),
+             _start(env, grid, out, storage, *GRID4), _start(env, grid, out, storage, *GRID4)]
+    try:
+        outputs = [p.communicate(timeout=600)[0].decode() for p in procs]
+        for p, text in zip(procs, outputs, strict=True):
+            assert p.returncode == 0, text
+        c = client(env, f"sqlite:///{out / 'mlflow.db'}")
+        # TPE: trial n draws with seed + n, so the two processes never train the same values
+        study = optuna.load_study(study_name=tpe, storage=storage)
+        assert len(study.trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 4
+        one_to_one(study, c, tpe)
+        # grid: every point once, no duplicate (no PRUNED twin, no WAITING leftover), one MLflow run each
+        study = optuna.load_study(study_name=grid, storage=storage)
+        assert sorted(t.params["seed"] for t in study.trials) == [0, 1, 2, 3]
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+        one_to_one(study, c, grid)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        if store == "postgres":
+            for name in (tpe, grid):
+                with contextlib.suppress(KeyError):
+                    optuna.delete_study(study_name=name, storage=storage)
 
 
 def _cli(env: dict[str, Path], name: str, *extra: str) -> subprocess.Popen[bytes]:

@@ -73,11 +73,12 @@ def test_nested_and_dotted_keys_mean_the_same() -> None:
 
 
 def test_trial_config_order_file_overrides_cli_params() -> None:
-    setup = prepare(COLA, ["train.epochs=3", "adapter.r0=4"])
+    setup = prepare(COLA, ["train.epochs=3", "adapter.alpha=16"])
     assert setup.base.train.epochs == 3  # the command line wins over study.overrides (2)
     assert prepare(COLA).base.train.epochs == 2  # study.overrides (2) over the file (3)
     cfg = trial_config(setup.data, setup.study, {"adapter.r0": 5, "scorer.params.beta": 0.8}, setup.cli)
     assert cfg.adapter.r0 == 5 and cfg.scorer.params == {"beta": 0.8} and cfg.study is None
+    assert cfg.adapter.alpha == 16 and cfg.train.epochs == 3
     with pytest.raises(ConfigError, match="leaves no steps for pruning"):
         trial_config(setup.data, setup.study, {"schedule.warmup": 0.6, "schedule.final": 0.5}, setup.cli)
 
@@ -105,32 +106,42 @@ def test_ablation_files_replace_space_sampler_pruner(tmp_path: Path) -> None:
     assert block is not None and block["n_trials"] == 2 and "train.lr" in block["space"]  # inherited
 
 
-def test_grid_resume_requeues_interrupted_points_only(tmp_path: Path) -> None:
-    from dora_lab.study import _trials_to_run, open_study
+def test_grid_points_are_claimed_once_and_interrupted_ones_again(tmp_path: Path) -> None:
+    """A grid trial is created only together with its point (under the storage's lock): nothing is
+    queued ahead, a point held by a running trial is not handed out twice, and a point whose trial
+    was interrupted is free again."""
+    from dora_lab.study import _claim_grid_point, _trials_to_run, open_study
 
     setup = prepare(COLA, [f"output_dir={tmp_path}", "study.sampler=grid", "study.n_trials=null",
                            "study.space={seed: {type: categorical, choices: [0, 1, 2]}}"])
     study = open_study(setup)
-    assert _trials_to_run(setup, study) == 3  # every point queued, so no sampler can skip or repeat one
-    assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 3
+    assert _trials_to_run(setup, study) == 3 and study.get_trials() == []  # counted, not queued
 
-    def fail(reason: str) -> None:
-        trial = study.ask()
+    def claim() -> optuna.Trial:
+        trial = _claim_grid_point(setup, study)
+        assert trial is not None
+        return trial
+
+    for reason in ("DivergenceError: training diverged", "interrupted (KeyboardInterrupt / Ctrl-C)"):
+        trial = claim()
         suggest(trial, setup.study.space)
         trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
-
-    fail("interrupted (KeyboardInterrupt / Ctrl-C)")  # to be run again
-    fail("DivergenceError: training diverged")  # a result: not run again
-    interrupted, diverged = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    diverged, interrupted = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert (diverged.params["seed"], interrupted.params["seed"]) == (0, 1)  # the grid's order
     assert _trials_to_run(setup, study) == 2  # the interrupted point and the one never started
-    assert _trials_to_run(setup, study) == 2  # asking again queues nothing twice
-    queued = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
-    assert len(queued) == 2 and interrupted.params in [q.system_attrs["fixed_params"] for q in queued]
-    seen: list[int] = []
-    study.optimize(lambda t: seen.append(suggest(t, setup.study.space)["seed"]) or 0.0, n_trials=2)
-    assert sorted([*seen, diverged.params["seed"]]) == [0, 1, 2] and interrupted.params["seed"] in seen
-    assert _trials_to_run(setup, study) == 0
+    # a queue entry of a held point, left by an older version: recorded as not run, never run
+    study.enqueue_trial({"seed": 0})
+    retry, last = claim(), claim()
+    assert (suggest(retry, setup.study.space), suggest(last, setup.study.space)) == ({"seed": 1}, {"seed": 2})
+    assert study.trials[retry.number].user_attrs["retry_of"] == interrupted.number
+    stray = study.trials[2]
+    assert stray.state == optuna.trial.TrialState.FAIL and "not run" in stray.user_attrs["fail_reason"]
+    assert _claim_grid_point(setup, study) is None  # 1 and 2 are running: nothing is left to hand out
+    for trial in (retry, last):
+        study.tell(trial, 0.0)
+    assert _trials_to_run(setup, study) == 0 and _claim_grid_point(setup, study) is None
+    assert len(study.trials) == 5
 
 
 def test_grid_with_changed_choices_runs_its_new_points(tmp_path: Path) -> None:
@@ -158,7 +169,8 @@ def test_a_searched_scorer_drops_the_base_scorers_params() -> None:
     assert cfg.scorer.name == "smoothed_uncertainty" and cfg.scorer.params == {}
     cfg = trial_config(setup.data, setup.study, {"scorer.name": "sensitivity", "scorer.params.beta": 0.5}, setup.cli)
     assert cfg.scorer.params == {"beta": 0.5}
-    cli = prepare(COLA, ["scorer.params.beta=9e-1"])  # the number rule of --set reaches the trials too
+    # the number rule of --set reaches the trials too (on a key the study does not search)
+    cli = prepare(COLA, ["study.space={train.lr: {type: float, low: 1.0e-3, high: 2.0e-3}}", "scorer.params.beta=9e-1"])
     assert cli.base.scorer.params == {"beta": 0.9}
 
 
@@ -179,3 +191,13 @@ def test_a_changed_categorical_is_refused_before_any_trial(tmp_path: Path,
     err = capsys.readouterr().err
     assert "study.space.seed: the choices [0, 1, 2] differ" in err and "--set study.name=cola_v2" in err
     assert len(open_study(first).trials) == 2  # nothing added
+
+
+def test_a_set_of_a_searched_key_is_refused_with_the_fix() -> None:
+    # cola's study searches train.lr: the sampled value would silently replace the --set one
+    message = error(["train.lr=1e-3"])
+    assert message.startswith("--set train.lr=0.001: the study searches 'train.lr' (study.space.train.lr)")
+    assert "--set 'study.space.train.lr={type: categorical, choices: [0.001]}'" in message
+    # the fix it names works, and a key the study does not search is still set
+    setup = prepare(COLA, ["study.space.train.lr={type: categorical, choices: [0.001]}", "train.epochs=1"])
+    assert setup.study.space["train.lr"].choices == [0.001] and setup.base.train.epochs == 1  # type: ignore[union-attr]

@@ -16,8 +16,17 @@ from dora_lab.callbacks import RunInfo, RunResult
 from dora_lab.config import ConfigError, RunConfig
 from dora_lab.plots import allocation_grid
 from dora_lab.study import OptunaReporter, _objective_value, prepare
-from dora_lab.tracking import ROLE_TAG, STUDY_TAG, StudyTracker, markdown_table, safe_url, write_table
+from dora_lab.tracking import (
+    ROLE_TAG,
+    STUDY_TAG,
+    UID_TAG,
+    StudyTracker,
+    markdown_table,
+    safe_url,
+    write_table,
+)
 
+UID = "20260101-000000-00000001"  # a study identity, as dora_lab.study.open_study makes them
 ALLOCATION = {f"bert.encoder.layer.{i}.{m}": (i + j) % 4 for i in range(2)
               for j, m in enumerate(["attention.self.query", "attention.self.value", "output.dense"])}
 
@@ -34,19 +43,31 @@ def _info(run_dir: Path) -> RunInfo:
 
 
 def test_parent_is_found_again_by_tag(tracker: StudyTracker) -> None:
-    first = tracker.parent_run({"config": "a.yaml"})
-    assert tracker.parent_run() == first  # again: the same run, no duplicate
+    first = tracker.parent_run(UID, {"config": "a.yaml"})
+    assert tracker.parent_run(UID) == first  # again: the same run, no duplicate
     # a parent created by another process a moment later (a race) loses against the oldest
-    tracker.client.create_run(tracker.experiment_id, tags={STUDY_TAG: "s1", ROLE_TAG: "study"})
-    assert tracker.parent_run() == first
+    tracker.client.create_run(tracker.experiment_id, tags={STUDY_TAG: "s1", ROLE_TAG: "study", UID_TAG: UID})
+    assert tracker.parent_run(UID) == first
     other = StudyTracker(tracker.uri, "exp", "s2")
-    assert other.experiment_id == tracker.experiment_id and other.parent_run() != first
+    assert other.experiment_id == tracker.experiment_id and other.parent_run(UID) != first
     exp = tracker.client.get_experiment(tracker.experiment_id)
     assert exp.artifact_location.startswith("file://") and exp.artifact_location.endswith("/art/exp")
 
 
+def test_a_new_study_of_the_same_name_gets_its_own_parent(tracker: StudyTracker) -> None:
+    old = tracker.parent_run(UID)
+    # its optuna.db deleted, the study starts again: same name, new identity, so a parent of its own
+    new = tracker.parent_run("20260102-000000-00000002")
+    assert new != old and tracker.parent_run("20260102-000000-00000002") == new
+    assert tracker.client.get_run(new).data.tags[UID_TAG] == "20260102-000000-00000002"
+    assert tracker.client.get_run(old).data.tags[UID_TAG] == UID  # the old one is left as it was
+    # a parent written before identities existed (no uid tag) is never adopted
+    untagged = tracker.client.create_run(tracker.experiment_id, tags={STUDY_TAG: "s3", ROLE_TAG: "study"})
+    assert StudyTracker(tracker.uri, "exp", "s3").parent_run(UID) != untagged.info.run_id
+
+
 def test_trial_logger_streams_metrics_and_artifacts(tracker: StudyTracker, tmp_path: Path) -> None:
-    parent = tracker.parent_run()
+    parent = tracker.parent_run(UID)
     cfg = RunConfig()
     logger = tracker.start_trial(parent, 7, cfg, tmp_path)
     logger.log_config(cfg)
@@ -83,7 +104,7 @@ def test_trial_logger_streams_metrics_and_artifacts(tracker: StudyTracker, tmp_p
 @pytest.mark.parametrize(("state", "status", "tag"), [
     ("PRUNED", "KILLED", "PRUNED"), ("FAIL", "FAILED", "FAIL"), ("INTERRUPTED", "KILLED", "FAIL")])
 def test_finish_states(tracker: StudyTracker, tmp_path: Path, state: str, status: str, tag: str) -> None:
-    logger = tracker.start_trial(tracker.parent_run(), 1, RunConfig(), tmp_path)
+    logger = tracker.start_trial(tracker.parent_run(UID), 1, RunConfig(), tmp_path)
     logger.finish(state, reason="why")
     run = MlflowClient(tracker.uri).get_run(logger.run_id)
     assert run.info.status == status and run.data.tags["state"] == tag
@@ -94,7 +115,7 @@ def test_finish_states(tracker: StudyTracker, tmp_path: Path, state: str, status
 
 def test_an_artifact_that_cannot_be_logged_does_not_change_the_outcome(tracker: StudyTracker, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    logger = tracker.start_trial(tracker.parent_run(), 3, RunConfig(), tmp_path)
+    logger = tracker.start_trial(tracker.parent_run(UID), 3, RunConfig(), tmp_path)
 
     def broken() -> None:
         raise OSError("disk full")
@@ -108,7 +129,7 @@ def test_an_artifact_that_cannot_be_logged_does_not_change_the_outcome(tracker: 
 
 
 def test_mark_failed_closes_a_running_child(tracker: StudyTracker, tmp_path: Path) -> None:
-    logger = tracker.start_trial(tracker.parent_run(), 2, RunConfig(), tmp_path)
+    logger = tracker.start_trial(tracker.parent_run(UID), 2, RunConfig(), tmp_path)
     tracker.mark_failed(logger.run_id, "worker died")
     run = MlflowClient(tracker.uri).get_run(logger.run_id)
     assert run.info.status == "FAILED" and run.data.tags["fail_reason"] == "worker died"

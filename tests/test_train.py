@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dora_lab.config import load_config
-from dora_lab.train import DivergenceError, train_run
+from dora_lab.train import DivergenceError, RunDirExists, main, train_run
 from tests.tiny import COLA, REPO, LossRecorder, make_tiny_model_dir, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")
@@ -120,3 +120,29 @@ def test_mixed_precision_matches_fp32(tiny_dir: Path, tmp_path: Path, precision:
     else:  # on an H100 the half-precision runs drift apart element by element (up to 55%); the
         # loss scale (65536) would still show at once in the size of the scores
         assert 0.5 < float(scores[precision].mean() / scores["fp32"].mean()) < 2.0
+
+
+def test_cli_refuses_a_run_dir_holding_a_run_unless_overwrite(tiny_dir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    sets = [x for s in tiny_overrides(tiny_dir, tmp_path, train=32, evals=32) for x in ("--set", s)]
+    run = tmp_path / "run"
+    cmd = [str(REPO / "configs" / "cola.yaml"), *sets, "--set", "train.max_steps=2", "--run-dir", str(run)]
+    assert main(cmd) == 0
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    # again, into the same folder: refused before any work, the old run untouched
+    assert main([*cmd, "--set", "train.max_steps=3"]) == 2
+    err = capsys.readouterr()
+    assert f"error: run folder {str(run)!r} already holds a run (config.yaml, metrics.json" in err.err
+    assert "pass --overwrite to replace that run" in err.err and err.out == ""
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # --overwrite: the old run's files go first, so no old adapter sits beside the new metrics
+    (run / "notes.txt").write_text("mine")
+    assert main([*cmd, "--set", "train.max_steps=3", "--set", "train.save_adapter=false", "--overwrite"]) == 0
+    assert not (run / "adapter").exists() and (run / "notes.txt").read_text() == "mine"
+    assert json.loads((run / "metrics.json").read_text())["history"][-1]["step"] == 3
+    # the library refuses too (a study's trial folder, a script's)
+    cfg = _cfg(tiny_dir, tmp_path, "train.max_steps=2")
+    with pytest.raises(RunDirExists, match="already holds a run"):
+        train_run(cfg, run, progress=False)

@@ -95,7 +95,8 @@ def test_study_workers_get_the_defaults_and_a_share_of_the_cpus(monkeypatch: pyt
             return 0
 
     monkeypatch.setattr(study_module.subprocess, "Popen", FakePopen)
-    setup = SimpleNamespace(config_path=Path("configs/cola.yaml"), overrides=[])
+    setup = SimpleNamespace(config_path=Path("configs/cola.yaml"), overrides=[],
+                            base=SimpleNamespace(train=SimpleNamespace(processes=1)))
     assert study_module._run_workers(setup, 4, 2, "parent") == (False, False)  # type: ignore[arg-type]
     assert len(started) == 2
     for s in started:

@@ -140,17 +140,23 @@ def check_max_length(max_length: int, model: torch.nn.Module, tokenizer: Any, na
     )
 
 
-def check_model(name: str) -> None:
-    """Fail now, with :class:`ModelLoadError`, if ``name``'s config or tokenizer cannot be loaded
-    (a quick check before a study starts its trials; the weights are not read)."""
-    from transformers import AutoConfig
+def check_model(name: str, max_length: int | None = None) -> None:
+    """Fail now, with :class:`ModelLoadError`, if ``name``'s config or tokenizer cannot be loaded,
+    or with :class:`~dora_lab.config.ConfigError` if ``max_length`` exceeds what it takes (a quick
+    check before a study starts its trials; the weights are not read: the model is built on the
+    meta device, so :func:`sequence_limit` sees its position table without allocating it)."""
+    from transformers import AutoConfig, AutoModel
 
     path, local_only = resolve_model_path(name)
     try:
-        AutoConfig.from_pretrained(path, local_files_only=local_only)
-        AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from exc
+    if max_length is not None:
+        with torch.device("meta"):
+            skeleton = AutoModel.from_config(config)
+        check_max_length(max_length, skeleton, tokenizer, name)
 
 
 def _load_error(name: str, exc: Exception) -> ModelLoadError:

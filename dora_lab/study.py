@@ -204,11 +204,12 @@ ENVIRONMENT_ERRORS = (DataError, ModelLoadError)
 
 def preflight(cfg: RunConfig) -> None:
     """Load the config's data and the model's config and tokenizer once, before any trial, so
-    that a missing data folder or an unreachable Hub is one clear error instead of a failed trial
-    each.  Raises :class:`~dora_lab.data.DataError` or :class:`~dora_lab.models.ModelLoadError`."""
+    that a missing data folder, an unreachable Hub or a ``task.max_length`` the model cannot take is
+    one clear error instead of a failed trial each.  Raises :class:`~dora_lab.data.DataError`,
+    :class:`~dora_lab.models.ModelLoadError` or :class:`~dora_lab.config.ConfigError`."""
     load_splits(get_task(cfg.task.name), cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
                 max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed)
-    check_model(cfg.model.name)
+    check_model(cfg.model.name, cfg.task.max_length)
 
 
 def make_objective(setup: StudySetup, study: optuna.Study, tracker: StudyTracker, parent_id: str,
@@ -473,7 +474,7 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
             check_writable_folder(Path(url.removeprefix("sqlite:///")).parent, key)
     try:
         preflight(setup.base)
-    except ENVIRONMENT_ERRORS as exc:
+    except (*ENVIRONMENT_ERRORS, ConfigError) as exc:
         return refuse(exc)
     tracker = _tracker(setup)
     study = open_study(setup, tracker)

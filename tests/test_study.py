@@ -176,7 +176,10 @@ def test_missing_data_or_model_is_one_error_not_a_failed_study(env: dict[str, Pa
     assert str(missing) in err and "Nothing was started or stored" in err
     assert main(args(env, "nomodel", 2, f"model.name={env['root'] / 'no_such_model'}")) == 2
     assert "set model.name to its local folder" in capsys.readouterr().err
-    for name in ("nodata", "nomodel"):
+    # a max_length the model cannot take: refused before the first trial, not once per trial
+    assert main(args(env, "toolong", 2, "task.max_length=4096")) == 2
+    assert "task.max_length=4096 is longer than model" in capsys.readouterr().err
+    for name in ("nodata", "nomodel", "toolong"):
         with pytest.raises(KeyError):
             load(env, name)
     # a trial's own data folder is missing: that trial fails and the study stops, since every later

@@ -17,7 +17,8 @@ The short way to add one is a function of one layer's components (``layer.A``, `
 ``beta`` adds an exponential moving average over steps (``S <- beta S + (1 - beta) s``); it is a
 hyper-parameter every function scorer accepts from the config.  Scorers that keep per-element
 state (``smoothed_uncertainty``) subclass :class:`Scorer` instead.  The built-ins live in the
-top-level ``metrics/`` package, one file each.
+top-level ``metrics/`` package, one file each, found by discovery: every module there is imported
+on the first lookup.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def _check(name: str, obj: object) -> None:
 
 SCORERS: Registry[type[Scorer]] = Registry(
     "scorer", "dora_lab.scorers", _check,
-    builtins=("metrics.magnitude", "metrics.sensitivity", "metrics.uncertainty"),
+    packages=("metrics",),  # every module of metrics/: a new built-in is one new file there
 )
 
 

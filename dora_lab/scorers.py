@@ -51,7 +51,8 @@ class Scorer(ABC):
     """Base class.  Subclasses implement :meth:`update` and :meth:`scores`.
 
     Constructor keyword arguments are the scorer's hyper-parameters (set from the config's
-    ``scorer`` block).  ``needs_grad`` tells the controller the scorer reads ``.grad``.
+    ``scorer`` block).  ``needs_grad = True`` says the scorer reads ``.grad``: the controller then
+    refuses, with a clear error, to update it on a step whose adapter has no gradients.
     """
 
     needs_grad: ClassVar[bool] = False

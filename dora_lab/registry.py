@@ -1,11 +1,12 @@
-"""Name -> implementation registries for scorers, schedules and regularisers.
+"""Name -> implementation registries for scorers, schedules, regularisers and tasks.
 
-One small generic :class:`Registry` serves all three.  Registering checks the name (lowercase,
+One small generic :class:`Registry` serves all four.  Registering checks the name (lowercase,
 ``[a-z][a-z0-9_]*``) and refuses a clash with a message that says how to fix it; looking up an
 unknown name lists every registered name.  Built-ins register themselves when their module is
 imported, and a registry built with ``packages=`` imports every module of those packages on first
 lookup (so a new built-in is one new file); third-party packages register through the entry-point groups ``dora_lab.scorers``,
-``dora_lab.schedules`` and ``dora_lab.regularizers`` (each entry point names a module to import),
+``dora_lab.schedules``, ``dora_lab.regularizers`` and ``dora_lab.tasks`` (each entry point names a
+module to import),
 and a config can name extra modules or ``.py`` files to import (:func:`import_plugins`).
 """
 
@@ -17,7 +18,7 @@ import pkgutil
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -60,7 +61,10 @@ class Registry(Generic[T]):
         self._loaded = False
 
     # -- registration -------------------------------------------------------------------------
-    def add(self, name: str, obj: T, *, replace: bool = False) -> T:
+    def add(self, name: str, obj: T, *, replace: bool = False, origin: str | None = None) -> T:
+        """Register ``obj`` as ``name``.  ``origin`` (default: the object's module and qualified
+        name) says where it came from in a clash's message; registering again from the same origin
+        replaces it quietly (a re-run notebook cell)."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             # Suggest a fixed name only when the fix is itself a valid name.
             fixed = re.sub(r"[^a-z0-9_]+", "_", str(name).strip().lower()).strip("_")
@@ -74,7 +78,8 @@ class Registry(Generic[T]):
         # Load the built-ins and entry points first, so a clash with one of them is refused here,
         # with this message, instead of breaking the built-in's import at the first lookup.
         self._ensure_loaded()
-        origin = getattr(obj, "__module__", "?") + "." + getattr(obj, "__qualname__", repr(obj))
+        if origin is None:
+            origin = getattr(obj, "__module__", "?") + "." + getattr(obj, "__qualname__", repr(obj))
         if name in self._items and not replace and self._origin.get(name) != origin:
             raise RegistryError(
                 f"{self.kind} {name!r} is already registered by {self._origin[name]}; "
@@ -121,6 +126,22 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         self._ensure_loaded()
         return name in self._items
+
+    # -- read like a dict, in registration order (``for name in TASKS``, ``TASKS.values()``) -------
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        self._ensure_loaded()
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        self._ensure_loaded()
+        return len(self._items)
+
+    def values(self) -> list[T]:
+        self._ensure_loaded()
+        return list(self._items.values())
 
 
 def discover_modules(package: str) -> list[str]:

@@ -25,6 +25,7 @@ from .registry import RegistryError, import_plugins
 from .regularizers import get_regularizer, list_regularizers, register_regularizer
 from .schedules import BudgetSchedule, get_schedule, list_schedules, register_schedule
 from .scorers import Scorer, get_scorer, list_scorers, make_scorer, register_scorer
+from .tasks import TaskSpec, get_task, list_tasks, register_task
 
 __version__ = "0.1.0"
 
@@ -36,19 +37,23 @@ __all__ = [
     "RegistryError",
     "Scorer",
     "StepInfo",
+    "TaskSpec",
     "adapter_layers",
     "count_parameters",
     "default_targets",
     "get_regularizer",
     "get_schedule",
     "get_scorer",
+    "get_task",
     "import_plugins",
     "inject_adapters",
     "list_regularizers",
     "list_schedules",
     "list_scorers",
+    "list_tasks",
     "make_scorer",
     "register_regularizer",
     "register_schedule",
     "register_scorer",
+    "register_task",
 ]

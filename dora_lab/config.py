@@ -338,11 +338,15 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 
 
 def _check_registered(cfg: RunConfig) -> None:
-    """Scorer, schedule and regulariser names must be registered (after importing plugins)."""
-    from . import registry, regularizers, schedules, scorers
+    """Task, scorer, schedule and regulariser names must be registered (after importing plugins)."""
+    from . import registry, regularizers, schedules, scorers, tasks
 
     try:
         registry.import_plugins(cfg.plugins)
+        try:
+            tasks.get_task(cfg.task.name)
+        except ValueError as exc:
+            raise ValueError(f"task.name: {exc}") from None
         scorers.make_scorer(cfg.scorer.name, **cfg.scorer.params)
         schedule = schedules.get_schedule(cfg.schedule.name)
         total = cfg.train.max_steps

@@ -130,6 +130,7 @@ class PruningController:
             )
         if sched.prunes and not self.frozen:
             if update_scores:
+                self._check_grads()
                 self.scorer.update(self.layers)
             # a prune step whose gradients were skipped (fp16 overflow) before any score exists waits
             # for the next step; the final step always decides (and says so if it cannot)
@@ -150,6 +151,18 @@ class PruningController:
             pruned=pruned,
             frozen=self.frozen,
         )
+
+    def _check_grads(self) -> None:
+        """A scorer that says it reads gradients (``needs_grad``) is refused a step without them,
+        by name, before it sees ``None`` (a layer with no components has nothing to score)."""
+        if not getattr(self.scorer, "needs_grad", False):
+            return
+        for name, layer in self.layers.items():
+            if layer.rank and any(p.grad is None for p in (layer.A, layer.B, layer.c)):
+                raise RuntimeError(
+                    f"scorer {self.scorer.name!r} needs gradients but layer {name!r} has none: call "
+                    f"controller.step() after optimizer.step() and before optimizer.zero_grad()"
+                )
 
     def decide(self, budget: int) -> dict[str, torch.Tensor]:
         """Global top-``budget`` by score: one bool keep-mask per layer (nothing is changed).

@@ -1,8 +1,9 @@
-"""Load a GLUE task's splits, from the Hugging Face Hub or from local files, as checked rows.
+"""Load a task's splits, from the Hugging Face Hub or from local files, as checked rows.
 
 :func:`load_splits` returns ``{"train": rows, <each eval split>: rows}``, every row a dict with
-the task's text fields, ``label`` (an ``int`` in ``[0, num_labels)``, or a ``float`` in
-``[0, 5]`` for stsb) and ``idx``.  Hub data and local files go through the same checks, so a
+the task's text fields, ``label`` (an ``int`` in ``[0, num_labels)``, or for a regression a
+``float`` in the task's ``label_range``, ``[0, 5]`` for stsb) and ``idx``.  Everything
+task-specific comes from the :class:`~dora_lab.tasks.TaskSpec`.  Hub data and local files go through the same checks, so a
 bad file fails at load time with a message that names the file, the row and what to fix.
 
 Local folders hold one file per split, ``<split>.jsonl``, ``<split>.csv`` or ``<split>.tsv``
@@ -50,7 +51,6 @@ __all__ = [
 
 #: File types read from ``task.data_dir``, in order of preference.
 SUFFIXES = (".jsonl", ".csv", ".tsv")
-_STSB_RANGE = (0.0, 5.0)
 #: The names GLUE's download gives the evaluation splits' files (``<name>.tsv``).
 GLUE_SPLIT_FILES = {
     "validation": "dev",
@@ -311,7 +311,9 @@ def _check_columns(spec: TaskSpec, columns: Sequence[str], where: str, *, tsv: b
 
 def _label_rule(spec: TaskSpec) -> str:
     if spec.is_regression:
-        return f"{spec.name} labels must be numbers in [{_STSB_RANGE[0]:g}, {_STSB_RANGE[1]:g}]"
+        if spec.label_range is None:
+            return f"{spec.name} labels must be finite numbers"
+        return f"{spec.name} labels must be numbers in [{spec.label_range[0]:g}, {spec.label_range[1]:g}]"
     ids = f"{spec.name} labels must be integers in [0, {spec.num_labels}) (0..{spec.num_labels - 1})"
     if spec.label_names:
         return f"{ids} or the names {', '.join(spec.label_names)} (in that order)"
@@ -330,7 +332,7 @@ def _parse_label(spec: TaskSpec, value: Any) -> int | float | None:
     except (TypeError, ValueError):
         return None
     if spec.is_regression:
-        lo, hi = _STSB_RANGE
+        lo, hi = spec.label_range or (-math.inf, math.inf)
         return number if math.isfinite(number) and lo <= number <= hi else None
     if not number.is_integer() or not 0 <= number < spec.num_labels:
         return None

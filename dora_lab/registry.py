@@ -1,10 +1,12 @@
-"""Name -> implementation registries for scorers, schedules and regularisers.
+"""Name -> implementation registries for scorers, schedules, regularisers and tasks.
 
-One small generic :class:`Registry` serves all three.  Registering checks the name (lowercase,
+One small generic :class:`Registry` serves all four.  Registering checks the name (lowercase,
 ``[a-z][a-z0-9_]*``) and refuses a clash with a message that says how to fix it; looking up an
 unknown name lists every registered name.  Built-ins register themselves when their module is
-imported; third-party packages register through the entry-point groups ``dora_lab.scorers``,
-``dora_lab.schedules`` and ``dora_lab.regularizers`` (each entry point names a module to import),
+imported, and a registry built with ``packages=`` imports every module of those packages on first
+lookup (so a new built-in is one new file); third-party packages register through the entry-point groups ``dora_lab.scorers``,
+``dora_lab.schedules``, ``dora_lab.regularizers`` and ``dora_lab.tasks`` (each entry point names a
+module to import),
 and a config can name extra modules or ``.py`` files to import (:func:`import_plugins`).
 """
 
@@ -12,15 +14,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pkgutil
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Generic, TypeVar
 
-__all__ = ["Registry", "RegistryError", "import_plugins", "is_plugin_file"]
+__all__ = ["Registry", "RegistryError", "discover_modules", "import_plugins", "is_plugin_file"]
 
 T = TypeVar("T")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")  # fullmatch: "$" would let a trailing newline through
@@ -35,7 +38,9 @@ class Registry(Generic[T]):
 
     ``kind`` is used in messages ("scorer", "schedule"), ``group`` is the entry-point group
     scanned once on first lookup, and ``check`` validates an object's shape at registration
-    (it raises :class:`RegistryError` with a message).
+    (it raises :class:`RegistryError` with a message).  On first lookup the registry imports the
+    modules named in ``builtins`` and every module of each package in ``packages`` (found by
+    :func:`discover_modules`), then the entry points.
     """
 
     def __init__(
@@ -44,17 +49,22 @@ class Registry(Generic[T]):
         group: str,
         check: Callable[[str, object], None] | None = None,
         builtins: Iterable[str] = (),
+        packages: Iterable[str] = (),
     ) -> None:
         self.kind = kind
         self.group = group
         self._check = check
         self._builtins = tuple(builtins)
+        self._packages = tuple(packages)
         self._items: dict[str, T] = {}
         self._origin: dict[str, str] = {}
         self._loaded = False
 
     # -- registration -------------------------------------------------------------------------
-    def add(self, name: str, obj: T, *, replace: bool = False) -> T:
+    def add(self, name: str, obj: T, *, replace: bool = False, origin: str | None = None) -> T:
+        """Register ``obj`` as ``name``.  ``origin`` (default: the object's module and qualified
+        name) says where it came from in a clash's message; registering again from the same origin
+        replaces it quietly (a re-run notebook cell)."""
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             # Suggest a fixed name only when the fix is itself a valid name.
             fixed = re.sub(r"[^a-z0-9_]+", "_", str(name).strip().lower()).strip("_")
@@ -68,7 +78,8 @@ class Registry(Generic[T]):
         # Load the built-ins and entry points first, so a clash with one of them is refused here,
         # with this message, instead of breaking the built-in's import at the first lookup.
         self._ensure_loaded()
-        origin = getattr(obj, "__module__", "?") + "." + getattr(obj, "__qualname__", repr(obj))
+        if origin is None:
+            origin = getattr(obj, "__module__", "?") + "." + getattr(obj, "__qualname__", repr(obj))
         if name in self._items and not replace and self._origin.get(name) != origin:
             raise RegistryError(
                 f"{self.kind} {name!r} is already registered by {self._origin[name]}; "
@@ -88,7 +99,7 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True
-        for module in self._builtins:
+        for module in self._builtins + tuple(m for p in self._packages for m in discover_modules(p)):
             importlib.import_module(module)
         for ep in entry_points(group=self.group):
             try:
@@ -115,6 +126,32 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         self._ensure_loaded()
         return name in self._items
+
+    # -- read like a dict, in registration order (``for name in TASKS``, ``TASKS.values()``) -------
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        self._ensure_loaded()
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        self._ensure_loaded()
+        return len(self._items)
+
+    def values(self) -> list[T]:
+        self._ensure_loaded()
+        return list(self._items.values())
+
+
+def discover_modules(package: str) -> list[str]:
+    """The full names of ``package``'s modules and subpackages, sorted (``metrics.magnitude``, ...).
+
+    Found from the package's folder(s) by :func:`pkgutil.iter_modules`, without importing them;
+    names starting with ``_`` are skipped (private helpers)."""
+    pkg = importlib.import_module(package)
+    return sorted(f"{package}.{info.name}" for info in pkgutil.iter_modules(getattr(pkg, "__path__", []))
+                  if not info.name.startswith("_"))
 
 
 def is_plugin_file(plugin: str) -> bool:

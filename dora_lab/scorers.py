@@ -17,7 +17,8 @@ The short way to add one is a function of one layer's components (``layer.A``, `
 ``beta`` adds an exponential moving average over steps (``S <- beta S + (1 - beta) s``); it is a
 hyper-parameter every function scorer accepts from the config.  Scorers that keep per-element
 state (``smoothed_uncertainty``) subclass :class:`Scorer` instead.  The built-ins live in the
-top-level ``metrics/`` package, one file each.
+top-level ``metrics/`` package, one file each, found by discovery: every module there is imported
+on the first lookup.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class Scorer(ABC):
     """Base class.  Subclasses implement :meth:`update` and :meth:`scores`.
 
     Constructor keyword arguments are the scorer's hyper-parameters (set from the config's
-    ``scorer`` block).  ``needs_grad`` tells the controller the scorer reads ``.grad``.
+    ``scorer`` block).  ``needs_grad = True`` says the scorer reads ``.grad``: the controller then
+    refuses, with a clear error, to update it on a step whose adapter has no gradients.
     """
 
     needs_grad: ClassVar[bool] = False
@@ -150,7 +152,7 @@ def _check(name: str, obj: object) -> None:
 
 SCORERS: Registry[type[Scorer]] = Registry(
     "scorer", "dora_lab.scorers", _check,
-    builtins=("metrics.magnitude", "metrics.sensitivity", "metrics.uncertainty"),
+    packages=("metrics",),  # every module of metrics/: a new built-in is one new file there
 )
 
 

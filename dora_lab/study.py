@@ -60,6 +60,7 @@ from .models import ModelLoadError, check_model
 from .study_space import (
     CategoricalParam,
     StudyConfig,
+    check_scorer_params,
     make_pruner,
     make_sampler,
     parse_study,
@@ -111,6 +112,7 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
         base = trial_config(data, study, {}, cli)
     except ConfigError as exc:
         raise ConfigError(f"the study's base config (study.overrides applied) is invalid: {exc}") from None
+    check_scorer_params(study, base.scorer.name)
     output_dir = Path(base.output_dir).resolve()
     name = study.study_name(config_path)
     return StudySetup(

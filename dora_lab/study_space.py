@@ -26,7 +26,9 @@ A study block sits beside the run config it tunes; every key, with the values
 
 Every key of ``space`` and ``overrides`` must be a key of :class:`~dora_lab.config.RunConfig`
 (anything below a free mapping such as ``scorer.params`` is accepted), and every bound or choice
-must fit that key's type and limits; scorer and schedule names must be registered.  Errors are
+must fit that key's type and limits; scorer and schedule names must be registered, and every
+searched ``scorer.params.*`` key must be a hyper-parameter of every scorer a trial may use
+(:func:`check_scorer_params`).  Errors are
 :class:`~dora_lab.config.ConfigError` with the dotted path (``study.sampler.n_startup_trials``).
 """
 
@@ -43,8 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from .config import ConfigError, RunConfig, load_config_dict, load_yaml, set_values
 
-__all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "TrialSeeded", "db_url", "make_pruner", "make_sampler",
-           "parse_study", "read_study_block", "suggest", "trial_config"]
+__all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "TrialSeeded", "check_scorer_params", "db_url",
+           "make_pruner", "make_sampler", "parse_study", "read_study_block", "suggest", "trial_config"]
 
 Primitive = bool | int | float | str | None
 
@@ -302,6 +304,32 @@ def _check_space(study: StudyConfig, plugins: list[str]) -> None:
             if unknown:
                 raise ConfigError(f"{where}: unknown {key.split('.')[0]}(s) {unknown}; registered: "
                                   f"{', '.join(registered[key])} (add one with a plugin, config key 'plugins')")
+
+
+def check_scorer_params(study: StudyConfig, base_scorer: str) -> None:
+    """Refuse, before the first trial, a searched ``scorer.params.<key>`` that a scorer the trials
+    may use does not take (every trial of that scorer would fail on it).
+
+    The scorers are the choices of a searched ``scorer.name``, else the base config's scorer.  Only
+    searched keys need this check: ``scorer.params`` set in the base config, ``study.overrides`` or
+    ``--set`` are validated with the base scorer, and a sampled ``scorer.name`` of another scorer
+    drops them (the ``--set`` rule), while searched keys are applied after the name."""
+    from . import scorers
+
+    searched = [k for k in study.space if k.startswith("scorer.params.")]
+    name_param = study.space.get("scorer.name")
+    names = [str(c) for c in name_param.choices] if isinstance(name_param, CategoricalParam) else [base_scorer]
+    for name in dict.fromkeys(names):
+        accepted = scorers.get_scorer(name).hyperparameters()
+        for key in searched:
+            param = key.removeprefix("scorer.params.")
+            if param not in accepted:
+                takes = ", ".join(f"{k} (default {v})" for k, v in accepted.items()) or "none"
+                which = "one of study.space.scorer.name's choices" if name_param is not None else "the base config's"
+                raise ConfigError(
+                    f"study.space.{key}: scorer {name!r} ({which}) has no hyper-parameter {param!r}; it takes: "
+                    f"{takes}.  Every trial of {name!r} would fail: search only parameters every searched "
+                    f"scorer takes, or give each scorer its own study")
 
 
 def _format(exc: ValidationError) -> str:

@@ -1,9 +1,14 @@
-"""The eight GLUE tasks and their metrics.
+"""The tasks (the eight GLUE tasks built in) and their metrics.
 
-A :class:`TaskSpec` says what a task's rows look like (the text columns of the Hugging Face
-dataset ``nyu-mll/glue``, the label column is always ``label``), how many outputs the model
-head needs, which splits are evaluated and which metric ranks runs.  :func:`compute_metrics`
-turns raw model outputs into GLUE's metrics with scipy / scikit-learn (no ``evaluate``).
+A :class:`TaskSpec` is all there is to a task, as data: what its rows look like (the text
+columns, the label column is always ``label``), its labels (how many, their names, a
+regression's allowed range), which splits are evaluated, which metrics are computed and which
+one ranks runs, and where it lives on the Hugging Face Hub.  :func:`compute_metrics` turns raw
+model outputs into those metrics with scipy / scikit-learn (no ``evaluate``).
+
+A new task is one :func:`register_task` call, in this file or in a plugin (config key
+``plugins``, or the entry-point group ``dora_lab.tasks``); ``task.name`` in a config must name
+a registered task.
 
 >>> spec = get_task("cola")
 >>> spec.text_fields, spec.num_labels, spec.main_metric
@@ -15,6 +20,7 @@ turns raw model outputs into GLUE's metrics with scipy / scikit-learn (no ``eval
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,12 +28,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LABEL_COLUMN", "TASKS", "TaskSpec", "compute_metrics", "get_task"]
+from .registry import Registry, RegistryError
+
+__all__ = ["LABEL_COLUMN", "METRICS", "TASKS", "TaskSpec", "compute_metrics", "get_task", "list_tasks",
+           "register_task"]
 
 #: The label column of every GLUE task (``nyu-mll/glue`` and local files alike).
 LABEL_COLUMN = "label"
 
 _HUB = "nyu-mll/glue"
+
+#: The metrics a task may name, by kind of task.
+METRICS = {
+    "classification": ("accuracy", "matthews_correlation", "f1"),  # f1: of the positive class 1
+    "regression": ("pearson", "spearmanr"),
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +53,10 @@ class TaskSpec:
     fed to the tokenizer as a pair); ``num_labels`` is the width of the model head (1 for the
     regression task stsb); ``eval_splits`` are the splits evaluated besides ``train``;
     ``hub_path`` is the ``(path, config)`` pair for :func:`datasets.load_dataset`.
+    ``metrics`` are the metrics computed at each evaluation, in order (from :data:`METRICS`;
+    empty: ``main_metric`` and accuracy for classification, pearson and spearmanr for
+    regression); ``main_metric`` must be one of them.  ``label_range`` is a regression's allowed
+    ``(low, high)`` label range, both ends included (None: any finite number).
 
     How the task's files look in the GLUE download itself (``glue_data/<TASK>/*.tsv``):
     ``label_names`` are the class names that some tasks write instead of ids, in the order of
@@ -56,6 +75,25 @@ class TaskSpec:
     label_names: tuple[str, ...] = ()
     glue_columns: tuple[tuple[str, str], ...] = ()
     glue_headerless: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    label_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        kind = "regression" if self.is_regression else "classification"
+        if not self.metrics:
+            default = METRICS["regression"] if self.is_regression else tuple(dict.fromkeys((self.main_metric,
+                                                                                            "accuracy")))
+            object.__setattr__(self, "metrics", default)
+        unknown = [m for m in self.metrics if m not in METRICS[kind]]
+        if unknown:
+            raise RegistryError(f"task {self.name!r}: unknown {kind} metric(s) {unknown}; "
+                                f"choose from {', '.join(METRICS[kind])}")
+        if self.main_metric not in self.metrics:
+            raise RegistryError(f"task {self.name!r}: main_metric {self.main_metric!r} is not among its "
+                                f"metrics ({', '.join(self.metrics)})")
+        if self.label_range is not None and (self.label_range[0] > self.label_range[1] or not self.is_regression):
+            raise RegistryError(f"task {self.name!r}: label_range {self.label_range} must be (low, high) with "
+                                f"low <= high, and only a regression task has one")
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -73,6 +111,8 @@ def _task(
     label_names: tuple[str, ...] = (),
     glue_columns: dict[str, str] | None = None,
     glue_headerless: tuple[str, ...] = (),
+    metrics: tuple[str, ...] = (),
+    label_range: tuple[float, float] | None = None,
 ) -> TaskSpec:
     return TaskSpec(
         name=name,
@@ -85,20 +125,41 @@ def _task(
         label_names=label_names,
         glue_columns=tuple((glue_columns or {}).items()),
         glue_headerless=glue_headerless,
+        metrics=metrics,
+        label_range=label_range,
     )
 
 
-TASKS: dict[str, TaskSpec] = {
-    t.name: t
-    for t in (
+def _check(name: str, obj: object) -> None:
+    if not isinstance(obj, TaskSpec):
+        raise RegistryError(f"task {name!r} must be a TaskSpec, got {type(obj).__name__}")
+    if obj.name != name:
+        raise RegistryError(f"task {name!r} is registered under another name than its spec's ({obj.name!r})")
+
+
+#: Every registered task by name (iterate it, index it, or ``TASKS.values()``).
+TASKS: Registry[TaskSpec] = Registry("task", "dora_lab.tasks", _check)
+
+
+def register_task(spec: TaskSpec, *, replace: bool = False) -> TaskSpec:
+    """Register ``spec`` under ``spec.name``; then ``task.name: <name>`` works in any config.
+
+    Its name is checked and a clash with a task registered elsewhere refused like a scorer's (the
+    calling module is the task's origin); returns ``spec``."""
+    caller = sys._getframe(1).f_globals.get("__name__", "?")
+    return TASKS.add(spec.name, spec, replace=replace, origin=f"{caller} (register_task)")
+
+
+for _spec in (
         _task("cola", ("sentence",), main_metric="matthews_correlation",
               glue_headerless=("source", LABEL_COLUMN, "original_label", "sentence")),
         _task("sst2", ("sentence",)),
-        _task("mrpc", ("sentence1", "sentence2"),
+        _task("mrpc", ("sentence1", "sentence2"), metrics=("accuracy", "f1"),
               glue_columns={"#1 String": "sentence1", "#2 String": "sentence2", "Quality": LABEL_COLUMN}),
-        _task("stsb", ("sentence1", "sentence2"), num_labels=1, main_metric="pearson",
+        _task("stsb", ("sentence1", "sentence2"), num_labels=1, main_metric="pearson", label_range=(0.0, 5.0),
               glue_columns={"score": LABEL_COLUMN}),
-        _task("qqp", ("question1", "question2"), glue_columns={"is_duplicate": LABEL_COLUMN}),
+        _task("qqp", ("question1", "question2"), metrics=("accuracy", "f1"),
+              glue_columns={"is_duplicate": LABEL_COLUMN}),
         _task(
             "mnli",
             ("premise", "hypothesis"),
@@ -109,19 +170,24 @@ TASKS: dict[str, TaskSpec] = {
         ),
         _task("qnli", ("question", "sentence"), label_names=("entailment", "not_entailment")),
         _task("rte", ("sentence1", "sentence2"), label_names=("entailment", "not_entailment")),
-    )
-}
-
-# Tasks whose F1 on the positive class (label 1) GLUE reports next to accuracy.
-_F1_TASKS = frozenset({"mrpc", "qqp"})
+):
+    register_task(_spec)
 
 
 def get_task(name: str) -> TaskSpec:
-    """The :class:`TaskSpec` called ``name`` (case-insensitive); ValueError lists the known ones."""
-    spec = TASKS.get(str(name).lower())
-    if spec is None:
-        raise ValueError(f"unknown GLUE task {name!r}; choose one of: {', '.join(TASKS)}")
-    return spec
+    """The :class:`TaskSpec` called ``name`` (case-insensitive); ValueError lists the registered ones."""
+    key = str(name).lower()
+    if key not in TASKS:
+        raise RegistryError(
+            f"unknown GLUE task {name!r}; choose one of: {', '.join(TASKS)} (the registered tasks). "
+            f"To add one, call register_task(TaskSpec(...)) in a module that is imported (config key "
+            f"'plugins', or the entry-point group 'dora_lab.tasks')"
+        )
+    return TASKS.get(key)
+
+
+def list_tasks() -> list[str]:
+    return TASKS.names()
 
 
 def _to_array(x: Any, what: str) -> np.ndarray:
@@ -147,8 +213,9 @@ def compute_metrics(spec: TaskSpec, predictions: Any, labels: Sequence[float] | 
     class is the argmax; a 1-D array of integer class ids is accepted too), scores of shape
     ``(n,)`` or ``(n, 1)`` for regression (stsb).
 
-    Keys: ``accuracy`` for every classification task, ``matthews_correlation`` for cola, ``f1``
-    (positive class 1) for mrpc and qqp, ``pearson`` and ``spearmanr`` for stsb.  A correlation
+    Keys: the task's ``metrics``, in order (for GLUE: ``accuracy`` for every classification task,
+    ``matthews_correlation`` for cola, ``f1`` (positive class 1) for mrpc and qqp, ``pearson`` and
+    ``spearmanr`` for stsb).  A correlation
     that is undefined because one side is constant (a model predicting one class) is 0.0, not
     nan, so it can rank runs and feed Optuna.
     """
@@ -174,9 +241,11 @@ def compute_metrics(spec: TaskSpec, predictions: Any, labels: Sequence[float] | 
             raise ValueError(f"{spec.name} is a regression task: predictions must have shape (n,) or (n, 1), got {preds.shape}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", stats.ConstantInputWarning)
-            pearson = stats.pearsonr(preds.astype(np.float64), gold.astype(np.float64))[0]
-            spearman = stats.spearmanr(preds, gold)[0]
-        return {"pearson": _finite(pearson), "spearmanr": _finite(spearman)}
+            regression = {
+                "pearson": lambda: stats.pearsonr(preds.astype(np.float64), gold.astype(np.float64))[0],
+                "spearmanr": lambda: stats.spearmanr(preds, gold)[0],
+            }
+            return {m: _finite(regression[m]()) for m in spec.metrics}
 
     if preds.ndim == 2:
         if preds.shape[1] != spec.num_labels:
@@ -194,10 +263,9 @@ def compute_metrics(spec: TaskSpec, predictions: Any, labels: Sequence[float] | 
         )
     gold_ids = gold.astype(np.int64)
 
-    out: dict[str, float] = {}
-    if spec.name == "cola":
-        out["matthews_correlation"] = _finite(matthews_corrcoef(gold_ids, pred_ids))
-    out["accuracy"] = float(np.mean(pred_ids == gold_ids))
-    if spec.name in _F1_TASKS:
-        out["f1"] = float(f1_score(gold_ids, pred_ids, pos_label=1, average="binary", zero_division=0.0))
-    return out
+    classification = {
+        "accuracy": lambda: np.mean(pred_ids == gold_ids),
+        "matthews_correlation": lambda: _finite(matthews_corrcoef(gold_ids, pred_ids)),
+        "f1": lambda: f1_score(gold_ids, pred_ids, pos_label=1, average="binary", zero_division=0.0),
+    }
+    return {m: float(classification[m]()) for m in spec.metrics}

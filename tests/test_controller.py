@@ -268,3 +268,23 @@ def test_agree_replaces_every_decision_before_it_is_applied() -> None:
     infos = train(model, adamw(model), controller, batches(T))
     assert len(seen) == sum(i.pruned for i in infos) > 1
     assert all(layer.rank == 1 and layer.index.tolist() == [3] for layer in adapter_layers(model).values())
+
+
+def test_a_needs_grad_scorer_is_refused_a_step_without_gradients() -> None:
+    """``needs_grad`` is read by the controller: a scorer that declares it is never handed layers
+    without gradients (``plugin_movement`` would fail on ``None``); one that does not is fed anyway."""
+    model = adapted_bert(0, dtype=torch.float32)
+    mover = PruningController(model, make_scorer("plugin_movement"), "dora", T, target_rank=TARGET_RANK,
+                              warmup=WARMUP, final=FINAL, interval=INTERVAL, compact=False)
+    assert mover.scorer.needs_grad
+    with pytest.raises(RuntimeError, match=r"scorer 'plugin_movement' needs gradients but layer "
+                                           r"'bert\.encoder\.layer\.0\.attention\.self\.query' has none: call "
+                                           r"controller\.step\(\) after optimizer\.step\(\) and before"):
+        mover.step()  # no backward yet
+    assert mover.t == 0 and not mover.scorer.scores()
+    assert mover.step(update_scores=False).step == 0  # a skipped step feeds nothing, so needs nothing
+    weights_only = PruningController(model, make_scorer("magnitude"), "dora", T, target_rank=TARGET_RANK,
+                                     warmup=WARMUP, final=FINAL, interval=INTERVAL, compact=False)
+    assert not weights_only.scorer.needs_grad
+    weights_only.step()
+    assert len(weights_only.scorer.scores()) == 12

@@ -26,7 +26,7 @@ from dora_lab import (
     register_schedule,
     register_scorer,
 )
-from dora_lab.registry import Registry
+from dora_lab.registry import Registry, discover_modules
 from dora_lab.regularizers import REGULARIZERS
 from dora_lab.schedules import SCHEDULES
 from dora_lab.scorers import SCORERS
@@ -137,6 +137,38 @@ def test_clash_with_a_builtin_is_caught_before_the_builtins_are_loaded(tmp_path:
     with pytest.raises(RegistryError, match="widget 'gear' is already registered by widget_builtins_mod.gear; pick"):
         registry.add("gear", [])
     assert registry.names() == ["gear"]
+
+
+# -- built-ins found by discovery ------------------------------------------------------------------
+def test_builtin_scorers_are_every_file_in_metrics() -> None:
+    """The scorer registry imports every module of metrics/, computed here from the folder itself."""
+    folder = Path(__file__).resolve().parents[1] / "metrics"
+    on_disk = sorted(f"metrics.{p.stem}" for p in folder.glob("*.py") if not p.stem.startswith("_"))
+    assert on_disk == ["metrics.magnitude", "metrics.sensitivity", "metrics.uncertainty"]
+    assert discover_modules("metrics") == on_disk
+    assert SCORERS._packages == ("metrics",) and SCORERS._builtins == ()
+    assert {get_scorer(n).__module__ for n in ("magnitude", "sensitivity", "smoothed_uncertainty")} == set(on_disk)
+
+
+def test_a_new_file_in_a_discovered_package_is_registered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropping one file into the package is all it takes; a ``_private`` module is not imported."""
+    registry: Registry[object] = Registry("widget", "dora_lab.no_such_group", packages=["widget_pkg"])
+    holder = type(sys)("widget_pkg_holder")
+    holder.REGISTRY = registry  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "widget_pkg_holder", holder)
+    pkg = tmp_path / "widget_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name in ("gear", "cog"):
+        (pkg / f"{name}.py").write_text(f"import widget_pkg_holder as h\n\ndef {name}():\n    pass\n\n"
+                                        f"h.REGISTRY.add({name!r}, {name})\n")
+    (pkg / "_helper.py").write_text("raise RuntimeError('a private helper is not a built-in')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for mod in ("widget_pkg", "widget_pkg.gear", "widget_pkg.cog"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    assert discover_modules("widget_pkg") == ["widget_pkg.cog", "widget_pkg.gear"]
+    assert registry.names() == ["cog", "gear"]
+    assert registry.get("cog").__module__ == "widget_pkg.cog"  # type: ignore[attr-defined]
 
 
 def test_unknown_names_list_every_registered_name() -> None:

@@ -201,3 +201,22 @@ def test_a_set_of_a_searched_key_is_refused_with_the_fix() -> None:
     # the fix it names works, and a key the study does not search is still set
     setup = prepare(COLA, ["study.space.train.lr={type: categorical, choices: [0.001]}", "train.epochs=1"])
     assert setup.study.space["train.lr"].choices == [0.001] and setup.base.train.epochs == 1  # type: ignore[union-attr]
+
+
+def test_searched_scorer_params_every_searched_scorer_takes_are_checked_before_any_trial() -> None:
+    """``beta`` searched with scorer.name: smoothed_uncertainty (beta1, beta2) would fail every one of
+    its trials, so the study is refused at once, naming the scorer, the parameter and what it takes."""
+    both = ["study.space.scorer.name={type: categorical, choices: [magnitude, smoothed_uncertainty]}",
+            "study.space.scorer.params.beta={type: float, low: 0.7, high: 0.95}"]
+    assert error(both) == (
+        "study.space.scorer.params.beta: scorer 'smoothed_uncertainty' (one of study.space.scorer.name's choices) "
+        "has no hyper-parameter 'beta'; it takes: beta1 (default 0.85), beta2 (default 0.85).  Every trial of "
+        "'smoothed_uncertainty' would fail: search only parameters every searched scorer takes, or give each "
+        "scorer its own study")
+    # the base config's scorer when scorer.name is not searched (cola's space searches scorer.params.beta)
+    assert "scorer 'smoothed_uncertainty' (the base config's) has no hyper-parameter 'beta'" in error(
+        ["scorer.name=smoothed_uncertainty"])
+    # what every searched scorer takes is accepted: beta by the function scorers, beta1 by the class one
+    assert prepare(COLA, [both[0].replace("smoothed_uncertainty", "sensitivity"), both[1]]).study.space
+    assert prepare(COLA, ["scorer.name=smoothed_uncertainty", "study.space={scorer.params.beta1: "
+                                                              "{type: float, low: 0.5, high: 0.9}}"]).study.space

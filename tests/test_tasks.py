@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import doctest
+import json
 import math
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dora_lab import tasks
-from dora_lab.tasks import TASKS, compute_metrics, get_task
+from dora_lab import RegistryError, tasks
+from dora_lab.config import ConfigError, load_config_dict
+from dora_lab.data import DataError, load_splits
+from dora_lab.tasks import TASKS, TaskSpec, compute_metrics, get_task, list_tasks, register_task
 
 
 def logits_for(pred_ids: list[int], num_labels: int = 2) -> np.ndarray:
@@ -136,3 +141,91 @@ def test_bad_shapes_say_what_was_expected(name: str, preds: np.ndarray, labels: 
 def test_module_doctest() -> None:
     result = doctest.testmod(tasks, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# -- tasks as data: a made-up task, registered, loads and evaluates through the same code ---------------
+@pytest.fixture
+def tiny_task() -> Iterator[TaskSpec]:
+    """A two-class task with named labels and F1 as its main metric, unregistered when the test ends."""
+    spec = TaskSpec(name="tiny_review", text_fields=("review",), num_labels=2, is_regression=False,
+                    main_metric="f1", eval_splits=("validation",), hub_path=("someone/reviews", "tiny"),
+                    label_names=("bad", "good"), metrics=("f1", "accuracy"))
+    assert register_task(spec) is spec
+    yield spec
+    TASKS.remove("tiny_review")
+
+
+def write_jsonl(path: Path, rows: list[dict[str, object]]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_a_registered_task_loads_local_data_and_evaluates(tmp_path: Path, tiny_task: TaskSpec) -> None:
+    assert "tiny_review" in TASKS and get_task("Tiny_Review") is tiny_task and "tiny_review" in list_tasks()
+    write_jsonl(tmp_path / "train.jsonl", [{"review": "fine", "label": "good"}, {"review": "meh", "label": 0}])
+    write_jsonl(tmp_path / "validation.jsonl", [{"review": t, "label": y} for t, y in
+                                                (("a", "good"), ("b", "bad"), ("c", "good"), ("d", "bad"))])
+    splits = load_splits(tiny_task, tmp_path)
+    assert [r["label"] for r in splits["train"]] == [1, 0]
+    gold = [r["label"] for r in splits["validation"]]
+    assert gold == [1, 0, 1, 0]
+    out = compute_metrics(tiny_task, logits_for([1, 1, 0, 0]), gold)
+    assert out == {"f1": pytest.approx(0.5), "accuracy": pytest.approx(0.5)} and list(out) == ["f1", "accuracy"]
+    write_jsonl(tmp_path / "validation.jsonl", [{"review": "e", "label": "great"}])
+    with pytest.raises(DataError, match=r"label 'great'; tiny_review labels must be integers in \[0, 2\) \(0\.\.1\) "
+                                        r"or the names bad, good"):
+        load_splits(tiny_task, tmp_path)
+    # a config names it like a GLUE task
+    assert load_config_dict({"task": {"name": "tiny_review"}}).task.name == "tiny_review"
+
+
+def test_a_regression_task_checks_its_own_label_range(tmp_path: Path) -> None:
+    spec = register_task(TaskSpec(name="tiny_rating", text_fields=("a", "b"), num_labels=1, is_regression=True,
+                                  main_metric="spearmanr", eval_splits=("validation",), hub_path=("x/y", "z"),
+                                  label_range=(1.0, 10.0)))
+    try:
+        assert spec.metrics == ("pearson", "spearmanr")
+        for split in ("train", "validation"):
+            write_jsonl(tmp_path / f"{split}.jsonl", [{"a": "x", "b": "y", "label": v} for v in (1, 10, 7.5)])
+        assert [r["label"] for r in load_splits(spec, tmp_path)["validation"]] == [1.0, 10.0, 7.5]
+        write_jsonl(tmp_path / "validation.jsonl", [{"a": "x", "b": "y", "label": 0.5}])  # fine for stsb
+        with pytest.raises(DataError, match=r"label 0\.5; tiny_rating labels must be numbers in \[1, 10\]"):
+            load_splits(spec, tmp_path)
+        assert compute_metrics(spec, [1.0, 2.0, 4.0], [1.0, 3.0, 9.0])["spearmanr"] == pytest.approx(1.0)
+    finally:
+        TASKS.remove("tiny_rating")
+
+
+def test_a_task_from_a_plugin_file_is_accepted_by_a_config(tmp_path: Path) -> None:
+    plugin = tmp_path / "my_task.py"
+    plugin.write_text("from dora_lab import TaskSpec, register_task\n\n"
+                      "register_task(TaskSpec(name='plugin_task', text_fields=('text',), num_labels=3,\n"
+                      "    is_regression=False, main_metric='accuracy', eval_splits=('validation',),\n"
+                      "    hub_path=('me/data', 'default')))\n")
+    try:
+        with pytest.raises(ConfigError, match="task.name: unknown GLUE task 'plugin_task'; choose one of: cola"):
+            load_config_dict({"task": {"name": "plugin_task"}})
+        cfg = load_config_dict({"plugins": [str(plugin)], "task": {"name": "plugin_task"}})
+        assert get_task(cfg.task.name).num_labels == 3
+    finally:
+        TASKS.remove("plugin_task")
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"metrics": ("accuracy", "bleu")}, r"task 'bad': unknown classification metric\(s\) \['bleu'\]; choose from "
+                                        r"accuracy, matthews_correlation, f1"),
+    ({"main_metric": "f1"}, r"task 'bad': main_metric 'f1' is not among its metrics \(accuracy\)"),
+    ({"label_range": (0.0, 1.0)}, r"only a regression task has one"),
+])
+def test_a_task_spec_that_cannot_work_is_refused(fields: dict[str, object], match: str) -> None:
+    kwargs: dict[str, object] = {"name": "bad", "text_fields": ("t",), "num_labels": 2, "is_regression": False,
+                                 "main_metric": "accuracy", "eval_splits": ("validation",), "hub_path": ("a", "b"),
+                                 "metrics": ("accuracy",), **fields}
+    with pytest.raises(RegistryError, match=match):
+        TaskSpec(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_task_name_clash_is_refused() -> None:
+    with pytest.raises(RegistryError, match=r"task 'cola' is already registered by dora_lab\.tasks \(register_task\); "
+                                            r"pick another name, or pass replace=True"):
+        register_task(dataclasses.replace(TASKS["cola"], num_labels=3))
+    assert TASKS["cola"].num_labels == 2

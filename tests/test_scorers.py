@@ -93,8 +93,9 @@ def test_magnitude_is_exact_when_components_nearly_cancel(cancel: float) -> None
             layer.A[i + 1] = layer.A[i]
         layer.c.fill_(1.0)
     reference = slow_magnitude(layer)
-    summed = float(sum(torch.linalg.norm(torch.outer(layer.B[:, i], layer.A[i])).detach() for i in range(8)))
-    assert float((layer.B.double() @ layer.A.double()).norm()) < 2 * cancel * summed  # it does cancel
+    a, b = layer.A.detach().double(), layer.B.detach().double()
+    summed = float(sum(torch.linalg.norm(torch.outer(b[:, i], a[i])) for i in range(8)))
+    assert float((b @ a).norm()) < 2 * cancel * summed  # it does cancel
     scorer = make_scorer("magnitude", beta=None)
     scorer.update({"layer": layer})
     torch.testing.assert_close(scorer.scores()["layer"].double(), reference, rtol=1e-5, atol=0)

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from .controller import PruningController
 
 __all__ = [
     "AdapterConfig",
@@ -30,6 +33,7 @@ __all__ = [
     "TaskConfig",
     "TrainConfig",
     "apply_overrides",
+    "build_controller",
     "flatten",
     "load_config",
     "load_config_dict",
@@ -362,6 +366,30 @@ def _check_registered(cfg: RunConfig) -> None:
             regularizers.get_regularizer(cfg.regularizer.name)
     except ValueError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
+
+
+def build_controller(cfg: RunConfig, model: Any, total_steps: int,
+                     agree: Callable[[Any], Any] | None = None) -> PruningController:
+    """The pruning controller a run config asks for, over ``model``'s adapted layers for
+    ``total_steps`` optimizer steps: the one mapping of the ``scorer``, ``schedule``, ``budget`` and
+    ``regularizer`` blocks onto :class:`~dora_lab.controller.PruningController` (the training loop,
+    or a ``DoraTrainerCallback(lambda total: build_controller(cfg, model, total))``).  ``agree``: how
+    data-parallel ranks agree on a pruning decision (:func:`dora_lab.distributed.agree`).  A schedule
+    or budget that does not fit the run's length or model raises :class:`ConfigError`."""
+    from .adapter import adapter_layers
+    from .controller import PruningController
+    from .scorers import make_scorer
+
+    try:
+        return PruningController(
+            model, make_scorer(cfg.scorer.name, **cfg.scorer.params), cfg.schedule.name, total_steps,
+            target_rank=cfg.budget.target_rank, target_params=cfg.budget.target_params,
+            warmup=cfg.schedule.warmup, final=cfg.schedule.final, interval=cfg.schedule.interval,
+            regularizer=cfg.regularizer.name, reg_weight=cfg.regularizer.weight,
+            compact=cfg.schedule.compact, agree=agree)
+    except ValueError as exc:  # a schedule or budget that does not fit this run's length or model
+        raise ConfigError(f"the schedule and budget do not fit this run ({total_steps} optimizer steps, "
+                          f"{len(adapter_layers(model))} adapted matrices): {exc}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:

@@ -9,7 +9,9 @@ that ``Trainer`` never makes)::
                                                                      "dora", total, target_rank=2))
     Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback]).train()
 
-The factory receives ``state.max_steps`` (the Trainer's optimizer steps).  Regularisers (DEM) are
+The factory receives ``state.max_steps`` (the Trainer's optimizer steps); from a run config,
+``DoraTrainerCallback(lambda total: build_controller(cfg, model, total))`` builds the controller the
+config asks for, as the plain loop does (:func:`dora_lab.config.build_controller`).  Regularisers (DEM) are
 not added to the Trainer's loss by this callback; add ``callback.controller.regularization_loss()``
 in a ``compute_loss`` override if you want them.
 

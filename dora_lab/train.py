@@ -29,17 +29,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .adapter import adapter_layers, count_parameters, inject_adapters
+from .adapter import count_parameters, inject_adapters
 from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
 from .checkpoint import save_adapter
 from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, refuse
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, build_controller, load_config
 from .controller import PruningController
 from .data import load_splits, make_loader
 from .evaluate import evaluate
 from .models import load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
-from .scorers import make_scorer
 from .seeding import seed_everything
 from .tasks import get_task
 
@@ -145,16 +144,7 @@ def train_run(
         optimizer, lambda step: lr_factor(step, total, cfg.train.warmup_ratio))
     controller = None
     if adapted:
-        try:
-            controller = PruningController(
-                model, make_scorer(cfg.scorer.name, **cfg.scorer.params), cfg.schedule.name, total,
-                target_rank=cfg.budget.target_rank, target_params=cfg.budget.target_params,
-                warmup=cfg.schedule.warmup, final=cfg.schedule.final, interval=cfg.schedule.interval,
-                regularizer=cfg.regularizer.name, reg_weight=cfg.regularizer.weight,
-                compact=cfg.schedule.compact, agree=distributed.agree if shards > 1 else None)
-        except ValueError as exc:  # a schedule or budget that does not fit this run's length or model
-            raise ConfigError(f"the schedule and budget do not fit this run ({total} optimizer steps, "
-                              f"{len(adapter_layers(model))} adapted matrices): {exc}") from None
+        controller = build_controller(cfg, model, total, agree=distributed.agree if shards > 1 else None)
     # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
     if rank0:
         claim_run_dir(run_dir, overwrite)

@@ -7,7 +7,6 @@ also in a CSV, unrounded.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import platform
@@ -24,7 +23,8 @@ from scipy import stats as sps
 from . import report_plots
 from .config import ConfigError, flatten, read_yaml
 from .stats import Summary
-from .tracking import markdown_table, safe_url
+from .tables import markdown_table, write_csv
+from .tracking import safe_url
 
 __all__ = ["Run", "Source", "fmt", "load_runs", "log_to_mlflow", "mlflow_parent", "read_report_block", "render",
            "source_from_config"]
@@ -180,14 +180,6 @@ def _ci(low: float, high: float) -> str:
     return "n/a" if math.isnan(low) else f"[{low:.4f}, {high:.4f}]"
 
 
-def _csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    columns = list(dict.fromkeys(k for r in rows for k in r)) or ["(empty)"]
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _agreement_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     by: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
     for r in rows:
@@ -237,11 +229,11 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
                  "components": sum(r.allocation.values()) if r.allocation else None,
                  "adapter_parameters_final": r.metrics.get("adapter_parameters_final"),
                  "minutes": r.minutes, "mlflow_run_id": r.mlflow_run_id} for r in runs]
-    _csv([{k: (" ".join(map(str, v)) if k == "values" else v) for k, v in g.items()} for g in groups],
+    write_csv([{k: (" ".join(map(str, v)) if k == "values" else v) for k, v in g.items()} for g in groups],
          out / "groups.csv")
-    _csv(comparisons, out / "comparisons.csv")
-    _csv(agreement, out / "agreement.csv")
-    _csv(run_rows, out / "runs.csv")
+    write_csv(comparisons, out / "comparisons.csv")
+    write_csv(agreement, out / "agreement.csv")
+    write_csv(run_rows, out / "runs.csv")
     _pictures(data, out, metric, {g["group"] for g in groups if g["is_reference"] and comparisons})
     objective = {"best": "the best validation evaluation once pruning had ended (`study.objective: best`)",
                  "final": "the last validation evaluation (`study.objective: final`)"}
@@ -356,18 +348,14 @@ def mlflow_parent(source: Any) -> tuple[Any, str, dict[str, str]] | str:
     try:
         from mlflow import MlflowClient
 
-        from .tracking import ROLE_TAG, STUDY_TAG, UID_TAG
+        from .tracking import UID_TAG, find_parent_runs
 
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(source.experiment or source.name)
         if exp is None:
             return f"no MLflow experiment {source.experiment or source.name!r} at {uri}"
-        where = f"tags.`{STUDY_TAG}` = '{source.name}' and tags.`{ROLE_TAG}` = 'study'"
         uid = optuna.load_study(study_name=source.name, storage=source.storage).user_attrs.get(UID_TAG)
-        if uid:  # the parent of this very study, not of an older one of the same name
-            where += f" and tags.`{UID_TAG}` = '{uid}'"
-        found = client.search_runs([exp.experiment_id], filter_string=where, max_results=1,
-                                   order_by=["attributes.start_time ASC"])
+        found = find_parent_runs(client, exp.experiment_id, source.name, uid, max_results=1)
     except Exception as exc:  # MLflow is optional: the report stands without it
         return f"MLflow at {uri} not reachable: {type(exc).__name__}: {exc}"
     if not found:

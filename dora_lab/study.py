@@ -34,29 +34,21 @@ trial is one :func:`dora_lab.train.train_run` of the config with the trial's val
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
-import signal
-import subprocess
 import sys
-import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from .callbacks import RunInfo, TrainCallback
 from .cli import check_writable_folder, refuse
 from .config import ConfigError, RunConfig, apply_overrides, load_config_dict, parse_assignment, read_yaml
-from .data import DataError, load_splits
-from .distributed import gpu_groups, run_in_processes, visible_gpus
 from .locks import store_lock
-from .models import ModelLoadError, check_model
+from .study_grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
 from .study_space import (
     CategoricalParam,
     StudyConfig,
@@ -65,14 +57,15 @@ from .study_space import (
     make_sampler,
     parse_study,
     read_study_block,
-    suggest,
     trial_config,
 )
+from .study_trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
+from .study_workers import run_workers
 from .tasks import get_task
-from .threads import worker_env, worker_threads
-from .tracking import UID_TAG, StudyTracker, TrialLogger, markdown_table, safe_url
+from .tracking import UID_TAG, StudyTracker, print_summary, safe_url
 
-__all__ = ["StudySetup", "main", "prepare", "run_study"]
+__all__ = ["OptunaReporter", "StudySetup", "main", "optimize", "open_study", "prepare", "preflight", "run_study",
+           "study_folder"]
 
 
 @dataclass
@@ -151,7 +144,7 @@ def open_study(setup: StudySetup, tracker: StudyTracker | None = None) -> optuna
                                     sampler=make_sampler(s), pruner=make_pruner(s), load_if_exists=True)
         if UID_TAG not in study.user_attrs:  # new (or made by a dora_lab from before identities)
             study.set_user_attr(UID_TAG, f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}")
-    _fail_stale(study)
+    fail_stale(study)
     return study
 
 
@@ -165,207 +158,6 @@ def study_folder(setup: StudySetup, study: optuna.Study) -> Path:
     return setup.study_dir / study_uid(study)
 
 
-def _fail_stale(study: optuna.Study) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
-class OptunaReporter(TrainCallback):
-    """Reports the study metric at every evaluation and prunes when the pruner says so."""
-
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
-        self.trial, self.metric = trial, metric
-        self.eligible_from = 0  # the first step with the final budget (pruning over)
-
-    def on_train_begin(self, info: RunInfo) -> None:
-        curve = info.budget_curve
-        last = [i for i, b in enumerate(curve) if b != curve[-1]]
-        self.eligible_from = (last[-1] + 2) if last else 0
-
-    def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
-        if self.metric not in metrics:
-            raise ConfigError(f"study.metric {self.metric!r} is not measured; the evaluation gives "
-                              f"{', '.join(k for k in metrics if k != 'step')}")
-        self.trial.report(metrics[self.metric], step)
-        if self.trial.should_prune():
-            reason = f"pruned at step {step}: {self.metric} = {metrics[self.metric]:.4f}"
-            self.trial.set_user_attr("prune_reason", reason)
-            raise optuna.TrialPruned(reason)
-
-
-def _objective_value(setup: StudySetup, history: list[dict[str, float]], eligible_from: int) -> float:
-    if setup.study.objective == "final":
-        return float(history[-1][setup.metric])
-    values = [h[setup.metric] for h in history if h["step"] >= eligible_from] or [history[-1][setup.metric]]
-    return float(max(values) if setup.study.direction == "maximize" else min(values))
-
-
-ENVIRONMENT_ERRORS = (DataError, ModelLoadError)
-
-
-def preflight(cfg: RunConfig) -> None:
-    """Load the config's data and the model's config and tokenizer once, before any trial, so
-    that a missing data folder, an unreachable Hub or a ``task.max_length`` the model cannot take is
-    one clear error instead of a failed trial each.  Raises :class:`~dora_lab.data.DataError`,
-    :class:`~dora_lab.models.ModelLoadError` or :class:`~dora_lab.config.ConfigError`."""
-    load_splits(get_task(cfg.task.name), cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
-                max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed)
-    check_model(cfg.model.name, cfg.task.max_length)
-
-
-def make_objective(setup: StudySetup, study: optuna.Study, tracker: StudyTracker, parent_id: str,
-                   progress: bool = False) -> Callable[[optuna.Trial], float]:
-    """One trial: its config, its MLflow child run (always one per trial, even when the trial fails
-    before training), its run folder (named for the study and the trial; never one that holds a
-    run already), training, its value.  Raises what the trial raised, for :func:`_run_trials`."""
-    from .train import train_run
-
-    folder = study_folder(setup, study)
-
-    def objective(trial: optuna.Trial) -> float:
-        run_dir = folder / f"trial-{trial.number:03d}"
-        trial.set_user_attr("run_dir", str(run_dir))
-        logger: TrialLogger | None = None
-        try:
-            # inside the try: a space that no longer fits the stored trials (a choice added to a
-            # categorical, say) fails here, and the trial must say why
-            params = suggest(trial, setup.study.space)
-            try:
-                cfg, error = trial_config(setup.data, setup.study, params, setup.cli), None
-            except ConfigError as exc:
-                cfg, error = setup.base, exc
-            logger = tracker.start_trial(parent_id, trial.number, cfg, run_dir)
-            trial.set_user_attr("mlflow_run_id", logger.run_id)
-            if error is not None:
-                raise error
-            logger.log_config(cfg)
-            reporter = OptunaReporter(trial, setup.metric)
-            if cfg.train.processes > 1:  # torchrun in other processes; the hooks follow rank 0 here
-                result = run_in_processes(cfg, run_dir, [logger, reporter])
-            else:
-                result = train_run(cfg, run_dir, [logger, reporter], progress=progress)
-            value = _objective_value(setup, result.history, reporter.eligible_from)
-            for key, v in (("active_components", result.active_components_final),
-                           ("adapter_parameters", result.adapter_parameters_final), ("best_step", result.best_step)):
-                trial.set_user_attr(key, v)
-            logger.finish("COMPLETE", value=value)
-            return value
-        except optuna.TrialPruned as exc:
-            if logger is not None:
-                logger.finish("PRUNED", reason=str(exc))
-            raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (KeyboardInterrupt / Ctrl-C)")
-            _child(logger, trial).finish("INTERRUPTED", reason="interrupted (KeyboardInterrupt / Ctrl-C)")
-            raise
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:2000]
-            trial.set_user_attr("fail_reason", reason)
-            _child(logger, trial).finish("FAIL", reason=reason)
-            if isinstance(exc, ENVIRONMENT_ERRORS):  # not the trial's values: every next trial would fail too
-                print(f"error: trial {trial.number} could not load its data or model; stopping the study.\n"
-                      f"{exc}", file=sys.stderr)
-            raise
-
-    def _child(logger: TrialLogger | None, trial: optuna.Trial) -> TrialLogger:
-        """The trial's MLflow run; created now if the trial failed before it had one (its values did
-        not fit the space), so that Optuna and MLflow stay one to one."""
-        if logger is None:
-            logger = tracker.start_trial(parent_id, trial.number, setup.base, folder / f"trial-{trial.number:03d}")
-            trial.set_user_attr("mlflow_run_id", logger.run_id)
-        return logger
-
-    return objective
-
-
-@contextlib.contextmanager
-def _heartbeat(trial: optuna.Trial) -> Iterator[None]:
-    """Record the trial's heartbeat every ``heartbeat_interval`` seconds while it runs (RDB storages
-    with a heartbeat), as ``study.optimize`` does, so that a killed worker's trial goes stale."""
-    storage: Any = trial.storage  # an RDBStorage, wrapped by Optuna in its cache
-    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
-    if not interval:
-        yield
-        return
-    stop = threading.Event()
-    trial_id = trial._trial_id  # Optuna's own heartbeat thread keys on it too
-
-    def beat() -> None:
-        while True:
-            storage.record_heartbeat(trial_id)
-            if stop.wait(interval):
-                return
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _retryable(t: optuna.trial.FrozenTrial) -> bool:
-    """A trial that failed for no fault of its own: interrupted, or left behind by a dead worker."""
-    reason = str(t.user_attrs.get("fail_reason", ""))
-    return t.state == optuna.trial.TrialState.FAIL and (not reason or reason.startswith("interrupted"))
-
-
-def _point(t: optuna.trial.FrozenTrial, keys: Sequence[str]) -> tuple[Any, ...]:
-    values = t.params or t.system_attrs.get("fixed_params", {})  # a queued trial: fixed_params
-    return tuple(values.get(k) for k in keys)
-
-
-def _grid_state(setup: StudySetup, trials: Sequence[optuna.trial.FrozenTrial]
-                ) -> tuple[list[tuple[Any, ...]], set[tuple[Any, ...]]]:
-    """(the grid's points in order, the points a trial holds: queued, running or finished, except
-    a trial interrupted or left by a dead worker, whose point is free to run again)."""
-    keys = sorted(setup.study.space)
-    grid = setup.study.grid()
-    points = list(dict.fromkeys(itertools.product(*(grid[k] for k in keys))))
-    return points, {_point(t, keys) for t in trials if not _retryable(t)}
-
-
-def _trials_to_run(setup: StudySetup, study: optuna.Study) -> int | None:
-    """This invocation's trial count.  For a grid: the points no trial holds, at most n_trials."""
-    n = setup.study.n_trials
-    if setup.study.sampler.name != "grid":
-        return n
-    points, taken = _grid_state(setup, study.get_trials(deepcopy=False))
-    left = len([p for p in points if p not in taken])  # points dropped from the grid do not count
-    return left if n is None else min(n, left)
-
-
-def _claim_grid_point(setup: StudySetup, study: optuna.Study) -> optuna.Trial | None:
-    """The next grid trial, or ``None`` when every point is held.  Choosing the point and creating
-    its trial happen in one step under the storage's lock, so two processes never take one point
-    and no trial is ever created that has no point to run (what made the duplicate PRUNED trials)."""
-    keys = sorted(setup.study.space)
-    with store_lock(setup.storage, f"optuna:{setup.name}"):
-        while True:
-            trials = study.get_trials(deepcopy=False)
-            waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
-            if waiting:  # a queue entry left behind (an older dora_lab, a process killed mid-claim)
-                mine = _point(waiting[0], keys)
-                others = {_point(t, keys) for t in trials if t.number != waiting[0].number and not _retryable(t)}
-                trial = study.ask()  # pops the oldest waiting trial: waiting[0]
-                if mine not in others:
-                    return trial
-                trial.set_user_attr("fail_reason", "a second queue entry for a grid point another trial holds "
-                                                   "(left by an older dora_lab); not run")
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                continue
-            points, taken = _grid_state(setup, trials)
-            free = [p for p in points if p not in taken]
-            if not free:
-                return None
-            retry = [t.number for t in trials if _retryable(t) and _point(t, keys) == free[0]]
-            study.enqueue_trial(dict(zip(keys, free[0], strict=True)),
-                                user_attrs={"retry_of": retry[-1]} if retry else None)
-            return study.ask()  # pops the trial just queued: no other is waiting
-
-
 def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[optuna.Trial], float],
                 n_trials: int | None) -> None:
     """Ask, run and tell up to ``n_trials`` trials (``None``: no limit) until ``study.timeout``; a grid
@@ -375,14 +167,14 @@ def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[opt
     while n_trials is None or ran < n_trials:
         if setup.study.timeout is not None and time.monotonic() - started >= setup.study.timeout:
             return
-        _fail_stale(study)
-        with warnings.catch_warnings():  # Optuna's note that heartbeats come with optimize(): _heartbeat beats
+        fail_stale(study)
+        with warnings.catch_warnings():  # Optuna's note that heartbeats come with optimize(): heartbeat() beats
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-            trial = _claim_grid_point(setup, study) if setup.study.sampler.name == "grid" else study.ask()
+            trial = claim_grid_point(setup.study, study, setup.storage) if setup.study.sampler.name == "grid" else study.ask()
         if trial is None:
             return
         ran += 1
-        with _heartbeat(trial):
+        with heartbeat(trial):
             try:
                 value = objective(trial)
             except optuna.TrialPruned:
@@ -405,7 +197,7 @@ def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = No
     study = study or open_study(setup, tracker)
     parent_id = parent_id or tracker.parent_run(study_uid(study), _parent_tags(setup))
     if n_trials is None or n_trials > 0:
-        _run_trials(setup, study, make_objective(setup, study, tracker, parent_id, progress), n_trials)
+        _run_trials(setup, study, make_objective(setup, study_folder(setup, study), tracker, parent_id, progress), n_trials)
 
 
 def _tracker(setup: StudySetup) -> StudyTracker:
@@ -423,49 +215,6 @@ def _parent_tags(setup: StudySetup) -> dict[str, str]:
 
 
 # -- the whole study ------------------------------------------------------------------------------
-def _worker_command(setup: StudySetup, n: int | None, parent_id: str, threads: int, index: int) -> list[str]:
-    cmd = [sys.executable, "-m", "dora_lab.study", str(setup.config_path)]
-    for item in setup.overrides:
-        cmd += ["--set", item]
-    cmd += ["--worker", str(index + 1), "--parent-run-id", parent_id, "--threads", str(threads)]
-    return cmd + (["--n-trials", str(n)] if n is not None else [])
-
-
-def _run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_id: str) -> tuple[bool, bool]:
-    """Start the workers, wait for them; ``(Ctrl-C stopped them, a worker failed)``."""
-    shares: list[int | None] = [None] * workers if n_trials is None else [
-        n_trials // workers + (i < n_trials % workers) for i in range(workers)]
-    shares = [s for s in shares if s != 0]
-    threads = worker_threads(len(shares))
-    env = worker_env(threads)
-    # each worker its own GPUs when there are enough for all (train.processes per trial)
-    gpus = gpu_groups(visible_gpus(), len(shares), setup.base.train.processes)
-    # Own sessions: a Ctrl-C reaches this process only, which then stops each worker exactly once.
-    procs = [subprocess.Popen(_worker_command(setup, n, parent_id, threads, i), start_new_session=True,
-                              env=env if g is None else {**env, "CUDA_VISIBLE_DEVICES": g})
-             for i, (n, g) in enumerate(zip(shares, gpus, strict=True))]
-    interrupted = False
-    try:
-        for p in procs:
-            p.wait()
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: stopping the workers (their running trials are recorded as FAIL) ...",
-              file=sys.stderr)
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    bad = [p.returncode for p in procs if p.returncode not in (0, 130, -signal.SIGINT)]
-    if bad:
-        print(f"error: {len(bad)} worker(s) exited with codes {bad}; their output is above", file=sys.stderr)
-    return interrupted, bool(bad)
-
-
 def run_study(setup: StudySetup, workers: int = 1) -> int:
     """The CLI's main path: open the study and its parent run, run the trials, summarize."""
     if workers < 1:
@@ -486,7 +235,7 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
         study.set_user_attr(key, value)
     finished_before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-    n_trials = _trials_to_run(setup, study)  # a grid queues its missing points here (WAITING trials)
+    n_trials = trials_to_run(setup.study, study)  # a grid queues its missing points here (WAITING trials)
     print(f"study {setup.name!r}: {len(finished_before)} finished trial(s) so far in {safe_url(setup.storage)}; running "
           f"{'until the timeout' if n_trials is None else n_trials} more"
           f"{f' on {workers} workers' if workers > 1 else ''}", flush=True)
@@ -495,8 +244,8 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
         if workers == 1:
             optimize(setup, n_trials, parent_id, progress=sys.stderr.isatty(), tracker=tracker, study=study)
         elif n_trials != 0:
-            interrupted, worker_failed = _run_workers(setup, n_trials, workers, parent_id)
-            left = 0 if interrupted else _trials_to_run(setup, open_study(setup, tracker))
+            interrupted, worker_failed = run_workers(setup, n_trials, workers, parent_id)
+            left = 0 if interrupted else trials_to_run(setup.study, open_study(setup, tracker))
             if setup.study.sampler.name == "grid" and left:  # points a failed worker left
                 optimize(setup, left, parent_id, tracker=tracker, study=open_study(setup, tracker))
     except KeyboardInterrupt:
@@ -504,7 +253,7 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     study = open_study(setup, tracker)  # fresh trials, from every worker
     rows = tracker.summarize(parent_id, study, setup.metric, study_folder(setup, study) / "summary",
                              status="KILLED" if interrupted else "FINISHED")
-    print_summary(setup, study, rows)
+    print_summary(setup, study, rows, study_folder(setup, study) / "summary")
     if interrupted:
         print("stopped by Ctrl-C; finished trials are kept. Run the same command again to continue.")
         return 130
@@ -530,25 +279,6 @@ def _check_space_unchanged(setup: StudySetup, study: optuna.Study) -> None:
                     f"study.space.{key}: the choices {list(param.choices)} differ from those of the study "
                     f"{setup.name!r} so far {list(dist.choices)}; Optuna cannot change a categorical within "
                     f"one study.  Start a new one: --set study.name={setup.name}_v2 (same storage, new trials)")
-
-
-def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, Any]]) -> None:
-    keys = list(setup.study.space)
-    columns = ["trial", "state", "value", *keys, "components", "minutes", "reason"]
-    short = [{c: r.get(c) for c in columns} for r in rows]
-    print(f"\nstudy {setup.name!r} ({setup.study.direction} {setup.metric}): {len(rows)} trial(s)")
-    print(markdown_table(short, columns, width=48))
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if complete:
-        best = study.best_trial
-        print(f"best: trial {best.number}, {setup.metric} = {best.value:.4f}, "
-              f"{', '.join(f'{k}={v}' for k, v in best.params.items())}\n      run folder {best.user_attrs.get('run_dir')}")
-    print(f"summary (table, plots): {study_folder(setup, study) / 'summary'}")
-    if setup.tracking_uri.startswith(("http://", "https://")):
-        print(f"MLflow: open {setup.tracking_uri} (experiment {setup.study.experiment or setup.name!r})")
-    else:
-        print("open the MLflow UI on this study:\n  mlflow ui --backend-store-uri "
-              f"{setup.tracking_uri} --host 127.0.0.1 --port 5000")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

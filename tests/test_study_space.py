@@ -110,15 +110,16 @@ def test_grid_points_are_claimed_once_and_interrupted_ones_again(tmp_path: Path)
     """A grid trial is created only together with its point (under the storage's lock): nothing is
     queued ahead, a point held by a running trial is not handed out twice, and a point whose trial
     was interrupted is free again."""
-    from dora_lab.study import _claim_grid_point, _trials_to_run, open_study
+    from dora_lab.study import open_study
+    from dora_lab.study_grid import claim_grid_point, trials_to_run
 
     setup = prepare(COLA, [f"output_dir={tmp_path}", "study.sampler=grid", "study.n_trials=null",
                            "study.space={seed: {type: categorical, choices: [0, 1, 2]}}"])
     study = open_study(setup)
-    assert _trials_to_run(setup, study) == 3 and study.get_trials() == []  # counted, not queued
+    assert trials_to_run(setup.study, study) == 3 and study.get_trials() == []  # counted, not queued
 
     def claim() -> optuna.Trial:
-        trial = _claim_grid_point(setup, study)
+        trial = claim_grid_point(setup.study, study, setup.storage)
         assert trial is not None
         return trial
 
@@ -129,7 +130,7 @@ def test_grid_points_are_claimed_once_and_interrupted_ones_again(tmp_path: Path)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     diverged, interrupted = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     assert (diverged.params["seed"], interrupted.params["seed"]) == (0, 1)  # the grid's order
-    assert _trials_to_run(setup, study) == 2  # the interrupted point and the one never started
+    assert trials_to_run(setup.study, study) == 2  # the interrupted point and the one never started
     # a queue entry of a held point, left by an older version: recorded as not run, never run
     study.enqueue_trial({"seed": 0})
     retry, last = claim(), claim()
@@ -137,16 +138,17 @@ def test_grid_points_are_claimed_once_and_interrupted_ones_again(tmp_path: Path)
     assert study.trials[retry.number].user_attrs["retry_of"] == interrupted.number
     stray = study.trials[2]
     assert stray.state == optuna.trial.TrialState.FAIL and "not run" in stray.user_attrs["fail_reason"]
-    assert _claim_grid_point(setup, study) is None  # 1 and 2 are running: nothing is left to hand out
+    assert claim_grid_point(setup.study, study, setup.storage) is None  # 1 and 2 are running: nothing is left to hand out
     for trial in (retry, last):
         study.tell(trial, 0.0)
-    assert _trials_to_run(setup, study) == 0 and _claim_grid_point(setup, study) is None
+    assert trials_to_run(setup.study, study) == 0 and claim_grid_point(setup.study, study, setup.storage) is None
     assert len(study.trials) == 5
 
 
 def test_grid_with_changed_choices_runs_its_new_points(tmp_path: Path) -> None:
     """Points that left the grid do not count as done: [0, 1, 2] finished, then [2, 3, 4] runs 3, 4."""
-    from dora_lab.study import _trials_to_run, open_study
+    from dora_lab.study import open_study
+    from dora_lab.study_grid import trials_to_run
 
     def grid(choices: str):  # type: ignore[no-untyped-def]
         return prepare(COLA, [f"output_dir={tmp_path}", "study.sampler=grid", "study.n_trials=null",
@@ -154,10 +156,10 @@ def test_grid_with_changed_choices_runs_its_new_points(tmp_path: Path) -> None:
 
     first = grid("[0, 1, 2]")
     study = open_study(first)
-    assert _trials_to_run(first, study) == 3
+    assert trials_to_run(first.study, study) == 3
     study.optimize(lambda t: float(suggest(t, first.study.space)["seed"]), n_trials=3)
     second = grid("[2, 3, 4]")
-    assert _trials_to_run(second, open_study(second)) == 2
+    assert trials_to_run(second.study, open_study(second)) == 2
 
 
 def test_a_searched_scorer_drops_the_base_scorers_params() -> None:

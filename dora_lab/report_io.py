@@ -105,7 +105,7 @@ def read_report_block(path: str | Path) -> dict[str, Any]:
 
 def source_from_config(path: str | Path, overrides: Sequence[str] = ()) -> Source:
     """Resolve a study config exactly as the study CLI does (``--set`` included), plus its report block."""
-    from .study import prepare
+    from .study_space import prepare  # the study block without the runner (or Optuna)
 
     setup = prepare(path, overrides)
     return Source(name=setup.name, storage=setup.storage, tracking_uri=setup.tracking_uri,

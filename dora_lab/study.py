@@ -1,7 +1,8 @@
 """Optuna studies over run configs, tracked in MLflow:
 ``python -m dora_lab.study CONFIG [--set key=value ...] [--workers N]``.
 
-The config's ``study:`` block (:mod:`dora_lab.study_space`) says what to search and how; every
+The config's ``study:`` block (:mod:`dora_lab.study_space`, read by :func:`prepare`; its Optuna
+sampler and pruner from :mod:`dora_lab.study_optuna`) says what to search and how; every
 trial is one :func:`dora_lab.train.train_run` of the config with the trial's values set.
 
 - Resuming: the same command again loads the same study (``load_if_exists``) from its storage and
@@ -39,81 +40,23 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 
 from .cli import check_writable_folder, refuse
-from .config import ConfigError, RunConfig, apply_overrides, load_config_dict, parse_assignment, read_yaml
+from .config import ConfigError
 from .locks import store_lock
 from .study_grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
-from .study_space import (
-    CategoricalParam,
-    StudyConfig,
-    check_scorer_params,
-    make_pruner,
-    make_sampler,
-    parse_study,
-    read_study_block,
-    trial_config,
-)
+from .study_optuna import check_space_unchanged, make_pruner, make_sampler
+from .study_space import StudySetup, prepare
 from .study_trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
 from .study_workers import run_workers
-from .tasks import get_task
 from .tracking import UID_TAG, StudyTracker, print_summary, safe_url
 
 __all__ = ["OptunaReporter", "StudySetup", "main", "optimize", "open_study", "prepare", "preflight", "run_study",
            "study_folder"]
-
-
-@dataclass
-class StudySetup:
-    """Everything a study needs, resolved once from the config file and ``--set`` overrides."""
-
-    config_path: Path
-    overrides: list[str]
-    data: dict[str, Any]  # the config as plain data (file + --set), study block included
-    cli: dict[str, Any]  # the --set values outside the study block, re-applied to every trial
-    base: RunConfig  # the trial config before the searched values
-    study: StudyConfig
-    name: str
-    storage: str
-    tracking_uri: str
-    output_dir: Path
-    study_dir: Path  # <output_dir>/studies/<name>: a folder per study identity (study_folder) inside
-    metric: str
-
-
-def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetup:
-    """Read, override and validate everything; :class:`ConfigError` before anything starts."""
-    data = read_yaml(config_path)  # read_yaml checks the files; then the study block's own merge rule
-    block = read_study_block(config_path)
-    if block is not None:
-        data["study"] = block
-    data = apply_overrides(data, overrides)
-    cfg = load_config_dict(data)
-    study = parse_study(cfg.study, cfg.plugins)
-    cli = {key: value for key, value in map(parse_assignment, overrides) if not key.startswith("study.")}
-    for key in [k for k in cli if k in study.space]:  # the sampled value would replace it in every trial
-        raise ConfigError(
-            f"--set {key}={cli[key]}: the study searches {key!r} (study.space.{key}), so every trial would "
-            f"replace this value with a sampled one.  To run with this value only, search just it: "
-            f"--set 'study.space.{key}={{type: categorical, choices: [{cli[key]}]}}'; to search it, drop this --set")
-    try:
-        base = trial_config(data, study, {}, cli)
-    except ConfigError as exc:
-        raise ConfigError(f"the study's base config (study.overrides applied) is invalid: {exc}") from None
-    check_scorer_params(study, base.scorer.name)
-    output_dir = Path(base.output_dir).resolve()
-    name = study.study_name(config_path)
-    return StudySetup(
-        config_path=Path(config_path), overrides=list(overrides), data=data, cli=cli, base=base, study=study,
-        name=name, storage=study.storage_url(output_dir), tracking_uri=study.tracking(output_dir),
-        output_dir=output_dir, study_dir=output_dir / "studies" / name,
-        metric=study.metric or get_task(base.task.name).main_metric,
-    )
 
 
 # -- Optuna ---------------------------------------------------------------------------------------
@@ -229,7 +172,7 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
         return refuse(exc)
     tracker = _tracker(setup)
     study = open_study(setup, tracker)
-    _check_space_unchanged(setup, study)
+    check_space_unchanged(setup.study, study)
     parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup))
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
@@ -265,20 +208,6 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
               "(and in each MLflow run's fail_reason tag).", file=sys.stderr)
         return 1
     return 0
-
-
-def _check_space_unchanged(setup: StudySetup, study: optuna.Study) -> None:
-    """Optuna refuses a categorical whose choices differ from the study's earlier trials (every new
-    trial would fail); say so before any trial starts.  Float and int ranges may change."""
-    for t in study.get_trials(deepcopy=False):
-        for key, dist in t.distributions.items():
-            param = setup.study.space.get(key)
-            if isinstance(dist, optuna.distributions.CategoricalDistribution) and isinstance(param, CategoricalParam) \
-                    and list(dist.choices) != list(param.choices):
-                raise ConfigError(
-                    f"study.space.{key}: the choices {list(param.choices)} differ from those of the study "
-                    f"{setup.name!r} so far {list(dist.choices)}; Optuna cannot change a categorical within "
-                    f"one study.  Start a new one: --set study.name={setup.name}_v2 (same storage, new trials)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,17 +36,27 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import optuna
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from .config import ConfigError, RunConfig, load_config_dict, load_yaml, set_values
+from .config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_config_dict,
+    load_yaml,
+    parse_assignment,
+    read_yaml,
+    set_values,
+)
+from .tasks import get_task
 
-__all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "TrialSeeded", "check_scorer_params", "db_url",
-           "make_pruner", "make_sampler", "parse_study", "read_study_block", "suggest", "trial_config"]
+__all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "StudySetup", "check_scorer_params", "db_url",
+           "parse_study", "prepare", "read_study_block", "trial_config"]
 
 Primitive = bool | int | float | str | None
 
@@ -400,19 +410,6 @@ def read_study_block(path: str | Path) -> dict[str, Any] | None:
 
 
 # -- one trial ------------------------------------------------------------------------------------
-def suggest(trial: optuna.Trial, space: Mapping[str, Any]) -> dict[str, Any]:
-    """Ask the trial for a value of every searched key."""
-    values: dict[str, Any] = {}
-    for key, p in space.items():
-        if isinstance(p, FloatParam):
-            values[key] = trial.suggest_float(key, p.low, p.high, log=p.log, step=p.step)
-        elif isinstance(p, IntParam):
-            values[key] = trial.suggest_int(key, p.low, p.high, log=p.log, step=p.step)
-        else:
-            values[key] = trial.suggest_categorical(key, p.choices)
-    return values
-
-
 def trial_config(base: Mapping[str, Any], study: StudyConfig, params: Mapping[str, Any],
                  cli: Mapping[str, Any] | None = None) -> RunConfig:
     """A trial's config: ``base`` (no study block) <- study.overrides <- the CLI's ``--set`` values
@@ -423,71 +420,50 @@ def trial_config(base: Mapping[str, Any], study: StudyConfig, params: Mapping[st
     return load_config_dict(data)
 
 
-def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
-    """The sampler.  TPE and random draw trial ``n`` with the seed ``seed + n`` (see
-    :class:`TrialSeeded`): reproducible, and two processes on one storage (workers, two identical
-    commands started together, a resumed study) never replay each other's draws, since no two
-    trials share a number.  A grid's points are claimed in order by the study runner."""
-    s = study.sampler
-    if isinstance(s, TPESampler):
-        tpe = s
-        return TrialSeeded(lambda seed: optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=tpe.n_startup_trials, multivariate=tpe.multivariate), s.seed)
-    if isinstance(s, RandomSampler):
-        return TrialSeeded(lambda seed: optuna.samplers.RandomSampler(seed=seed), s.seed)
-    return _RunnerGridSampler(study.grid(), seed=s.seed)
+# -- the whole setup, resolved once ----------------------------------------------------------------
+@dataclass
+class StudySetup:
+    """Everything a study needs, resolved once from the config file and ``--set`` overrides."""
+
+    config_path: Path
+    overrides: list[str]
+    data: dict[str, Any]  # the config as plain data (file + --set), study block included
+    cli: dict[str, Any]  # the --set values outside the study block, re-applied to every trial
+    base: RunConfig  # the trial config before the searched values
+    study: StudyConfig
+    name: str
+    storage: str
+    tracking_uri: str
+    output_dir: Path
+    study_dir: Path  # <output_dir>/studies/<name>: a folder per study identity (study_folder) inside
+    metric: str
 
 
-class TrialSeeded(optuna.samplers.BaseSampler):
-    """A sampler made afresh for every trial with the seed ``seed + trial.number`` (``seed=None``:
-    unseeded, made once).  Optuna calls :meth:`before_trial` once the trial exists (its number
-    known) and before any value is sampled, relative ones included; TPE and random keep no state
-    between trials but their random generator, so nothing else changes."""
-
-    def __init__(self, make: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None) -> None:
-        self._make, self._seed = make, seed
-        self._inner = make(seed)
-
-    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if self._seed is not None:
-            self._inner = self._make(self._seed + trial.number)
-        self._inner.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial
-                                    ) -> dict[str, optuna.distributions.BaseDistribution]:
-        return self._inner.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                        search_space: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, Any]:
-        return self._inner.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
-                           param_distribution: optuna.distributions.BaseDistribution) -> Any:
-        return self._inner.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: optuna.trial.TrialState,
-                    values: Sequence[float] | None) -> None:
-        self._inner.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self._inner.reseed_rng()
-
-
-class _RunnerGridSampler(optuna.samplers.GridSampler):
-    """A GridSampler that never calls ``study.stop()``.  The study runner claims every grid trial
-    with its point's values (queued and asked for under a lock), so this sampler never picks a point;
-    the runner alone decides when the grid is done."""
-
-    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                    state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:
-        return None
-
-
-def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
-    p = study.pruner
-    if isinstance(p, MedianPruner):
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
-    if isinstance(p, HyperbandPruner):
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=p.max_resource,
-                                              reduction_factor=p.reduction_factor)
-    return optuna.pruners.NopPruner()
+def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetup:
+    """Read, override and validate everything; :class:`ConfigError` before anything starts."""
+    data = read_yaml(config_path)  # read_yaml checks the files; then the study block's own merge rule
+    block = read_study_block(config_path)
+    if block is not None:
+        data["study"] = block
+    data = apply_overrides(data, overrides)
+    cfg = load_config_dict(data)
+    study = parse_study(cfg.study, cfg.plugins)
+    cli = {key: value for key, value in map(parse_assignment, overrides) if not key.startswith("study.")}
+    for key in [k for k in cli if k in study.space]:  # the sampled value would replace it in every trial
+        raise ConfigError(
+            f"--set {key}={cli[key]}: the study searches {key!r} (study.space.{key}), so every trial would "
+            f"replace this value with a sampled one.  To run with this value only, search just it: "
+            f"--set 'study.space.{key}={{type: categorical, choices: [{cli[key]}]}}'; to search it, drop this --set")
+    try:
+        base = trial_config(data, study, {}, cli)
+    except ConfigError as exc:
+        raise ConfigError(f"the study's base config (study.overrides applied) is invalid: {exc}") from None
+    check_scorer_params(study, base.scorer.name)
+    output_dir = Path(base.output_dir).resolve()
+    name = study.study_name(config_path)
+    return StudySetup(
+        config_path=Path(config_path), overrides=list(overrides), data=data, cli=cli, base=base, study=study,
+        name=name, storage=study.storage_url(output_dir), tracking_uri=study.tracking(output_dir),
+        output_dir=output_dir, study_dir=output_dir / "studies" / name,
+        metric=study.metric or get_task(base.task.name).main_metric,
+    )

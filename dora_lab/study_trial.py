@@ -1,7 +1,7 @@
 """One study trial: its config, its MLflow child run, training, its value for Optuna.
 
 - :func:`make_objective` builds the function the runner calls per trial: the trial's values are
-  sampled (:func:`~dora_lab.study_space.suggest`) and set into the config, the trial gets its
+  sampled (:func:`~dora_lab.study_optuna.suggest`) and set into the config, the trial gets its
   MLflow child run (always one per trial, even when it fails before training) and its run folder
   ``<study folder>/trial-NNN``, and it trains, in this process or as a ``torchrun`` of
   ``train.processes`` ranks followed live.
@@ -26,12 +26,13 @@ from .config import ConfigError, RunConfig
 from .data import DataError, load_splits
 from .distributed import run_in_processes
 from .models import ModelLoadError, check_model
-from .study_space import suggest, trial_config
+from .study_optuna import suggest
+from .study_space import trial_config
 from .tasks import get_task
 from .tracking import StudyTracker, TrialLogger
 
 if TYPE_CHECKING:
-    from .study import StudySetup
+    from .study_space import StudySetup
 
 __all__ = ["ENVIRONMENT_ERRORS", "OptunaReporter", "make_objective", "objective_value", "preflight"]
 

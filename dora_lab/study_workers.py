@@ -20,7 +20,7 @@ from .distributed import gpu_groups, visible_gpus
 from .threads import worker_env, worker_threads
 
 if TYPE_CHECKING:
-    from .study import StudySetup
+    from .study_space import StudySetup
 
 __all__ = ["run_workers", "worker_command"]
 

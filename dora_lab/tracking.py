@@ -47,7 +47,7 @@ from .locks import store_lock
 from .tables import markdown_table, write_table
 
 if TYPE_CHECKING:
-    from .study import StudySetup
+    from .study_space import StudySetup
 
 __all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "find_parent_runs", "print_summary", "trial_rows"]
 

@@ -10,7 +10,8 @@ import pytest
 
 from dora_lab.config import ConfigError
 from dora_lab.study import prepare
-from dora_lab.study_space import parse_study, read_study_block, suggest, trial_config
+from dora_lab.study_optuna import suggest
+from dora_lab.study_space import parse_study, read_study_block, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 COLA = REPO / "configs" / "cola.yaml"
@@ -222,3 +223,14 @@ def test_searched_scorer_params_every_searched_scorer_takes_are_checked_before_a
     assert prepare(COLA, [both[0].replace("smoothed_uncertainty", "sensitivity"), both[1]]).study.space
     assert prepare(COLA, ["scorer.name=smoothed_uncertainty", "study.space={scorer.params.beta1: "
                                                               "{type: float, low: 0.5, high: 0.9}}"]).study.space
+
+
+def test_the_study_block_is_read_without_optuna_mlflow_or_the_runner() -> None:
+    """Reports resolve a study config through study_space: neither Optuna, MLflow nor the runner loads."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from dora_lab.study_space import prepare; s = prepare(sys.argv[1]); "
+            "print(s.name, [m for m in ('optuna', 'mlflow', 'dora_lab.study') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code, str(COLA)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["cola", "[]"]

@@ -21,15 +21,13 @@ import yaml
 from scipy import stats as sps
 
 from . import report_plots
-from .config import ConfigError, flatten, read_yaml
+from .config import ConfigError, flatten, parse_report, read_yaml
 from .stats import Summary
 from .tables import markdown_table, write_csv
 from .tracking import safe_url
 
 __all__ = ["Run", "Source", "fmt", "load_runs", "log_to_mlflow", "mlflow_parent", "read_report_block", "render",
            "source_from_config"]
-
-REPORT_KEYS = ("reference", "factors", "include")
 
 
 @dataclass
@@ -80,27 +78,9 @@ def fmt(value: Any) -> str:
 
 
 # -- in: studies and run folders ----------------------------------------------------------------
-def _check_block(block: Any, where: str) -> dict[str, Any]:
-    if block is None:
-        return {}
-    if not isinstance(block, dict):
-        raise ConfigError(f"{where}: report must be a mapping, got {type(block).__name__}")
-    unknown = [k for k in block if k not in REPORT_KEYS]
-    if unknown:
-        raise ConfigError(f"{where}: report.{unknown[0]}: unknown key; allowed: {', '.join(REPORT_KEYS)}")
-    out = {"reference": block.get("reference") or {}, **{k: block.get(k) or [] for k in ("factors", "include")}}
-    if not isinstance(out["reference"], dict) or any(isinstance(v, dict | list) for v in out["reference"].values()):
-        raise ConfigError(f"{where}: report.reference must map config keys to one value each, e.g. "
-                          f"{{scorer.name: magnitude}}; got {out['reference']!r}")
-    for key in ("factors", "include"):
-        if not isinstance(out[key], list) or not all(isinstance(v, str) for v in out[key]):
-            raise ConfigError(f"{where}: report.{key} must be a list of strings, got {out[key]!r}")
-    return out
-
-
 def read_report_block(path: str | Path) -> dict[str, Any]:
-    """The validated ``report:`` block of a config (following ``base:``); ``{}`` if none."""
-    return _check_block(read_yaml(path).get("report"), str(path))
+    """The validated ``report:`` block of a config (following ``base:``), its defaults filled in."""
+    return parse_report(read_yaml(path).get("report"), str(path)).model_dump()
 
 
 def source_from_config(path: str | Path, overrides: Sequence[str] = ()) -> Source:
@@ -110,7 +90,7 @@ def source_from_config(path: str | Path, overrides: Sequence[str] = ()) -> Sourc
     setup = prepare(path, overrides)
     return Source(name=setup.name, storage=setup.storage, tracking_uri=setup.tracking_uri,
                   experiment=setup.study.experiment or setup.name, output_dir=setup.output_dir,
-                  report=_check_block(setup.data.get("report"), str(path)), path=Path(path),
+                  report=parse_report(setup.data.get("report"), str(path)).model_dump(), path=Path(path),
                   metric=setup.metric, objective=setup.study.objective)
 
 

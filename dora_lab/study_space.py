@@ -34,7 +34,6 @@ searched ``scorer.params.*`` key must be a hyper-parameter of every scorer a tri
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,8 +46,8 @@ from .config import (
     ConfigError,
     RunConfig,
     apply_overrides,
+    field_at,
     load_config_dict,
-    load_yaml,
     parse_assignment,
     read_yaml,
     set_values,
@@ -232,13 +231,11 @@ def _dotted(tree: dict[str, Any], descend: Any, prefix: str = "") -> dict[str, A
 
 
 def _is_section(path: str) -> bool:
-    model: Any = RunConfig
-    for part in path.split("."):
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return False
-        model = field.annotation
-    return isinstance(model, type) and issubclass(model, BaseModel)
+    try:
+        field = field_at(path)
+    except ConfigError:
+        return False
+    return field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 
 
 def db_url(url: str) -> str:
@@ -256,27 +253,14 @@ def db_url(url: str) -> str:
 # -- validation against RunConfig ----------------------------------------------------------------
 def _field_adapter(path: str) -> TypeAdapter[Any] | None:
     """The type of config key ``path`` (``None`` below a free mapping); ConfigError if unknown."""
-    model: type[BaseModel] = RunConfig
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        field = model.model_fields.get(part)
-        if field is None or (i == 0 and part == "study"):
-            where = ".".join(parts[:i]) or "the top level"
-            allowed = ", ".join(k for k in model.model_fields if k != "study")
-            raise ConfigError(f"no config key {path!r}: {part!r} is not a key of {where} (allowed: {allowed})")
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            if i == len(parts) - 1:
-                raise ConfigError(f"{path!r} is a section; search or override its keys ({path}.<key>)")
-            model = ann
-            continue
-        if i == len(parts) - 1:
-            typ: Any = Annotated[ann, *field.metadata] if field.metadata else ann
-            return TypeAdapter(typ)
-        if getattr(ann, "__origin__", None) is dict or ann is dict:
-            return None  # below a free mapping (scorer.params.beta): the scorer checks it
-        raise ConfigError(f"no config key {path!r}: {'.'.join(parts[:i + 1])!r} is not a section")
-    return None
+    field = field_at(path, hidden=("study",))
+    if field is None:
+        return None
+    ann = field.annotation
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        raise ConfigError(f"{path!r} is a section; search or override its keys ({path}.<key>)")
+    typ: Any = Annotated[ann, *field.metadata] if field.metadata else ann
+    return TypeAdapter(typ)
 
 
 def _check_value(where: str, path: str, value: Any) -> None:
@@ -373,40 +357,12 @@ def parse_study(data: Mapping[str, Any] | None, plugins: Sequence[str] = ()) -> 
     return study
 
 
-# -- reading the block through base: links -------------------------------------------------------
-_REPLACED = ("space", "sampler", "pruner")
-
-
 def read_study_block(path: str | Path) -> dict[str, Any] | None:
-    """The ``study:`` block of ``path`` and its ``base:`` files, merged like the rest of the config
-    except that ``space``, ``sampler`` and ``pruner`` given in a file *replace* its base's (an
-    ablation grid does not inherit the base study's search space); ``overrides`` merge by key."""
-    chain: list[dict[str, Any]] = []
-    file = Path(path)
-    while True:
-        data = load_yaml(file)
-        if not isinstance(data, dict):
-            return None
-        chain.append(data)
-        if not data.get("base"):
-            break
-        file = file.parent / data["base"]
-        if len(chain) > 20:
-            raise ConfigError(f"too many base: links from {path}")
-    block: dict[str, Any] | None = None
-    for data in reversed(chain):
-        own = data.get("study")
-        if own is None:
-            continue
-        if not isinstance(own, dict):
-            raise ConfigError(f"study must be a mapping of keys, got {type(own).__name__}")
-        block = dict(block or {})
-        for key, value in own.items():
-            if key == "overrides" and isinstance(value, dict) and isinstance(block.get(key), dict):
-                block[key] = {**block[key], **value}
-            else:
-                block[key] = copy.deepcopy(value)
-    return block
+    """The ``study:`` block of ``path`` and its ``base:`` files (:func:`~dora_lab.config.read_yaml`,
+    the one reader of the chain: ``space``, ``sampler`` and ``pruner`` given in a file *replace*
+    its base's, ``overrides`` merge by key); ``None`` if there is none."""
+    block = read_yaml(path).get("study")
+    return block if isinstance(block, dict) else None
 
 
 # -- one trial ------------------------------------------------------------------------------------
@@ -441,11 +397,7 @@ class StudySetup:
 
 def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetup:
     """Read, override and validate everything; :class:`ConfigError` before anything starts."""
-    data = read_yaml(config_path)  # read_yaml checks the files; then the study block's own merge rule
-    block = read_study_block(config_path)
-    if block is not None:
-        data["study"] = block
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(read_yaml(config_path), overrides)  # the study block merged by its own rule
     cfg = load_config_dict(data)
     study = parse_study(cfg.study, cfg.plugins)
     cli = {key: value for key, value in map(parse_assignment, overrides) if not key.startswith("study.")}

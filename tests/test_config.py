@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from dora_lab.config import ConfigError, apply_overrides, flatten, load_config, load_config_dict, load_yaml
+from dora_lab.run.config import (
+    ConfigError,
+    apply_overrides,
+    flatten,
+    load_config,
+    load_config_dict,
+    load_yaml,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,8 +111,8 @@ def test_a_key_written_twice_is_refused_with_file_and_line(tmp_path: Path) -> No
 def test_field_at_is_the_one_walker_of_the_schema() -> None:
     import doctest
 
-    from dora_lab import config
-    from dora_lab.config import TrainConfig, field_at
+    from dora_lab.run import config
+    from dora_lab.run.config import TrainConfig, field_at
 
     assert doctest.testmod(config).failed == 0
     train = field_at("train")
@@ -122,7 +129,7 @@ def test_field_at_is_the_one_walker_of_the_schema() -> None:
 def test_the_study_block_merges_by_its_own_rule_along_base(tmp_path: Path) -> None:
     """One reader of the base: chain: within study:, a file's space/sampler/pruner replace its base's,
     overrides merge by key, and study: null keeps the base's block."""
-    from dora_lab.config import read_yaml
+    from dora_lab.run.config import read_yaml
 
     (tmp_path / "base.yaml").write_text(
         "study:\n  n_trials: 4\n  sampler: {name: tpe, seed: 1}\n  overrides: {train.epochs: 2, seed: 3}\n"

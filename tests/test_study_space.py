@@ -8,10 +8,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from dora_lab.config import ConfigError
-from dora_lab.study import prepare
-from dora_lab.study_optuna import suggest
-from dora_lab.study_space import parse_study, read_study_block, trial_config
+from dora_lab.run.config import ConfigError
+from dora_lab.study.runner import prepare
+from dora_lab.study.samplers import suggest
+from dora_lab.study.space import parse_study, read_study_block, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 COLA = REPO / "configs" / "cola.yaml"
@@ -111,8 +111,8 @@ def test_grid_points_are_claimed_once_and_interrupted_ones_again(tmp_path: Path)
     """A grid trial is created only together with its point (under the storage's lock): nothing is
     queued ahead, a point held by a running trial is not handed out twice, and a point whose trial
     was interrupted is free again."""
-    from dora_lab.study import open_study
-    from dora_lab.study_grid import claim_grid_point, trials_to_run
+    from dora_lab.study.grid import claim_grid_point, trials_to_run
+    from dora_lab.study.runner import open_study
 
     setup = prepare(COLA, [f"output_dir={tmp_path}", "study.sampler=grid", "study.n_trials=null",
                            "study.space={seed: {type: categorical, choices: [0, 1, 2]}}"])
@@ -148,8 +148,8 @@ def test_grid_points_are_claimed_once_and_interrupted_ones_again(tmp_path: Path)
 
 def test_grid_with_changed_choices_runs_its_new_points(tmp_path: Path) -> None:
     """Points that left the grid do not count as done: [0, 1, 2] finished, then [2, 3, 4] runs 3, 4."""
-    from dora_lab.study import open_study
-    from dora_lab.study_grid import trials_to_run
+    from dora_lab.study.grid import trials_to_run
+    from dora_lab.study.runner import open_study
 
     def grid(choices: str):  # type: ignore[no-untyped-def]
         return prepare(COLA, [f"output_dir={tmp_path}", "study.sampler=grid", "study.n_trials=null",
@@ -181,7 +181,7 @@ def test_a_changed_categorical_is_refused_before_any_trial(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """Optuna cannot change a categorical's choices within one study; the runner says so (exit 2)
     and names the fix instead of failing every new trial."""
-    from dora_lab.study import main, open_study
+    from dora_lab.study.runner import main, open_study
     from tests.tiny import COLA as COLA_DATA
 
     sets = [f"output_dir={tmp_path}", f"task.data_dir={COLA_DATA}", "study.sampler=grid", "study.n_trials=null"]
@@ -230,7 +230,7 @@ def test_the_study_block_is_read_without_optuna_mlflow_or_the_runner() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from dora_lab.study_space import prepare; s = prepare(sys.argv[1]); "
-            "print(s.name, [m for m in ('optuna', 'mlflow', 'dora_lab.study') if m in sys.modules])")
+    code = ("import sys; from dora_lab.study.space import prepare; s = prepare(sys.argv[1]); "
+            "print(s.name, [m for m in ('optuna', 'mlflow', 'dora_lab.study.runner') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code, str(COLA)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["cola", "[]"]

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-import dora_lab.study_workers as study_workers
-from dora_lab import threads
+import dora_lab.study.workers as study_workers
+from dora_lab.run import threads
 
 REPO = Path(__file__).resolve().parents[1]
 OMP_KEYS = (*threads.WAIT_KEYS, "OMP_NUM_THREADS", "MKL_NUM_THREADS")

@@ -1,0 +1,352 @@
+"""A report's input and output: the studies, their run folders and the ``report:`` block in;
+``report.md``, the CSV tables, the PNG pictures and the MLflow artifacts out.
+
+:mod:`dora_lab.report.compare` computes; this module reads and writes.  Every number in ``report.md`` is
+also in a CSV, unrounded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import scipy
+import yaml
+from scipy import stats as sps
+
+from ..run.config import ConfigError, flatten, parse_report, read_yaml
+from ..study.tables import markdown_table, write_csv
+from ..study.tracking import safe_url
+from . import plots as report_plots
+from .stats import Summary
+
+__all__ = ["Run", "Source", "fmt", "load_runs", "log_to_mlflow", "mlflow_parent", "read_report_block", "render",
+           "source_from_config"]
+
+
+@dataclass
+class Source:
+    """Where one study lives."""
+
+    name: str
+    storage: str
+    tracking_uri: str | None = None
+    experiment: str = ""
+    output_dir: Path | None = None
+    metric: str | None = None  # what the trials' values measure (None: unknown, "objective")
+    objective: str | None = None  # study.objective: best / final (None: unknown)
+    report: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None  # the config file, when given one
+
+
+@dataclass
+class Run:
+    """One COMPLETE trial with its run folder's files (empty where the folder is gone)."""
+
+    study: str
+    trial: int
+    seed: int
+    value: float
+    config: dict[str, Any]  # the flattened resolved config (the trial's params when no folder)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    allocation: dict[str, int] = field(default_factory=dict)
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    budget: dict[str, Any] = field(default_factory=dict)
+    minutes: float = math.nan
+    mlflow_run_id: str = ""
+    folder: str = ""
+
+    def factor(self, key: str) -> str:
+        if key == "final_rank":
+            return fmt(round(sum(self.allocation.values()) / len(self.allocation), 3)) if self.allocation else "?"
+        return fmt(self.config.get(key))
+
+
+def fmt(value: Any) -> str:
+    """A factor value as text: 2.0 -> "2", None -> "null", lists as JSON."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+
+# -- in: studies and run folders ----------------------------------------------------------------
+def read_report_block(path: str | Path) -> dict[str, Any]:
+    """The validated ``report:`` block of a config (following ``base:``), its defaults filled in."""
+    return parse_report(read_yaml(path).get("report"), str(path)).model_dump()
+
+
+def source_from_config(path: str | Path, overrides: Sequence[str] = ()) -> Source:
+    """Resolve a study config exactly as the study CLI does (``--set`` included), plus its report block."""
+    from ..study.space import prepare  # the study block without the runner (or Optuna)
+
+    setup = prepare(path, overrides)
+    return Source(name=setup.name, storage=setup.storage, tracking_uri=setup.tracking_uri,
+                  experiment=setup.study.experiment or setup.name, output_dir=setup.output_dir,
+                  report=parse_report(setup.data.get("report"), str(path)).model_dump(), path=Path(path),
+                  metric=setup.metric, objective=setup.study.objective)
+
+
+def _read(folder: Path | None, name: str) -> Any:
+    if folder is None or not (folder / name).is_file():
+        return {}
+    text = (folder / name).read_text()
+    return yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
+
+
+def load_runs(source: Source) -> tuple[list[Run], list[dict[str, Any]], set[str]]:
+    """(COMPLETE runs, the other trials with their reasons, the searched keys)."""
+    if source.storage.startswith("sqlite:///") and not Path(source.storage.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"no Optuna storage at {source.storage}; run the study first (or give --storage)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=source.name, storage=source.storage)
+    except KeyError:
+        names = optuna.get_all_study_names(source.storage)
+        raise ConfigError(f"no study {source.name!r} in {source.storage}; it has: {', '.join(names) or 'none'}") \
+            from None
+    runs, skipped, searched = [], [], set()
+    for t in study.get_trials(deepcopy=False):
+        searched |= set(t.params)
+        if t.state != optuna.trial.TrialState.COMPLETE or t.value is None:
+            skipped.append({"study": source.name, "trial": t.number, "state": t.state.name,
+                            "reason": t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason", "")})
+            continue
+        folder = Path(str(t.user_attrs["run_dir"])) if t.user_attrs.get("run_dir") else None
+        config = flatten(_read(folder, "config.yaml")) or {**t.params}
+        minutes = ((t.datetime_complete - t.datetime_start).total_seconds() / 60
+                   if t.datetime_complete and t.datetime_start else math.nan)
+        metrics = _read(folder, "metrics.json")
+        scores = _read(folder, "scores.json")
+        runs.append(Run(study=source.name, trial=t.number, seed=int(config.get("seed", t.params.get("seed", 0))),
+                        value=float(t.value), config=config, metrics=metrics,
+                        allocation=_read(folder, "allocation.json"), scores=scores.get("scores") or {},
+                        budget=_read(folder, "budget.json"), minutes=float(metrics.get("minutes", minutes)),
+                        mlflow_run_id=str(t.user_attrs.get("mlflow_run_id", "")), folder=str(folder or "")))
+    return runs, skipped, searched
+
+
+# -- out: the files ------------------------------------------------------------------------------
+FILES = ("groups.csv", "comparisons.csv", "agreement.csv", "runs.csv", "metric_by_group.png", "allocation.png",
+         "budget.png")
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _p(v: float) -> str:
+    if math.isnan(v):
+        return "n/a"
+    return "< 0.0001" if v < 1e-4 else f"{v:.4f}"
+
+
+def _int(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:,.0f}"
+
+
+def _ci(low: float, high: float) -> str:
+    return "n/a" if math.isnan(low) else f"[{low:.4f}, {high:.4f}]"
+
+
+def _agreement_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    by: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r["group_a"], r["group_b"], r["kind"]), []).append(r)
+    out = []
+    for (a, b, kind), rs in sorted(by.items(), key=lambda kv: (kv[0][2] != "scorer vs scorer", kv[0])):
+        tau, top = [r["kendall_tau"] for r in rs], [r["top_k_overlap"] for r in rs]
+        out.append({"A": a, "B": b, "kind": kind, "pairs": len(rs),
+                    "Kendall tau: mean [min, max]": f"{sum(tau) / len(tau):.3f} [{min(tau):.3f}, {max(tau):.3f}]",
+                    "top-k overlap: mean [min, max]": f"{sum(top) / len(top):.3f} [{min(top):.3f}, {max(top):.3f}]",
+                    "chance k/N": " ".join(sorted({f"{r['k'] / r['components']:.3f}" for r in rs})),
+                    "k": " ".join(sorted({str(r["k"]) for r in rs})),
+                    "components": " ".join(sorted({str(r["components"]) for r in rs}))})
+    return out
+
+
+def _pictures(data: Mapping[str, Any], out: Path, metric: str, references: set[str]) -> None:
+    groups = data["groups"]
+    labels = [g["group"] for g in groups]
+    summaries = [Summary(g["n"], g["mean"], g["sd"], g["ci_low"], g["ci_high"], g["min"], g["max"]) for g in groups]
+    report_plots.metric_by_group(labels, summaries, [g["values"] for g in groups], metric,
+                                 out / "metric_by_group.png", references=references)
+    panels, curves, r0 = [], [], 0.0
+    for name in labels:
+        runs = [r for r in data["members"][name] if r.allocation]
+        if runs:
+            layers = list(runs[0].allocation)
+            panels.append((name, {k: sum(r.allocation.get(k, 0) for r in runs) / len(runs) for k in layers}))
+            r0 = max([r0, *(float(r.config.get("adapter.r0", 0)) for r in runs)])
+        with_budget = [r for r in data["members"][name] if r.budget.get("curve")]
+        if with_budget:
+            curves.append((name, str(with_budget[0].budget.get("unit", "?")), with_budget[0].budget["curve"]))
+    report_plots.allocation_panels(panels, out / "allocation.png", vmax=r0 or None)
+    report_plots.budget_curves(curves, out / "budget.png")
+
+
+def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factors: Sequence[str],
+           derived: Sequence[str], mixed: Sequence[str], reference: Mapping[str, Any],
+           skipped: Sequence[Mapping[str, Any]], metric: str, value: str, parents: Mapping[str, Any],
+           command: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    groups, comparisons, agreement = data["groups"], data["comparisons"], data["agreement"]
+    runs = [r for members in data["members"].values() for r in members]
+    group_of = {id(r): name for name, members in data["members"].items() for r in members}
+    run_rows = [{"study": r.study, "trial": r.trial, "group": group_of[id(r)], "seed": r.seed, "value": r.value,
+                 "final": (r.metrics.get("final") or {}).get(data["metric_key"], math.nan),
+                 "components": sum(r.allocation.values()) if r.allocation else None,
+                 "adapter_parameters_final": r.metrics.get("adapter_parameters_final"),
+                 "minutes": r.minutes, "mlflow_run_id": r.mlflow_run_id} for r in runs]
+    write_csv([{k: (" ".join(map(str, v)) if k == "values" else v) for k, v in g.items()} for g in groups],
+         out / "groups.csv")
+    write_csv(comparisons, out / "comparisons.csv")
+    write_csv(agreement, out / "agreement.csv")
+    write_csv(run_rows, out / "runs.csv")
+    _pictures(data, out, metric, {g["group"] for g in groups if g["is_reference"] and comparisons})
+    objective = {"best": "the best validation evaluation once pruning had ended (`study.objective: best`)",
+                 "final": "the last validation evaluation (`study.objective: final`)"}
+    what = (f"each trial's value in the study: {objective.get(sources[0].objective or '', 'its objective')}"
+            if value == "objective" else "the last validation evaluation of each run")
+    n_min = min([g["n"] for g in groups if g["n"] > 1] or [0])
+    t_note = f"; with n = {n_min}, t(0.975, {n_min - 1}) = {sps.t.ppf(0.975, n_min - 1):.2f}" if n_min else ""
+    pairs = min([c["n"] for c in comparisons] or [0])
+    seeds = sorted({r.seed for r in runs})
+    here = f"{Path.cwd()}/"  # sqlite:////repo/outputs/x.db -> sqlite:///outputs/x.db, from the repo
+    study_list = ", ".join(f"`{s.name}` ({safe_url(s.storage).replace(here, '')})" for s in sources)
+    md = [f"# Ablation report: {' + '.join(s.name for s in sources)}", "",
+          f"Generated by `{command}` (scipy {scipy.__version__}, Python {platform.python_version()}).", "",
+          f"**What is compared.** {len(runs)} complete runs from {study_list}, grouped by "
+          f"{', '.join(f'`{f}`' for f in factors) or '(nothing varies)'} into {len(groups)} groups; seeds "
+          f"{', '.join(map(str, seeds))}. The value is **{metric}**, {what}. "
+          f"{len(skipped)} trial(s) are left out (not COMPLETE, or repeating a group and seed; listed under Notes).", ""]
+    if derived:
+        keys = ", ".join(f"`{k}`" for k in derived)
+        md += [f"Keys that also differ between runs but follow from the factors: {keys}.", ""]
+    if mixed:
+        md += [f"**Caution:** {', '.join(f'`{k}`' for k in mixed)} also differ *within* groups: each group pools "
+               "runs that differ in them (name them in report.factors / --factors to split the groups).", ""]
+    if "final_rank" in factors:
+        md += ["`final_rank` is measured: the average active rank per adapted matrix at the end "
+               "(allocation.json).", ""]
+    md += ["## Results per group", "",
+           markdown_table([{"group": g["group"], "n": g["n"], "mean": _num(g["mean"]), "sd": _num(g["sd"]),
+                            "95% CI": _ci(g["ci_low"], g["ci_high"]), "min": _num(g["min"]), "max": _num(g["max"]),
+                            "last eval (mean)": _num(g["final_mean"]),
+                            "trainable params": _int(g["trainable_parameters"]),
+                            "adapter params (final)": _int(g["adapter_parameters_final"]),
+                            "components": _int(g["active_components"]), "min/run": _num(g["minutes"], 2),
+                            "seeds": g["seeds"]} for g in groups]),
+           "![metric by group](metric_by_group.png)", "",
+           "sd is the sample standard deviation (n - 1). 95% CI: the two-sided Student-t interval for the mean, "
+           f"mean +- t(0.975, n - 1) sd / sqrt(n) (scipy.stats.t){t_note}: "
+           "with few seeds the intervals are wide by construction. Trainable params: every trainable parameter "
+           "at the start "
+           "(adapters at the start rank + the head); adapter params (final): the active adapter parameters "
+           "after pruning; components: the active rank-1 components at the end; last eval: the mean of "
+           f"`{data['metric_key']}` at each run's last evaluation (metrics.json).", ""]
+    md += ["## Paired comparisons against the reference", ""]
+    if comparisons:
+        ref = ", ".join(f"`{k}` = {v}" for k, v in reference.items())
+        md += [f"Reference: {ref}. Each group is compared with the reference group that has the same other "
+               "factors, run by run with the same seed (same data order; the same initialisation where the adapters "
+               "have the same shapes); the difference is "
+               "group - reference.", "",
+               markdown_table([{"group": c["group"], "reference": c["reference"], "pairs": c["n"],
+                                "mean diff": _num(c["mean_diff"]), "95% CI": _ci(c["ci_low"], c["ci_high"]),
+                                "t (df)": f"{_num(c['t'], 3)} ({c['df']})", "p (paired t)": _p(c["p_t"]),
+                                "p (Holm)": _p(c["p_holm"]), "p (sign-flip, exact)": _p(c["p_sign_flip"])}
+                               for c in comparisons]),
+               "- 95% CI: the Student-t interval of the mean paired difference.",
+               "- p (paired t): two-sided paired t-test (scipy.stats.ttest_rel) of mean difference = 0.",
+               f"- p (Holm): the paired-t p-values adjusted by Holm's step-down method over the {len(comparisons)} "
+               "comparison(s) of this table (controls the family-wise error rate). Read significance from this "
+               "column.",
+               "- p (sign-flip, exact): two-sided permutation test over all 2^n sign assignments of the n "
+               "differences "
+               "(no normality assumed; up to 10 pairs). Its smallest possible value is 2 / 2^n "
+               f"({_p(2 / 2 ** pairs) if pairs else 'n/a'} for n = {pairs}): below 6 pairs it cannot reach 0.05, "
+               "whatever the data. A paired-t p far below that floor rests on the t-test's normality assumption.", ""]
+    else:
+        md += ["No comparison: " + ("a single group." if len(groups) < 2 else "see Notes."), ""]
+    md += ["## Agreement between scorers", ""]
+    if agreement:
+        md += ["Which components do scorers rank high? From each run's scores.json: the score of every component "
+               "(all layers) at the last pruning decision. Kendall's tau-b (scipy.stats.kendalltau) over all "
+               "components; top-k overlap = |top-k(A) & top-k(B)| / k with k = the final budget in components. "
+               "*scorer vs scorer* pairs runs of the same seed (same initialisation, so component i is the same "
+               "vector at the start). *seed vs seed* pairs one group's runs across seeds: there component i starts "
+               "from other random vectors, so it shows the chance level (tau near 0, top-k near k/N, given as "
+               "*chance k/N*), a floor rather than a like-for-like baseline. Each run's scores come from its own "
+               "training (the runs diverge once their masks differ), so disagreement includes that drift.",
+               "", markdown_table(_agreement_summary(agreement))]
+    else:
+        md += ["Not computed: " + ("the scorer does not vary between the groups." if "scorer.name" not in factors
+                                   else "see Notes."), ""]
+    md += ["## Rank allocation", "", "![rank allocation](allocation.png)", "",
+           "The final rank of every adapted matrix (layers x module types; allocation.json), averaged over each "
+           "group's runs, on one colour scale from 0 to the start rank.", "",
+           "## Budget schedules", "", "![budget curves](budget.png)", "",
+           "The budget the schedule allowed at every optimizer step (budget.json), one run per group.", "",
+           "## Runs", "",
+           markdown_table([{"study": r["study"], "trial": r["trial"], "group": r["group"], "seed": r["seed"],
+                            "value": _num(r["value"]), "last eval": _num(r["final"]),
+                            "components": r["components"], "adapter params": r["adapter_parameters_final"],
+                            "minutes": _num(r["minutes"], 2), "MLflow run": r["mlflow_run_id"]} for r in run_rows]),
+           "## Notes", ""]
+    notes = [f"trial {s['trial']} of `{s['study']}`: {s['state']}" + (f" ({s['reason']})" if s["reason"] else "")
+             for s in skipped] + list(data["notes"])
+    for name, parent in parents.items():
+        logged = f"these files are logged to the study's parent run {parent[1]} under report/" \
+            if not isinstance(parent, str) else f"not logged ({parent})"
+        notes.append(f"MLflow `{name}`: {logged}")
+    md += [f"- {n}" for n in notes] + ["", "Tables (unrounded): " + ", ".join(f for f in FILES if f.endswith(".csv")),
+                                       ""]
+    (out / "report.md").write_text("\n".join(md))
+    return out / "report.md"
+
+
+# -- MLflow -------------------------------------------------------------------------------------
+def mlflow_parent(source: Any) -> tuple[Any, str, dict[str, str]] | str:
+    """(client, the study's parent run id, its tags), or why there is none."""
+    uri = source.tracking_uri
+    if not uri:
+        return "no MLflow tracking URI (give --tracking-uri)"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return f"no MLflow store at {uri}"
+    try:
+        from mlflow import MlflowClient
+
+        from ..study.tracking import UID_TAG, find_parent_runs
+
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(source.experiment or source.name)
+        if exp is None:
+            return f"no MLflow experiment {source.experiment or source.name!r} at {uri}"
+        uid = optuna.load_study(study_name=source.name, storage=source.storage).user_attrs.get(UID_TAG)
+        found = find_parent_runs(client, exp.experiment_id, source.name, uid, max_results=1)
+    except Exception as exc:  # MLflow is optional: the report stands without it
+        return f"MLflow at {uri} not reachable: {type(exc).__name__}: {exc}"
+    if not found:
+        return f"no parent run of study {source.name!r} in MLflow at {uri}"
+    return client, str(found[0].info.run_id), dict(found[0].data.tags)
+
+
+def log_to_mlflow(parents: Mapping[str, Any], out: Path) -> None:
+    """Log the report's files to every study's parent run (under ``report/``)."""
+    for parent in parents.values():
+        if not isinstance(parent, str):
+            client, run_id, _ = parent
+            client.log_artifacts(run_id, str(out), "report")
+            client.set_tag(run_id, "dora_lab.report", "report/report.md")

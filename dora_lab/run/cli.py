@@ -1,0 +1,81 @@
+"""How the command-line tools end when something is wrong: one paragraph on stderr, no traceback.
+
+The exit codes are shared by ``dora_lab.train``, ``dora_lab.study`` and ``dora_lab.export``:
+
+- 2 (:func:`refuse`): bad input found before any work (a config key, a data file, a model name, an
+  output folder that cannot be written); nothing was started or stored.
+- 1 (:func:`failed`): the work started and then failed (a diverging loss, a scorer that returns NaN);
+  the message says what the run folder keeps.
+- 130: stopped by Ctrl-C.
+
+:data:`INPUT_ERRORS` are the exceptions that mean "bad input": their messages already name the key,
+file or row and the fix.  :func:`check_writable_folder` is the output-folder check made before work.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ..core.registry import RegistryError
+from .config import ConfigError
+from .data import DataError
+from .models import ModelLoadError
+
+__all__ = ["EXIT_FAILED", "EXIT_INPUT", "EXIT_INTERRUPTED", "INPUT_ERRORS", "check_writable_folder", "failed",
+           "refuse"]
+
+EXIT_FAILED = 1
+EXIT_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+#: Bad input, each with a message that names the key, file or row: exit 2, nothing started.
+INPUT_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError, ModelLoadError, RegistryError)
+
+
+def refuse(exc: BaseException | str) -> int:
+    """Report bad input found before any work; the exit code (2) for ``main`` to return."""
+    print(f"error: {exc}\nNothing was started or stored.", file=sys.stderr)
+    return EXIT_INPUT
+
+
+def failed(exc: BaseException, run_dir: Path, code: int = EXIT_FAILED) -> int:
+    """Report a run that started and then failed, with what its folder keeps; ``code`` for ``main``."""
+    what = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+    kept = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    keeps = (f"The run folder {run_dir} keeps {', '.join(kept)}" if kept else f"Nothing was kept in {run_dir}")
+    unfinished = "" if "metrics.json" in kept else " (the run did not finish: no metrics.json or adapter/)"
+    print(f"error: the run failed during training: {what}\n{keeps}{unfinished}.", file=sys.stderr)
+    return code
+
+
+def check_writable_folder(path: str | Path, key: str) -> None:
+    """Raise :class:`ConfigError` (naming ``key``) unless the folder ``path`` exists and can be written,
+    or can be created; creates nothing.
+
+    Walks up to the nearest existing path: it must be a folder (not a file) in which this process may
+    create entries.  ``os.access`` is not enough as root (it says yes to everything on a writable
+    mount), so the check makes and removes a temporary file there; on a read-only place such as
+    ``/proc`` that fails as the real write would."""
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is" if existing == target else f"lies under {str(existing)!r}, which is"
+        raise ConfigError(f"{key}: {str(target)!r} {where} a file, not a folder; point {key} at a folder")
+    reason = None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "permission denied"
+    else:
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+    if reason is not None:
+        where = "" if existing == target else f": no file can be created in its nearest existing folder {str(existing)!r}"
+        raise ConfigError(f"{key}: cannot write to {str(target)!r}{where} ({reason}); point {key} at a "
+                          f"folder this user can write")

@@ -1,0 +1,363 @@
+"""Run configuration: YAML (safe loader) -> typed, validated objects.
+
+Everything a run needs is in one :class:`RunConfig`.  A YAML file may name a ``base:`` file
+(relative to itself) that it overrides key by key, and ``--set key.path=value`` overrides apply
+last (values parsed as YAML: ``--set train.lr=3e-4``, ``--set adapter.targets=[query,value]``).
+Every error (an unknown key, a wrong type, an impossible schedule) is a :class:`ConfigError`
+whose message names the key's dotted path, raised before anything starts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from .config_yaml import ConfigError, apply_overrides, load_yaml, parse_assignment, read_yaml, set_values
+
+if TYPE_CHECKING:
+    from ..core.controller import PruningController
+
+__all__ = [
+    "AdapterConfig",
+    "BudgetConfig",
+    "ConfigError",
+    "ModelConfig",
+    "RegularizerConfig",
+    "ReportConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "ScorerConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "build_controller",
+    "field_at",
+    "flatten",
+    "load_config",
+    "load_config_dict",
+    "load_yaml",
+    "parse_assignment",
+    "parse_report",
+    "read_yaml",
+    "set_values",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Strict):
+    name: str = "cola"
+    data_dir: str | None = Field(None, description="folder with train/validation .jsonl/.csv/.tsv; null = Hub")
+    max_length: int = Field(128, ge=8)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+
+
+class ModelConfig(_Strict):
+    name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    trainable: list[str] = Field(default_factory=lambda: ["classifier", "pooler"])
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class AdapterConfig(_Strict):
+    targets: list[str] | str | None = None
+    r0: int = Field(3, ge=1)
+    alpha: float = Field(8.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    init: Literal["dora", "adalora"] = "dora"
+
+
+class BudgetConfig(_Strict):
+    target_rank: float | None = Field(2.0, ge=0, description="final average active rank per matrix")
+    target_params: int | None = Field(None, ge=0, description="final active adapter parameters: 340000 or '0.34M'")
+
+    @field_validator("target_params", mode="before")
+    @classmethod
+    def _suffixed(cls, value: Any) -> Any:
+        """Accept the papers' way of writing budgets: ``"0.34M"``, ``"340k"``."""
+        if isinstance(value, str):
+            m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmM]?)\s*", value)
+            if m is None:
+                raise ValueError(f"{value!r} is not a parameter count; write 340000, '340k' or '0.34M'")
+            scale = {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
+            return int(round(float(m.group(1)) * scale))
+        return value
+
+    @model_validator(mode="after")
+    def _one_of(self) -> BudgetConfig:
+        if self.target_params is not None and self.target_rank is not None:
+            # target_params given explicitly wins over the default target_rank
+            object.__setattr__(self, "target_rank", None)
+        if self.target_params is None and self.target_rank is None:
+            raise ValueError("set budget.target_rank (average rank) or budget.target_params")
+        return self
+
+
+class ScorerConfig(_Strict):
+    name: str = "magnitude"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScheduleConfig(_Strict):
+    name: str = "dora"
+    warmup: float = Field(0.15, ge=0, description="t_i: a fraction of the steps if < 1, else steps")
+    final: float = Field(0.5, ge=0, description="t_f: a fraction of the steps if < 1, else steps")
+    interval: int = Field(100, ge=1)
+    compact: bool = True
+
+    @model_validator(mode="after")
+    def _phases_fit(self) -> ScheduleConfig:
+        if self.warmup < 1 and self.final < 1 and self.warmup + self.final >= 1:
+            raise ValueError(
+                f"warmup ({self.warmup}) + final ({self.final}) >= 1 leaves no steps for pruning; "
+                f"make their sum below 1"
+            )
+        return self
+
+
+class RegularizerConfig(_Strict):
+    name: str | None = "dem"
+    weight: float = Field(0.1, ge=0)
+
+
+class TrainConfig(_Strict):
+    method: Literal["adapter", "full"] = "adapter"
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    head_lr: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(100, ge=1, description="evaluate every N optimizer steps (and at the end)")
+    group_by_length: bool = True
+    divergence_loss: float = Field(1e4, gt=0, description="stop a run whose loss exceeds this or is NaN")
+    save_adapter: bool = True
+    processes: int = Field(1, ge=1, description="data-parallel processes; > 1 relaunches under torchrun")
+    gradient_checkpointing: bool = False
+
+
+class RunConfig(_Strict):
+    """One training run, fully resolved."""
+
+    seed: int = 0
+    output_dir: str = "runs"
+    plugins: list[str] = Field(default_factory=list)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    scorer: ScorerConfig = Field(default_factory=ScorerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    study: dict[str, Any] | None = Field(None, description="the study block, validated by dora_lab.study.space")
+    report: dict[str, Any] | None = Field(None, description="the report block (ReportConfig), read by dora_lab.report")
+
+    @model_validator(mode="after")
+    def _budget_fits(self) -> RunConfig:
+        rank = self.budget.target_rank
+        if rank is not None and rank > self.adapter.r0:
+            raise ValueError(
+                f"budget.target_rank ({rank}) is above the start rank adapter.r0 ({self.adapter.r0}); "
+                f"the budget can only shrink"
+            )
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as plain data (what is saved with every run)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved(), sort_keys=False)
+
+
+class ReportConfig(_Strict):
+    """The ``report:`` block: how ``python -m dora_lab.report`` compares a study's groups (``null``
+    for any key: its default)."""
+
+    reference: dict[str, Any] = Field(default_factory=dict, description="config key -> the reference group's value")
+    factors: list[str] = Field(default_factory=list, description="the keys that make a group (default: detected)")
+    include: list[str] = Field(default_factory=list, description="more study configs pooled into this report")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("reference")
+    @classmethod
+    def _one_value_each(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if any(isinstance(v, dict | list) for v in value.values()):
+            raise ValueError("one value each")
+        return value
+
+
+def parse_report(block: Any, where: str) -> ReportConfig:
+    """Validate a ``report:`` block (``None``: the defaults); errors name ``where`` (the file)."""
+    if block is None:
+        return ReportConfig()
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: report must be a mapping, got {type(block).__name__}")
+    try:
+        return ReportConfig.model_validate(block)
+    except ValidationError as exc:
+        err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+        key = str(err["loc"][0])
+    if err["type"] == "extra_forbidden":
+        raise ConfigError(f"{where}: report.{key}: unknown key; allowed: {', '.join(ReportConfig.model_fields)}")
+    if key == "reference":
+        raise ConfigError(f"{where}: report.reference must map config keys to one value each, e.g. "
+                          f"{{scorer.name: magnitude}}; got {block[key]!r}")
+    raise ConfigError(f"{where}: report.{key} must be a list of strings, got {block[key]!r}")
+
+
+def load_config_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Validate plain data into a :class:`RunConfig`, with dotted key paths in every error."""
+    try:
+        cfg = RunConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                section = _section_model(err["loc"][:-1])
+                allowed = ", ".join(section.model_fields) if section else ""
+                msg = f"unknown key; allowed here: {allowed}"
+            lines.append(f"  {loc}: {msg}" + (f" (got {err['input']!r})" if _show_input(err) else ""))
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+    _check_registered(cfg)
+    return cfg
+
+
+def _show_input(err: Any) -> bool:
+    return err["type"] not in ("extra_forbidden", "missing") and not isinstance(err.get("input"), dict)
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    try:
+        field = field_at(loc) if loc else None
+    except ConfigError:
+        return None
+    if field is None:
+        return RunConfig if not loc else None
+    ann = field.annotation
+    return ann if _is_model(ann) else None
+
+
+def _is_model(ann: Any) -> TypeGuard[type[BaseModel]]:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def field_at(path: str | Sequence[Any], hidden: Collection[str] = ()) -> FieldInfo | None:
+    """The schema of config key ``path`` (dotted, or its parts) in :class:`RunConfig`: its pydantic
+    field (a section's ``annotation`` is the section's model), or ``None`` below a free mapping such
+    as ``scorer.params.beta`` (the scorer checks those).  The one walker of the config's schema, for
+    error messages and the study's searched and overridden keys.  An unknown key is a
+    :class:`ConfigError` that lists the allowed ones; ``hidden`` top-level keys count as unknown.
+
+    >>> field_at("train.lr").annotation
+    <class 'float'>
+    """
+    parts = path.split(".") if isinstance(path, str) else [str(p) for p in path]
+    dotted = ".".join(parts)
+    model: type[BaseModel] = RunConfig
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None or (i == 0 and part in hidden):
+            where = ".".join(parts[:i]) or "the top level"
+            allowed = ", ".join(k for k in model.model_fields if i > 0 or k not in hidden)
+            raise ConfigError(f"no config key {dotted!r}: {part!r} is not a key of {where} (allowed: {allowed})")
+        ann = field.annotation
+        if i == len(parts) - 1:
+            return field
+        if _is_model(ann):
+            model = ann
+        elif getattr(ann, "__origin__", None) is dict or ann is dict:
+            return None
+        else:
+            raise ConfigError(f"no config key {dotted!r}: {'.'.join(parts[:i + 1])!r} is not a section")
+    return None
+
+
+def _check_registered(cfg: RunConfig) -> None:
+    """Task, scorer, schedule and regulariser names must be registered (after importing plugins)."""
+    from ..core import registry, regularizers, schedules, scorers
+    from . import tasks
+
+    try:
+        registry.import_plugins(cfg.plugins)
+        try:
+            tasks.get_task(cfg.task.name)
+        except ValueError as exc:
+            raise ValueError(f"task.name: {exc}") from None
+        scorers.make_scorer(cfg.scorer.name, **cfg.scorer.params)
+        schedule = schedules.get_schedule(cfg.schedule.name)
+        total = cfg.train.max_steps
+        if total and cfg.train.method == "adapter" and getattr(schedule, "prunes", True):
+            s = cfg.schedule
+            try:  # known before any data or model is loaded: refuse now, not after loading them
+                schedules.check_phases(schedules.resolve_steps(s.warmup, total), schedules.resolve_steps(s.final, total),
+                                       total)
+            except ValueError as exc:
+                raise ValueError(f"schedule.warmup ({s.warmup:g}) and schedule.final ({s.final:g}) do not fit "
+                                 f"train.max_steps ({total}): {exc}, or raise train.max_steps") from None
+        if cfg.regularizer.name:
+            regularizers.get_regularizer(cfg.regularizer.name)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+
+
+def build_controller(cfg: RunConfig, model: Any, total_steps: int,
+                     agree: Callable[[Any], Any] | None = None) -> PruningController:
+    """The pruning controller a run config asks for, over ``model``'s adapted layers for
+    ``total_steps`` optimizer steps: the one mapping of the ``scorer``, ``schedule``, ``budget`` and
+    ``regularizer`` blocks onto :class:`~dora_lab.core.controller.PruningController` (the training loop,
+    or a ``DoraTrainerCallback(lambda total: build_controller(cfg, model, total))``).  ``agree``: how
+    data-parallel ranks agree on a pruning decision (:func:`dora_lab.run.distributed.agree`).  A schedule
+    or budget that does not fit the run's length or model raises :class:`ConfigError`."""
+    from ..core.adapter import adapter_layers
+    from ..core.controller import PruningController
+    from ..core.scorers import make_scorer
+
+    try:
+        return PruningController(
+            model, make_scorer(cfg.scorer.name, **cfg.scorer.params), cfg.schedule.name, total_steps,
+            target_rank=cfg.budget.target_rank, target_params=cfg.budget.target_params,
+            warmup=cfg.schedule.warmup, final=cfg.schedule.final, interval=cfg.schedule.interval,
+            regularizer=cfg.regularizer.name, reg_weight=cfg.regularizer.weight,
+            compact=cfg.schedule.compact, agree=agree)
+    except ValueError as exc:  # a schedule or budget that does not fit this run's length or model
+        raise ConfigError(f"the schedule and budget do not fit this run ({total_steps} optimizer steps, "
+                          f"{len(adapter_layers(model))} adapted matrices): {exc}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read ``path`` (or the defaults), apply ``--set`` overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    return load_config_dict(apply_overrides(data, overrides))
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params and Optuna search spaces)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out

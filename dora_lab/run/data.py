@@ -1,0 +1,381 @@
+"""Load a task's splits, from the Hugging Face Hub or from local files, as checked rows.
+
+:func:`load_splits` returns ``{"train": rows, <each eval split>: rows}``, every row a dict with
+the task's text fields, ``label`` (an ``int`` in ``[0, num_labels)``, or for a regression a
+``float`` in the task's ``label_range``, ``[0, 5]`` for stsb) and ``idx``.  Everything
+task-specific comes from the :class:`~dora_lab.run.tasks.TaskSpec`.  Hub data and local files go through the same checks, so a
+bad file fails at load time with a message that names the file, the row and what to fix.
+
+Local folders hold one file per split, ``<split>.jsonl``, ``<split>.csv`` or ``<split>.tsv``
+(``train`` and ``validation``; mnli wants ``validation_matched`` and ``validation_mismatched``)
+with the columns of ``nyu-mll/glue``.  CSV files need a header row; TSV files may have one
+(without one, the columns are the text fields then ``label``, in that order).
+
+GLUE's own files load as downloaded: ``dev.tsv`` (mnli: ``dev_matched.tsv``,
+``dev_mismatched.tsv``) is the validation split, the task's GLUE columns are renamed to the Hub's
+(:attr:`~dora_lab.run.tasks.TaskSpec.glue_columns`, e.g. MRPC's ``Quality`` / ``#1 String``), CoLA's
+header-less four-column files are recognised, and class names (``entailment``, ...) become ids
+in the Hub's order (:attr:`~dora_lab.run.tasks.TaskSpec.label_names`).  TSV files are read with
+quoting off, as GLUE writes them: a ``"`` is an ordinary character.
+
+Batching lives in :mod:`dora_lab.run.batching` and is re-exported here (:func:`make_loader`,
+:func:`padding_stats`, :func:`restore_order`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .batching import LengthGroupedBatchSampler, TaskLoader, make_loader, padding_stats, restore_order
+from .tasks import LABEL_COLUMN, TaskSpec
+
+__all__ = [
+    "GLUE_SPLIT_FILES",
+    "SUFFIXES",
+    "DataError",
+    "LengthGroupedBatchSampler",
+    "TaskLoader",
+    "load_splits",
+    "make_loader",
+    "padding_stats",
+    "restore_order",
+]
+
+#: File types read from ``task.data_dir``, in order of preference.
+SUFFIXES = (".jsonl", ".csv", ".tsv")
+#: The names GLUE's download gives the evaluation splits' files (``<name>.tsv``).
+GLUE_SPLIT_FILES = {
+    "validation": "dev",
+    "validation_matched": "dev_matched",
+    "validation_mismatched": "dev_mismatched",
+}
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+Row = dict[str, Any]
+
+
+class DataError(ValueError):
+    """The data cannot be loaded or is malformed; the message says what to set or fix."""
+
+
+# -- public entry point ------------------------------------------------------------------------
+def load_splits(
+    spec: TaskSpec,
+    data_dir: str | Path | None,
+    *,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 0,
+) -> dict[str, list[Row]]:
+    """Rows of ``train`` and of each of ``spec.eval_splits``, checked and normalised.
+
+    ``data_dir=None`` loads ``datasets.load_dataset(*spec.hub_path)``; offline (no network, or
+    ``HF_HUB_OFFLINE=1``) that fails at once with a :class:`DataError` that says to set
+    ``task.data_dir``.  A folder reads ``<split>.jsonl|.csv|.tsv`` from it.
+
+    ``max_train_samples`` / ``max_eval_samples`` keep a random subset of that many rows of each
+    split (the same rows for the same ``seed``, kept in file order), for tests and fast runs.
+    """
+    limits = {"train": max_train_samples, **dict.fromkeys(spec.eval_splits, max_eval_samples)}
+    for split, limit in limits.items():
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            which = "max_train_samples" if split == "train" else "max_eval_samples"
+            raise ValueError(f"{which} must be a positive integer or None, got {limit!r}")
+    if data_dir is None:
+        return _load_hub(spec, limits, seed)
+    return _load_local(spec, Path(data_dir), limits, seed)
+
+
+# -- the Hub -----------------------------------------------------------------------------------
+def _hub_help(spec: TaskSpec, reason: str) -> str:
+    files = ", ".join(f"{s}.jsonl" for s in ("train", *spec.eval_splits))
+    return (
+        f"could not load GLUE {spec.name} from the Hugging Face Hub "
+        f"({spec.hub_path[0]}, config {spec.hub_path[1]!r}): {reason}. "
+        f"Set task.data_dir to a local folder with train and validation files (.jsonl, .csv or .tsv; "
+        f"here {files}, with columns {', '.join(spec.columns)}; GLUE's own train.tsv and dev.tsv load as downloaded), "
+        f"e.g. --set task.data_dir=../shared/data/glue/{spec.name}. "
+        f"If the dataset is already in your Hugging Face cache, start Python with HF_HUB_OFFLINE=1 to use it."
+    )
+
+
+def _env_offline() -> bool:
+    return any(os.environ.get(v, "").strip().upper() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached (a quick HEAD request, proxies honoured), or None if it can."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5.0)
+    except Exception as exc:  # any transport failure means: do not start datasets' slow retries
+        return f"cannot reach {constants.ENDPOINT} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _load_hub(spec: TaskSpec, limits: dict[str, int | None], seed: int) -> dict[str, list[Row]]:
+    from datasets import config as datasets_config
+    from datasets import load_dataset
+
+    # datasets reads HF_HUB_OFFLINE once, at import: set later, it would still try the network
+    # (with retries); offline or unreachable, fail at once unless datasets will use its cache.
+    if not datasets_config.HF_HUB_OFFLINE:
+        if _env_offline():
+            raise DataError(_hub_help(spec, "HF_HUB_OFFLINE is set, so the Hub is not contacted"))
+        reason = _hub_unreachable()
+        if reason is not None:
+            raise DataError(_hub_help(spec, reason))
+    try:
+        dataset = load_dataset(*spec.hub_path)
+    except (ConnectionError, OSError) as exc:
+        raise DataError(_hub_help(spec, f"{type(exc).__name__}: {exc}")) from exc
+
+    out: dict[str, list[Row]] = {}
+    for split, limit in limits.items():
+        where = f"{spec.hub_path[0]} ({spec.hub_path[1]}) split {split!r}"
+        if split not in dataset:
+            raise DataError(f"{where} does not exist; the splits there are {sorted(dataset)}")
+        ds = dataset[split]
+        _check_columns(spec, ds.column_names, where)
+        keep = _subset(len(ds), limit, seed)
+        rows = ds.select(keep).to_list() if keep is not None else ds.to_list()
+        out[split] = _normalise(spec, rows, where, keep)
+    return out
+
+
+# -- local files -------------------------------------------------------------------------------
+def _load_local(
+    spec: TaskSpec, data_dir: Path, limits: dict[str, int | None], seed: int
+) -> dict[str, list[Row]]:
+    folder = data_dir.expanduser()
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise DataError(
+            f"task.data_dir {str(data_dir)!r} {what} (resolved to {folder.resolve()}); set task.data_dir to "
+            f"a folder with train and validation files (.jsonl, .csv or .tsv), "
+            f"e.g. --set task.data_dir=../shared/data/glue/{spec.name}"
+        )
+    out: dict[str, list[Row]] = {}
+    for split, limit in limits.items():
+        path = _split_file(spec, folder, split)
+        columns, raw = _read_table(spec, path)
+        if not raw and not any(columns):  # an empty file has no columns either, and they are not what to fix
+            raise DataError(f"{path} is empty (no rows); it should hold {spec.name}'s {split} rows with "
+                            f"columns {', '.join(spec.columns)}")
+        _check_columns(spec, columns, str(path), tsv=path.suffix == ".tsv")
+        rows = _normalise(spec, raw, str(path), None)
+        keep = _subset(len(rows), limit, seed)
+        out[split] = rows if keep is None else [rows[i] for i in keep]
+    return out
+
+
+def _split_file(spec: TaskSpec, folder: Path, split: str) -> Path:
+    names = [f"{split}{suffix}" for suffix in SUFFIXES]
+    if split in GLUE_SPLIT_FILES:
+        names.append(f"{GLUE_SPLIT_FILES[split]}.tsv")
+    found = [folder / name for name in names if (folder / name).is_file()]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise DataError(
+            f"{folder} holds more than one file for split {split!r}: {', '.join(p.name for p in found)}; "
+            f"keep one of them"
+        )
+    present = sorted(p.name for p in folder.iterdir() if p.is_file())
+    expected = " or ".join(names)
+    raise DataError(
+        f"task.data_dir {folder} has no file for split {split!r} of {spec.name}: expected {expected}; "
+        f"files found: {', '.join(present) if present else '(none)'}. "
+        f"{spec.name} needs {', '.join(('train', *spec.eval_splits))}"
+    )
+
+
+def _read_table(spec: TaskSpec, path: Path) -> tuple[list[str], list[Row]]:
+    """The column names and the rows of one file (values as read: strings for CSV/TSV)."""
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    with path.open(newline="", encoding="utf-8") as f, _decoding(path):
+        # GLUE's own TSVs contain bare quote characters: read them literally.
+        if delimiter == "\t":
+            table = list(csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE))
+        else:
+            table = list(csv.reader(f))
+    if not table:
+        raise DataError(f"{path} is empty")
+    header = [c.strip() for c in table[0]]
+    body = table[1:]
+    # A TSV has no header row when its first row looks like data: not the column names, and the
+    # fields of a header-less layout (the task's columns, or GLUE's own, e.g. CoLA's) with a valid
+    # label in its place.  Otherwise it is a header, checked later.
+    if path.suffix == ".tsv" and not set(spec.columns) <= set(header):
+        layout = _headerless_layout(spec, header)
+        if layout is not None:
+            header, body = list(layout), table
+    header = _hub_names(spec, header)
+    rows: list[Row] = []
+    for number, values in enumerate(body, start=1):
+        if not values:  # a blank line
+            continue
+        if len(values) != len(header):
+            raise DataError(
+                f"{path} row {number} has {len(values)} fields but the header has {len(header)} "
+                f"({', '.join(header)}); fix that row"
+            )
+        rows.append(dict(zip(header, values, strict=True)))
+    return header, rows
+
+
+def _headerless_layout(spec: TaskSpec, first: Sequence[str]) -> tuple[str, ...] | None:
+    """The columns of a header-less file whose first row is ``first``, or None if it is a header."""
+    for layout in (spec.columns, spec.glue_headerless):
+        if (layout and len(first) == len(layout)
+                and _parse_label(spec, first[layout.index(LABEL_COLUMN)]) is not None):
+            return layout
+    return None
+
+
+def _hub_names(spec: TaskSpec, header: list[str]) -> list[str]:
+    """``header`` with GLUE's column names renamed to the Hub's, when it is GLUE's layout: it
+    lacks some of the task's columns and has every GLUE column (``#1 String``, ``gold_label``...).
+    A name whose Hub name is already in the header is kept."""
+    renames = dict(spec.glue_columns)
+    if not renames or set(spec.columns) <= set(header) or not set(renames) <= set(header):
+        return header
+    return [renames[c] if c in renames and renames[c] not in header else c for c in header]
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], list[Row]]:
+    rows: list[Row] = []
+    columns: dict[str, None] = {}
+    with path.open(encoding="utf-8") as f, _decoding(path):
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {number} is not valid JSON ({exc.msg}); fix that line") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number} is not a JSON object (one row per line)")
+            if not columns:
+                columns = dict.fromkeys(row)
+            rows.append(row)
+    return list(columns), rows
+
+
+@contextmanager
+def _decoding(path: Path) -> Iterator[None]:
+    """Turn a ``UnicodeDecodeError`` while reading ``path`` into a :class:`DataError` that names the
+    file, the line and the byte (the error's own position is within a read buffer, not the file)."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                raise DataError(
+                    f"{path} line {number} is not UTF-8 text (byte {line[bad.start]:#04x} at column "
+                    f"{bad.start + 1}); save the file as UTF-8"
+                ) from exc
+        raise DataError(f"{path} is not UTF-8 text ({exc.reason}); save the file as UTF-8") from exc
+
+
+# -- checks shared by both sources -------------------------------------------------------------
+def _check_columns(spec: TaskSpec, columns: Sequence[str], where: str, *, tsv: bool = False) -> None:
+    missing = [c for c in spec.columns if c not in columns]
+    if missing:
+        glue = f", or GLUE's {', '.join(spec.glue_headerless)}" if spec.glue_headerless else ""
+        hint = (
+            f" (a TSV file without a header row must hold exactly {', '.join(spec.columns)}, in that order{glue})"
+            if tsv
+            else ""
+        )
+        raise DataError(
+            f"{where} has no column {missing[0]!r}, which {spec.name} needs "
+            f"(it needs {', '.join(spec.columns)}); columns present: {', '.join(columns) or '(none)'}. "
+            f"Rename the column in the file{hint}, or set task.name to the task this data belongs to"
+        )
+
+
+def _label_rule(spec: TaskSpec) -> str:
+    if spec.is_regression:
+        if spec.label_range is None:
+            return f"{spec.name} labels must be finite numbers"
+        return f"{spec.name} labels must be numbers in [{spec.label_range[0]:g}, {spec.label_range[1]:g}]"
+    ids = f"{spec.name} labels must be integers in [0, {spec.num_labels}) (0..{spec.num_labels - 1})"
+    if spec.label_names:
+        return f"{ids} or the names {', '.join(spec.label_names)} (in that order)"
+    return ids
+
+
+def _parse_label(spec: TaskSpec, value: Any) -> int | float | None:
+    """The label as int (classification) or float (regression), or None when it is invalid.
+    A class name from ``spec.label_names`` (GLUE's ``entailment``...) is its index there."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str) and value.strip() in spec.label_names:
+        return spec.label_names.index(value.strip())
+    try:
+        number = float(value.strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        return None
+    if spec.is_regression:
+        lo, hi = spec.label_range or (-math.inf, math.inf)
+        return number if math.isfinite(number) and lo <= number <= hi else None
+    if not number.is_integer() or not 0 <= number < spec.num_labels:
+        return None
+    return int(number)
+
+
+def _normalise(spec: TaskSpec, raw: list[Row], where: str, keep: Sequence[int] | None) -> list[Row]:
+    """Checked rows ``{text fields..., label, idx}``; ``keep`` maps row positions to file rows."""
+    if not raw:
+        raise DataError(f"{where} has no rows")
+    rows: list[Row] = []
+    for position, src in enumerate(raw):
+        number = (keep[position] if keep is not None else position) + 1
+        row: Row = {}
+        for field in spec.columns:
+            if field not in src:
+                present = ", ".join(src)
+                raise DataError(f"{where} row {number} has no {field!r} (it has {present}); fix that row")
+        for field in spec.text_fields:
+            text = src[field]
+            if not isinstance(text, str):
+                raise DataError(
+                    f"{where} row {number}: {field!r} must be text, got {text!r}; fix that row"
+                )
+            row[field] = text
+        label = _parse_label(spec, src[LABEL_COLUMN])
+        if label is None:
+            hint = " (-1 marks GLUE's unlabelled test split: use train/validation)" if str(
+                src[LABEL_COLUMN]
+            ).strip() in {"-1", "-1.0"} else ""
+            raise DataError(
+                f"{where} row {number} has label {src[LABEL_COLUMN]!r}{hint}; {_label_rule(spec)}. "
+                f"Fix the file, or set task.name to the task this data belongs to"
+            )
+        row[LABEL_COLUMN] = label
+        idx = src.get("idx")
+        row["idx"] = int(idx) if isinstance(idx, int | str) and str(idx).strip().isdigit() else number - 1
+        rows.append(row)
+    return rows
+
+
+def _subset(n: int, limit: int | None, seed: int) -> list[int] | None:
+    """Sorted positions of a seeded random subset of ``limit`` of ``n`` rows (None: keep all)."""
+    if limit is None or limit >= n:
+        return None
+    return sorted(random.Random(seed).sample(range(n), limit))

@@ -1,0 +1,133 @@
+"""Pictures of a run and of a study (matplotlib, Agg backend: no display needed).
+
+- :func:`allocation_heatmap`: the final rank of every adapted matrix, layers x module types.
+- :func:`budget_plot`: the schedule's budget and the active components over the steps.
+- :func:`study_plots`: Optuna's optimization history, parameter importances and parallel
+  coordinates (``optuna.visualization.matplotlib``).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["allocation_grid", "allocation_heatmap", "budget_plot", "save_figure", "study_plots"]
+
+# "bert.encoder.layer.3.attention.self.query" -> ("3", "attention.self.query"); decoders' "layers.3.*",
+# GPT-2's "h.3.*" and T5's "block.3.*" alike.
+_LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.(.+)$")
+
+
+def allocation_grid(allocation: Mapping[str, int]) -> tuple[list[str], list[str], list[list[float]]]:
+    """``(rows, columns, cells)``: layer indices x module types; a missing pair is NaN.
+
+    >>> allocation_grid({"enc.layer.0.q": 2, "enc.layer.0.v": 3, "enc.layer.1.q": 1})
+    (['0', '1'], ['q', 'v'], [[2.0, 3.0], [1.0, nan]])
+    """
+    cells: dict[tuple[str, str], int] = {}
+    rows: list[str] = []
+    cols: list[str] = []
+    for name, rank in allocation.items():
+        m = _LAYER.search(name)
+        row, col = (m.group(1), m.group(2)) if m else ("-", name)
+        if row not in rows:
+            rows.append(row)
+        if col not in cols:
+            cols.append(col)
+        cells[(row, col)] = rank
+    grid = [[float(cells.get((r, c), float("nan"))) for c in cols] for r in rows]
+    return rows, cols, grid
+
+
+def allocation_heatmap(allocation: Mapping[str, int], path: str | Path, r0: int | None = None,
+                       title: str = "") -> Path:
+    """Save a heatmap of the final ranks (the number in each cell) to ``path`` (PNG)."""
+    rows, cols, grid = allocation_grid(allocation)
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * max(1, len(cols)), 1.2 + 0.5 * max(1, len(rows))))
+    vmax = r0 if r0 is not None else max([v for row in grid for v in row if v == v] or [1])
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{int(value)}", ha="center", va="center",
+                        color="white" if value < 0.6 * vmax else "black", fontsize=9)
+    ax.set_xticks(range(len(cols)), [c.replace("attention.", "attn.") for c in cols], rotation=35, ha="right",
+                  fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"layer {r}" for r in rows], fontsize=8)
+    total = int(sum(v for row in grid for v in row if v == v))
+    ax.set_title(title or f"final rank per matrix ({total} components)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="rank")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def budget_plot(curve: Sequence[int], unit: str, path: str | Path,
+                active: Mapping[int, float] | None = None) -> Path:
+    """The schedule's budget at every step and, when given, the measured active count."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(range(1, len(curve) + 1), list(curve), label=f"budget ({unit})", lw=2)
+    if active:
+        steps = sorted(active)
+        ax.plot(steps, [active[s] for s in steps], "--", label=f"active {unit}", lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(unit)
+    ax.set_title("budget over training", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def study_plots(study: Any, folder: str | Path, target_name: str = "objective") -> dict[str, str]:
+    """Optuna's matplotlib plots of ``study`` into ``folder``; returns ``{file: note}`` for the
+    plots that could not be drawn (too few trials, one parameter ...)."""
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    notes: dict[str, str] = {}
+    plots = {
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study, target_name=target_name),
+        "param_importances.png": lambda: ovm.plot_param_importances(study, target_name=target_name),
+        "parallel_coordinate.png": lambda: ovm.plot_parallel_coordinate(study, target_name=target_name),
+    }
+    for name, draw in plots.items():
+        if name == "param_importances.png" and len(complete) < 2:
+            notes[name] = f"skipped: parameter importances need >= 2 complete trials, the study has {len(complete)}"
+            continue
+        if not complete:
+            notes[name] = "skipped: no complete trial yet"
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = draw()
+            fig: Any = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
+            # parallel coordinates: one axis per parameter, each with its own tick labels; give
+            # every axis ~1.7 inches so that neighbouring labels do not overlap
+            width = max(8.0, 1.7 * (len(study.best_trial.params) + 1)) if name.startswith("parallel") else 8.0
+            fig.set_size_inches(width, 5)
+            fig.tight_layout()
+            save_figure(fig, folder / name)
+        except Exception as exc:  # a picture must never fail the study
+            notes[name] = f"skipped: {type(exc).__name__}: {exc}"
+            plt.close("all")
+    return notes
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (its folder made), close it, return the path; shared with :mod:`dora_lab.report.plots`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

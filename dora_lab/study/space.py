@@ -1,0 +1,421 @@
+"""The ``study:`` block of a config: what an Optuna study searches, and how.
+
+A study block sits beside the run config it tunes; every key, with the values
+``configs/cola.yaml`` uses (the defaults where the file does not set them)::
+
+    study:
+      name: null                 # default: the config file's name (cola)
+      experiment: null           # MLflow experiment; default: the study's name
+      metric: null               # default: the task's main metric (matthews_correlation for cola)
+      direction: maximize
+      objective: best            # best: the best evaluation once pruning has ended; final: the last
+      n_trials: 8                # trials per invocation (split over --workers); null: until timeout
+      timeout: 840               # seconds after which no new trial starts (null: none)
+      sampler: {name: tpe, seed: 0, n_startup_trials: 3}     # or random / grid (all seeded)
+      pruner: {name: median, n_startup_trials: 3, n_warmup_steps: 300}   # or hyperband / none
+      storage: null              # Optuna storage; default sqlite:///<output_dir>/optuna.db
+      tracking_uri: null         # MLflow; default $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db
+      heartbeat_interval: 10     # seconds between a RUNNING trial's heartbeats (RDB storages)
+      grace_period: null         # a RUNNING trial silent this long is marked FAIL (default 2 x heartbeat_interval)
+      overrides:                 # dotted key -> value, set in every trial (replaces, like --set)
+        train.epochs: 2
+      space:                     # dotted config key -> distribution
+        train.lr: {type: float, low: 1.5e-3, high: 6.0e-3, log: true}
+        adapter.r0: {type: int, low: 3, high: 5}
+        schedule.name: {type: categorical, choices: [dora, adalora, linear]}
+
+Every key of ``space`` and ``overrides`` must be a key of :class:`~dora_lab.run.config.RunConfig`
+(anything below a free mapping such as ``scorer.params`` is accepted), and every bound or choice
+must fit that key's type and limits; scorer and schedule names must be registered, and every
+searched ``scorer.params.*`` key must be a hyper-parameter of every scorer a trial may use
+(:func:`check_scorer_params`).  Errors are
+:class:`~dora_lab.run.config.ConfigError` with the dotted path (``study.sampler.n_startup_trials``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from ..run.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    field_at,
+    load_config_dict,
+    parse_assignment,
+    read_yaml,
+    set_values,
+)
+from ..run.tasks import get_task
+
+__all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "StudySetup", "check_scorer_params", "db_url",
+           "parse_study", "prepare", "read_study_block", "trial_config"]
+
+Primitive = bool | int | float | str | None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- the search space ---------------------------------------------------------------------------
+class FloatParam(_Strict):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> FloatParam:
+        _check_range(self.low, self.high, self.log, self.step)
+        return self
+
+
+class IntParam(_Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> IntParam:
+        _check_range(self.low, self.high, self.log, self.step if self.step != 1 else None)
+        return self
+
+
+class CategoricalParam(_Strict):
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> CategoricalParam:
+        bad = [c for c in self.choices if c is not None and not isinstance(c, bool | int | float | str)]
+        if bad:
+            raise ValueError(f"choices must be numbers, strings, booleans or null (Optuna stores them); got {bad}")
+        return self
+
+
+Param = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+def _check_range(low: float, high: float, log: bool, step: float | None) -> None:
+    if low > high:
+        raise ValueError(f"low ({low}) is above high ({high})")
+    if log and low <= 0:
+        raise ValueError(f"log: true needs low > 0, got low={low}")
+    if log and step is not None:
+        raise ValueError("log and step cannot be combined (Optuna samples either on a log scale or on a grid)")
+
+
+# -- sampler and pruner ---------------------------------------------------------------------------
+class _Seeded(_Strict):
+    seed: int | None = 0
+
+
+class TPESampler(_Seeded):
+    name: Literal["tpe"]
+    n_startup_trials: int = Field(3, ge=0, description="random trials before TPE models the results")
+    multivariate: bool = True
+
+
+class RandomSampler(_Seeded):
+    name: Literal["random"]
+
+
+class GridSampler(_Seeded):
+    name: Literal["grid"]
+
+
+class MedianPruner(_Strict):
+    name: Literal["median"]
+    n_startup_trials: int = Field(2, ge=0, description="complete trials before any pruning")
+    n_warmup_steps: int = Field(0, ge=0, description="optimizer steps of a trial before it may be pruned")
+
+
+class HyperbandPruner(_Strict):
+    name: Literal["hyperband"]
+    min_resource: int = Field(1, ge=1, description="optimizer steps")
+    max_resource: int | Literal["auto"] = "auto"
+    reduction_factor: int = Field(3, ge=2)
+
+
+class NoPruner(_Strict):
+    name: Literal["none"]
+
+
+Sampler = Annotated[TPESampler | RandomSampler | GridSampler, Field(discriminator="name")]
+Pruner = Annotated[MedianPruner | HyperbandPruner | NoPruner, Field(discriminator="name")]
+
+
+class StudyConfig(_Strict):
+    """The validated ``study:`` block (see the module docstring for every key)."""
+
+    name: str | None = None
+    metric: str | None = None
+    direction: Literal["maximize", "minimize"] = "maximize"
+    objective: Literal["best", "final"] = "best"
+    n_trials: int | None = Field(10, ge=1)
+    timeout: float | None = Field(None, gt=0, description="seconds")
+    sampler: Sampler = Field(default_factory=lambda: TPESampler(name="tpe"))
+    pruner: Pruner = Field(default_factory=lambda: MedianPruner(name="median"))
+    storage: str | None = None
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    heartbeat_interval: int | None = Field(10, ge=1, description="seconds; RDB storages only")
+    grace_period: int | None = Field(None, ge=1, description="seconds; default 2 x heartbeat_interval")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Param] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("sampler", "pruner"):  # "sampler: tpe" is short for "sampler: {name: tpe}"
+                if isinstance(data.get(key), str):
+                    data[key] = {"name": data[key]}
+            if isinstance(data.get("space"), dict):
+                data["space"] = _dotted(data["space"], lambda k, v: "type" not in v and all(
+                    isinstance(x, dict) for x in v.values()))
+            if isinstance(data.get("overrides"), dict):
+                data["overrides"] = _dotted(data["overrides"], lambda k, v: _is_section(k))
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyConfig:
+        if self.sampler.name == "grid":
+            if not self.space:
+                raise ValueError("sampler grid needs a search space (study.space)")
+            bad = [k for k, p in self.space.items() if not isinstance(p, CategoricalParam)]
+            if bad:
+                raise ValueError(f"sampler grid takes categorical parameters only; make {bad} "
+                                 f"{{type: categorical, choices: [...]}}")
+        elif self.n_trials is None and self.timeout is None:
+            raise ValueError("set study.n_trials or study.timeout (or both), or the study never ends")
+        return self
+
+    # -- resolved settings ------------------------------------------------------------------------
+    def study_name(self, config_path: str | Path | None) -> str:
+        return self.name or (Path(config_path).stem if config_path else "study")
+
+    def storage_url(self, output_dir: str | Path) -> str:
+        return db_url(self.storage or f"sqlite:///{Path(output_dir).resolve() / 'optuna.db'}")
+
+    def tracking(self, output_dir: str | Path) -> str:
+        return db_url(self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                      or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}")
+
+    def grid(self) -> dict[str, list[Primitive]]:
+        return {k: list(p.choices) for k, p in self.space.items() if isinstance(p, CategoricalParam)}
+
+
+def _dotted(tree: dict[str, Any], descend: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested keys -> dotted keys where ``descend(key, value)`` says so, so that
+    ``--set study.space.train.lr={...}`` (which nests) means the same as the key ``train.lr``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and descend(path, value):
+            out.update(_dotted(value, descend, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _is_section(path: str) -> bool:
+    try:
+        field = field_at(path)
+    except ConfigError:
+        return False
+    return field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
+def db_url(url: str) -> str:
+    """``postgresql://`` -> ``postgresql+psycopg2://`` when only psycopg2 is installed (SQLAlchemy 2.1
+    made psycopg 3 the default driver; ``pip install dora_lab[postgres]`` brings psycopg2-binary)."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    return url
+
+
+# -- validation against RunConfig ----------------------------------------------------------------
+def _field_adapter(path: str) -> TypeAdapter[Any] | None:
+    """The type of config key ``path`` (``None`` below a free mapping); ConfigError if unknown."""
+    field = field_at(path, hidden=("study",))
+    if field is None:
+        return None
+    ann = field.annotation
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        raise ConfigError(f"{path!r} is a section; search or override its keys ({path}.<key>)")
+    typ: Any = Annotated[ann, *field.metadata] if field.metadata else ann
+    return TypeAdapter(typ)
+
+
+def _check_value(where: str, path: str, value: Any) -> None:
+    adapter = _field_adapter(path)
+    if adapter is None:
+        return
+    try:
+        adapter.validate_python(value)
+    except ValidationError as exc:
+        msg = exc.errors()[0]["msg"]
+        raise ConfigError(f"{where}: {value!r} does not fit config key {path!r}: {msg}") from None
+
+
+def _check_space(study: StudyConfig, plugins: list[str]) -> None:
+    from ..core import registry, schedules, scorers
+
+    try:
+        registry.import_plugins(plugins)
+    except ValueError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+    registered = {"scorer.name": scorers.list_scorers(), "schedule.name": schedules.list_schedules()}
+    for key, value in study.overrides.items():
+        _check_value(f"study.overrides.{key}", key, value)
+    for key, param in study.space.items():
+        where = f"study.space.{key}"
+        values = param.choices if isinstance(param, CategoricalParam) else [param.low, param.high]
+        for value in values:
+            _check_value(where, key, value)
+        if isinstance(param, FloatParam):
+            adapter = _field_adapter(key)
+            if adapter is not None and type(adapter.validate_python(float(param.low))) is int:
+                raise ConfigError(f"{where}: {key!r} takes integers; use type: int")
+        if key in registered:
+            unknown = [c for c in values if c not in registered[key]]
+            if unknown:
+                raise ConfigError(f"{where}: unknown {key.split('.')[0]}(s) {unknown}; registered: "
+                                  f"{', '.join(registered[key])} (add one with a plugin, config key 'plugins')")
+
+
+def check_scorer_params(study: StudyConfig, base_scorer: str) -> None:
+    """Refuse, before the first trial, a searched ``scorer.params.<key>`` that a scorer the trials
+    may use does not take (every trial of that scorer would fail on it).
+
+    The scorers are the choices of a searched ``scorer.name``, else the base config's scorer.  Only
+    searched keys need this check: ``scorer.params`` set in the base config, ``study.overrides`` or
+    ``--set`` are validated with the base scorer, and a sampled ``scorer.name`` of another scorer
+    drops them (the ``--set`` rule), while searched keys are applied after the name."""
+    from ..core import scorers
+
+    searched = [k for k in study.space if k.startswith("scorer.params.")]
+    name_param = study.space.get("scorer.name")
+    names = [str(c) for c in name_param.choices] if isinstance(name_param, CategoricalParam) else [base_scorer]
+    for name in dict.fromkeys(names):
+        accepted = scorers.get_scorer(name).hyperparameters()
+        for key in searched:
+            param = key.removeprefix("scorer.params.")
+            if param not in accepted:
+                takes = ", ".join(f"{k} (default {v})" for k, v in accepted.items()) or "none"
+                which = "one of study.space.scorer.name's choices" if name_param is not None else "the base config's"
+                raise ConfigError(
+                    f"study.space.{key}: scorer {name!r} ({which}) has no hyper-parameter {param!r}; it takes: "
+                    f"{takes}.  Every trial of {name!r} would fail: search only parameters every searched "
+                    f"scorer takes, or give each scorer its own study")
+
+
+def _format(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        # drop the discriminator tag pydantic puts in the path (space.train.lr.float.low)
+        if len(loc) > 2 and loc[0] == "space" and loc[2] in ("float", "int", "categorical"):
+            del loc[2]
+        if len(loc) > 1 and loc[0] in ("sampler", "pruner") and loc[1] in ("tpe", "random", "grid", "median",
+                                                                           "hyperband", "none"):
+            del loc[1]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "union_tag_not_found" and loc[0] == "space":
+            msg = "a searched key needs type: float, int or categorical"
+        elif err["type"] == "union_tag_not_found":
+            msg = "needs a name"
+        lines.append(f"  {'.'.join(['study', *loc])}: {msg}")
+    return "invalid study block:\n" + "\n".join(lines)
+
+
+def parse_study(data: Mapping[str, Any] | None, plugins: Sequence[str] = ()) -> StudyConfig:
+    """Validate a ``study:`` block (``None``: the defaults, an empty space)."""
+    try:
+        study = StudyConfig.model_validate(dict(data or {}))
+    except ValidationError as exc:
+        raise ConfigError(_format(exc)) from None
+    _check_space(study, list(plugins))
+    return study
+
+
+def read_study_block(path: str | Path) -> dict[str, Any] | None:
+    """The ``study:`` block of ``path`` and its ``base:`` files (:func:`~dora_lab.run.config.read_yaml`,
+    the one reader of the chain: ``space``, ``sampler`` and ``pruner`` given in a file *replace*
+    its base's, ``overrides`` merge by key); ``None`` if there is none."""
+    block = read_yaml(path).get("study")
+    return block if isinstance(block, dict) else None
+
+
+# -- one trial ------------------------------------------------------------------------------------
+def trial_config(base: Mapping[str, Any], study: StudyConfig, params: Mapping[str, Any],
+                 cli: Mapping[str, Any] | None = None) -> RunConfig:
+    """A trial's config: ``base`` (no study block) <- study.overrides <- the CLI's ``--set`` values
+    (so the command line wins over the study file) <- the sampled ``params``; then validated."""
+    data: dict[str, Any] = {k: v for k, v in base.items() if k != "study"}
+    for layer in (study.overrides, cli or {}, params):
+        data = set_values(data, layer.items())
+    return load_config_dict(data)
+
+
+# -- the whole setup, resolved once ----------------------------------------------------------------
+@dataclass
+class StudySetup:
+    """Everything a study needs, resolved once from the config file and ``--set`` overrides."""
+
+    config_path: Path
+    overrides: list[str]
+    data: dict[str, Any]  # the config as plain data (file + --set), study block included
+    cli: dict[str, Any]  # the --set values outside the study block, re-applied to every trial
+    base: RunConfig  # the trial config before the searched values
+    study: StudyConfig
+    name: str
+    storage: str
+    tracking_uri: str
+    output_dir: Path
+    study_dir: Path  # <output_dir>/studies/<name>: a folder per study identity (study_folder) inside
+    metric: str
+
+
+def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetup:
+    """Read, override and validate everything; :class:`ConfigError` before anything starts."""
+    data = apply_overrides(read_yaml(config_path), overrides)  # the study block merged by its own rule
+    cfg = load_config_dict(data)
+    study = parse_study(cfg.study, cfg.plugins)
+    cli = {key: value for key, value in map(parse_assignment, overrides) if not key.startswith("study.")}
+    for key in [k for k in cli if k in study.space]:  # the sampled value would replace it in every trial
+        raise ConfigError(
+            f"--set {key}={cli[key]}: the study searches {key!r} (study.space.{key}), so every trial would "
+            f"replace this value with a sampled one.  To run with this value only, search just it: "
+            f"--set 'study.space.{key}={{type: categorical, choices: [{cli[key]}]}}'; to search it, drop this --set")
+    try:
+        base = trial_config(data, study, {}, cli)
+    except ConfigError as exc:
+        raise ConfigError(f"the study's base config (study.overrides applied) is invalid: {exc}") from None
+    check_scorer_params(study, base.scorer.name)
+    output_dir = Path(base.output_dir).resolve()
+    name = study.study_name(config_path)
+    return StudySetup(
+        config_path=Path(config_path), overrides=list(overrides), data=data, cli=cli, base=base, study=study,
+        name=name, storage=study.storage_url(output_dir), tracking_uri=study.tracking(output_dir),
+        output_dir=output_dir, study_dir=output_dir / "studies" / name,
+        metric=study.metric or get_task(base.task.name).main_metric,
+    )

@@ -1,0 +1,345 @@
+"""MLflow tracking of a study: one parent run per study, one child run per trial.
+
+MLflow is imported here, by the study runner and by the tools that read finished runs
+(:mod:`dora_lab.report.io`, :mod:`dora_lab.export.cli`).  This module talks to the tracking store through
+:class:`mlflow.MlflowClient` (no global "active run"), so any process (a ``--workers`` worker, or
+another machine in the distributed mode) can log a child under the same parent: the child carries
+the tag ``mlflow.parentRunId``, which is what ``mlflow.start_run(nested=True)`` sets too.
+
+The parent is found again by its tags (``dora_lab.study`` = the study name, ``dora_lab.role`` =
+``study``, and ``dora_lab.study_uid`` = the Optuna study's identity: its creation time and a random
+part, kept in the study's user attrs), so running a study again continues under the same parent
+instead of adding one, and a new study of the same name (its ``optuna.db`` deleted, or a new storage
+with the old ``output_dir``) gets a parent of its own instead of adopting the old one's.
+A fresh SQLite or file store is created under a lock (:mod:`dora_lab.study.locks`), so processes that start
+together on a new folder do not race through MLflow's migrations.
+
+Child runs get the trial's flattened resolved config as params; tags ``task model scorer schedule
+budget seed trial state`` (+ ``fail_reason`` or ``prune_reason``, ``dora_lab.adapter_dir``,
+``dora_lab.run_dir``, ``dora_lab.worker``, and ``dora_lab.artifact_error`` when a file could not
+be logged); metrics at every
+optimizer step (``train_loss lr active_components active_parameters budget``) and at every
+evaluation (the task's metrics), sent at each evaluation and at least every 30 s; artifacts
+``config.yaml``, ``allocation.json``, the rank heatmap, the budget plot.  Status: FINISHED
+(complete), KILLED (pruned or interrupted), FAILED.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from ..run.callbacks import RunInfo, RunResult, TrainCallback
+from ..run.config import RunConfig, flatten
+from . import plots
+from .locks import store_lock
+from .tables import markdown_table, write_table
+
+if TYPE_CHECKING:
+    from .space import StudySetup
+
+__all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "find_parent_runs", "print_summary", "trial_rows"]
+
+STUDY_TAG = "dora_lab.study"
+ROLE_TAG = "dora_lab.role"
+UID_TAG = "dora_lab.study_uid"
+_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
+_STEP_KEYS = ("train_loss", "lr", "active_components", "active_parameters", "budget")
+
+
+def _now() -> int:
+    return int(time.time() * 1000)
+
+
+def _chunks(items: Sequence[Any], n: int) -> list[Sequence[Any]]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password (for tags and printed messages)."""
+    if "@" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1]
+
+
+def run_tags(cfg: RunConfig, trial_number: int, run_dir: Path) -> dict[str, str]:
+    b = cfg.budget
+    return {
+        "task": cfg.task.name, "model": cfg.model.name, "scorer": cfg.scorer.name,
+        "schedule": cfg.schedule.name, "seed": str(cfg.seed), "trial": str(trial_number),
+        "budget": f"rank {b.target_rank:g}" if b.target_rank is not None else f"params {b.target_params}",
+        "dora_lab.adapter_dir": str((run_dir / "adapter").resolve()),
+        "dora_lab.run_dir": str(run_dir.resolve()),
+    }
+
+
+def find_parent_runs(client: MlflowClient, experiment_id: str, study_name: str, uid: str | None,
+                     max_results: int = 50) -> list[Any]:
+    """The parent runs of study ``study_name`` in the experiment, oldest first: those of the study
+    whose identity is ``uid`` (``None``: a study from before identities, any parent of that name).
+    The one lookup of a parent run, for the runner (:meth:`StudyTracker.parent_run`) and the reports."""
+    where = f"tags.`{STUDY_TAG}` = '{study_name}' and tags.`{ROLE_TAG}` = 'study'"
+    if uid:  # the parent of this very study, not of an older one of the same name
+        where += f" and tags.`{UID_TAG}` = '{uid}'"
+    return list(client.search_runs([experiment_id], filter_string=where, max_results=max_results,
+                                   order_by=["attributes.start_time ASC"]))
+
+
+class TrialLogger(TrainCallback):
+    """Streams one trial's run into its MLflow child run (in batches: one call per evaluation)."""
+
+    def __init__(self, client: MlflowClient, run_id: str, run_dir: Path, r0: int | None = None) -> None:
+        self.client, self.run_id, self.run_dir, self.r0 = client, run_id, run_dir, r0
+        self._buffer: list[Metric] = []
+        self.info: RunInfo | None = None
+        self.active: dict[int, float] = {}
+        self.done = False
+        self.flush_every = 30.0  # seconds: metrics go out at every evaluation and at least this often
+        self._flushed = _now()
+
+    def log_config(self, cfg: RunConfig) -> None:
+        flat = flatten({k: v for k, v in cfg.resolved().items() if k != "study"})
+        params = [Param(k, (json.dumps(v) if isinstance(v, list | dict) else str(v))[:6000])
+                  for k, v in flat.items()]
+        for chunk in _chunks(params, 100):
+            self.client.log_batch(self.run_id, params=list(chunk))
+
+    # -- TrainCallback ----------------------------------------------------------------------------
+    def on_train_begin(self, info: RunInfo) -> None:
+        self.info = info
+        self._buffer += [Metric("trainable_parameters", info.trainable_parameters, _now(), 0),
+                         Metric("active_parameters", info.adapter_parameters, _now(), 0)]
+
+    def on_step(self, step: int, logs: dict[str, float]) -> None:
+        ts = _now()
+        self._buffer += [Metric(k, float(logs[k]), ts, step + 1) for k in _STEP_KEYS if k in logs]
+        if "active_components" in logs:
+            self.active[step + 1] = logs["active_components"]
+        if ts - self._flushed > self.flush_every * 1000:  # keep the UI live on slow runs
+            self.flush()
+
+    def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+        ts = _now()
+        self._buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items()
+                         if k != "step" and math.isfinite(float(v))]
+        self.flush()
+
+    def on_train_end(self, result: RunResult) -> None:
+        ts = _now()
+        self._buffer += [Metric(f"best_{result.metric_name}", result.best_metric, ts, result.best_step),
+                         Metric("active_components_final", result.active_components_final, ts, result.steps),
+                         Metric("adapter_parameters_final", result.adapter_parameters_final, ts, result.steps),
+                         Metric("minutes", result.seconds / 60, ts, result.steps)]
+        self.flush()
+
+    # -- the end of a trial -------------------------------------------------------------------------
+    def flush(self) -> None:
+        self._flushed = _now()
+        buffer, self._buffer = self._buffer, []
+        for chunk in _chunks(buffer, 900):
+            self.client.log_batch(self.run_id, metrics=list(chunk))
+
+    def finish(self, state: str, value: float | None = None, reason: str | None = None) -> None:
+        """Send what is left, the pictures and files, the final tags; close the run with the status
+        matching the Optuna state (COMPLETE, PRUNED, FAIL, INTERRUPTED)."""
+        if self.done:
+            return
+        self.done = True
+        tags: dict[str, str] = {}
+        try:
+            self.flush()
+            if value is not None:
+                self.client.log_metric(self.run_id, "objective", value)
+            self._artifacts()
+        except Exception as exc:  # a file or picture that cannot be logged must not change the trial's outcome
+            tags["dora_lab.artifact_error"] = f"{type(exc).__name__}: {exc}"[:5000]
+        finally:  # even when the store hiccups, the run must not stay RUNNING
+            tags["state"] = "FAIL" if state == "INTERRUPTED" else state
+            if reason:
+                tags["fail_reason" if state != "PRUNED" else "prune_reason"] = reason[:5000]
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self.client.set_terminated(self.run_id, _STATUS[state])
+
+    def _artifacts(self) -> None:
+        d = self.run_dir
+        for name in ("config.yaml", "allocation.json", "metrics.json", "budget.json"):
+            if (d / name).is_file():
+                self.client.log_artifact(self.run_id, str(d / name))
+        pictures = d / "plots"
+        if (d / "allocation.json").is_file():
+            allocation = json.loads((d / "allocation.json").read_text())
+            if allocation:
+                plots.allocation_heatmap(allocation, pictures / "rank_heatmap.png", r0=self.r0)
+        if self.info is not None and self.info.budget_curve:
+            plots.budget_plot(self.info.budget_curve, self.info.budget_unit, pictures / "budget.png",
+                              self.active if self.info.budget_unit == "components" else None)
+        if pictures.is_dir():
+            self.client.log_artifacts(self.run_id, str(pictures), "plots")
+
+
+class StudyTracker:
+    """The MLflow side of one study: its experiment, parent run, child runs and summary."""
+
+    def __init__(self, tracking_uri: str, experiment: str, study_name: str,
+                 artifact_root: Path | None = None) -> None:
+        self.uri = tracking_uri
+        self.study_name = study_name
+        with store_lock(tracking_uri, "mlflow"):  # the first access creates (migrates) a new store
+            self.client = MlflowClient(tracking_uri)
+            self.experiment_id = self._experiment(experiment, artifact_root)
+
+    def _experiment(self, name: str, artifact_root: Path | None) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return str(exp.experiment_id)
+        local = self.uri.startswith("sqlite") or "://" not in self.uri
+        location = (artifact_root / name).resolve().as_uri() if artifact_root is not None and local else None
+        try:
+            return str(self.client.create_experiment(name, artifact_location=location))
+        except MlflowException:  # another process created it first
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return str(exp.experiment_id)
+
+    # -- the parent run ---------------------------------------------------------------------------
+    def _parents(self, uid: str) -> list[Any]:
+        return find_parent_runs(self.client, self.experiment_id, self.study_name, uid)
+
+    def parent_run(self, uid: str, tags: Mapping[str, str] = {}) -> str:  # noqa: B006 - read only
+        """The parent run of the Optuna study whose identity is ``uid``: found by its tags, or
+        created (once, even when several processes race: the oldest wins and the others delete
+        theirs).  A parent of another study with the same name is never reused."""
+        found = self._parents(uid)
+        if not found:
+            run = self.client.create_run(self.experiment_id, run_name=self.study_name,
+                                         tags={STUDY_TAG: self.study_name, ROLE_TAG: "study", UID_TAG: uid, **tags})
+            found = self._parents(uid)
+            if found and found[0].info.run_id != run.info.run_id:
+                self.client.delete_run(run.info.run_id)
+            elif not found:
+                return str(run.info.run_id)
+        run_id = str(found[0].info.run_id)
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
+    def start_trial(self, parent_id: str, number: int, cfg: RunConfig, run_dir: Path) -> TrialLogger:
+        tags = {"mlflow.parentRunId": parent_id, STUDY_TAG: self.study_name, ROLE_TAG: "trial",
+                "state": "RUNNING", "dora_lab.worker": f"{socket.gethostname()}:{os.getpid()}",
+                **run_tags(cfg, number, run_dir)}
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number:03d}", tags=tags)
+        return TrialLogger(self.client, str(run.info.run_id), run_dir, r0=cfg.adapter.r0)
+
+    def mark_failed(self, run_id: str | None, reason: str) -> None:
+        """Close a child run left RUNNING by a worker that died (a stale Optuna trial)."""
+        if not run_id:
+            return
+        try:
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.log_batch(run_id, tags=[RunTag("state", "FAIL"), RunTag("fail_reason", reason)])
+                self.client.set_terminated(run_id, "FAILED")
+        except MlflowException:
+            pass
+
+    # -- the summary --------------------------------------------------------------------------------
+    def summarize(self, parent_id: str, study: optuna.Study, metric: str, folder: Path,
+                  status: str = "FINISHED") -> list[dict[str, Any]]:
+        """Best trial, counts, comparison table and Optuna's plots onto the parent run."""
+        rows = trial_rows(study)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+            self.mark_failed(t.user_attrs.get("mlflow_run_id"), _reason(t))
+        folder.mkdir(parents=True, exist_ok=True)
+        write_table(rows, folder / "trials.csv", folder / "trials.md")
+        notes = plots.study_plots(study, folder / "plots", target_name=metric)
+        (folder / "plots" / "NOTES.txt").write_text("".join(f"{k}: {v}\n" for k, v in notes.items()) or "all drawn\n")
+        counts = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+        step = len(rows)
+        metrics = [Metric(f"n_{k.lower()}", v, _now(), step) for k, v in counts.items()]
+        tags = {"n_trials": str(len(rows)), "optuna.metric": metric,
+                "optuna.direction": study.direction.name.lower()}
+        best = _best(study)
+        if best is not None:
+            tags.update({"best.trial": str(best.number), "best.value": f"{best.value:.6g}",
+                         "best.mlflow_run_id": str(best.user_attrs.get("mlflow_run_id", ""))})
+            tags.update({f"best.{k}": str(v) for k, v in best.params.items()})
+            metrics.append(Metric("best_value", float(best.value or 0.0), _now(), step))
+            child = best.user_attrs.get("mlflow_run_id")
+            if child:
+                try:
+                    for k, v in self.client.get_run(child).data.metrics.items():
+                        metrics.append(Metric(f"best.{k}", v, _now(), step))
+                except MlflowException:
+                    pass
+        self.client.log_batch(parent_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.log_artifacts(parent_id, str(folder), "summary")
+        self.client.set_terminated(parent_id, status)
+        return rows
+
+
+def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def _reason(t: optuna.trial.FrozenTrial) -> str:
+    if t.state == optuna.trial.TrialState.FAIL:
+        return str(t.user_attrs.get("fail_reason") or "worker stopped sending heartbeats (killed?); marked stale")
+    if t.state == optuna.trial.TrialState.PRUNED:
+        return str(t.user_attrs.get("prune_reason", "pruned"))
+    return ""
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per trial: number, state, value, the searched values, size, minutes, reason."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else None
+        rows.append({
+            "trial": t.number, "state": t.state.name, "value": t.value,
+            **{k: v for k, v in t.params.items()},
+            "components": t.user_attrs.get("active_components"),
+            "adapter_params": t.user_attrs.get("adapter_parameters"),
+            "minutes": round(seconds / 60, 2) if seconds is not None else None,
+            "reason": _reason(t), "mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""),
+        })
+    return rows
+
+
+def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, Any]], folder: Path) -> None:
+    """The study's summary on the terminal: the trials (``rows`` from :meth:`StudyTracker.summarize`),
+    the best one, where the summary ``folder`` is and how to open the MLflow UI on the study."""
+    keys = list(setup.study.space)
+    columns = ["trial", "state", "value", *keys, "components", "minutes", "reason"]
+    short = [{c: r.get(c) for c in columns} for r in rows]
+    print(f"\nstudy {setup.name!r} ({setup.study.direction} {setup.metric}): {len(rows)} trial(s)")
+    print(markdown_table(short, columns, width=48))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        print(f"best: trial {best.number}, {setup.metric} = {best.value:.4f}, "
+              f"{', '.join(f'{k}={v}' for k, v in best.params.items())}\n      run folder {best.user_attrs.get('run_dir')}")
+    print(f"summary (table, plots): {folder}")
+    if setup.tracking_uri.startswith(("http://", "https://")):
+        print(f"MLflow: open {setup.tracking_uri} (experiment {setup.study.experiment or setup.name!r})")
+    else:
+        print("open the MLflow UI on this study:\n  mlflow ui --backend-store-uri "
+              f"{setup.tracking_uri} --host 127.0.0.1 --port 5000")

@@ -3,7 +3,7 @@
     python benchmarks/bench_ddp.py CONFIG [--processes 1 2] [--global-batch 32] [--steps 40]
         [--set key=value ...] [--out benchmarks/results]
 
-Each count runs ``python -m dora_lab.train``'s own loop (:func:`dora_lab.train.train_run`; N > 1
+Each count runs ``python -m dora_lab.train``'s own loop (:func:`dora_lab.run.train.train_run`; N > 1
 under ``torchrun --standalone``) with ``train.batch_size = global batch / N`` for ``--steps``
 optimizer steps, no evaluation before the last step, no adapter saved.  Rank 0 times every
 optimizer step (the wall time between two ``on_step`` hooks: data, forward, backward, gradient
@@ -49,10 +49,10 @@ class _StepTimer:
 
 
 def _child(out: Path, config: str, overrides: list[str]) -> None:
-    from dora_lab import distributed
-    from dora_lab.config import load_config
-    from dora_lab.models import resolve_device
-    from dora_lab.train import train_run
+    from dora_lab.run import distributed
+    from dora_lab.run.config import load_config
+    from dora_lab.run.models import resolve_device
+    from dora_lab.run.train import train_run
 
     cfg = load_config(config, overrides)
     timer = _StepTimer()

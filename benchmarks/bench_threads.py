@@ -112,7 +112,7 @@ def child(warmup: int) -> None:
 # -- the parent: environments, the busy neighbour, interleaved blocks ---------------------------------
 def variant_env(variant: str, base: Mapping[str, str]) -> dict[str, str]:
     """``base`` without any OpenMP setting, plus the variant's."""
-    from dora_lab.threads import WAIT_KEYS, env_defaults
+    from dora_lab.run.threads import WAIT_KEYS, env_defaults
 
     env = {k: v for k, v in base.items() if k not in (*WAIT_KEYS, "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     if variant != "default":

@@ -1,18 +1,18 @@
 """dora_lab: dynamic-rank LoRA (DoRA, Mao et al. 2024) for ablations of scorers and schedules.
 
-The adapter core (:mod:`dora_lab.adapter`) knows nothing of scorers or schedules; scorers
-(:mod:`dora_lab.scorers`, built-ins in the top-level ``metrics`` package) and schedules
-(:mod:`dora_lab.schedules`) are looked up by name in registries, and the
-:class:`~dora_lab.controller.PruningController` joins them.
+The adapter core (:mod:`dora_lab.core.adapter`) knows nothing of scorers or schedules; scorers
+(:mod:`dora_lab.core.scorers`, built-ins in the top-level ``metrics`` package) and schedules
+(:mod:`dora_lab.core.schedules`) are looked up by name in registries, and the
+:class:`~dora_lab.core.controller.PruningController` joins them.
 """
 
 # ruff: noqa: E402  (the imports below come after apply_env_defaults())
 # Before torch is imported: OpenMP reads its waiting policy once, when torch loads it (threads.py).
-from .threads import apply_env_defaults
+from .run.threads import apply_env_defaults
 
 apply_env_defaults()
 
-from .adapter import (
+from .core.adapter import (
     ParameterCount,
     RankOneLinear,
     adapter_layers,
@@ -20,12 +20,12 @@ from .adapter import (
     default_targets,
     inject_adapters,
 )
-from .controller import PruningController, StepInfo
-from .registry import RegistryError, import_plugins
-from .regularizers import get_regularizer, list_regularizers, register_regularizer
-from .schedules import BudgetSchedule, get_schedule, list_schedules, register_schedule
-from .scorers import Scorer, get_scorer, list_scorers, make_scorer, register_scorer
-from .tasks import TaskSpec, get_task, list_tasks, register_task
+from .core.controller import PruningController, StepInfo
+from .core.registry import RegistryError, import_plugins
+from .core.regularizers import get_regularizer, list_regularizers, register_regularizer
+from .core.schedules import BudgetSchedule, get_schedule, list_schedules, register_schedule
+from .core.scorers import Scorer, get_scorer, list_scorers, make_scorer, register_scorer
+from .run.tasks import TaskSpec, get_task, list_tasks, register_task
 
 __version__ = "0.1.0"
 

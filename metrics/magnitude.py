@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from dora_lab.adapter.layer import RankOneLinear
-from dora_lab.scorers import register_scorer
+from dora_lab.core.adapter.layer import RankOneLinear
+from dora_lab.core.scorers import register_scorer
 
 
 @register_scorer("magnitude", beta=0.9)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from dora_lab.adapter.layer import RankOneLinear
-from dora_lab.scorers import combine_elementwise, register_scorer, require_grads
+from dora_lab.core.adapter.layer import RankOneLinear
+from dora_lab.core.scorers import combine_elementwise, register_scorer, require_grads
 
 
 @register_scorer("sensitivity", needs_grad=True)

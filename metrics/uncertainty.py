@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dora_lab.scorers import Layers, Scorer, combine_elementwise, register_scorer, require_grads
+from dora_lab.core.scorers import Layers, Scorer, combine_elementwise, register_scorer, require_grads
 
 
 @register_scorer("smoothed_uncertainty")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dora_lab.data import (
+from dora_lab.run.data import (
     LengthGroupedBatchSampler,
     TaskLoader,
     load_splits,
@@ -18,7 +18,7 @@ from dora_lab.data import (
     padding_stats,
     restore_order,
 )
-from dora_lab.tasks import compute_metrics, get_task
+from dora_lab.run.tasks import compute_metrics, get_task
 from tests.tiny import COLA as TINY_COLA
 
 COLA_DIR = TINY_COLA  # tests/tiny.py: ../shared, or DORA_LAB_TEST_COLA

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dora_lab.adapter.layer as layer_module
+import dora_lab.core.adapter.layer as layer_module
 from dora_lab import RankOneLinear
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from conftest import randomize_c, tiny_config
 from transformers import BertForSequenceClassification
 
 from dora_lab import adapter_layers, count_parameters, inject_adapters
-from dora_lab.checkpoint import (
+from dora_lab.export.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterFileError,
@@ -21,7 +21,7 @@ from dora_lab.checkpoint import (
     read_adapter_config,
     save_adapter,
 )
-from dora_lab.merge import merge_adapters, merged_model, unmerge_adapters
+from dora_lab.export.merge import merge_adapters, merged_model, unmerge_adapters
 
 
 def tiny_base(seed: int = 0, **overrides: int) -> BertForSequenceClassification:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from dora_lab.config import ConfigError, load_config
-from dora_lab.data import DataError, load_splits
-from dora_lab.scorers import SCORERS
-from dora_lab.tasks import get_task
-from dora_lab.train import main as train_main
+from dora_lab.core.scorers import SCORERS
+from dora_lab.run.config import ConfigError, load_config
+from dora_lab.run.data import DataError, load_splits
+from dora_lab.run.tasks import get_task
+from dora_lab.run.train import main as train_main
 from tests.tiny import COLA, REPO, make_tiny_model_dir
 
 pytestmark = pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")
@@ -203,7 +203,7 @@ def test_a_non_utf8_byte_names_the_file_and_line(tmp_path: Path, suffix: str) ->
 
 # -- python -m dora_lab.study and python -m dora_lab.export -------------------------------------------
 def test_study_cli_refuses_an_output_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dora_lab.study import main as study_main
+    from dora_lab.study.runner import main as study_main
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder\n")

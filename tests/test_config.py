@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from dora_lab.config import ConfigError, apply_overrides, flatten, load_config, load_config_dict, load_yaml
+from dora_lab.run.config import (
+    ConfigError,
+    apply_overrides,
+    flatten,
+    load_config,
+    load_config_dict,
+    load_yaml,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,3 +106,42 @@ def test_a_key_written_twice_is_refused_with_file_and_line(tmp_path: Path) -> No
     (tmp_path / "merge.yaml").write_text("x: &d {lr: 0.01, epochs: 2}\ntrain:\n  <<: *d\n  lr: 0.03\n")
     data = load_yaml(tmp_path / "merge.yaml")
     assert data["train"] == {"lr": 0.03, "epochs": 2}
+
+
+def test_field_at_is_the_one_walker_of_the_schema() -> None:
+    import doctest
+
+    from dora_lab.run import config
+    from dora_lab.run.config import TrainConfig, field_at
+
+    assert doctest.testmod(config).failed == 0
+    train = field_at("train")
+    assert train is not None and train.annotation is TrainConfig
+    assert field_at(["schedule", "warmup"]) is not None and field_at("scorer.params.beta") is None  # free mapping
+    with pytest.raises(ConfigError, match=r"'lrx' is not a key of train \(allowed: method, epochs"):
+        field_at("train.lrx")
+    with pytest.raises(ConfigError, match="'seed' is not a section"):
+        field_at("seed.x")
+    with pytest.raises(ConfigError, match=r"'study' is not a key of the top level \(allowed: seed, output_dir"):
+        field_at("study.n_trials", hidden=("study",))
+
+
+def test_the_study_block_merges_by_its_own_rule_along_base(tmp_path: Path) -> None:
+    """One reader of the base: chain: within study:, a file's space/sampler/pruner replace its base's,
+    overrides merge by key, and study: null keeps the base's block."""
+    from dora_lab.run.config import read_yaml
+
+    (tmp_path / "base.yaml").write_text(
+        "study:\n  n_trials: 4\n  sampler: {name: tpe, seed: 1}\n  overrides: {train.epochs: 2, seed: 3}\n"
+        "  space:\n    train.lr: {type: float, low: 0.1, high: 0.2}\n")
+    (tmp_path / "grid.yaml").write_text(
+        "base: base.yaml\nstudy:\n  sampler: {name: grid}\n  overrides: {seed: 5}\n"
+        "  space:\n    seed: {type: categorical, choices: [0, 1]}\n")
+    (tmp_path / "same.yaml").write_text("base: grid.yaml\nstudy: null\n")
+    for name in ("grid.yaml", "same.yaml"):
+        assert read_yaml(tmp_path / name)["study"] == {
+            "n_trials": 4, "sampler": {"name": "grid"}, "overrides": {"train.epochs": 2, "seed": 5},
+            "space": {"seed": {"type": "categorical", "choices": [0, 1]}}}
+    (tmp_path / "bad.yaml").write_text("base: base.yaml\nstudy: [n_trials]\n")
+    with pytest.raises(ConfigError, match="study must be a mapping of keys, got list"):
+        read_yaml(tmp_path / "bad.yaml")

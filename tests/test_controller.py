@@ -288,3 +288,19 @@ def test_a_needs_grad_scorer_is_refused_a_step_without_gradients() -> None:
     assert not weights_only.scorer.needs_grad
     weights_only.step()
     assert len(weights_only.scorer.scores()) == 12
+
+
+def test_build_controller_maps_the_run_config() -> None:
+    """``build_controller`` is the one mapping of a run config onto the controller: every block's
+    value arrives, and a budget the model cannot reach is a ConfigError naming the run."""
+    from dora_lab.run.config import ConfigError, build_controller, load_config
+
+    model = adapted_bert(0)
+    cfg = load_config(None, ["scorer.name=magnitude", "schedule.name=linear", "schedule.warmup=2",
+                             "schedule.final=3", "schedule.interval=2", "budget.target_rank=1.5",
+                             "regularizer.name=null", "schedule.compact=false"])
+    c = build_controller(cfg, model, 20)
+    assert (c.schedule.warmup_steps, c.schedule.final_steps, c.schedule.interval, c.schedule.target) == (2, 3, 2, 18)
+    assert c.scorer.name == "magnitude" and c.regularizer is None and not c.compact_at_end
+    with pytest.raises(ConfigError, match=r"do not fit this run \(20 optimizer steps, 12 adapted matrices\)"):
+        build_controller(load_config(None, ["adapter.r0=8", "budget.target_rank=5"]), model, 20)

@@ -14,11 +14,11 @@ from conftest import adamw, adapted_bert, batches, randomize_c, train
 from transformers import AutoModelForSequenceClassification
 
 from dora_lab import PruningController, adapter_layers, make_scorer
-from dora_lab.checkpoint import load_adapter
-from dora_lab.config import load_config
-from dora_lab.merge import merged_model
-from dora_lab.peft_export import export_peft
-from dora_lab.train import train_run
+from dora_lab.export.checkpoint import load_adapter
+from dora_lab.export.merge import merged_model
+from dora_lab.export.peft import export_peft
+from dora_lab.run.config import load_config
+from dora_lab.run.train import train_run
 from tests.tiny import REPO, make_tiny_model_dir, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from dora_lab.data import GLUE_SPLIT_FILES, DataError, load_splits
-from dora_lab.tasks import get_task
+from dora_lab.run.data import GLUE_SPLIT_FILES, DataError, load_splits
+from dora_lab.run.tasks import get_task
 from tests.tiny import COLA as TINY_COLA
 
 COLA_DIR = TINY_COLA  # tests/tiny.py: ../shared, or DORA_LAB_TEST_COLA

@@ -19,11 +19,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from dora_lab.checkpoint import load_adapter
-from dora_lab.config import load_config
-from dora_lab.data import load_splits
-from dora_lab.tasks import get_task
-from dora_lab.train import train_run
+from dora_lab.export.checkpoint import load_adapter
+from dora_lab.run.config import load_config
+from dora_lab.run.data import load_splits
+from dora_lab.run.tasks import get_task
+from dora_lab.run.train import train_run
 from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
 
 pytestmark = [
@@ -96,7 +96,7 @@ PLUGIN = '''
 import os
 import socket
 from dora_lab import Scorer, register_scorer
-from dora_lab.scorers import make_scorer
+from dora_lab.core.scorers import make_scorer
 
 
 @register_scorer("fails_on_rank_1")
@@ -179,8 +179,8 @@ def test_study_trials_run_in_two_processes_and_a_failing_rank_fails_its_trial(tm
     Optuna and MLflow live; a rank that raises makes its trial FAIL with that rank's error."""
     import optuna
 
-    from dora_lab.scorers import SCORERS
-    from dora_lab.study import main as study_main
+    from dora_lab.core.scorers import SCORERS
+    from dora_lab.study.runner import main as study_main
 
     model_dir = make_tiny_model_dir(tmp_path / "bert", dropout=0.0)
     plugin = tmp_path / "failing.py"
@@ -214,7 +214,7 @@ def test_study_trials_run_in_two_processes_and_a_failing_rank_fails_its_trial(tm
 
 
 def test_study_workers_get_disjoint_gpu_groups_when_there_are_enough() -> None:
-    from dora_lab.distributed import gpu_groups
+    from dora_lab.run.distributed import gpu_groups
 
     assert gpu_groups(["0", "1", "2", "3"], workers=2, per_trial=2) == ["0,1", "2,3"]
     assert gpu_groups(["4", "6", "7"], workers=3, per_trial=1) == ["4", "6", "7"]
@@ -224,8 +224,8 @@ def test_study_workers_get_disjoint_gpu_groups_when_there_are_enough() -> None:
 
 def test_a_hook_that_raises_stops_every_rank_of_a_followed_run(tmp_path: Path) -> None:
     """What a pruned study trial does: the study's hook raises, and torchrun with its ranks is stopped."""
-    from dora_lab.callbacks import TrainCallback
-    from dora_lab.distributed import run_in_processes
+    from dora_lab.run.callbacks import TrainCallback
+    from dora_lab.run.distributed import run_in_processes
 
     class Prune(TrainCallback):
         def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dora_lab.checkpoint import load_adapter
-from dora_lab.config import load_config
-from dora_lab.data import load_splits, make_loader
-from dora_lab.evaluate import predict
-from dora_lab.tasks import compute_metrics, get_task
-from dora_lab.train import train_run
+from dora_lab.export.checkpoint import load_adapter
+from dora_lab.run.config import load_config
+from dora_lab.run.data import load_splits, make_loader
+from dora_lab.run.evaluate import predict
+from dora_lab.run.tasks import compute_metrics, get_task
+from dora_lab.run.train import train_run
 from tests.tiny import COLA, REPO, LossRecorder, minilm_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not COLA.is_dir(), reason=f"no shared CoLA at {COLA}")]

@@ -14,8 +14,8 @@ from conftest import tiny_bert
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from dora_lab import inject_adapters
-from dora_lab.checkpoint import MLFLOW_ADAPTER_TAG, save_adapter
-from dora_lab.export import main
+from dora_lab.export.checkpoint import MLFLOW_ADAPTER_TAG, save_adapter
+from dora_lab.export.cli import main
 from tests.tiny import minilm_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,9 +16,9 @@ from transformers import (
 )
 
 from dora_lab import PruningController, adapter_layers, inject_adapters, make_scorer
-from dora_lab.data import load_splits
-from dora_lab.hf_callback import DoraTrainerCallback
-from dora_lab.tasks import get_task
+from dora_lab.run.data import load_splits
+from dora_lab.run.hf_callback import DoraTrainerCallback
+from dora_lab.run.tasks import get_task
 from tests.tiny import COLA, make_tiny_model_dir
 
 pytestmark = pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
-import dora_lab.train
-from dora_lab.config import ConfigError, load_config
-from dora_lab.models import load_model_and_tokenizer, sequence_limit
+import dora_lab.run.train
+from dora_lab.run.config import ConfigError, load_config
+from dora_lab.run.models import load_model_and_tokenizer, sequence_limit
 from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
 
 
@@ -54,9 +54,9 @@ def test_train_run_refuses_before_tokenising(tiny_dir: Path, tmp_path: Path,
     def no_tokenising(*args: object, **kwargs: object) -> None:
         raise AssertionError("make_loader ran: the data was tokenised before the check")
 
-    monkeypatch.setattr(dora_lab.train, "make_loader", no_tokenising)
+    monkeypatch.setattr(dora_lab.run.train, "make_loader", no_tokenising)
     cfg = load_config(REPO / "configs" / "cola.yaml",
                       [*tiny_overrides(tiny_dir, tmp_path, train=32, evals=16), "task.max_length=1024"])
     with pytest.raises(ConfigError, match=r"task.max_length=1024 .* at most 128 tokens"):
-        dora_lab.train.train_run(cfg, tmp_path / "run", progress=False)
+        dora_lab.run.train.train_run(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "metrics.json").exists()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from dora_lab import adapter_layers, inject_adapters
-from dora_lab.peft_export import export_peft, lora_factors
+from dora_lab.export.peft import export_peft, lora_factors
 
 peft = pytest.importorskip("peft")
 

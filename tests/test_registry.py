@@ -26,10 +26,10 @@ from dora_lab import (
     register_schedule,
     register_scorer,
 )
-from dora_lab.registry import Registry, discover_modules
-from dora_lab.regularizers import REGULARIZERS
-from dora_lab.schedules import SCHEDULES
-from dora_lab.scorers import SCORERS
+from dora_lab.core.registry import Registry, discover_modules
+from dora_lab.core.regularizers import REGULARIZERS
+from dora_lab.core.schedules import SCHEDULES
+from dora_lab.core.scorers import SCORERS
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def test_clash_says_how_to_fix_it(cleanup: list[str]) -> None:
     with pytest.raises(RegistryError, match=r"scorer 'magnitude' is already registered by metrics\.magnitude\.magnitude; "
                                             r"pick another name, or pass replace=True"):
         register_scorer("magnitude")(lambda component: component.c.abs())
-    with pytest.raises(RegistryError, match="schedule 'dora' is already registered by dora_lab.schedules.dora"):
+    with pytest.raises(RegistryError, match="schedule 'dora' is already registered by dora_lab.core.schedules.dora"):
         register_schedule("dora")(lambda p, start, target: start)
     assert get_scorer("magnitude").__module__ == "metrics.magnitude"
 

@@ -25,10 +25,10 @@ from scipy import stats as sps
 from tiny import minilm_dir, tiny_overrides
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from dora_lab import report
-from dora_lab.config import ConfigError, read_yaml
-from dora_lab.study import main as study_main
-from dora_lab.study_space import parse_study, read_study_block, trial_config
+from dora_lab.report import compare as report
+from dora_lab.run.config import ConfigError, read_yaml
+from dora_lab.study.runner import main as study_main
+from dora_lab.study.space import parse_study, read_study_block, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "studies"
@@ -252,8 +252,8 @@ def test_bad_report_blocks_and_references(tmp_path: Path) -> None:
 def test_repeats_are_whole_configurations_not_groups() -> None:
     """A repeat is the same configuration and seed run twice; grouping by fewer factors than vary
     (here only the scorer, while the schedule varies too) must not drop distinct runs."""
-    from dora_lab.report import drop_repeats
-    from dora_lab.report_io import Run
+    from dora_lab.report.compare import drop_repeats
+    from dora_lab.report.io import Run
 
     runs = [Run("s", n, seed, value, {"scorer.name": scorer, "schedule.name": sched, "output_dir": out})
             for n, seed, value, scorer, sched, out in [

@@ -13,7 +13,7 @@ from peft.tuners.adalora.layer import RankAllocator
 from torch import nn
 
 from dora_lab import get_schedule, register_schedule
-from dora_lab.schedules import SCHEDULES, BudgetSchedule, resolve_steps
+from dora_lab.core.schedules import SCHEDULES, BudgetSchedule, resolve_steps
 
 # T = 20 steps, t_i = 4, t_f = 6: decay over steps 4..14 (span 10), last pruning step 14.
 T, TI, TF, N, NT = 20, 4, 6, 48, 24

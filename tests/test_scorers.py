@@ -12,7 +12,7 @@ from torch import nn
 
 import dora_lab
 from dora_lab import PruningController, RankOneLinear, adapter_layers, make_scorer
-from dora_lab.adapter import DEFAULT_TARGETS
+from dora_lab.core.adapter import DEFAULT_TARGETS
 
 
 def scored_run(scorer_name: str, seed: int, steps: int = 3) -> tuple[dict[str, RankOneLinear], dict]:

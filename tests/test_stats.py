@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-import dora_lab.stats
-from dora_lab.stats import describe, holm, kendall_tau, paired_test, sign_flip_p, t_interval, top_k_overlap
+import dora_lab.report.stats
+from dora_lab.report.stats import (
+    describe,
+    holm,
+    kendall_tau,
+    paired_test,
+    sign_flip_p,
+    t_interval,
+    top_k_overlap,
+)
 
 T_975_DF2 = 4.302652729911275  # the tabled two-sided 95% quantiles of Student's t
 T_975_DF3 = 3.182446305284263
@@ -117,4 +125,4 @@ def test_t_interval_covers_at_the_nominal_rate() -> None:
 
 
 def test_docstring_examples() -> None:
-    assert doctest.testmod(dora_lab.stats).failed == 0
+    assert doctest.testmod(dora_lab.report.stats).failed == 0

@@ -28,9 +28,9 @@ import torch
 from mlflow import MlflowClient
 from tiny import COLA, make_tiny_model_dir, tiny_overrides
 
-from dora_lab.scorers import SCORERS
-from dora_lab.study import main, open_study, prepare, study_folder
-from dora_lab.study_space import db_url
+from dora_lab.core.scorers import SCORERS
+from dora_lab.study.runner import main, open_study, prepare, study_folder
+from dora_lab.study.space import db_url
 
 REPO = Path(__file__).resolve().parents[1]
 COLA_YAML = str(REPO / "configs" / "cola.yaml")

@@ -8,9 +8,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from dora_lab.config import ConfigError
-from dora_lab.study import prepare
-from dora_lab.study_space import parse_study, read_study_block, suggest, trial_config
+from dora_lab.run.config import ConfigError
+from dora_lab.study.runner import prepare
+from dora_lab.study.samplers import suggest
+from dora_lab.study.space import parse_study, read_study_block, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 COLA = REPO / "configs" / "cola.yaml"
@@ -110,15 +111,16 @@ def test_grid_points_are_claimed_once_and_interrupted_ones_again(tmp_path: Path)
     """A grid trial is created only together with its point (under the storage's lock): nothing is
     queued ahead, a point held by a running trial is not handed out twice, and a point whose trial
     was interrupted is free again."""
-    from dora_lab.study import _claim_grid_point, _trials_to_run, open_study
+    from dora_lab.study.grid import claim_grid_point, trials_to_run
+    from dora_lab.study.runner import open_study
 
     setup = prepare(COLA, [f"output_dir={tmp_path}", "study.sampler=grid", "study.n_trials=null",
                            "study.space={seed: {type: categorical, choices: [0, 1, 2]}}"])
     study = open_study(setup)
-    assert _trials_to_run(setup, study) == 3 and study.get_trials() == []  # counted, not queued
+    assert trials_to_run(setup.study, study) == 3 and study.get_trials() == []  # counted, not queued
 
     def claim() -> optuna.Trial:
-        trial = _claim_grid_point(setup, study)
+        trial = claim_grid_point(setup.study, study, setup.storage)
         assert trial is not None
         return trial
 
@@ -129,7 +131,7 @@ def test_grid_points_are_claimed_once_and_interrupted_ones_again(tmp_path: Path)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     diverged, interrupted = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     assert (diverged.params["seed"], interrupted.params["seed"]) == (0, 1)  # the grid's order
-    assert _trials_to_run(setup, study) == 2  # the interrupted point and the one never started
+    assert trials_to_run(setup.study, study) == 2  # the interrupted point and the one never started
     # a queue entry of a held point, left by an older version: recorded as not run, never run
     study.enqueue_trial({"seed": 0})
     retry, last = claim(), claim()
@@ -137,16 +139,17 @@ def test_grid_points_are_claimed_once_and_interrupted_ones_again(tmp_path: Path)
     assert study.trials[retry.number].user_attrs["retry_of"] == interrupted.number
     stray = study.trials[2]
     assert stray.state == optuna.trial.TrialState.FAIL and "not run" in stray.user_attrs["fail_reason"]
-    assert _claim_grid_point(setup, study) is None  # 1 and 2 are running: nothing is left to hand out
+    assert claim_grid_point(setup.study, study, setup.storage) is None  # 1 and 2 are running: nothing is left to hand out
     for trial in (retry, last):
         study.tell(trial, 0.0)
-    assert _trials_to_run(setup, study) == 0 and _claim_grid_point(setup, study) is None
+    assert trials_to_run(setup.study, study) == 0 and claim_grid_point(setup.study, study, setup.storage) is None
     assert len(study.trials) == 5
 
 
 def test_grid_with_changed_choices_runs_its_new_points(tmp_path: Path) -> None:
     """Points that left the grid do not count as done: [0, 1, 2] finished, then [2, 3, 4] runs 3, 4."""
-    from dora_lab.study import _trials_to_run, open_study
+    from dora_lab.study.grid import trials_to_run
+    from dora_lab.study.runner import open_study
 
     def grid(choices: str):  # type: ignore[no-untyped-def]
         return prepare(COLA, [f"output_dir={tmp_path}", "study.sampler=grid", "study.n_trials=null",
@@ -154,10 +157,10 @@ def test_grid_with_changed_choices_runs_its_new_points(tmp_path: Path) -> None:
 
     first = grid("[0, 1, 2]")
     study = open_study(first)
-    assert _trials_to_run(first, study) == 3
+    assert trials_to_run(first.study, study) == 3
     study.optimize(lambda t: float(suggest(t, first.study.space)["seed"]), n_trials=3)
     second = grid("[2, 3, 4]")
-    assert _trials_to_run(second, open_study(second)) == 2
+    assert trials_to_run(second.study, open_study(second)) == 2
 
 
 def test_a_searched_scorer_drops_the_base_scorers_params() -> None:
@@ -178,7 +181,7 @@ def test_a_changed_categorical_is_refused_before_any_trial(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """Optuna cannot change a categorical's choices within one study; the runner says so (exit 2)
     and names the fix instead of failing every new trial."""
-    from dora_lab.study import main, open_study
+    from dora_lab.study.runner import main, open_study
     from tests.tiny import COLA as COLA_DATA
 
     sets = [f"output_dir={tmp_path}", f"task.data_dir={COLA_DATA}", "study.sampler=grid", "study.n_trials=null"]
@@ -220,3 +223,14 @@ def test_searched_scorer_params_every_searched_scorer_takes_are_checked_before_a
     assert prepare(COLA, [both[0].replace("smoothed_uncertainty", "sensitivity"), both[1]]).study.space
     assert prepare(COLA, ["scorer.name=smoothed_uncertainty", "study.space={scorer.params.beta1: "
                                                               "{type: float, low: 0.5, high: 0.9}}"]).study.space
+
+
+def test_the_study_block_is_read_without_optuna_mlflow_or_the_runner() -> None:
+    """Reports resolve a study config through study_space: neither Optuna, MLflow nor the runner loads."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from dora_lab.study.space import prepare; s = prepare(sys.argv[1]); "
+            "print(s.name, [m for m in ('optuna', 'mlflow', 'dora_lab.study.runner') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code, str(COLA)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["cola", "[]"]

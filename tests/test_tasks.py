@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from dora_lab import RegistryError, tasks
-from dora_lab.config import ConfigError, load_config_dict
-from dora_lab.data import DataError, load_splits
-from dora_lab.tasks import TASKS, TaskSpec, compute_metrics, get_task, list_tasks, register_task
+from dora_lab import RegistryError
+from dora_lab.run import tasks
+from dora_lab.run.config import ConfigError, load_config_dict
+from dora_lab.run.data import DataError, load_splits
+from dora_lab.run.tasks import TASKS, TaskSpec, compute_metrics, get_task, list_tasks, register_task
 
 
 def logits_for(pred_ids: list[int], num_labels: int = 2) -> np.ndarray:
@@ -225,7 +226,7 @@ def test_a_task_spec_that_cannot_work_is_refused(fields: dict[str, object], matc
 
 
 def test_a_task_name_clash_is_refused() -> None:
-    with pytest.raises(RegistryError, match=r"task 'cola' is already registered by dora_lab\.tasks \(register_task\); "
+    with pytest.raises(RegistryError, match=r"task 'cola' is already registered by dora_lab\.run\.tasks \(register_task\); "
                                             r"pick another name, or pass replace=True"):
         register_task(dataclasses.replace(TASKS["cola"], num_labels=3))
     assert TASKS["cola"].num_labels == 2

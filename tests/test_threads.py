@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-import dora_lab.study as study_module
-from dora_lab import threads
+import dora_lab.study.workers as study_workers
+from dora_lab.run import threads
 
 REPO = Path(__file__).resolve().parents[1]
 OMP_KEYS = (*threads.WAIT_KEYS, "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -94,10 +94,10 @@ def test_study_workers_get_the_defaults_and_a_share_of_the_cpus(monkeypatch: pyt
         def poll(self) -> int:
             return 0
 
-    monkeypatch.setattr(study_module.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(study_workers.subprocess, "Popen", FakePopen)
     setup = SimpleNamespace(config_path=Path("configs/cola.yaml"), overrides=[],
                             base=SimpleNamespace(train=SimpleNamespace(processes=1)))
-    assert study_module._run_workers(setup, 4, 2, "parent") == (False, False)  # type: ignore[arg-type]
+    assert study_workers.run_workers(setup, 4, 2, "parent") == (False, False)  # type: ignore[arg-type]
     assert len(started) == 2
     for s in started:
         assert s["env"]["OMP_WAIT_POLICY"] == "PASSIVE" and s["env"]["OMP_NUM_THREADS"] == "3"
@@ -106,5 +106,5 @@ def test_study_workers_get_the_defaults_and_a_share_of_the_cpus(monkeypatch: pyt
     started.clear()
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    study_module._run_workers(setup, 4, 2, "parent")  # type: ignore[arg-type]
+    study_workers.run_workers(setup, 4, 2, "parent")  # type: ignore[arg-type]
     assert all(s["env"]["OMP_WAIT_POLICY"] == "ACTIVE" and s["env"]["OMP_NUM_THREADS"] == "1" for s in started)

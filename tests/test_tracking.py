@@ -12,19 +12,13 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from dora_lab.callbacks import RunInfo, RunResult
-from dora_lab.config import ConfigError, RunConfig
-from dora_lab.plots import allocation_grid
-from dora_lab.study import OptunaReporter, _objective_value, prepare
-from dora_lab.tracking import (
-    ROLE_TAG,
-    STUDY_TAG,
-    UID_TAG,
-    StudyTracker,
-    markdown_table,
-    safe_url,
-    write_table,
-)
+from dora_lab.run.callbacks import RunInfo, RunResult
+from dora_lab.run.config import ConfigError, RunConfig
+from dora_lab.study.plots import allocation_grid
+from dora_lab.study.runner import prepare
+from dora_lab.study.tables import markdown_table, write_table
+from dora_lab.study.tracking import ROLE_TAG, STUDY_TAG, UID_TAG, StudyTracker, safe_url
+from dora_lab.study.trial import OptunaReporter, objective_value
 
 UID = "20260101-000000-00000001"  # a study identity, as dora_lab.study.open_study makes them
 ALLOCATION = {f"bert.encoder.layer.{i}.{m}": (i + j) % 4 for i in range(2)
@@ -166,11 +160,11 @@ def test_objective_value_best_after_pruning_or_final() -> None:
     history = [{"matthews_correlation": 0.9, "step": 2.0}, {"matthews_correlation": 0.5, "step": 4.0},
                {"matthews_correlation": 0.3, "step": 6.0}, {"matthews_correlation": 0.4, "step": 8.0}]
     setup = prepare(Path(__file__).parents[1] / "configs" / "cola.yaml")
-    assert _objective_value(setup, history, eligible_from=4) == 0.5  # 0.9 came before the budget was met
+    assert objective_value(setup, history, eligible_from=4) == 0.5  # 0.9 came before the budget was met
     setup.study.objective = "final"
-    assert _objective_value(setup, history, eligible_from=4) == 0.4  # the last evaluation, not the best
+    assert objective_value(setup, history, eligible_from=4) == 0.4  # the last evaluation, not the best
     setup.study.objective, setup.study.direction = "best", "minimize"
-    assert _objective_value(setup, history, eligible_from=4) == 0.3
+    assert objective_value(setup, history, eligible_from=4) == 0.3
 
 
 def test_tables_and_safe_urls(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dora_lab.config import load_config
-from dora_lab.train import DivergenceError, RunDirExists, main, train_run
+from dora_lab.run.config import load_config
+from dora_lab.run.train import DivergenceError, RunDirExists, main, train_run
 from tests.tiny import COLA, REPO, LossRecorder, make_tiny_model_dir, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")

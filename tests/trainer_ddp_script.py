@@ -21,9 +21,9 @@ from transformers import (
 )
 
 from dora_lab import PruningController, inject_adapters, make_scorer
-from dora_lab.data import load_splits
-from dora_lab.hf_callback import DoraTrainerCallback
-from dora_lab.tasks import get_task
+from dora_lab.run.data import load_splits
+from dora_lab.run.hf_callback import DoraTrainerCallback
+from dora_lab.run.tasks import get_task
 from tests.tiny import COLA
 
 

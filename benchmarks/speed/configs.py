@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dora_lab
-import dora_lab.adapter.layer as adapter_layer
+import dora_lab.core.adapter.layer as adapter_layer
 from dora_lab import PruningController, RankOneLinear, adapter_layers, inject_adapters, make_scorer
 
 from .setup import (

@@ -265,7 +265,7 @@ def _first_error(output: str) -> str:
         found = re.findall(rf"^\[rank{r}\]: (\w+(?:Error|Exception|Interrupt)\b.*)$", output, re.M)
         if found:
             return found[-1]
-    # a rank whose train CLI caught the error printed it as one line (dora_lab.cli.failed): the first
+    # a rank whose train CLI caught the error printed it as one line (dora_lab.run.cli.failed): the first
     # such line is the first rank that failed
     caught = re.search(r"error: the run failed during training: (.*)$", output, re.M)
     if caught:

@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["allocation_grid", "allocation_heatmap", "budget_plot", "study_plots"]
+__all__ = ["allocation_grid", "allocation_heatmap", "budget_plot", "save_figure", "study_plots"]
 
 # "bert.encoder.layer.3.attention.self.query" -> ("3", "attention.self.query"); decoders' "layers.3.*",
 # GPT-2's "h.3.*" and T5's "block.3.*" alike.
@@ -66,7 +66,7 @@ def allocation_heatmap(allocation: Mapping[str, int], path: str | Path, r0: int 
     ax.set_title(title or f"final rank per matrix ({total} components)", fontsize=9)
     fig.colorbar(im, ax=ax, label="rank")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def budget_plot(curve: Sequence[int], unit: str, path: str | Path,
@@ -82,7 +82,7 @@ def budget_plot(curve: Sequence[int], unit: str, path: str | Path,
     ax.set_title("budget over training", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def study_plots(study: Any, folder: str | Path, target_name: str = "objective") -> dict[str, str]:
@@ -117,14 +117,15 @@ def study_plots(study: Any, folder: str | Path, target_name: str = "objective") 
             width = max(8.0, 1.7 * (len(study.best_trial.params) + 1)) if name.startswith("parallel") else 8.0
             fig.set_size_inches(width, 5)
             fig.tight_layout()
-            _save(fig, folder / name)
+            save_figure(fig, folder / name)
         except Exception as exc:  # a picture must never fail the study
             notes[name] = f"skipped: {type(exc).__name__}: {exc}"
             plt.close("all")
     return notes
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` (its folder made), close it, return the path; shared with :mod:`dora_lab.report.plots`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

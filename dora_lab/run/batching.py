@@ -19,7 +19,7 @@ shuffled.  Evaluation loaders (``shuffle=False``) are sorted by length; put pred
 in row order with :func:`restore_order` (metrics over (prediction, label) pairs taken from the
 same batches need no reordering).  Orders depend only on ``seed`` and the epoch.
 
-Data-parallel runs (:mod:`dora_lab.distributed`) give each rank ``shards=N, shard=rank``: the
+Data-parallel runs (:mod:`dora_lab.run.distributed`) give each rank ``shards=N, shard=rank``: the
 sampler builds the batches of ``N * batch_size`` rows that one process would, and each rank takes
 its contiguous ``1/N`` of every batch, so the ranks' micro-batches together are the one-process
 global batch.  A short last batch loses its last ``len % N`` rows, so every rank's share has the
@@ -201,7 +201,7 @@ def make_loader(
     shards: int = 1,
     shard: int = 0,
 ) -> TaskLoader:
-    """A loader of padded batches of ``rows`` (from :func:`dora_lab.data.load_splits`).
+    """A loader of padded batches of ``rows`` (from :func:`dora_lab.run.data.load_splits`).
 
     ``tokenizer`` is a Hugging Face tokenizer; pair tasks are encoded as sentence pairs,
     truncated together to ``max_length`` tokens.  See the module docstring for the batch keys,

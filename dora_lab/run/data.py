@@ -3,7 +3,7 @@
 :func:`load_splits` returns ``{"train": rows, <each eval split>: rows}``, every row a dict with
 the task's text fields, ``label`` (an ``int`` in ``[0, num_labels)``, or for a regression a
 ``float`` in the task's ``label_range``, ``[0, 5]`` for stsb) and ``idx``.  Everything
-task-specific comes from the :class:`~dora_lab.tasks.TaskSpec`.  Hub data and local files go through the same checks, so a
+task-specific comes from the :class:`~dora_lab.run.tasks.TaskSpec`.  Hub data and local files go through the same checks, so a
 bad file fails at load time with a message that names the file, the row and what to fix.
 
 Local folders hold one file per split, ``<split>.jsonl``, ``<split>.csv`` or ``<split>.tsv``
@@ -13,12 +13,12 @@ with the columns of ``nyu-mll/glue``.  CSV files need a header row; TSV files ma
 
 GLUE's own files load as downloaded: ``dev.tsv`` (mnli: ``dev_matched.tsv``,
 ``dev_mismatched.tsv``) is the validation split, the task's GLUE columns are renamed to the Hub's
-(:attr:`~dora_lab.tasks.TaskSpec.glue_columns`, e.g. MRPC's ``Quality`` / ``#1 String``), CoLA's
+(:attr:`~dora_lab.run.tasks.TaskSpec.glue_columns`, e.g. MRPC's ``Quality`` / ``#1 String``), CoLA's
 header-less four-column files are recognised, and class names (``entailment``, ...) become ids
-in the Hub's order (:attr:`~dora_lab.tasks.TaskSpec.label_names`).  TSV files are read with
+in the Hub's order (:attr:`~dora_lab.run.tasks.TaskSpec.label_names`).  TSV files are read with
 quoting off, as GLUE writes them: a ``"`` is an ordinary character.
 
-Batching lives in :mod:`dora_lab.batching` and is re-exported here (:func:`make_loader`,
+Batching lives in :mod:`dora_lab.run.batching` and is re-exported here (:func:`make_loader`,
 :func:`padding_stats`, :func:`restore_order`).
 """
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .registry import Registry, RegistryError
+from ..core.registry import Registry, RegistryError
 
 __all__ = ["LABEL_COLUMN", "METRICS", "TASKS", "TaskSpec", "compute_metrics", "get_task", "list_tasks",
            "register_task"]

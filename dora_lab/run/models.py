@@ -128,7 +128,7 @@ def sequence_limit(model: torch.nn.Module, tokenizer: Any) -> tuple[int, list[st
 
 
 def check_max_length(max_length: int, model: torch.nn.Module, tokenizer: Any, name: str) -> None:
-    """Raise :class:`~dora_lab.config.ConfigError` when ``max_length`` exceeds
+    """Raise :class:`~dora_lab.run.config.ConfigError` when ``max_length`` exceeds
     :func:`sequence_limit`: longer inputs would fail mid-run with a tensor-size error."""
     found = sequence_limit(model, tokenizer)
     if found is None or max_length <= found[0]:
@@ -142,7 +142,7 @@ def check_max_length(max_length: int, model: torch.nn.Module, tokenizer: Any, na
 
 def check_model(name: str, max_length: int | None = None) -> None:
     """Fail now, with :class:`ModelLoadError`, if ``name``'s config or tokenizer cannot be loaded,
-    or with :class:`~dora_lab.config.ConfigError` if ``max_length`` exceeds what it takes (a quick
+    or with :class:`~dora_lab.run.config.ConfigError` if ``max_length`` exceeds what it takes (a quick
     check before a study starts its trials; the weights are not read: the model is built on the
     meta device, so :func:`sequence_limit` sees its position table without allocating it)."""
     from transformers import AutoConfig, AutoModel

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter import RankOneLinear, adapter_layers
+from ..core.adapter import RankOneLinear, adapter_layers
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "export_peft", "lora_factors"]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from .plots import _save, allocation_grid, plt
+from ..study.plots import allocation_grid, plt, save_figure
 from .stats import Summary
 
 __all__ = ["allocation_panels", "budget_curves", "metric_by_group"]
@@ -56,7 +56,7 @@ def metric_by_group(labels: Sequence[str], summaries: Sequence[Summary], points:
     ax.set_title("mean with 95% t-interval; dots: single runs", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return cast(Path, _save(fig, path))
+    return cast(Path, save_figure(fig, path))
 
 
 @_plain
@@ -89,7 +89,7 @@ def allocation_panels(panels: Sequence[tuple[str, Mapping[str, float]]], path: s
         ax.set_title(f"{label} ({sum(v for row in grid for v in row if v == v):.0f} comp.)", fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=axes, label="final rank (mean over runs)", shrink=0.8)
-    return cast(Path, _save(fig, path))
+    return cast(Path, save_figure(fig, path))
 
 
 def _short(module: str) -> str:
@@ -113,4 +113,4 @@ def budget_curves(curves: Sequence[tuple[str, str, Sequence[int]]], path: str | 
         ax.legend(fontsize=7)
     fig.suptitle("budget schedule per group (budget.json)", fontsize=9)
     fig.tight_layout()
-    return cast(Path, _save(fig, path))
+    return cast(Path, save_figure(fig, path))

@@ -1,7 +1,7 @@
 """MLflow tracking of a study: one parent run per study, one child run per trial.
 
 MLflow is imported here, by the study runner and by the tools that read finished runs
-(:mod:`dora_lab.report_io`, :mod:`dora_lab.export`).  This module talks to the tracking store through
+(:mod:`dora_lab.report.io`, :mod:`dora_lab.export.cli`).  This module talks to the tracking store through
 :class:`mlflow.MlflowClient` (no global "active run"), so any process (a ``--workers`` worker, or
 another machine in the distributed mode) can log a child under the same parent: the child carries
 the tag ``mlflow.parentRunId``, which is what ``mlflow.start_run(nested=True)`` sets too.
@@ -11,7 +11,7 @@ The parent is found again by its tags (``dora_lab.study`` = the study name, ``do
 part, kept in the study's user attrs), so running a study again continues under the same parent
 instead of adding one, and a new study of the same name (its ``optuna.db`` deleted, or a new storage
 with the old ``output_dir``) gets a parent of its own instead of adopting the old one's.
-A fresh SQLite or file store is created under a lock (:mod:`dora_lab.locks`), so processes that start
+A fresh SQLite or file store is created under a lock (:mod:`dora_lab.study.locks`), so processes that start
 together on a new folder do not race through MLflow's migrations.
 
 Child runs get the trial's flattened resolved config as params; tags ``task model scorer schedule
@@ -26,7 +26,6 @@ evaluation (the task's metrics), sent at each evaluation and at least every 30 s
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -34,19 +33,23 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from ..run.callbacks import RunInfo, RunResult, TrainCallback
+from ..run.config import RunConfig, flatten
 from . import plots
-from .callbacks import RunInfo, RunResult, TrainCallback
-from .config import RunConfig, flatten
 from .locks import store_lock
+from .tables import markdown_table, write_table
 
-__all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "trial_rows"]
+if TYPE_CHECKING:
+    from .space import StudySetup
+
+__all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "find_parent_runs", "print_summary", "trial_rows"]
 
 STUDY_TAG = "dora_lab.study"
 ROLE_TAG = "dora_lab.role"
@@ -84,6 +87,18 @@ def run_tags(cfg: RunConfig, trial_number: int, run_dir: Path) -> dict[str, str]
         "dora_lab.adapter_dir": str((run_dir / "adapter").resolve()),
         "dora_lab.run_dir": str(run_dir.resolve()),
     }
+
+
+def find_parent_runs(client: MlflowClient, experiment_id: str, study_name: str, uid: str | None,
+                     max_results: int = 50) -> list[Any]:
+    """The parent runs of study ``study_name`` in the experiment, oldest first: those of the study
+    whose identity is ``uid`` (``None``: a study from before identities, any parent of that name).
+    The one lookup of a parent run, for the runner (:meth:`StudyTracker.parent_run`) and the reports."""
+    where = f"tags.`{STUDY_TAG}` = '{study_name}' and tags.`{ROLE_TAG}` = 'study'"
+    if uid:  # the parent of this very study, not of an older one of the same name
+        where += f" and tags.`{UID_TAG}` = '{uid}'"
+    return list(client.search_runs([experiment_id], filter_string=where, max_results=max_results,
+                                   order_by=["attributes.start_time ASC"]))
 
 
 class TrialLogger(TrainCallback):
@@ -205,11 +220,7 @@ class StudyTracker:
 
     # -- the parent run ---------------------------------------------------------------------------
     def _parents(self, uid: str) -> list[Any]:
-        return list(self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{STUDY_TAG}` = '{self.study_name}' and tags.`{ROLE_TAG}` = 'study' "
-                          f"and tags.`{UID_TAG}` = '{uid}'",
-            order_by=["attributes.start_time ASC"], max_results=50))
+        return find_parent_runs(self.client, self.experiment_id, self.study_name, uid)
 
     def parent_run(self, uid: str, tags: Mapping[str, str] = {}) -> str:  # noqa: B006 - read only
         """The parent run of the Optuna study whose identity is ``uid``: found by its tags, or
@@ -313,30 +324,22 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
-def write_table(rows: list[dict[str, Any]], csv_path: Path, md_path: Path) -> None:
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with csv_path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    md_path.write_text(markdown_table(rows, columns))
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v).replace("|", "/")
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None, width: int = 0) -> str:
-    """A Markdown table; ``width > 0`` cuts long cells (for the terminal)."""
-    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
-
-    def cut(s: str) -> str:
-        return s if not width or len(s) <= width else s[:width - 1] + "~"
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cut(_cell(r.get(c))) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, Any]], folder: Path) -> None:
+    """The study's summary on the terminal: the trials (``rows`` from :meth:`StudyTracker.summarize`),
+    the best one, where the summary ``folder`` is and how to open the MLflow UI on the study."""
+    keys = list(setup.study.space)
+    columns = ["trial", "state", "value", *keys, "components", "minutes", "reason"]
+    short = [{c: r.get(c) for c in columns} for r in rows]
+    print(f"\nstudy {setup.name!r} ({setup.study.direction} {setup.metric}): {len(rows)} trial(s)")
+    print(markdown_table(short, columns, width=48))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        print(f"best: trial {best.number}, {setup.metric} = {best.value:.4f}, "
+              f"{', '.join(f'{k}={v}' for k, v in best.params.items())}\n      run folder {best.user_attrs.get('run_dir')}")
+    print(f"summary (table, plots): {folder}")
+    if setup.tracking_uri.startswith(("http://", "https://")):
+        print(f"MLflow: open {setup.tracking_uri} (experiment {setup.study.experiment or setup.name!r})")
+    else:
+        print("open the MLflow UI on this study:\n  mlflow ui --backend-store-uri "
+              f"{setup.tracking_uri} --host 127.0.0.1 --port 5000")

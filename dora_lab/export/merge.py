@@ -16,7 +16,7 @@ import copy
 
 from torch import nn
 
-from .adapter import adapter_layers
+from ..core.adapter import adapter_layers
 
 __all__ = ["merge_adapters", "merged_model", "unmerge_adapters"]
 

@@ -24,29 +24,38 @@ A study block sits beside the run config it tunes; every key, with the values
         adapter.r0: {type: int, low: 3, high: 5}
         schedule.name: {type: categorical, choices: [dora, adalora, linear]}
 
-Every key of ``space`` and ``overrides`` must be a key of :class:`~dora_lab.config.RunConfig`
+Every key of ``space`` and ``overrides`` must be a key of :class:`~dora_lab.run.config.RunConfig`
 (anything below a free mapping such as ``scorer.params`` is accepted), and every bound or choice
 must fit that key's type and limits; scorer and schedule names must be registered, and every
 searched ``scorer.params.*`` key must be a hyper-parameter of every scorer a trial may use
 (:func:`check_scorer_params`).  Errors are
-:class:`~dora_lab.config.ConfigError` with the dotted path (``study.sampler.n_startup_trials``).
+:class:`~dora_lab.run.config.ConfigError` with the dotted path (``study.sampler.n_startup_trials``).
 """
 
 from __future__ import annotations
 
-import copy
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import optuna
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from .config import ConfigError, RunConfig, load_config_dict, load_yaml, set_values
+from ..run.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    field_at,
+    load_config_dict,
+    parse_assignment,
+    read_yaml,
+    set_values,
+)
+from ..run.tasks import get_task
 
-__all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "TrialSeeded", "check_scorer_params", "db_url",
-           "make_pruner", "make_sampler", "parse_study", "read_study_block", "suggest", "trial_config"]
+__all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "StudySetup", "check_scorer_params", "db_url",
+           "parse_study", "prepare", "read_study_block", "trial_config"]
 
 Primitive = bool | int | float | str | None
 
@@ -222,13 +231,11 @@ def _dotted(tree: dict[str, Any], descend: Any, prefix: str = "") -> dict[str, A
 
 
 def _is_section(path: str) -> bool:
-    model: Any = RunConfig
-    for part in path.split("."):
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return False
-        model = field.annotation
-    return isinstance(model, type) and issubclass(model, BaseModel)
+    try:
+        field = field_at(path)
+    except ConfigError:
+        return False
+    return field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 
 
 def db_url(url: str) -> str:
@@ -246,27 +253,14 @@ def db_url(url: str) -> str:
 # -- validation against RunConfig ----------------------------------------------------------------
 def _field_adapter(path: str) -> TypeAdapter[Any] | None:
     """The type of config key ``path`` (``None`` below a free mapping); ConfigError if unknown."""
-    model: type[BaseModel] = RunConfig
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        field = model.model_fields.get(part)
-        if field is None or (i == 0 and part == "study"):
-            where = ".".join(parts[:i]) or "the top level"
-            allowed = ", ".join(k for k in model.model_fields if k != "study")
-            raise ConfigError(f"no config key {path!r}: {part!r} is not a key of {where} (allowed: {allowed})")
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            if i == len(parts) - 1:
-                raise ConfigError(f"{path!r} is a section; search or override its keys ({path}.<key>)")
-            model = ann
-            continue
-        if i == len(parts) - 1:
-            typ: Any = Annotated[ann, *field.metadata] if field.metadata else ann
-            return TypeAdapter(typ)
-        if getattr(ann, "__origin__", None) is dict or ann is dict:
-            return None  # below a free mapping (scorer.params.beta): the scorer checks it
-        raise ConfigError(f"no config key {path!r}: {'.'.join(parts[:i + 1])!r} is not a section")
-    return None
+    field = field_at(path, hidden=("study",))
+    if field is None:
+        return None
+    ann = field.annotation
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        raise ConfigError(f"{path!r} is a section; search or override its keys ({path}.<key>)")
+    typ: Any = Annotated[ann, *field.metadata] if field.metadata else ann
+    return TypeAdapter(typ)
 
 
 def _check_value(where: str, path: str, value: Any) -> None:
@@ -281,7 +275,7 @@ def _check_value(where: str, path: str, value: Any) -> None:
 
 
 def _check_space(study: StudyConfig, plugins: list[str]) -> None:
-    from . import registry, schedules, scorers
+    from ..core import registry, schedules, scorers
 
     try:
         registry.import_plugins(plugins)
@@ -314,7 +308,7 @@ def check_scorer_params(study: StudyConfig, base_scorer: str) -> None:
     searched keys need this check: ``scorer.params`` set in the base config, ``study.overrides`` or
     ``--set`` are validated with the base scorer, and a sampled ``scorer.name`` of another scorer
     drops them (the ``--set`` rule), while searched keys are applied after the name."""
-    from . import scorers
+    from ..core import scorers
 
     searched = [k for k in study.space if k.startswith("scorer.params.")]
     name_param = study.space.get("scorer.name")
@@ -363,56 +357,15 @@ def parse_study(data: Mapping[str, Any] | None, plugins: Sequence[str] = ()) -> 
     return study
 
 
-# -- reading the block through base: links -------------------------------------------------------
-_REPLACED = ("space", "sampler", "pruner")
-
-
 def read_study_block(path: str | Path) -> dict[str, Any] | None:
-    """The ``study:`` block of ``path`` and its ``base:`` files, merged like the rest of the config
-    except that ``space``, ``sampler`` and ``pruner`` given in a file *replace* its base's (an
-    ablation grid does not inherit the base study's search space); ``overrides`` merge by key."""
-    chain: list[dict[str, Any]] = []
-    file = Path(path)
-    while True:
-        data = load_yaml(file)
-        if not isinstance(data, dict):
-            return None
-        chain.append(data)
-        if not data.get("base"):
-            break
-        file = file.parent / data["base"]
-        if len(chain) > 20:
-            raise ConfigError(f"too many base: links from {path}")
-    block: dict[str, Any] | None = None
-    for data in reversed(chain):
-        own = data.get("study")
-        if own is None:
-            continue
-        if not isinstance(own, dict):
-            raise ConfigError(f"study must be a mapping of keys, got {type(own).__name__}")
-        block = dict(block or {})
-        for key, value in own.items():
-            if key == "overrides" and isinstance(value, dict) and isinstance(block.get(key), dict):
-                block[key] = {**block[key], **value}
-            else:
-                block[key] = copy.deepcopy(value)
-    return block
+    """The ``study:`` block of ``path`` and its ``base:`` files (:func:`~dora_lab.run.config.read_yaml`,
+    the one reader of the chain: ``space``, ``sampler`` and ``pruner`` given in a file *replace*
+    its base's, ``overrides`` merge by key); ``None`` if there is none."""
+    block = read_yaml(path).get("study")
+    return block if isinstance(block, dict) else None
 
 
 # -- one trial ------------------------------------------------------------------------------------
-def suggest(trial: optuna.Trial, space: Mapping[str, Any]) -> dict[str, Any]:
-    """Ask the trial for a value of every searched key."""
-    values: dict[str, Any] = {}
-    for key, p in space.items():
-        if isinstance(p, FloatParam):
-            values[key] = trial.suggest_float(key, p.low, p.high, log=p.log, step=p.step)
-        elif isinstance(p, IntParam):
-            values[key] = trial.suggest_int(key, p.low, p.high, log=p.log, step=p.step)
-        else:
-            values[key] = trial.suggest_categorical(key, p.choices)
-    return values
-
-
 def trial_config(base: Mapping[str, Any], study: StudyConfig, params: Mapping[str, Any],
                  cli: Mapping[str, Any] | None = None) -> RunConfig:
     """A trial's config: ``base`` (no study block) <- study.overrides <- the CLI's ``--set`` values
@@ -423,71 +376,46 @@ def trial_config(base: Mapping[str, Any], study: StudyConfig, params: Mapping[st
     return load_config_dict(data)
 
 
-def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
-    """The sampler.  TPE and random draw trial ``n`` with the seed ``seed + n`` (see
-    :class:`TrialSeeded`): reproducible, and two processes on one storage (workers, two identical
-    commands started together, a resumed study) never replay each other's draws, since no two
-    trials share a number.  A grid's points are claimed in order by the study runner."""
-    s = study.sampler
-    if isinstance(s, TPESampler):
-        tpe = s
-        return TrialSeeded(lambda seed: optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=tpe.n_startup_trials, multivariate=tpe.multivariate), s.seed)
-    if isinstance(s, RandomSampler):
-        return TrialSeeded(lambda seed: optuna.samplers.RandomSampler(seed=seed), s.seed)
-    return _RunnerGridSampler(study.grid(), seed=s.seed)
+# -- the whole setup, resolved once ----------------------------------------------------------------
+@dataclass
+class StudySetup:
+    """Everything a study needs, resolved once from the config file and ``--set`` overrides."""
+
+    config_path: Path
+    overrides: list[str]
+    data: dict[str, Any]  # the config as plain data (file + --set), study block included
+    cli: dict[str, Any]  # the --set values outside the study block, re-applied to every trial
+    base: RunConfig  # the trial config before the searched values
+    study: StudyConfig
+    name: str
+    storage: str
+    tracking_uri: str
+    output_dir: Path
+    study_dir: Path  # <output_dir>/studies/<name>: a folder per study identity (study_folder) inside
+    metric: str
 
 
-class TrialSeeded(optuna.samplers.BaseSampler):
-    """A sampler made afresh for every trial with the seed ``seed + trial.number`` (``seed=None``:
-    unseeded, made once).  Optuna calls :meth:`before_trial` once the trial exists (its number
-    known) and before any value is sampled, relative ones included; TPE and random keep no state
-    between trials but their random generator, so nothing else changes."""
-
-    def __init__(self, make: Callable[[int | None], optuna.samplers.BaseSampler], seed: int | None) -> None:
-        self._make, self._seed = make, seed
-        self._inner = make(seed)
-
-    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if self._seed is not None:
-            self._inner = self._make(self._seed + trial.number)
-        self._inner.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial
-                                    ) -> dict[str, optuna.distributions.BaseDistribution]:
-        return self._inner.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                        search_space: dict[str, optuna.distributions.BaseDistribution]) -> dict[str, Any]:
-        return self._inner.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, param_name: str,
-                           param_distribution: optuna.distributions.BaseDistribution) -> Any:
-        return self._inner.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, state: optuna.trial.TrialState,
-                    values: Sequence[float] | None) -> None:
-        self._inner.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self._inner.reseed_rng()
-
-
-class _RunnerGridSampler(optuna.samplers.GridSampler):
-    """A GridSampler that never calls ``study.stop()``.  The study runner claims every grid trial
-    with its point's values (queued and asked for under a lock), so this sampler never picks a point;
-    the runner alone decides when the grid is done."""
-
-    def after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial,
-                    state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:
-        return None
-
-
-def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
-    p = study.pruner
-    if isinstance(p, MedianPruner):
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
-    if isinstance(p, HyperbandPruner):
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=p.max_resource,
-                                              reduction_factor=p.reduction_factor)
-    return optuna.pruners.NopPruner()
+def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetup:
+    """Read, override and validate everything; :class:`ConfigError` before anything starts."""
+    data = apply_overrides(read_yaml(config_path), overrides)  # the study block merged by its own rule
+    cfg = load_config_dict(data)
+    study = parse_study(cfg.study, cfg.plugins)
+    cli = {key: value for key, value in map(parse_assignment, overrides) if not key.startswith("study.")}
+    for key in [k for k in cli if k in study.space]:  # the sampled value would replace it in every trial
+        raise ConfigError(
+            f"--set {key}={cli[key]}: the study searches {key!r} (study.space.{key}), so every trial would "
+            f"replace this value with a sampled one.  To run with this value only, search just it: "
+            f"--set 'study.space.{key}={{type: categorical, choices: [{cli[key]}]}}'; to search it, drop this --set")
+    try:
+        base = trial_config(data, study, {}, cli)
+    except ConfigError as exc:
+        raise ConfigError(f"the study's base config (study.overrides applied) is invalid: {exc}") from None
+    check_scorer_params(study, base.scorer.name)
+    output_dir = Path(base.output_dir).resolve()
+    name = study.study_name(config_path)
+    return StudySetup(
+        config_path=Path(config_path), overrides=list(overrides), data=data, cli=cli, base=base, study=study,
+        name=name, storage=study.storage_url(output_dir), tracking_uri=study.tracking(output_dir),
+        output_dir=output_dir, study_dir=output_dir / "studies" / name,
+        metric=study.metric or get_task(base.task.name).main_metric,
+    )

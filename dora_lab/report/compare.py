@@ -8,8 +8,8 @@ per group n, mean, sd, 95% t-interval, min, max, sizes, minutes; each group agai
 paired by seed (paired t-test, Holm-adjusted; exact sign-flip p as a check); scorers' agreement on
 components (Kendall tau, top-k overlap).  ``report.md``, CSV tables and PNGs go to ``DIR`` (default
 ``<output_dir>/report/<study>``) and to the study's MLflow parent run (``report/``).
-Here: grouping, pairing and the numbers; :mod:`dora_lab.stats` the statistics,
-:mod:`dora_lab.report_io` the reading and writing, :mod:`dora_lab.report_plots` the pictures.
+Here: grouping, pairing and the numbers; :mod:`dora_lab.report.stats` the statistics,
+:mod:`dora_lab.report.io` the reading and writing, :mod:`dora_lab.report.plots` the pictures.
 
 A config's top-level ``report:`` block (read here, not by the study runner)::
 
@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, parse_assignment
-from .report_io import (
+from ..run.config import ConfigError, parse_assignment
+from .io import (
     Run,
     Source,
     fmt,

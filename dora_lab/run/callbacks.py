@@ -63,7 +63,7 @@ class RunResult:
 
 
 class TrainCallback:
-    """Hooks called by :func:`dora_lab.train.train_run`, in this order."""
+    """Hooks called by :func:`dora_lab.run.train.train_run`, in this order."""
 
     def on_train_begin(self, info: RunInfo) -> None:
         """Once, after the model, data, optimizer and controller are built."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapter.layer import RankOneLinear
+from ..core.adapter.layer import RankOneLinear
 from .config import TrainConfig
 
 __all__ = ["build_optimizer", "lr_factor"]

@@ -36,7 +36,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .adapter import RankOneLinear, adapter_layers, count_parameters, inject_adapters
+from ..core.adapter import RankOneLinear, adapter_layers, count_parameters, inject_adapters
 
 __all__ = [
     "ADAPTER_DIRNAME", "CONFIG_NAME", "FORMAT_VERSION", "MLFLOW_ADAPTER_TAG", "WEIGHTS_NAME",
@@ -308,11 +308,11 @@ def _read_weights(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
 
 
 def _load_base(name_or_path: str, num_labels: int) -> nn.Module:
-    """The base as training loaded it: :func:`~dora_lab.models.resolve_model_path` picks the Hub,
+    """The base as training loaded it: :func:`~dora_lab.run.models.resolve_model_path` picks the Hub,
     a local folder or the known offline copy (the fingerprint check refuses a wrong one)."""
     from transformers import AutoModelForSequenceClassification
 
-    from .models import resolve_model_path
+    from ..run.models import resolve_model_path
 
     path, local_only = resolve_model_path(name_or_path)
     try:
@@ -388,7 +388,7 @@ def _dropout_p(layer: RankOneLinear) -> float:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

@@ -19,10 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..core.registry import RegistryError
 from .config import ConfigError
 from .data import DataError
 from .models import ModelLoadError
-from .registry import RegistryError
 
 __all__ = ["EXIT_FAILED", "EXIT_INPUT", "EXIT_INTERRUPTED", "INPUT_ERRORS", "check_writable_folder", "failed",
            "refuse"]

@@ -1,0 +1,333 @@
+"""One training run, end to end: ``python -m dora_lab.train CONFIG [--set key=value ...]``.
+
+Reads top to bottom: set up (seed, data, model, adapters, optimizer, controller), then the loop
+(micro-batches -> optimizer step -> controller step -> periodic evaluation), then the run's
+files.  The controller runs after each optimizer step with the gradients still present; it
+counts optimizer steps, not micro-batches.
+
+Under ``torchrun --nproc-per-node N`` (or with ``train.processes: N``, which relaunches this command
+under torchrun) the run is data-parallel: each rank trains on its part of every global batch of
+``N * train.batch_size`` rows inside DDP, every rank applies rank 0's pruning decision, and rank 0
+alone evaluates, calls the callbacks and writes the run's files (:mod:`dora_lab.run.distributed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.adapter import count_parameters, inject_adapters
+from ..core.controller import PruningController
+from ..export.checkpoint import save_adapter
+from . import distributed
+from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
+from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, refuse
+from .config import ConfigError, RunConfig, build_controller, load_config
+from .data import load_splits, make_loader
+from .evaluate import evaluate
+from .models import load_model_and_tokenizer, resolve_device
+from .optim import build_optimizer, lr_factor
+from .seeding import seed_everything
+from .tasks import get_task
+
+__all__ = ["RUN_FILES", "DivergenceError", "RunDirExists", "claim_run_dir", "main", "train_run"]
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN/inf or exceeded ``train.divergence_loss``."""
+
+
+class RunDirExists(FileExistsError):
+    """The run folder already holds a run's files; nothing was written."""
+
+
+# every file and folder train_run writes into its run folder (plots/: the tracker's pictures)
+RUN_FILES = ("config.yaml", "metrics.json", "allocation.json", "scores.json", "budget.json", "adapter", "plots")
+
+
+def check_run_dir(run_dir: Path, overwrite: bool = False) -> list[Path]:
+    """The files of a run already in ``run_dir`` (to be removed with ``overwrite``); without
+    ``overwrite`` a folder holding a run raises :class:`RunDirExists`.  Creates nothing."""
+    old = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    if old and not overwrite:
+        raise RunDirExists(f"run folder {str(run_dir)!r} already holds a run ({', '.join(p.name for p in old)}); "
+                           "choose another folder, or pass --overwrite to replace that run")
+    return old
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool = False) -> None:
+    """Make ``run_dir`` ready for a new run (:func:`check_run_dir`; with ``overwrite`` exactly the old
+    run's files are removed, other files in the folder stay): a new run never sits beside an old run's
+    adapter or metrics."""
+    for path in check_run_dir(run_dir, overwrite):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _micro_batches(loader: Any, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    epoch = start_epoch
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        elif hasattr(loader.batch_sampler, "set_epoch"):
+            loader.batch_sampler.set_epoch(epoch)
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1
+
+
+def train_run(
+    cfg: RunConfig,
+    run_dir: str | Path | None = None,
+    callbacks: Sequence[TrainCallback] = (),
+    progress: bool = True,
+    overwrite: bool = False,
+) -> RunResult:
+    """Train one model as ``cfg`` says; write its files to ``run_dir``; return what it measured.
+    A ``run_dir`` that already holds a run is refused (:class:`RunDirExists`) before any work, unless
+    ``overwrite``, which first removes that run's files."""
+    t0 = time.time()
+    device = distributed.init_from_env(resolve_device(cfg.model.device))  # one process: unchanged
+    rank0, shards, shard = distributed.is_main(), distributed.world_size(), distributed.rank()
+    callbacks = callbacks if rank0 else ()  # the other ranks report through rank 0
+    run_dir = distributed.broadcast_object(Path(run_dir) if run_dir is not None else _default_run_dir(cfg))
+    if rank0:
+        check_run_dir(run_dir, overwrite)  # refused before any work; the folder is made further down
+    seed_everything(cfg.seed)
+    spec = get_task(cfg.task.name)
+
+    # -- data and model -------------------------------------------------------------------
+    splits = load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
+                         max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels, max_length=cfg.task.max_length)
+    seed_everything(cfg.seed)  # adapters' init must not depend on what loading consumed
+    adapted = cfg.train.method == "adapter"
+    if adapted:
+        a = cfg.adapter
+        inject_adapters(model, r0=a.r0, targets=a.targets, alpha=a.alpha, dropout=a.dropout, init=a.init,
+                        trainable=cfg.model.trainable)
+    model.to(device)
+    if cfg.train.gradient_checkpointing:
+        # non-reentrant: works with a frozen embedding and under DDP (peft#1745's "marked ready twice")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    train_loader = make_loader(splits["train"], spec, tokenizer, batch_size=cfg.train.batch_size,
+                               max_length=cfg.task.max_length, shuffle=True,
+                               group_by_length=cfg.train.group_by_length, seed=cfg.seed,
+                               shards=shards, shard=shard)
+    eval_loaders = {
+        name: make_loader(splits[name], spec, tokenizer, batch_size=cfg.train.eval_batch_size,
+                          max_length=cfg.task.max_length, shuffle=False, group_by_length=True, seed=cfg.seed)
+        for name in spec.eval_splits
+    }
+    micro_per_epoch = len(train_loader)
+    steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
+    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
+
+    # -- optimizer and controller ----------------------------------------------------------
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, cfg.train.warmup_ratio))
+    controller = None
+    if adapted:
+        controller = build_controller(cfg, model, total, agree=distributed.agree if shards > 1 else None)
+    # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
+    if rank0:
+        claim_run_dir(run_dir, overwrite)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    ddp = distributed.wrap(model, device)  # the model itself for one process
+    if shard > 0:
+        torch.manual_seed(cfg.seed + 1_000_003 * shard)  # each rank its own dropout masks
+    counts = count_parameters(model)
+    info = RunInfo(
+        config=cfg.resolved(), run_dir=run_dir, total_steps=total, steps_per_epoch=steps_per_epoch,
+        trainable_parameters=counts.trainable, adapter_parameters=counts.adapter_active,
+        budget_curve=controller.schedule.curve() if controller else [],
+        budget_unit=controller.unit if controller else "none",
+    )
+    for cb in callbacks:
+        cb.on_train_begin(info)
+
+    # -- the loop ----------------------------------------------------------------------------
+    autocast = _autocast(cfg.model.precision, device)
+    # fp16 needs loss scaling or small gradients flush to zero; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16")
+    history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] = (-math.inf, -1, {})  # metric, step, weights
+    batches = _micro_batches(train_loader)
+    bar = tqdm(total=total, desc=f"{cfg.task.name} {cfg.scorer.name}/{cfg.schedule.name} seed {cfg.seed}",
+               disable=not (progress and rank0), dynamic_ncols=True)
+    model.train()
+    rows = 0  # training rows this rank has seen (a rank's share of the global batches)
+    for step in range(total):
+        loss_sum = 0.0
+        for micro in range(cfg.train.grad_accum):
+            epoch, batch = next(batches)
+            batch = {k: v.to(device) for k, v in batch.items() if k != "index"}
+            rows += len(batch["labels"])
+            # DDP averages the gradients once, in the last micro-batch's backward
+            with distributed.no_sync(ddp, micro + 1 < cfg.train.grad_accum):
+                with autocast:
+                    loss = ddp(**batch).loss / cfg.train.grad_accum
+                    if controller is not None:
+                        loss = loss + controller.regularization_loss().to(loss.device) / cfg.train.grad_accum
+                scaler.scale(loss).backward()
+            loss_sum += float(loss.detach())
+        loss_sum = distributed.all_mean(loss_sum, device)  # the global batch's loss, the same on every rank
+        if not math.isfinite(loss_sum) or loss_sum > cfg.train.divergence_loss:
+            raise DivergenceError(f"training diverged at step {step}: loss {loss_sum}; lower train.lr")
+        scaler.unscale_(optimizer)  # clipping and the scorers see true gradients (a no-op unless fp16)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if cfg.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = scaler.is_enabled() and scaler.get_scale() < scale  # fp16 overflow: no update was made
+        state = controller.step(optimizer, update_scores=not skipped) if controller is not None else None
+        if controller is not None and state is not None and state.pruned and state.frozen and controller.compact_at_end:
+            ddp = distributed.wrap(ddp, device)  # compaction made new parameters: DDP must hold those
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        logs = {"train_loss": loss_sum, "lr": float(scheduler.get_last_lr()[0]), "epoch": float(epoch)}
+        if state is not None:
+            logs.update(active_components=float(state.active_components),
+                        active_parameters=float(state.active_parameters), budget=float(state.budget))
+        for cb in callbacks:
+            cb.on_step(step, logs)
+        bar.update(1)
+        if rank0 and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total):
+            metrics = evaluate(model, eval_loaders, spec, device, autocast)
+            metrics["step"] = float(step + 1)
+            history.append(metrics)
+            pruning_done = controller is None or not controller.schedule.prunes or controller.frozen
+            if pruning_done and metrics[spec.main_metric] > best[0]:
+                best = (metrics[spec.main_metric], step + 1, _trainable_state(model))
+            bar.set_postfix(loss=f"{loss_sum:.3f}", **{spec.main_metric[:8]: f"{metrics[spec.main_metric]:.4f}"})
+            for cb in callbacks:
+                cb.on_evaluate(step + 1, metrics)
+            model.train()
+    bar.close()
+
+    # -- the run's files -----------------------------------------------------------------------
+    history = distributed.broadcast_object(history)  # every rank returns rank 0's result
+    best = (*distributed.broadcast_object(best[:2]), best[2])
+    parallel = distributed.check_consistent(model, controller.allocation() if controller else {}, rows)
+    counts = count_parameters(model)
+    result = RunResult(
+        metric_name=spec.main_metric, best_metric=float(best[0]), best_step=int(best[1]),
+        final_metrics=history[-1], history=history,
+        allocation=controller.allocation() if controller else {},
+        trainable_parameters=info.trainable_parameters, adapter_parameters_final=counts.adapter_active,
+        active_components_final=counts.active_components, steps=total, seconds=time.time() - t0,
+        run_dir=run_dir,
+    )
+    if not rank0:
+        return result
+    _write_outputs(run_dir, result, controller)
+    if shards > 1:
+        (run_dir / "distributed.json").write_text(json.dumps(parallel, indent=1))
+    if adapted and cfg.train.save_adapter and best[2]:
+        _load_trainable_state(model, best[2])  # keep the best evaluation's weights, not the last
+        save_adapter(model, run_dir / "adapter", base_model=cfg.model.name, num_labels=spec.num_labels,
+                     extra={"config": cfg.resolved(), "metrics": result.summary()})
+    for cb in callbacks:
+        cb.on_train_end(result)
+    return result
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def _load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        if name in state and state[name].shape == p.shape:
+            p.copy_(state[name])
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _write_outputs(run_dir: Path, result: RunResult, controller: PruningController | None) -> None:
+    (run_dir / "metrics.json").write_text(json.dumps({**result.summary(), "history": result.history}, indent=1))
+    if controller is not None:
+        (run_dir / "allocation.json").write_text(json.dumps(result.allocation, indent=1))
+        masks = {n: layer.index[layer.mask > 0].tolist() for n, layer in controller.layers.items()}
+        (run_dir / "scores.json").write_text(json.dumps(
+            {"scorer": controller.scorer.name, "scores": controller.component_scores(),
+             "kept_components": masks}, indent=1))
+        (run_dir / "budget.json").write_text(json.dumps(
+            {"unit": controller.unit, "curve": controller.schedule.curve()}))
+
+
+def _default_run_dir(cfg: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output_dir) / "runs" / f"{stamp}-{cfg.task.name}-{cfg.scorer.name}-{cfg.schedule.name}-s{cfg.seed}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dora_lab.train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="a YAML run config, e.g. configs/cola.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted path), e.g. --set train.lr=3e-4")
+    parser.add_argument("--run-dir", default=None, help="where to write the run's files")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    args = parser.parse_args(argv)
+    # bad input (config, data, model, output folder) exits 2 with nothing stored; a failure once
+    # training runs exits 1 and says what the run folder keeps (dora_lab.run.cli)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = Path(args.run_dir) if args.run_dir is not None else _default_run_dir(cfg)
+        check_writable_folder(run_dir, "--run-dir" if args.run_dir is not None else "output_dir")
+        check_run_dir(run_dir, args.overwrite)  # refused before any work, not after training
+    except (ConfigError, RunDirExists) as exc:
+        return refuse(exc)
+    if cfg.train.processes > 1 and not distributed.launched():  # relaunch this command under torchrun
+        argv = list(sys.argv[1:] if argv is None else argv)
+        return subprocess.call(distributed.relaunch_command(cfg.train.processes, "dora_lab.train", argv))
+    started = int(os.environ.get("WORLD_SIZE", "1"))
+    if distributed.launched() and cfg.train.processes > 1 and started != cfg.train.processes:
+        return refuse(ConfigError(f"train.processes is {cfg.train.processes} but torchrun started {started} "
+                                  "processes; set them alike (or leave train.processes at 1 under torchrun)"))
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:
+        print(cfg.to_yaml())
+    try:
+        # a study trial run in several processes follows rank 0's hooks through this file
+        events = [EventLog(os.environ["DORA_LAB_EVENTS"])] if os.environ.get("DORA_LAB_EVENTS") else []
+        result = train_run(cfg, run_dir, events, overwrite=args.overwrite)
+    except INPUT_ERRORS as exc:  # train_run raises these before it makes the run folder
+        return refuse(exc)
+    except KeyboardInterrupt as exc:
+        return failed(exc, run_dir, EXIT_INTERRUPTED)
+    except Exception as exc:
+        return failed(exc, run_dir)
+    finally:
+        distributed.shutdown()
+    if main_rank:
+        print(json.dumps(result.summary(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

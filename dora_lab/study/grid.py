@@ -1,0 +1,126 @@
+"""Trials on a shared storage: grid points claimed once, lost trials recovered, heartbeats kept.
+
+Several processes (``--workers``, or the same command on many machines) may run one study.  This
+module is the runner's only code on Optuna's private API (a trial's ``_trial_id``, a queued
+trial's ``fixed_params``) or on the storage's lock for grids:
+
+- :func:`claim_grid_point`: a grid trial is created only together with its point, chosen and
+  queued under the storage's lock (:func:`~dora_lab.study.locks.store_lock`), so no point runs twice
+  and no trial exists that has no point to run;
+- :func:`trials_to_run`: how many trials this invocation runs (for a grid: the free points);
+- a point whose trial was interrupted or left RUNNING by a dead worker (marked FAIL by
+  :func:`fail_stale` once its heartbeat is older than ``study.grace_period``) is free again; its
+  new trial carries ``retry_of``;
+- :func:`heartbeat`: the running trial's heartbeat, recorded as ``study.optimize`` would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import optuna
+
+from .locks import store_lock
+from .space import StudyConfig
+
+__all__ = ["claim_grid_point", "fail_stale", "heartbeat", "trials_to_run"]
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Mark FAIL the RUNNING trials whose heartbeat is older than the grace period."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+@contextlib.contextmanager
+def heartbeat(trial: optuna.Trial) -> Iterator[None]:
+    """Record the trial's heartbeat every ``heartbeat_interval`` seconds while it runs (RDB storages
+    with a heartbeat), as ``study.optimize`` does, so that a killed worker's trial goes stale."""
+    storage: Any = trial.storage  # an RDBStorage, wrapped by Optuna in its cache
+    interval = storage.get_heartbeat_interval() if hasattr(storage, "get_heartbeat_interval") else None
+    if not interval:
+        yield
+        return
+    stop = threading.Event()
+    trial_id = trial._trial_id  # Optuna's own heartbeat thread keys on it too
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _retryable(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial that failed for no fault of its own: interrupted, or left behind by a dead worker."""
+    reason = str(t.user_attrs.get("fail_reason", ""))
+    return t.state == optuna.trial.TrialState.FAIL and (not reason or reason.startswith("interrupted"))
+
+
+def _point(t: optuna.trial.FrozenTrial, keys: Sequence[str]) -> tuple[Any, ...]:
+    values = t.params or t.system_attrs.get("fixed_params", {})  # a queued trial: fixed_params
+    return tuple(values.get(k) for k in keys)
+
+
+def _grid_state(config: StudyConfig, trials: Sequence[optuna.trial.FrozenTrial]
+                ) -> tuple[list[tuple[Any, ...]], set[tuple[Any, ...]]]:
+    """(the grid's points in order, the points a trial holds: queued, running or finished, except
+    a trial interrupted or left by a dead worker, whose point is free to run again)."""
+    keys = sorted(config.space)
+    grid = config.grid()
+    points = list(dict.fromkeys(itertools.product(*(grid[k] for k in keys))))
+    return points, {_point(t, keys) for t in trials if not _retryable(t)}
+
+
+def trials_to_run(config: StudyConfig, study: optuna.Study) -> int | None:
+    """This invocation's trial count.  For a grid: the points no trial holds, at most n_trials."""
+    n = config.n_trials
+    if config.sampler.name != "grid":
+        return n
+    points, taken = _grid_state(config, study.get_trials(deepcopy=False))
+    left = len([p for p in points if p not in taken])  # points dropped from the grid do not count
+    return left if n is None else min(n, left)
+
+
+def claim_grid_point(config: StudyConfig, study: optuna.Study, storage: str) -> optuna.Trial | None:
+    """The next grid trial, or ``None`` when every point is held.  Choosing the point and creating
+    its trial happen in one step under the lock of ``storage`` (the study's storage URL), so two
+    processes never take one point and no trial is ever created that has no point to run (what made
+    the duplicate PRUNED trials)."""
+    keys = sorted(config.space)
+    with store_lock(storage, f"optuna:{study.study_name}"):
+        while True:
+            trials = study.get_trials(deepcopy=False)
+            waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+            if waiting:  # a queue entry left behind (an older dora_lab, a process killed mid-claim)
+                mine = _point(waiting[0], keys)
+                others = {_point(t, keys) for t in trials if t.number != waiting[0].number and not _retryable(t)}
+                trial = study.ask()  # pops the oldest waiting trial: waiting[0]
+                if mine not in others:
+                    return trial
+                trial.set_user_attr("fail_reason", "a second queue entry for a grid point another trial holds "
+                                                   "(left by an older dora_lab); not run")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            points, taken = _grid_state(config, trials)
+            free = [p for p in points if p not in taken]
+            if not free:
+                return None
+            retry = [t.number for t in trials if _retryable(t) and _point(t, keys) == free[0]]
+            study.enqueue_trial(dict(zip(keys, free[0], strict=True)),
+                                user_attrs={"retry_of": retry[-1]} if retry else None)
+            return study.ask()  # pops the trial just queued: no other is waiting

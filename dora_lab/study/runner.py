@@ -1,0 +1,244 @@
+"""Optuna studies over run configs, tracked in MLflow:
+``python -m dora_lab.study CONFIG [--set key=value ...] [--workers N]``.
+
+The config's ``study:`` block (:mod:`dora_lab.study.space`, read by :func:`prepare`; its Optuna
+sampler and pruner from :mod:`dora_lab.study.samplers`) says what to search and how; every
+trial is one :func:`dora_lab.run.train.train_run` of the config with the trial's values set.
+
+- Resuming: the same command again loads the same study (``load_if_exists``) from its storage and
+  adds ``study.n_trials`` more trials; numbering continues, the MLflow parent run is found again by
+  its tags.  A trial left RUNNING by a killed worker is marked FAIL once its heartbeat is older
+  than ``study.grace_period`` (RDB storages).
+- Identity: a new study gets an identity (creation time + random part, :func:`open_study`); its
+  MLflow parent run is matched by it, its trials' folders are
+  ``<output_dir>/studies/<name>/<identity>/trial-NNN``.  A new study of an old name (``optuna.db``
+  deleted, or a new storage with an old ``output_dir``) so never reuses the old parent or folders.
+- Parallel: ``--workers N`` runs N worker processes (this CLI with ``--worker``) on one storage,
+  this invocation's trials split between them.  Distributed: give ``study.storage`` a PostgreSQL
+  URL and ``study.tracking_uri`` an MLflow server, and run the same command on every machine.
+  Any number of processes may start the same study at once: stores are created under a lock, TPE
+  and random seed trial n with ``seed + n`` (no two processes replay one draw), and a grid point is
+  claimed (queued and asked for) under the storage's lock, so no point runs twice and every Optuna
+  trial has exactly one MLflow run.
+- Data-parallel trials: with ``train.processes: N`` each trial is a ``torchrun`` of N ranks
+  (:func:`dora_lab.run.distributed.run_in_processes`) that this process follows live; ``--workers W``
+  gives each worker its own N GPUs when the machine has W x N (else they share them).
+- Failures: a trial that raises (including :class:`~dora_lab.run.train.DivergenceError` and an invalid
+  sampled config) is recorded FAIL with the reason (trial user attr ``fail_reason``, MLflow tag
+  ``fail_reason``) and the study goes on; Ctrl-C fails the running trial the same way and stops
+  the study cleanly (exit 130) after writing the summary.  Before any trial the base config's data
+  and model are loaded once (:func:`preflight`): a missing data folder or an unreachable Hub is one
+  error (exit 2) that stores nothing.  A trial that still fails to load its data or model stops
+  the study (every later trial would fail alike); a run whose trials all failed exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from ..run.cli import check_writable_folder, refuse
+from ..run.config import ConfigError
+from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
+from .locks import store_lock
+from .samplers import check_space_unchanged, make_pruner, make_sampler
+from .space import StudySetup, prepare
+from .tracking import UID_TAG, StudyTracker, print_summary, safe_url
+from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
+from .workers import run_workers
+
+__all__ = ["OptunaReporter", "StudySetup", "main", "optimize", "open_study", "prepare", "preflight", "run_study",
+           "study_folder"]
+
+
+# -- Optuna ---------------------------------------------------------------------------------------
+def open_study(setup: StudySetup, tracker: StudyTracker | None = None) -> optuna.Study:
+    """Create or load the study; RDB storages get a heartbeat so dead workers' trials go stale.
+
+    Creating happens under the storage's lock (:func:`~dora_lab.study.locks.store_lock`): processes that
+    start together on a fresh storage neither race through its tables nor give one study two
+    identities.  A new study gets its identity (:data:`~dora_lab.study.tracking.UID_TAG`: creation time and
+    a random part) as a user attr; its MLflow parent run and its trial folders are named for it, so a
+    new study of an old name (its ``optuna.db`` deleted) never takes over the old one's."""
+    s = setup.study
+    storage: Any = setup.storage
+    with store_lock(setup.storage):
+        if "://" in storage and not storage.startswith(("redis", "grpc")):
+            def stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+                if tracker is not None:
+                    tracker.mark_failed(trial.user_attrs.get("mlflow_run_id"),
+                                        "worker stopped sending heartbeats (killed?); marked stale")
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    storage, engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {},
+                    heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period,
+                    heartbeat_stale_trial_callback=stale if s.heartbeat_interval else None)
+        study = optuna.create_study(storage=storage, study_name=setup.name, direction=s.direction,
+                                    sampler=make_sampler(s), pruner=make_pruner(s), load_if_exists=True)
+        if UID_TAG not in study.user_attrs:  # new (or made by a dora_lab from before identities)
+            study.set_user_attr(UID_TAG, f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}")
+    fail_stale(study)
+    return study
+
+
+def study_uid(study: optuna.Study) -> str:
+    """The study's identity, set by :func:`open_study`."""
+    return str(study.user_attrs[UID_TAG])
+
+
+def study_folder(setup: StudySetup, study: optuna.Study) -> Path:
+    """``<output_dir>/studies/<name>/<identity>``: this study's trial folders and summary."""
+    return setup.study_dir / study_uid(study)
+
+
+def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[optuna.Trial], float],
+                n_trials: int | None) -> None:
+    """Ask, run and tell up to ``n_trials`` trials (``None``: no limit) until ``study.timeout``; a grid
+    also stops when no point is left.  A failed trial is recorded FAIL and the next one runs, except
+    after a data or model error (every next trial would fail too); Ctrl-C records FAIL and stops."""
+    started, ran = time.monotonic(), 0
+    while n_trials is None or ran < n_trials:
+        if setup.study.timeout is not None and time.monotonic() - started >= setup.study.timeout:
+            return
+        fail_stale(study)
+        with warnings.catch_warnings():  # Optuna's note that heartbeats come with optimize(): heartbeat() beats
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            trial = claim_grid_point(setup.study, study, setup.storage) if setup.study.sampler.name == "grid" else study.ask()
+        if trial is None:
+            return
+        ran += 1
+        with heartbeat(trial):
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            except KeyboardInterrupt:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            except Exception as exc:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                if isinstance(exc, ENVIRONMENT_ERRORS):
+                    return
+            else:
+                study.tell(trial, value)
+
+
+def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = None, progress: bool = False,
+             tracker: StudyTracker | None = None, study: optuna.Study | None = None) -> None:
+    """Run ``n_trials`` trials in this process (``None``: until ``study.timeout``, or a grid's end)."""
+    tracker = tracker or _tracker(setup)
+    study = study or open_study(setup, tracker)
+    parent_id = parent_id or tracker.parent_run(study_uid(study), _parent_tags(setup))
+    if n_trials is None or n_trials > 0:
+        _run_trials(setup, study, make_objective(setup, study_folder(setup, study), tracker, parent_id, progress), n_trials)
+
+
+def _tracker(setup: StudySetup) -> StudyTracker:
+    return StudyTracker(setup.tracking_uri, setup.study.experiment or setup.name, setup.name,
+                        artifact_root=setup.output_dir / "mlartifacts")
+
+
+def _parent_tags(setup: StudySetup) -> dict[str, str]:
+    s = setup.study
+    return {"config": str(setup.config_path), "optuna.storage": safe_url(setup.storage),
+            "optuna.sampler": s.sampler.name, "optuna.pruner": s.pruner.name,
+            "dora_lab.space": ", ".join(s.space) or "(none)", "task": setup.base.task.name,
+            "model": setup.base.model.name, "mlflow.note.content": f"Optuna study {setup.name!r} "
+            f"({s.direction} {setup.metric}); one child run per trial."}
+
+
+# -- the whole study ------------------------------------------------------------------------------
+def run_study(setup: StudySetup, workers: int = 1) -> int:
+    """The CLI's main path: open the study and its parent run, run the trials, summarize."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    check_writable_folder(setup.output_dir, "output_dir")
+    for key, url in (("study.storage", setup.storage), ("study.tracking_uri", setup.tracking_uri)):
+        if url.startswith("sqlite:///"):
+            check_writable_folder(Path(url.removeprefix("sqlite:///")).parent, key)
+    try:
+        preflight(setup.base)
+    except (*ENVIRONMENT_ERRORS, ConfigError) as exc:
+        return refuse(exc)
+    tracker = _tracker(setup)
+    study = open_study(setup, tracker)
+    check_space_unchanged(setup.study, study)
+    parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup))
+    for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
+                       ("config", str(setup.config_path)), ("metric", setup.metric)):
+        study.set_user_attr(key, value)
+    finished_before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    n_trials = trials_to_run(setup.study, study)  # a grid queues its missing points here (WAITING trials)
+    print(f"study {setup.name!r}: {len(finished_before)} finished trial(s) so far in {safe_url(setup.storage)}; running "
+          f"{'until the timeout' if n_trials is None else n_trials} more"
+          f"{f' on {workers} workers' if workers > 1 else ''}", flush=True)
+    interrupted = worker_failed = False
+    try:
+        if workers == 1:
+            optimize(setup, n_trials, parent_id, progress=sys.stderr.isatty(), tracker=tracker, study=study)
+        elif n_trials != 0:
+            interrupted, worker_failed = run_workers(setup, n_trials, workers, parent_id)
+            left = 0 if interrupted else trials_to_run(setup.study, open_study(setup, tracker))
+            if setup.study.sampler.name == "grid" and left:  # points a failed worker left
+                optimize(setup, left, parent_id, tracker=tracker, study=open_study(setup, tracker))
+    except KeyboardInterrupt:
+        interrupted = True
+    study = open_study(setup, tracker)  # fresh trials, from every worker
+    rows = tracker.summarize(parent_id, study, setup.metric, study_folder(setup, study) / "summary",
+                             status="KILLED" if interrupted else "FINISHED")
+    print_summary(setup, study, rows, study_folder(setup, study) / "summary")
+    if interrupted:
+        print("stopped by Ctrl-C; finished trials are kept. Run the same command again to continue.")
+        return 130
+    if worker_failed:
+        return 1
+    ran = [t for t in study.trials if t.state.is_finished() and t.number not in finished_before]
+    if ran and all(t.state == optuna.trial.TrialState.FAIL for t in ran):
+        print(f"error: all {len(ran)} trial(s) of this run failed; their reasons are in the table above "
+              "(and in each MLflow run's fail_reason tag).", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dora_lab.study", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="a YAML config with a study: block, e.g. configs/cola.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted path), e.g. --set study.n_trials=3")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes on one storage (default 1)")
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # 1, 2, ...: a worker
+    parser.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--n-trials", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        setup = prepare(args.config, args.overrides)
+        if not args.worker:
+            return run_study(setup, args.workers)
+    except ConfigError as exc:
+        return refuse(exc)
+    # a worker started by run_study
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        optimize(setup, args.n_trials, args.parent_run_id, progress=False)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,143 @@
+"""One study trial: its config, its MLflow child run, training, its value for Optuna.
+
+- :func:`make_objective` builds the function the runner calls per trial: the trial's values are
+  sampled (:func:`~dora_lab.study.samplers.suggest`) and set into the config, the trial gets its
+  MLflow child run (always one per trial, even when it fails before training) and its run folder
+  ``<study folder>/trial-NNN``, and it trains, in this process or as a ``torchrun`` of
+  ``train.processes`` ranks followed live.
+- :class:`OptunaReporter` reports the study metric at every evaluation and prunes.
+- :func:`objective_value`: ``study.objective: best`` is the best evaluation once pruning has ended
+  (the budget met), ``final`` the last one.
+- :func:`preflight` loads the base config's data and model once before any trial, so a missing
+  data folder or an unreachable Hub is one error, not a failed trial each.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import optuna
+
+from ..run.callbacks import RunInfo, TrainCallback
+from ..run.config import ConfigError, RunConfig
+from ..run.data import DataError, load_splits
+from ..run.distributed import run_in_processes
+from ..run.models import ModelLoadError, check_model
+from ..run.tasks import get_task
+from .samplers import suggest
+from .space import trial_config
+from .tracking import StudyTracker, TrialLogger
+
+if TYPE_CHECKING:
+    from .space import StudySetup
+
+__all__ = ["ENVIRONMENT_ERRORS", "OptunaReporter", "make_objective", "objective_value", "preflight"]
+
+ENVIRONMENT_ERRORS = (DataError, ModelLoadError)  # not the trial's values: every next trial would fail too
+
+
+class OptunaReporter(TrainCallback):
+    """Reports the study metric at every evaluation and prunes when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial, self.metric = trial, metric
+        self.eligible_from = 0  # the first step with the final budget (pruning over)
+
+    def on_train_begin(self, info: RunInfo) -> None:
+        curve = info.budget_curve
+        last = [i for i, b in enumerate(curve) if b != curve[-1]]
+        self.eligible_from = (last[-1] + 2) if last else 0
+
+    def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
+        if self.metric not in metrics:
+            raise ConfigError(f"study.metric {self.metric!r} is not measured; the evaluation gives "
+                              f"{', '.join(k for k in metrics if k != 'step')}")
+        self.trial.report(metrics[self.metric], step)
+        if self.trial.should_prune():
+            reason = f"pruned at step {step}: {self.metric} = {metrics[self.metric]:.4f}"
+            self.trial.set_user_attr("prune_reason", reason)
+            raise optuna.TrialPruned(reason)
+
+
+def objective_value(setup: StudySetup, history: list[dict[str, float]], eligible_from: int) -> float:
+    """The trial's value from its evaluations (``study.objective``: best once pruning is over, or final)."""
+    if setup.study.objective == "final":
+        return float(history[-1][setup.metric])
+    values = [h[setup.metric] for h in history if h["step"] >= eligible_from] or [history[-1][setup.metric]]
+    return float(max(values) if setup.study.direction == "maximize" else min(values))
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Load the config's data and the model's config and tokenizer once, before any trial, so
+    that a missing data folder, an unreachable Hub or a ``task.max_length`` the model cannot take is
+    one clear error instead of a failed trial each.  Raises :class:`~dora_lab.run.data.DataError`,
+    :class:`~dora_lab.run.models.ModelLoadError` or :class:`~dora_lab.run.config.ConfigError`."""
+    load_splits(get_task(cfg.task.name), cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
+                max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed)
+    check_model(cfg.model.name, cfg.task.max_length)
+
+
+def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, parent_id: str,
+                   progress: bool = False) -> Callable[[optuna.Trial], float]:
+    """One trial: its config, its MLflow child run (always one per trial, even when the trial fails
+    before training), its run folder (``folder/trial-NNN``, named for the study and the trial; never
+    one that holds a run already), training, its value.  Raises what the trial raised."""
+    from ..run.train import train_run
+
+    def objective(trial: optuna.Trial) -> float:
+        run_dir = folder / f"trial-{trial.number:03d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        logger: TrialLogger | None = None
+        try:
+            # inside the try: a space that no longer fits the stored trials (a choice added to a
+            # categorical, say) fails here, and the trial must say why
+            params = suggest(trial, setup.study.space)
+            try:
+                cfg, error = trial_config(setup.data, setup.study, params, setup.cli), None
+            except ConfigError as exc:
+                cfg, error = setup.base, exc
+            logger = tracker.start_trial(parent_id, trial.number, cfg, run_dir)
+            trial.set_user_attr("mlflow_run_id", logger.run_id)
+            if error is not None:
+                raise error
+            logger.log_config(cfg)
+            reporter = OptunaReporter(trial, setup.metric)
+            if cfg.train.processes > 1:  # torchrun in other processes; the hooks follow rank 0 here
+                result = run_in_processes(cfg, run_dir, [logger, reporter])
+            else:
+                result = train_run(cfg, run_dir, [logger, reporter], progress=progress)
+            value = objective_value(setup, result.history, reporter.eligible_from)
+            for key, v in (("active_components", result.active_components_final),
+                           ("adapter_parameters", result.adapter_parameters_final), ("best_step", result.best_step)):
+                trial.set_user_attr(key, v)
+            logger.finish("COMPLETE", value=value)
+            return value
+        except optuna.TrialPruned as exc:
+            if logger is not None:
+                logger.finish("PRUNED", reason=str(exc))
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (KeyboardInterrupt / Ctrl-C)")
+            _child(logger, trial).finish("INTERRUPTED", reason="interrupted (KeyboardInterrupt / Ctrl-C)")
+            raise
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:2000]
+            trial.set_user_attr("fail_reason", reason)
+            _child(logger, trial).finish("FAIL", reason=reason)
+            if isinstance(exc, ENVIRONMENT_ERRORS):  # not the trial's values: every next trial would fail too
+                print(f"error: trial {trial.number} could not load its data or model; stopping the study.\n"
+                      f"{exc}", file=sys.stderr)
+            raise
+
+    def _child(logger: TrialLogger | None, trial: optuna.Trial) -> TrialLogger:
+        """The trial's MLflow run; created now if the trial failed before it had one (its values did
+        not fit the space), so that Optuna and MLflow stay one to one."""
+        if logger is None:
+            logger = tracker.start_trial(parent_id, trial.number, setup.base, folder / f"trial-{trial.number:03d}")
+            trial.set_user_attr("mlflow_run_id", logger.run_id)
+        return logger
+
+    return objective

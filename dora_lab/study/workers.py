@@ -1,0 +1,69 @@
+"""``--workers N``: N worker processes (the study CLI with ``--worker``) on one storage.
+
+This invocation's trials are split between the workers; each runs :func:`dora_lab.study.runner.optimize`
+on the shared storage, so grid points are claimed once (:mod:`dora_lab.study.grid`) and every
+trial logs under the one MLflow parent run passed to it.  Each worker gets its share of the CPU
+threads (:func:`~dora_lab.run.threads.worker_threads`) and, with ``train.processes: N`` per trial, its
+own N GPUs when the machine has W x N (:func:`~dora_lab.run.distributed.gpu_groups`; else they share
+them).  Ctrl-C stops every worker exactly once (they run in their own sessions); their running
+trials are recorded FAIL.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+from ..run.distributed import gpu_groups, visible_gpus
+from ..run.threads import worker_env, worker_threads
+
+if TYPE_CHECKING:
+    from .space import StudySetup
+
+__all__ = ["run_workers", "worker_command"]
+
+
+def worker_command(setup: StudySetup, n: int | None, parent_id: str, threads: int, index: int) -> list[str]:
+    """The command line of worker ``index`` (0-based), running ``n`` trials (``None``: no limit)."""
+    cmd = [sys.executable, "-m", "dora_lab.study", str(setup.config_path)]
+    for item in setup.overrides:
+        cmd += ["--set", item]
+    cmd += ["--worker", str(index + 1), "--parent-run-id", parent_id, "--threads", str(threads)]
+    return cmd + (["--n-trials", str(n)] if n is not None else [])
+
+
+def run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_id: str) -> tuple[bool, bool]:
+    """Start the workers, wait for them; ``(Ctrl-C stopped them, a worker failed)``."""
+    shares: list[int | None] = [None] * workers if n_trials is None else [
+        n_trials // workers + (i < n_trials % workers) for i in range(workers)]
+    shares = [s for s in shares if s != 0]
+    threads = worker_threads(len(shares))
+    env = worker_env(threads)
+    # each worker its own GPUs when there are enough for all (train.processes per trial)
+    gpus = gpu_groups(visible_gpus(), len(shares), setup.base.train.processes)
+    # Own sessions: a Ctrl-C reaches this process only, which then stops each worker exactly once.
+    procs = [subprocess.Popen(worker_command(setup, n, parent_id, threads, i), start_new_session=True,
+                              env=env if g is None else {**env, "CUDA_VISIBLE_DEVICES": g})
+             for i, (n, g) in enumerate(zip(shares, gpus, strict=True))]
+    interrupted = False
+    try:
+        for p in procs:
+            p.wait()
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: stopping the workers (their running trials are recorded as FAIL) ...",
+              file=sys.stderr)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    bad = [p.returncode for p in procs if p.returncode not in (0, 130, -signal.SIGINT)]
+    if bad:
+        print(f"error: {len(bad)} worker(s) exited with codes {bad}; their output is above", file=sys.stderr)
+    return interrupted, bool(bad)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -84,7 +85,13 @@ def load(env: dict[str, Path], name: str, storage: str | None = None) -> optuna.
 def test_three_trials_then_resume(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(args(env, "basic", 3)) == 0
     printed = capsys.readouterr().out
-    assert f"mlflow ui --backend-store-uri sqlite:///{env['out'] / 'mlflow.db'} --host 127.0.0.1 --port 5000" in printed
+    ui = next(line.strip() for line in printed.splitlines() if " -m mlflow ui " in line)
+    assert shlex.split(ui) == [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+                               f"sqlite:///{env['out'] / 'mlflow.db'}", "--host", "127.0.0.1", "--port", "5000"]
+    # works as printed, from no activated virtualenv: this interpreter runs MLflow's CLI
+    check = subprocess.run([*shlex.split(ui)[:3], "--version"], capture_output=True, text=True, timeout=120,
+                           env={k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"})
+    assert check.returncode == 0 and "version" in check.stdout.lower()
     assert "| trial | state | value |" in printed
     c = client(env)
     parent, children = runs(c, "basic")

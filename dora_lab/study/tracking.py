@@ -29,7 +29,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import socket
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -341,5 +343,7 @@ def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, A
     if setup.tracking_uri.startswith(("http://", "https://")):
         print(f"MLflow: open {setup.tracking_uri} (experiment {setup.study.experiment or setup.name!r})")
     else:
-        print("open the MLflow UI on this study:\n  mlflow ui --backend-store-uri "
-              f"{setup.tracking_uri} --host 127.0.0.1 --port 5000")
+        # this interpreter, so the command works as printed without an activated virtualenv
+        command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", setup.tracking_uri,
+                   "--host", "127.0.0.1", "--port", "5000"]
+        print(f"open the MLflow UI on this study:\n  {shlex.join(command)}")

@@ -99,6 +99,9 @@ def test_three_trials_then_resume(env: dict[str, Path], capsys: pytest.CaptureFi
     study = load(env, "basic")
     for run, trial in zip(children, study.trials, strict=True):
         assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"
+        # named for the searched values, in the space's order, then the trial's number
+        assert run.info.run_name.startswith(f"r0 {trial.params['adapter.r0']} · {trial.params['schedule.name']} · ")
+        assert run.info.run_name.endswith(f" (t{trial.number})")
         # params: the flattened resolved config, the sampled values included
         assert float(run.data.params["train.lr"]) == pytest.approx(trial.params["train.lr"])
         assert run.data.params["adapter.r0"] == str(trial.params["adapter.r0"])
@@ -126,7 +129,7 @@ def test_three_trials_then_resume(env: dict[str, Path], capsys: pytest.CaptureFi
     assert {"summary/trials.csv", "summary/trials.md"} <= summary
     assert {"summary/plots/optimization_history.png", "summary/plots/param_importances.png",
             "summary/plots/parallel_coordinate.png"} <= plots
-    assert parent.data.tags["best.trial"] == str(study.best_trial.number)
+    assert parent.data.tags["best.trial"] == str(study.best_trial.number) and parent.info.run_name == "basic"
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 3
 
     # the same command again: the same study and parent; numbering goes on, nothing duplicated

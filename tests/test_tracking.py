@@ -17,7 +17,7 @@ from dora_lab.run.config import ConfigError, RunConfig
 from dora_lab.study.plots import allocation_grid
 from dora_lab.study.runner import prepare
 from dora_lab.study.tables import markdown_table, write_table
-from dora_lab.study.tracking import ROLE_TAG, STUDY_TAG, UID_TAG, StudyTracker, safe_url
+from dora_lab.study.tracking import ROLE_TAG, STUDY_TAG, UID_TAG, StudyTracker, run_name, safe_url
 from dora_lab.study.trial import OptunaReporter, objective_value
 
 UID = "20260101-000000-00000001"  # a study identity, as dora_lab.study.open_study makes them
@@ -93,6 +93,18 @@ def test_trial_logger_streams_metrics_and_artifacts(tracker: StudyTracker, tmp_p
     assert run.data.metrics["objective"] == 0.5 and run.data.metrics["minutes"] == 1.0
     files = {a.path for a in c.list_artifacts(logger.run_id)} | {a.path for a in c.list_artifacts(logger.run_id, "plots")}
     assert {"allocation.json", "config.yaml", "plots/rank_heatmap.png", "plots/budget.png"} <= files
+
+
+def test_runs_are_named_for_their_searched_values(tracker: StudyTracker, tmp_path: Path) -> None:
+    parent = tracker.parent_run(UID)
+    searched = {"scorer.name": "sensitivity", "seed": 1, "train.lr": 0.0030012, "schedule.compact": False}
+    logger = tracker.start_trial(parent, 3, RunConfig(), tmp_path, searched)
+    c = MlflowClient(tracker.uri)
+    run = c.get_run(logger.run_id)
+    assert run.info.run_name == "sensitivity · seed 1 · lr 0.003 · compact False (t3)"
+    assert run.data.tags["trial"] == "3"  # the number stays a tag too, for filtering
+    assert c.get_run(parent).info.run_name == "s1"  # the parent keeps the study's name
+    assert run_name({}, 4) == "trial 4"  # nothing searched (or failed before the values were drawn)
 
 
 @pytest.mark.parametrize(("state", "status", "tag"), [

@@ -14,7 +14,8 @@ with the old ``output_dir``) gets a parent of its own instead of adopting the ol
 A fresh SQLite or file store is created under a lock (:mod:`dora_lab.study.locks`), so processes that start
 together on a new folder do not race through MLflow's migrations.
 
-Child runs get the trial's flattened resolved config as params; tags ``task model scorer schedule
+Child runs are named for their searched values (:func:`run_name`, e.g. ``sensitivity · seed 1 (t3)``;
+the parent keeps the study's name) and get the trial's flattened resolved config as params; tags ``task model scorer schedule
 budget seed trial state`` (+ ``fail_reason`` or ``prune_reason``, ``dora_lab.adapter_dir``,
 ``dora_lab.run_dir``, ``dora_lab.worker``, and ``dora_lab.artifact_error`` when a file could not
 be logged); metrics at every
@@ -51,7 +52,7 @@ from .tables import markdown_table, write_table
 if TYPE_CHECKING:
     from .space import StudySetup
 
-__all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "find_parent_runs", "print_summary", "trial_rows"]
+__all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "find_parent_runs", "print_summary", "run_name", "trial_rows"]
 
 STUDY_TAG = "dora_lab.study"
 ROLE_TAG = "dora_lab.role"
@@ -89,6 +90,14 @@ def run_tags(cfg: RunConfig, trial_number: int, run_dir: Path) -> dict[str, str]
         "dora_lab.adapter_dir": str((run_dir / "adapter").resolve()),
         "dora_lab.run_dir": str(run_dir.resolve()),
     }
+
+
+def run_name(params: Mapping[str, Any], trial_number: int) -> str:
+    """A trial run's name from its searched values, e.g. ``sensitivity · seed 1 (t3)``: a text value
+    alone, any other after its key's short name (``lr 0.003``, ``r0 4``), then the trial's number."""
+    parts = [v if isinstance(v, str) else f"{k.rsplit('.', 1)[-1]} {f'{v:.3g}' if isinstance(v, float) else v}"
+             for k, v in params.items()]
+    return f"{' · '.join(parts)} (t{trial_number})" if parts else f"trial {trial_number}"
 
 
 def find_parent_runs(client: MlflowClient, experiment_id: str, study_name: str, uid: str | None,
@@ -241,11 +250,13 @@ class StudyTracker:
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
-    def start_trial(self, parent_id: str, number: int, cfg: RunConfig, run_dir: Path) -> TrialLogger:
+    def start_trial(self, parent_id: str, number: int, cfg: RunConfig, run_dir: Path,
+                    params: Mapping[str, Any] = {}) -> TrialLogger:  # noqa: B006 - read only
+        """The trial's child run, named for its searched values ``params`` (:func:`run_name`)."""
         tags = {"mlflow.parentRunId": parent_id, STUDY_TAG: self.study_name, ROLE_TAG: "trial",
                 "state": "RUNNING", "dora_lab.worker": f"{socket.gethostname()}:{os.getpid()}",
                 **run_tags(cfg, number, run_dir)}
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number:03d}", tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=run_name(params, number), tags=tags)
         return TrialLogger(self.client, str(run.info.run_id), run_dir, r0=cfg.adapter.r0)
 
     def mark_failed(self, run_id: str | None, reason: str) -> None:

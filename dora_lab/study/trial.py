@@ -99,7 +99,7 @@ def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, paren
                 cfg, error = trial_config(setup.data, setup.study, params, setup.cli), None
             except ConfigError as exc:
                 cfg, error = setup.base, exc
-            logger = tracker.start_trial(parent_id, trial.number, cfg, run_dir)
+            logger = tracker.start_trial(parent_id, trial.number, cfg, run_dir, params)
             trial.set_user_attr("mlflow_run_id", logger.run_id)
             if error is not None:
                 raise error
@@ -136,7 +136,8 @@ def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, paren
         """The trial's MLflow run; created now if the trial failed before it had one (its values did
         not fit the space), so that Optuna and MLflow stay one to one."""
         if logger is None:
-            logger = tracker.start_trial(parent_id, trial.number, setup.base, folder / f"trial-{trial.number:03d}")
+            logger = tracker.start_trial(parent_id, trial.number, setup.base, folder / f"trial-{trial.number:03d}",
+                                         trial.params)
             trial.set_user_attr("mlflow_run_id", logger.run_id)
         return logger
 

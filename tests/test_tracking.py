@@ -107,6 +107,26 @@ def test_runs_are_named_for_their_searched_values(tracker: StudyTracker, tmp_pat
     assert run_name({}, 4) == "trial 4"  # nothing searched (or failed before the values were drawn)
 
 
+def test_effective_scorer_schedule_and_regulariser_settings_are_params(tracker: StudyTracker, tmp_path: Path) -> None:
+    cfg = RunConfig.model_validate({"scorer": {"name": "smoothed_uncertainty", "params": {"beta2": 0.5}},
+                                    "schedule": {"warmup": 0.5, "final": 2}})
+    logger = tracker.start_trial(tracker.parent_run(UID), 5, cfg, tmp_path)
+    logger.log_config(cfg)
+    logger.on_train_begin(_info(tmp_path))  # 6 steps
+    params = MlflowClient(tracker.uri).get_run(logger.run_id).data.params
+    assert params["scorer.params.beta2"] == "0.5" and "scorer.params.beta1" not in params  # the config's own
+    assert params["scorer.effective.beta1"] == "0.85" and params["scorer.effective.beta2"] == "0.5"
+    assert (params["schedule.effective.total_steps"], params["schedule.effective.warmup_steps"],
+            params["schedule.effective.final_steps"]) == ("6", "3", "2")
+    assert params["regularizer.effective.weight"] == "0.1" and params["regularizer.effective.stops_when_frozen"] == "True"
+    off = RunConfig.model_validate({"regularizer": {"name": None}})
+    logger = tracker.start_trial(tracker.parent_run(UID), 6, off, tmp_path)
+    logger.log_config(off)
+    params = MlflowClient(tracker.uri).get_run(logger.run_id).data.params
+    assert params["scorer.effective.beta"] == "0.9"  # magnitude's default EMA
+    assert params["regularizer.effective.weight"] == "0.0" and "regularizer.effective.stops_when_frozen" not in params
+
+
 @pytest.mark.parametrize(("state", "status", "tag"), [
     ("PRUNED", "KILLED", "PRUNED"), ("FAIL", "FAILED", "FAIL"), ("INTERRUPTED", "KILLED", "FAIL")])
 def test_finish_states(tracker: StudyTracker, tmp_path: Path, state: str, status: str, tag: str) -> None:

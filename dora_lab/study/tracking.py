@@ -15,9 +15,11 @@ A fresh SQLite or file store is created under a lock (:mod:`dora_lab.study.locks
 together on a new folder do not race through MLflow's migrations.
 
 Child runs are named for their searched values (:func:`run_name`, e.g. ``sensitivity · seed 1 (t3)``;
-the parent keeps the study's name) and get the trial's flattened resolved config as params; tags ``task model scorer schedule
-budget seed trial state`` (+ ``fail_reason`` or ``prune_reason``, ``dora_lab.adapter_dir``,
-``dora_lab.run_dir``, ``dora_lab.worker``, and ``dora_lab.artifact_error`` when a file could not
+the parent keeps the study's name) and get the trial's flattened resolved config as params, with the
+effective scorer, schedule and regulariser settings (``scorer.effective.*``: the scorer's defaults
+where ``scorer.params`` is silent; ``schedule.effective.*_steps``; ``regularizer.effective.*``); tags
+``task model scorer schedule budget seed trial state`` (+ ``fail_reason`` or ``prune_reason``,
+``dora_lab.adapter_dir``, ``dora_lab.run_dir``, ``dora_lab.worker``, and ``dora_lab.artifact_error`` when a file could not
 be logged); metrics at every
 optimizer step (``train_loss lr active_components active_parameters budget``) and at every
 evaluation (the task's metrics), sent at each evaluation and at least every 30 s; artifacts
@@ -92,6 +94,30 @@ def run_tags(cfg: RunConfig, trial_number: int, run_dir: Path) -> dict[str, str]
     }
 
 
+def effective_settings(cfg: RunConfig, total_steps: int | None = None) -> dict[str, str]:
+    """What the run's scorer, schedule and regulariser really use, beyond the config's own keys: the
+    scorer's every hyper-parameter (its defaults where ``scorer.params`` is silent), the schedule's
+    phases in steps (once ``total_steps`` is known) and the regulariser's weight (0 without one)."""
+    from ..core import regularizers, schedules, scorers
+
+    hyper = {**scorers.get_scorer(cfg.scorer.name).hyperparameters(), **cfg.scorer.params}
+    out = {f"scorer.effective.{k}": _param_text(v) for k, v in hyper.items()}
+    reg = cfg.regularizer.name
+    out["regularizer.effective.weight"] = str(cfg.regularizer.weight if reg else 0.0)
+    if reg:
+        out["regularizer.effective.stops_when_frozen"] = str(
+            bool(getattr(regularizers.get_regularizer(reg), "stops_when_frozen", False)))
+    if total_steps is not None:
+        out |= {"schedule.effective.total_steps": str(total_steps),
+                "schedule.effective.warmup_steps": str(schedules.resolve_steps(cfg.schedule.warmup, total_steps)),
+                "schedule.effective.final_steps": str(schedules.resolve_steps(cfg.schedule.final, total_steps))}
+    return out
+
+
+def _param_text(value: Any) -> str:
+    return (json.dumps(value) if isinstance(value, list | dict) else str(value))[:6000]
+
+
 def run_name(params: Mapping[str, Any], trial_number: int) -> str:
     """A trial run's name from its searched values, e.g. ``sensitivity · seed 1 (t3)``: a text value
     alone, any other after its key's short name (``lr 0.003``, ``r0 4``), then the trial's number."""
@@ -117,6 +143,7 @@ class TrialLogger(TrainCallback):
 
     def __init__(self, client: MlflowClient, run_id: str, run_dir: Path, r0: int | None = None) -> None:
         self.client, self.run_id, self.run_dir, self.r0 = client, run_id, run_dir, r0
+        self.cfg: RunConfig | None = None  # set by log_config: the effective schedule at train begin
         self._buffer: list[Metric] = []
         self.info: RunInfo | None = None
         self.active: dict[int, float] = {}
@@ -125,15 +152,21 @@ class TrialLogger(TrainCallback):
         self._flushed = _now()
 
     def log_config(self, cfg: RunConfig) -> None:
+        """The flattened resolved config and the effective settings (:func:`effective_settings`) as params."""
+        self.cfg = cfg
         flat = flatten({k: v for k, v in cfg.resolved().items() if k != "study"})
-        params = [Param(k, (json.dumps(v) if isinstance(v, list | dict) else str(v))[:6000])
-                  for k, v in flat.items()]
-        for chunk in _chunks(params, 100):
+        self._params({**{k: _param_text(v) for k, v in flat.items()}, **effective_settings(cfg)})
+
+    def _params(self, params: Mapping[str, str]) -> None:
+        for chunk in _chunks([Param(k, v) for k, v in params.items()], 100):
             self.client.log_batch(self.run_id, params=list(chunk))
 
     # -- TrainCallback ----------------------------------------------------------------------------
     def on_train_begin(self, info: RunInfo) -> None:
         self.info = info
+        if self.cfg is not None:  # the schedule's phases in steps, now that the run's length is known
+            self._params({k: v for k, v in effective_settings(self.cfg, info.total_steps).items()
+                          if k.startswith("schedule.")})
         self._buffer += [Metric("trainable_parameters", info.trainable_parameters, _now(), 0),
                          Metric("active_parameters", info.adapter_parameters, _now(), 0)]
 

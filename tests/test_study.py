@@ -111,13 +111,13 @@ def test_three_trials_then_resume(env: dict[str, Path], capsys: pytest.CaptureFi
         assert run.data.tags["dora_lab.adapter_dir"] == str((run_dir / "adapter").resolve())
         assert (run_dir / "adapter").is_dir()  # written by train_run, read by the export tool
         # metric histories at optimizer steps; the budget reaches the target: 2 per matrix
-        loss = c.get_metric_history(run.info.run_id, "train_loss")
+        loss = c.get_metric_history(run.info.run_id, "train/loss")
         assert sorted(m.step for m in loss) == list(range(1, STEPS + 1))
-        mcc = c.get_metric_history(run.info.run_id, "matthews_correlation")
+        mcc = c.get_metric_history(run.info.run_id, "eval/matthews_correlation")
         assert sorted(m.step for m in mcc) == [4, 8]
-        active = sorted(c.get_metric_history(run.info.run_id, "active_components"), key=lambda m: m.step)
+        active = sorted(c.get_metric_history(run.info.run_id, "budget/active_components"), key=lambda m: m.step)
         assert active[0].value == N_MATRICES * trial.params["adapter.r0"] and active[-1].value == N_MATRICES * 2
-        assert len(c.get_metric_history(run.info.run_id, "lr")) == STEPS
+        assert len(c.get_metric_history(run.info.run_id, "train/lr")) == STEPS
         assert trial.value == pytest.approx(max(m.value for m in mcc))  # the best after pruning ended
         allocation = json.loads((run_dir / "allocation.json").read_text())
         assert sum(allocation.values()) == N_MATRICES * 2 == trial.user_attrs["active_components"]
@@ -131,6 +131,9 @@ def test_three_trials_then_resume(env: dict[str, Path], capsys: pytest.CaptureFi
             "summary/plots/parallel_coordinate.png"} <= plots
     assert parent.data.tags["best.trial"] == str(study.best_trial.number) and parent.info.run_name == "basic"
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 3
+    # the best trial as tags; no metric copies of a child's on the parent (they would join the trials' charts)
+    assert float(parent.data.tags["best.value"]) == pytest.approx(study.best_value)
+    assert not any(k.startswith("best") for k in parent.data.metrics)
 
     # the same command again: the same study and parent; numbering goes on, nothing duplicated
     assert main(args(env, "basic", 1)) == 0
@@ -461,7 +464,7 @@ def test_mlflow_server_serves_the_study(env: dict[str, Path], mlflow_server: str
     assert len(parent) == 1 and len(child) == 1
     run, ctags = child[0]
     assert ctags["mlflow.parentRunId"] == parent[0]["info"]["run_id"] and run["info"]["status"] == "FINISHED"
-    query = urllib.parse.urlencode({"run_id": run["info"]["run_id"], "metric_key": "train_loss"})
+    query = urllib.parse.urlencode({"run_id": run["info"]["run_id"], "metric_key": "train/loss"})
     history = _get(f"{api}/metrics/get-history?{query}")["metrics"]
     assert sorted(int(m["step"]) for m in history) == list(range(1, STEPS + 1))
     assert any(p["key"] == "train.lr" for p in run["data"]["params"])

@@ -84,13 +84,19 @@ def test_trial_logger_streams_metrics_and_artifacts(tracker: StudyTracker, tmp_p
     assert run.data.tags["scorer"] == "magnitude" and run.data.tags["budget"] == "rank 2"
     assert run.data.tags["dora_lab.adapter_dir"] == str((tmp_path / "adapter").resolve())
     assert run.data.params["adapter.r0"] == "3" and run.data.params["model.trainable"] == '["classifier", "pooler"]'
-    loss = sorted((m.step, m.value) for m in c.get_metric_history(logger.run_id, "train_loss"))
+    loss = sorted((m.step, m.value) for m in c.get_metric_history(logger.run_id, "train/loss"))
     assert loss == [(s, pytest.approx(1.0 / s)) for s in range(1, 7)]
-    assert [(m.step, m.value) for m in c.get_metric_history(logger.run_id, "matthews_correlation")] == \
+    assert [(m.step, m.value) for m in c.get_metric_history(logger.run_id, "eval/matthews_correlation")] == \
         [(3, pytest.approx(0.2)), (6, pytest.approx(0.5))]
-    active = sorted((m.step, m.value) for m in c.get_metric_history(logger.run_id, "active_parameters"))
+    active = sorted((m.step, m.value) for m in c.get_metric_history(logger.run_id, "budget/active_parameters"))
     assert active[0] == (0, 50) and active[-1] == (6, 95)  # at start: the adapter's, then per step
-    assert run.data.metrics["objective"] == 0.5 and run.data.metrics["minutes"] == 1.0
+    assert len(c.get_metric_history(logger.run_id, "train/lr")) == 6
+    assert {"train_loss", "matthews_correlation", "active_parameters"}.isdisjoint(run.data.metrics)
+    # one-off values at step 0 (a value in the UI, not a one-point curve at the run's last step)
+    one_off = {"objective": 0.5, "minutes": 1.0, "best_matthews_correlation": 0.5, "best_step": 6,
+               "active_components_final": 8, "adapter_parameters_final": 40, "trainable_parameters": 100}
+    for key, value in one_off.items():
+        assert [(m.step, m.value) for m in c.get_metric_history(logger.run_id, key)] == [(0, value)], key
     files = {a.path for a in c.list_artifacts(logger.run_id)} | {a.path for a in c.list_artifacts(logger.run_id, "plots")}
     assert {"allocation.json", "config.yaml", "plots/rank_heatmap.png", "plots/budget.png"} <= files
 

@@ -19,11 +19,12 @@ the parent keeps the study's name) and get the trial's flattened resolved config
 effective scorer, schedule and regulariser settings (``scorer.effective.*``: the scorer's defaults
 where ``scorer.params`` is silent; ``schedule.effective.*_steps``; ``regularizer.effective.*``); tags
 ``task model scorer schedule budget seed trial state`` (+ ``fail_reason`` or ``prune_reason``,
-``dora_lab.adapter_dir``, ``dora_lab.run_dir``, ``dora_lab.worker``, and ``dora_lab.artifact_error`` when a file could not
-be logged); metrics at every
-optimizer step (``train_loss lr active_components active_parameters budget``) and at every
-evaluation (the task's metrics), sent at each evaluation and at least every 30 s; artifacts
-``config.yaml``, ``allocation.json``, the rank heatmap, the budget plot.  Status: FINISHED
+``dora_lab.adapter_dir``, ``dora_lab.run_dir``, ``dora_lab.worker``, and ``dora_lab.artifact_error``
+when a file could not be logged); metrics at every optimizer step (``train/loss train/lr
+budget/active_components budget/active_parameters budget/target``), at every evaluation (the task's
+metrics as ``eval/<metric>``) and once, at step 0 (``objective best_<metric> best_step
+active_components_final adapter_parameters_final minutes trainable_parameters``), sent at each
+evaluation and at least every 30 s; artifacts ``config.yaml``, ``allocation.json``, the rank heatmap, the budget plot.  Status: FINISHED
 (complete), KILLED (pruned or interrupted), FAILED.
 """
 
@@ -60,7 +61,9 @@ STUDY_TAG = "dora_lab.study"
 ROLE_TAG = "dora_lab.role"
 UID_TAG = "dora_lab.study_uid"
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
-_STEP_KEYS = ("train_loss", "lr", "active_components", "active_parameters", "budget")
+# the per-step logs under their MLflow names, grouped by namespace in the UI's charts
+_STEP_KEYS = {"train_loss": "train/loss", "lr": "train/lr", "active_components": "budget/active_components",
+              "active_parameters": "budget/active_parameters", "budget": "budget/target"}
 
 
 def _now() -> int:
@@ -168,11 +171,11 @@ class TrialLogger(TrainCallback):
             self._params({k: v for k, v in effective_settings(self.cfg, info.total_steps).items()
                           if k.startswith("schedule.")})
         self._buffer += [Metric("trainable_parameters", info.trainable_parameters, _now(), 0),
-                         Metric("active_parameters", info.adapter_parameters, _now(), 0)]
+                         Metric(_STEP_KEYS["active_parameters"], info.adapter_parameters, _now(), 0)]
 
     def on_step(self, step: int, logs: dict[str, float]) -> None:
         ts = _now()
-        self._buffer += [Metric(k, float(logs[k]), ts, step + 1) for k in _STEP_KEYS if k in logs]
+        self._buffer += [Metric(name, float(logs[k]), ts, step + 1) for k, name in _STEP_KEYS.items() if k in logs]
         if "active_components" in logs:
             self.active[step + 1] = logs["active_components"]
         if ts - self._flushed > self.flush_every * 1000:  # keep the UI live on slow runs
@@ -180,16 +183,16 @@ class TrialLogger(TrainCallback):
 
     def on_evaluate(self, step: int, metrics: dict[str, float]) -> None:
         ts = _now()
-        self._buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items()
+        self._buffer += [Metric(f"eval/{k}", float(v), ts, step) for k, v in metrics.items()
                          if k != "step" and math.isfinite(float(v))]
         self.flush()
 
     def on_train_end(self, result: RunResult) -> None:
-        ts = _now()
-        self._buffer += [Metric(f"best_{result.metric_name}", result.best_metric, ts, result.best_step),
-                         Metric("active_components_final", result.active_components_final, ts, result.steps),
-                         Metric("adapter_parameters_final", result.adapter_parameters_final, ts, result.steps),
-                         Metric("minutes", result.seconds / 60, ts, result.steps)]
+        ts = _now()  # one-off values: at step 0, so the UI shows them as values, not one-point curves
+        self._buffer += [Metric(k, float(v), ts, 0) for k, v in (
+            (f"best_{result.metric_name}", result.best_metric), ("best_step", result.best_step),
+            ("active_components_final", result.active_components_final),
+            ("adapter_parameters_final", result.adapter_parameters_final), ("minutes", result.seconds / 60))]
         self.flush()
 
     # -- the end of a trial -------------------------------------------------------------------------
@@ -209,7 +212,7 @@ class TrialLogger(TrainCallback):
         try:
             self.flush()
             if value is not None:
-                self.client.log_metric(self.run_id, "objective", value)
+                self.client.log_metric(self.run_id, "objective", value, step=0)
             self._artifacts()
         except Exception as exc:  # a file or picture that cannot be logged must not change the trial's outcome
             tags["dora_lab.artifact_error"] = f"{type(exc).__name__}: {exc}"[:5000]
@@ -306,7 +309,9 @@ class StudyTracker:
     # -- the summary --------------------------------------------------------------------------------
     def summarize(self, parent_id: str, study: optuna.Study, metric: str, folder: Path,
                   status: str = "FINISHED") -> list[dict[str, Any]]:
-        """Best trial, counts, comparison table and Optuna's plots onto the parent run."""
+        """Best trial (tags ``best.*``: its number, value, run and searched values; no metric copies of
+        the child's, which would mix into the trials' charts), counts, comparison table and Optuna's
+        plots onto the parent run."""
         rows = trial_rows(study)
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
             self.mark_failed(t.user_attrs.get("mlflow_run_id"), _reason(t))
@@ -324,14 +329,6 @@ class StudyTracker:
             tags.update({"best.trial": str(best.number), "best.value": f"{best.value:.6g}",
                          "best.mlflow_run_id": str(best.user_attrs.get("mlflow_run_id", ""))})
             tags.update({f"best.{k}": str(v) for k, v in best.params.items()})
-            metrics.append(Metric("best_value", float(best.value or 0.0), _now(), step))
-            child = best.user_attrs.get("mlflow_run_id")
-            if child:
-                try:
-                    for k, v in self.client.get_run(child).data.metrics.items():
-                        metrics.append(Metric(f"best.{k}", v, _now(), step))
-                except MlflowException:
-                    pass
         self.client.log_batch(parent_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.log_artifacts(parent_id, str(folder), "summary")
         self.client.set_terminated(parent_id, status)

@@ -134,6 +134,15 @@ def test_three_trials_then_resume(env: dict[str, Path], capsys: pytest.CaptureFi
     # the best trial as tags; no metric copies of a child's on the parent (they would join the trials' charts)
     assert float(parent.data.tags["best.value"]) == pytest.approx(study.best_value)
     assert not any(k.startswith("best") for k in parent.data.metrics)
+    # the study's settings as the parent's params; the standard context tags on every run
+    settings = parent.data.params
+    assert (settings["study.sampler"], settings["study.sampler.n_startup_trials"], settings["study.pruner"],
+            settings["study.n_trials"], settings["study.timeout"]) == ("tpe", "3", "median", "3", "840.0")
+    assert json.loads(settings["study.space.train.lr"]) == {"type": "float", "low": 1.5e-3, "high": 6.0e-3,
+                                                            "log": True}
+    assert settings["study.config"] == COLA_YAML and settings["study.metric"] == "matthews_correlation"
+    for run in (parent, *children):
+        assert {"mlflow.source.git.commit", "mlflow.source.name", "mlflow.user"} <= set(run.data.tags)
 
     # the same command again: the same study and parent; numbering goes on, nothing duplicated
     assert main(args(env, "basic", 1)) == 0

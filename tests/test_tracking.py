@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +47,23 @@ def test_parent_is_found_again_by_tag(tracker: StudyTracker) -> None:
     assert other.experiment_id == tracker.experiment_id and other.parent_run(UID) != first
     exp = tracker.client.get_experiment(tracker.experiment_id)
     assert exp.artifact_location.startswith("file://") and exp.artifact_location.endswith("/art/exp")
+
+
+def test_parent_params_are_logged_once_and_every_run_has_the_context_tags(tracker: StudyTracker,
+                                                                         tmp_path: Path) -> None:
+    uid = "20260103-000000-00000003"
+    parent = tracker.parent_run(uid, params={"study.n_trials": "3", "study.sampler": "tpe"})
+    # a resume with another n_trials keeps the first (a param cannot change) and adds new keys
+    assert tracker.parent_run(uid, params={"study.n_trials": "1", "study.timeout": "60"}) == parent
+    c = MlflowClient(tracker.uri)
+    assert c.get_run(parent).data.params == {"study.n_trials": "3", "study.sampler": "tpe", "study.timeout": "60"}
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    child = tracker.start_trial(parent, 0, RunConfig(), tmp_path).run_id
+    for run_id in (parent, child):
+        tags = c.get_run(run_id).data.tags
+        assert tags["mlflow.source.git.commit"] == head  # this checkout's, not the entry point's (pytest)
+        assert tags["mlflow.user"] and tags["mlflow.source.name"] and tags["mlflow.source.type"] == "LOCAL"
 
 
 def test_a_new_study_of_the_same_name_gets_its_own_parent(tracker: StudyTracker) -> None:

@@ -35,6 +35,7 @@ trial is one :func:`dora_lab.run.train.train_run` of the config with the trial's
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import uuid
@@ -138,7 +139,7 @@ def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = No
     """Run ``n_trials`` trials in this process (``None``: until ``study.timeout``, or a grid's end)."""
     tracker = tracker or _tracker(setup)
     study = study or open_study(setup, tracker)
-    parent_id = parent_id or tracker.parent_run(study_uid(study), _parent_tags(setup))
+    parent_id = parent_id or tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
     if n_trials is None or n_trials > 0:
         _run_trials(setup, study, make_objective(setup, study_folder(setup, study), tracker, parent_id, progress), n_trials)
 
@@ -157,6 +158,21 @@ def _parent_tags(setup: StudySetup) -> dict[str, str]:
             f"({s.direction} {setup.metric}); one child run per trial."}
 
 
+def _parent_params(setup: StudySetup) -> dict[str, str]:
+    """The study's settings as the parent run's params: the base config, the sampler, the pruner
+    and their settings, the trial count, the timeout, and each searched key's range as JSON."""
+    s = setup.study
+    params = {"study.config": str(setup.config_path.resolve()), "study.overrides": json.dumps(setup.overrides),
+              "study.metric": setup.metric, "study.direction": s.direction, "study.objective": s.objective,
+              "study.n_trials": str(s.n_trials), "study.timeout": str(s.timeout)}
+    for part in ("sampler", "pruner"):
+        params |= {f"study.{part}" + (f".{k}" if k != "name" else ""): str(v)
+                   for k, v in getattr(s, part).model_dump(mode="json").items()}
+    params |= {f"study.space.{k}": json.dumps(p.model_dump(mode="json", exclude_none=True))
+               for k, p in s.space.items()}
+    return params
+
+
 # -- the whole study ------------------------------------------------------------------------------
 def run_study(setup: StudySetup, workers: int = 1) -> int:
     """The CLI's main path: open the study and its parent run, run the trials, summarize."""
@@ -173,7 +189,7 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     tracker = _tracker(setup)
     study = open_study(setup, tracker)
     check_space_unchanged(setup.study, study)
-    parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup))
+    parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
         study.set_user_attr(key, value)

@@ -30,14 +30,17 @@ evaluation and at least every 30 s; artifacts ``config.yaml``, ``allocation.json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shlex
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +58,8 @@ from .tables import markdown_table, write_table
 if TYPE_CHECKING:
     from .space import StudySetup
 
-__all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "find_parent_runs", "print_summary", "run_name", "trial_rows"]
+__all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "context_tags", "find_parent_runs", "log_params", "print_summary",
+           "run_name", "trial_rows"]
 
 STUDY_TAG = "dora_lab.study"
 ROLE_TAG = "dora_lab.role"
@@ -121,6 +125,34 @@ def _param_text(value: Any) -> str:
     return (json.dumps(value) if isinstance(value, list | dict) else str(value))[:6000]
 
 
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
+    """Log ``params`` onto run ``run_id`` (in batches of 100, MLflow's limit)."""
+    for chunk in _chunks([Param(k, v) for k, v in params.items()], 100):
+        client.log_batch(run_id, params=list(chunk))
+
+
+@cache
+def context_tags() -> dict[str, str]:
+    """MLflow's standard context tags, which :class:`MlflowClient` does not add by itself:
+    ``mlflow.user``, ``mlflow.source.name`` (the entry point), ``mlflow.source.type`` and
+    ``mlflow.source.git.commit``: the commit of the checkout this ``dora_lab`` is imported from, else
+    (an installed package) that of the entry point's checkout, if any."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {k: str(v) for k, v in resolve_tags({}).items()}
+    here = Path(__file__).resolve().parent
+    try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", Path(__file__).name], cwd=here,
+                                 capture_output=True, timeout=10).returncode == 0
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git here
+        return tags
+    if tracked and head.returncode == 0:
+        tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.source.git.")}
+        tags["mlflow.source.git.commit"] = head.stdout.strip()
+    return tags
+
+
 def run_name(params: Mapping[str, Any], trial_number: int) -> str:
     """A trial run's name from its searched values, e.g. ``sensitivity · seed 1 (t3)``: a text value
     alone, any other after its key's short name (``lr 0.003``, ``r0 4``), then the trial's number."""
@@ -161,8 +193,7 @@ class TrialLogger(TrainCallback):
         self._params({**{k: _param_text(v) for k, v in flat.items()}, **effective_settings(cfg)})
 
     def _params(self, params: Mapping[str, str]) -> None:
-        for chunk in _chunks([Param(k, v) for k, v in params.items()], 100):
-            self.client.log_batch(self.run_id, params=list(chunk))
+        log_params(self.client, self.run_id, params)
 
     # -- TrainCallback ----------------------------------------------------------------------------
     def on_train_begin(self, info: RunInfo) -> None:
@@ -269,27 +300,31 @@ class StudyTracker:
     def _parents(self, uid: str) -> list[Any]:
         return find_parent_runs(self.client, self.experiment_id, self.study_name, uid)
 
-    def parent_run(self, uid: str, tags: Mapping[str, str] = {}) -> str:  # noqa: B006 - read only
-        """The parent run of the Optuna study whose identity is ``uid``: found by its tags, or
+    def parent_run(self, uid: str, tags: Mapping[str, str] = {},  # noqa: B006 - read only
+                   params: Mapping[str, str] = {}) -> str:  # noqa: B006 - read only
+        """The parent run of the Optuna study whose identity is ``uid``, with ``params`` (the study's
+        settings, logged once) and the context tags (:func:`context_tags`): found by its tags, or
         created (once, even when several processes race: the oldest wins and the others delete
         theirs).  A parent of another study with the same name is never reused."""
         found = self._parents(uid)
         if not found:
-            run = self.client.create_run(self.experiment_id, run_name=self.study_name,
-                                         tags={STUDY_TAG: self.study_name, ROLE_TAG: "study", UID_TAG: uid, **tags})
-            found = self._parents(uid)
-            if found and found[0].info.run_id != run.info.run_id:
+            run = self.client.create_run(self.experiment_id, run_name=self.study_name, tags={
+                **context_tags(), STUDY_TAG: self.study_name, ROLE_TAG: "study", UID_TAG: uid, **tags})
+            found = self._parents(uid) or [run]
+            if found[0].info.run_id != run.info.run_id:
                 self.client.delete_run(run.info.run_id)
-            elif not found:
-                return str(run.info.run_id)
         run_id = str(found[0].info.run_id)
+        # the settings the study started with (a param cannot change: a resume adds new keys only;
+        # a process started together may have logged them first)
+        with contextlib.suppress(MlflowException):
+            log_params(self.client, run_id, {k: v for k, v in params.items() if k not in found[0].data.params})
         self.client.update_run(run_id, status="RUNNING")
         return run_id
 
     def start_trial(self, parent_id: str, number: int, cfg: RunConfig, run_dir: Path,
                     params: Mapping[str, Any] = {}) -> TrialLogger:  # noqa: B006 - read only
         """The trial's child run, named for its searched values ``params`` (:func:`run_name`)."""
-        tags = {"mlflow.parentRunId": parent_id, STUDY_TAG: self.study_name, ROLE_TAG: "trial",
+        tags = {**context_tags(), "mlflow.parentRunId": parent_id, STUDY_TAG: self.study_name, ROLE_TAG: "trial",
                 "state": "RUNNING", "dora_lab.worker": f"{socket.gethostname()}:{os.getpid()}",
                 **run_tags(cfg, number, run_dir)}
         run = self.client.create_run(self.experiment_id, run_name=run_name(params, number), tags=tags)

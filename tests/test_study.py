@@ -201,9 +201,10 @@ def test_missing_data_or_model_is_one_error_not_a_failed_study(env: dict[str, Pa
     # a max_length the model cannot take: refused before the first trial, not once per trial
     assert main(args(env, "toolong", 2, "task.max_length=4096")) == 2
     assert "task.max_length=4096 is longer than model" in capsys.readouterr().err
-    for name in ("nodata", "nomodel", "toolong"):
-        with pytest.raises(KeyError):
-            load(env, name)
+    # nothing stored: no such study in the storage (which an earlier test may or may not have made)
+    stored = (optuna.get_all_study_names(f"sqlite:///{env['out'] / 'optuna.db'}")
+              if (env["out"] / "optuna.db").exists() else [])
+    assert not {"nodata", "nomodel", "toolong"} & set(stored)
     # a trial's own data folder is missing: that trial fails and the study stops, since every later
     # trial would fail alike; all of this run's trials failed, so the exit code says so
     space = f"study.space={{task.data_dir: {{type: categorical, choices: [{missing}]}}}}"

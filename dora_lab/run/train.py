@@ -145,6 +145,11 @@ def train_run(
     controller = None
     if adapted:
         controller = build_controller(cfg, model, total, agree=distributed.agree if shards > 1 else None)
+        if controller.method.calibration_batches:  # a one-shot allocator reads a few batches (before DDP
+            model.eval()                            # wraps the model, so rank 0's ranks and A reach all)
+            controller.before_training(
+                lambda b: model(**{k: v.to(device) for k, v in b.items() if k not in ("index", "labels")}),
+                train_loader)
     # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
     if rank0:
         claim_run_dir(run_dir, overwrite)
@@ -156,7 +161,7 @@ def train_run(
     info = RunInfo(
         config=cfg.resolved(), run_dir=run_dir, total_steps=total, steps_per_epoch=steps_per_epoch,
         trainable_parameters=counts.trainable, adapter_parameters=counts.adapter_active,
-        budget_curve=controller.schedule.curve() if controller else [],
+        budget_curve=controller.budget_curve() if controller else [],
         budget_unit=controller.unit if controller else "none",
     )
     for cb in callbacks:
@@ -214,7 +219,7 @@ def train_run(
             metrics = evaluate(model, eval_loaders, spec, device, autocast)
             metrics["step"] = float(step + 1)
             history.append(metrics)
-            pruning_done = controller is None or not controller.schedule.prunes or controller.frozen
+            pruning_done = controller is None or controller.settled
             if pruning_done and metrics[spec.main_metric] > best[0]:
                 best = (metrics[spec.main_metric], step + 1, _trainable_state(model))
             bar.set_postfix(loss=f"{loss_sum:.3f}", **{spec.main_metric[:8]: f"{metrics[spec.main_metric]:.4f}"})
@@ -277,7 +282,7 @@ def _write_outputs(run_dir: Path, result: RunResult, controller: PruningControll
             {"scorer": controller.scorer.name, "scores": controller.component_scores(),
              "kept_components": masks}, indent=1))
         (run_dir / "budget.json").write_text(json.dumps(
-            {"unit": controller.unit, "curve": controller.schedule.curve()}))
+            {"unit": controller.unit, "curve": controller.budget_curve()}))
 
 
 def _default_run_dir(cfg: RunConfig) -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dora_lab.core.methods import AllocationMethod, Keep, register_method
+from dora_lab.core.methods import AllocationMethod, Keep, register_method, uniform_prefix
 
 
 @register_method("dylora")
@@ -41,20 +41,7 @@ class DyLoRA(AllocationMethod):
     def decide(self, t: int, update_scores: bool) -> Keep | None:
         if t != self.ctl.schedule.end_step:
             return None
-        layers = list(self.ctl.layers.values())
-        cost = [self.ctl.cost(layer) for layer in layers]
-        target = self.ctl.target
-        k = 0
-        while k < max(layer.rank for layer in layers) and sum(
-                c * min(k + 1, layer.rank) for c, layer in zip(cost, layers, strict=True)) <= target:
-            k += 1
-        ranks = [min(k, layer.rank) for layer in layers]
-        used = sum(c * r for c, r in zip(cost, ranks, strict=True))
-        for i, layer in enumerate(layers):
-            if ranks[i] < layer.rank and used + cost[i] <= target:
-                ranks[i] += 1
-                used += cost[i]
-        return {n: torch.arange(layer.rank) < r for (n, layer), r in zip(self.ctl.layers.items(), ranks, strict=True)}
+        return uniform_prefix(self.ctl.layers, self.ctl.target, self.ctl.cost)
 
     def after_apply(self, t: int, keep: Keep) -> None:
         for layer in self.ctl.layers.values():

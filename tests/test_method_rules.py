@@ -188,7 +188,7 @@ def test_eva_without_calibration_batches_says_so() -> None:
 
 
 @pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")
-@pytest.mark.parametrize("method", ["eva", "increlora", "sora", "dylora"])
+@pytest.mark.parametrize("method", ["eva", "increlora", "sora", "dylora", "alora"])
 def test_a_training_run_uses_the_configured_method(method: str, tmp_path: Path) -> None:
     from dora_lab.run.config import load_config
     from dora_lab.run.train import train_run
@@ -202,3 +202,78 @@ def test_a_training_run_uses_the_configured_method(method: str, tmp_path: Path) 
         assert result.active_components_final == 2 * 12
     curve = json.loads((tmp_path / "run" / "budget.json").read_text())["curve"]
     assert len(curve) == 8 and curve[-1] == 2 * 12
+
+
+# -- ALoRA ----------------------------------------------------------------------------------------------
+def alora_setup(swap: int = 1) -> tuple[PruningController, torch.Tensor]:
+    lay = layers("abc", r0=3)
+    g = torch.Generator().manual_seed(1)
+    for i, m in enumerate(lay.values()):
+        m.c.data = torch.randn(3, generator=g, dtype=torch.float64) * (i + 1)
+    ctl = PruningController(lay, make_scorer("magnitude"), "linear", 10, target_rank=4 / 3, warmup=1, final=2,
+                            interval=1, method=make_method("alora", swap=swap))
+    x = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    ctl.set_validation(lambda: float(sum(((m(x) - y) ** 2).mean() for m in lay.values()).detach()))
+    return ctl, x
+
+
+def test_alora_scores_are_the_loss_change_when_one_component_is_masked_out() -> None:
+    ctl, x = alora_setup()
+    # the start: the same rank everywhere, a prefix meeting the target (4 components: 2, 1, 1)
+    assert ctl.allocation() == {"a": 2, "b": 1, "c": 1}
+    scores = ctl.method.scores()  # type: ignore[attr-defined]
+    loss = ctl.validation_loss
+    assert loss is not None
+    full = loss()
+    for n, m in ctl.layers.items():
+        for i in range(3):
+            if m.mask[i] == 0:
+                assert torch.isnan(scores[n][i])
+                continue
+            saved = m.c.detach().clone()
+            with torch.no_grad():
+                m.c[i] = 0.0  # another way to remove component i: its coefficient, not its mask
+            assert scores[n][i].item() == pytest.approx(loss() - full, rel=1e-9, abs=1e-12)
+            with torch.no_grad():
+                m.c.copy_(saved)
+
+
+def test_alora_prunes_the_lowest_and_gives_its_budget_to_the_most_important_layer() -> None:
+    ctl, _ = alora_setup()
+    scores = ctl.method.scores()  # type: ignore[attr-defined]
+    active = sorted((float(s[i]), n, i) for n, s in scores.items() for i in range(3) if ctl.layers[n].mask[i] > 0)
+    _, lowest_layer, lowest_i = active[0]
+    keep = ctl.method.decide(1, True)
+    assert keep is not None
+    assert not keep[lowest_layer][lowest_i]
+    others = [n for n in "abc" if n != lowest_layer]
+    best = max(others, key=lambda n: float(scores[n][ctl.layers[n].mask > 0].mean()))
+    assert int(keep[best].sum()) == ctl.allocation()[best] + 1  # the freed component went there
+    assert sum(int(k.sum()) for k in keep.values()) == 4  # the cap, unchanged
+    opt = torch.optim.AdamW([p for m in ctl.layers.values() for p in m.parameters() if p.requires_grad])
+    ctl.apply(keep, optimizer=opt)
+    new = int(torch.nonzero(keep[best] & (torch.arange(3) >= ctl.allocation()[best] - 1)).flatten()[-1])
+    assert ctl.layers[best].c[new].item() == 0.0 and ctl.layers[best].hard_mask  # a fresh component
+
+
+def test_alora_without_a_validation_loss_says_how_to_give_one() -> None:
+    lay = layers("ab")
+    ctl = PruningController(lay, make_scorer("magnitude"), "linear", 10, target_rank=1, warmup=1, final=2,
+                            interval=1, method=make_method("alora"))
+    with pytest.raises(RuntimeError, match=r"controller.set_validation"):
+        ctl.method.decide(1, True)
+
+
+def test_a_validation_method_for_a_task_without_evaluation_data_is_refused(tmp_path: Path) -> None:
+    from dora_lab.run.config import ConfigError, load_config
+    from dora_lab.run.tasks import TASKS, TaskSpec, register_task
+
+    register_task(TaskSpec(name="no_eval_task", text_fields=("sentence",), num_labels=2, is_regression=False,
+                           main_metric="accuracy", eval_splits=(), hub_path=None))
+    try:
+        with pytest.raises(ConfigError, match=r"method.name: method 'alora' scores components on a validation "
+                                              r"batch, but task 'no_eval_task' has no evaluation split"):
+            load_config(REPO / "configs" / "cola.yaml", ["method.name=alora", "task.name=no_eval_task"])
+    finally:
+        TASKS.remove("no_eval_task")

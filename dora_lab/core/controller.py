@@ -118,7 +118,13 @@ class PruningController:
         self.compact_at_end = compact
         self.t = 0
         self.frozen = False
+        self.validation_loss: Callable[[], float] | None = None
         self.method.setup(self)
+
+    def set_validation(self, loss: Callable[[], float]) -> None:
+        """Give a method that scores on a validation batch (``needs_validation``) its loss: ``loss()``
+        returns the model's loss on one fixed validation batch, as the model is now (no gradients)."""
+        self.validation_loss = loss
 
     def _cost(self, layer: RankOneLinear) -> int:
         return 1 if self.unit == "components" else layer.params_per_component

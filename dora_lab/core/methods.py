@@ -49,6 +49,7 @@ __all__ = [
     "get_method",
     "keep_top",
     "keep_where",
+    "uniform_prefix",
     "list_methods",
     "make_method",
     "register_method",
@@ -68,7 +69,10 @@ class AllocationMethod:
     them (not ``constant``).
     ``exact_target``: in components the method ends at exactly the target (False: at most, e.g. a
     threshold that leaves fewer).  ``start_rank``: a growing method's active rank per layer at the
-    start (the config refuses one above ``budget.target_rank``).
+    start (the config refuses one above ``budget.target_rank``).  ``needs_validation``: the method
+    scores on a validation batch (``controller.validation_loss``, set by :meth:`set_validation`;
+    the config refuses such a method for a task without an evaluation split); ``validation_rows``:
+    how many rows of the first evaluation batch that loss reads (None: all).
     """
 
     name: ClassVar[str] = ""
@@ -77,6 +81,8 @@ class AllocationMethod:
     uses_scorer: ClassVar[bool] = False
     follows_schedule: ClassVar[bool] = False
     exact_target: ClassVar[bool] = True
+    needs_validation: ClassVar[bool] = False
+    validation_rows: int | None = None
     start_rank: int | None = None
     calibration_batches: int = 0
     ctl: PruningController
@@ -187,6 +193,24 @@ def keep_where(layers: Mapping[str, RankOneLinear], values: Mapping[str, torch.T
     if sum(int(above[n].sum()) * cost(layers[n]) for n in layers) <= cap:
         return above
     return keep_top(layers, {n: values[n].detach().float().abs() for n in layers}, cap, cost, allowed=above)
+
+
+def uniform_prefix(layers: Mapping[str, RankOneLinear], budget: int, cost: Callable[[RankOneLinear], int]) -> Keep:
+    """The same rank ``k`` in every layer, the largest whose total cost fits ``budget``, then one
+    more component for layers in order while it fits: each layer keeps a prefix of its components."""
+    items = list(layers.items())
+    costs = [cost(layer) for _, layer in items]
+    k = 0
+    while k < max(layer.rank for _, layer in items) and sum(
+            c * min(k + 1, layer.rank) for c, (_, layer) in zip(costs, items, strict=True)) <= budget:
+        k += 1
+    ranks = [min(k, layer.rank) for _, layer in items]
+    used = sum(c * r for c, r in zip(costs, ranks, strict=True))
+    for i, (_, layer) in enumerate(items):
+        if ranks[i] < layer.rank and used + costs[i] <= budget:
+            ranks[i] += 1
+            used += costs[i]
+    return {n: torch.arange(layer.rank) < r for (n, layer), r in zip(items, ranks, strict=True)}
 
 
 # -- the registry -----------------------------------------------------------------------------------

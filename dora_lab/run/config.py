@@ -309,13 +309,17 @@ def _check_registered(cfg: RunConfig) -> None:
     try:
         registry.import_plugins(cfg.plugins)
         try:
-            tasks.get_task(cfg.task.name)
+            spec = tasks.get_task(cfg.task.name)
         except ValueError as exc:
             raise ValueError(f"task.name: {exc}") from None
         try:
             method = methods.make_method(cfg.method.name, **cfg.method.params)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"method.{'params' if cfg.method.name in methods.METHODS else 'name'}: {exc}") from None
+        if method.needs_validation and not spec.eval_splits and cfg.train.method == "adapter":
+            raise ValueError(f"method.name: method {cfg.method.name!r} scores components on a validation batch, but "
+                             f"task {cfg.task.name!r} has no evaluation split; give the task one (TaskSpec.eval_splits) "
+                             f"or pick a method that needs none (dora, sora, increlora, dylora, eva)")
         start_rank, target_rank = getattr(method, "start_rank", None), cfg.budget.target_rank
         if method.grows and start_rank is not None and target_rank is not None and start_rank > target_rank:
             raise ValueError(f"method.params.start_rank ({start_rank}) is above the cap budget.target_rank "

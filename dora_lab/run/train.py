@@ -150,6 +150,11 @@ def train_run(
             controller.before_training(
                 lambda b: model(**{k: v.to(device) for k, v in b.items() if k not in ("index", "labels")}),
                 train_loader)
+        if controller.method.needs_validation:  # one fixed validation batch (the config checked there is one)
+            rows = controller.method.validation_rows or cfg.train.eval_batch_size
+            vbatch = {k: v[:rows].to(device) for k, v in next(iter(eval_loaders[spec.eval_splits[0]])).items()
+                      if k != "index"}
+            controller.set_validation(_validation_loss(model, vbatch))
     # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
     if rank0:
         claim_run_dir(run_dir, overwrite)
@@ -253,6 +258,19 @@ def train_run(
     for cb in callbacks:
         cb.on_train_end(result)
     return result
+
+
+def _validation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """``loss()``: the model's loss on ``batch`` in eval mode, without gradients (then back in train mode)."""
+    @torch.no_grad()
+    def loss() -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            return float(model(**batch).loss)
+        finally:
+            model.train(was_training)
+    return loss
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -43,6 +43,9 @@ class DyLoRA(AllocationMethod):
             return None
         return uniform_prefix(self.ctl.layers, self.ctl.target, self.ctl.cost)
 
+    def is_final(self, t: int) -> bool:
+        return t == self.ctl.schedule.end_step
+
     def after_apply(self, t: int, keep: Keep) -> None:
         for layer in self.ctl.layers.values():
             layer.prefix = None

@@ -155,3 +155,31 @@ def test_every_method_ends_at_its_target_and_never_exceeds_the_cap(method_name: 
     assert sum(lay.rank for lay in controller.layers.values()) == sum(controller.allocation().values()) or not prunes
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in model.parameters() if p.requires_grad}  # compaction moved them
+
+
+# -- the README's growing method, run exactly as printed --------------------------------------------------
+def readme_method_snippet() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Add your own allocation method", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_growing_method_runs_and_grows_to_its_cap() -> None:
+    code = readme_method_snippet()
+    assert len(code.strip().splitlines()) < 30
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102  (our own README)
+    try:
+        model = adapted_bert(0, dtype=torch.float32)
+        controller = PruningController(model, make_scorer("magnitude"), "linear", T, target_rank=2, warmup=WARMUP,
+                                       final=FINAL, interval=1, method=make_method("grow_where_grad"))
+        assert controller.schedule.start == 12 and controller.allocation() == dict.fromkeys(controller.layers, 1)
+        infos = train(model, adamw(model), controller, batches(T))
+        active = [i.active_components for i in infos]
+        assert all(a <= i.budget for a, i in zip(active, infos, strict=True))
+        assert all(a2 >= a1 for a1, a2 in zip(active, active[1:], strict=False)) and active[-1] > 12
+        assert infos[-1].frozen and active[-1] <= 24
+        assert sum(lay.rank for lay in controller.layers.values()) == active[-1]  # compacted
+    finally:
+        from dora_lab.core.methods import METHODS
+
+        METHODS.remove("grow_where_grad")

@@ -183,3 +183,13 @@ def test_the_readme_growing_method_runs_and_grows_to_its_cap() -> None:
         from dora_lab.core.methods import METHODS
 
         METHODS.remove("grow_where_grad")
+
+
+def test_a_growing_method_starting_above_a_parameter_cap_is_refused_before_training() -> None:
+    from dora_lab.run.config import build_controller
+
+    cfg = load_config(REPO / "configs" / "cola.yaml", ["method.name=increlora", "method.params.start_rank=2",
+                                                        "budget.target_params=1000"])
+    with pytest.raises(ConfigError, match=r"method 'increlora' grows, but its start budget \(1816 parameters\) is "
+                                          r"above its cap, the target \(1000\): lower its start \(method.params\)"):
+        build_controller(cfg, adapted_bert(0), 100)  # start_rank 2 in each of 12 matrices: 2 x (8 x 65 + 4 x 97)

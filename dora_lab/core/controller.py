@@ -99,8 +99,9 @@ class PruningController:
             raise ValueError(f"method {self.method.name!r} starts at {start}, above the pool's size "
                              f"({self.capacity} in {self.unit}): raise adapter.r0 or lower its start")
         if self.method.grows and start > self.target:
-            raise ValueError(f"method {self.method.name!r} grows, but its start budget ({start}) is above its "
-                             f"cap, the target ({self.target}): lower its start or raise the budget")
+            raise ValueError(f"method {self.method.name!r} grows, but its start budget ({start} {self.unit}) is above "
+                             f"its cap, the target ({self.target}): lower its start (method.params) or raise the "
+                             f"budget (budget.target_rank / budget.target_params)")
         self.scorer = scorer
         prunes = getattr(get_schedule(schedule), "prunes", True)
         self.schedule = BudgetSchedule(

@@ -2,7 +2,8 @@
 lowest, hand the freed budget to other layers (ALoRA, Liu et al., NAACL 2024, its AB-LoRA score).
 
 Every layer starts with the same rank, a prefix meeting the target (the budget is a cap, constant).
-At each prune step of the schedule before its last, every active component ``i`` gets
+At every ``every``-th prune step of the schedule (default 10; the first included) before its last,
+every active component ``i`` gets
 
     S_i = L_val(without i) - L_val(all)
 
@@ -31,12 +32,16 @@ class ALoRA(AllocationMethod):
     follows_schedule = True
     needs_validation = True
 
-    def __init__(self, swap: int = 1, rows: int = 32) -> None:
+    def __init__(self, swap: int = 1, rows: int = 32, every: int = 10) -> None:
         if swap < 1:
             raise ValueError(f"swap must be >= 1 (components pruned and re-allocated per decision), got {swap}")
         if rows < 1:
             raise ValueError(f"rows must be >= 1 (validation rows per score), got {rows}")
+        if every < 1:
+            raise ValueError(f"every must be >= 1 (re-allocate at every n-th prune step), got {every}")
         self.swap = int(swap)
+        self.every = int(every)
+        self.prune_steps = 0  # prune steps seen before the last
         self.validation_rows = int(rows)
         self.last_scores: dict[str, torch.Tensor] = {}
 
@@ -79,6 +84,9 @@ class ALoRA(AllocationMethod):
         keep = {n: layer.mask.cpu() > 0 for n, layer in layers.items()}
         if sched.is_final_step(t):
             return keep
+        self.prune_steps += 1
+        if (self.prune_steps - 1) % self.every:
+            return None
         scores = self.last_scores = self.scores()
         active = sorted(((float(s[i]), li, i) for li, (n, s) in enumerate(scores.items())
                          for i in torch.nonzero(keep[n]).flatten().tolist()))
@@ -104,3 +112,9 @@ class ALoRA(AllocationMethod):
                     room -= self.ctl.cost(layers[n])
                     added = True
         return keep
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prune_steps": self.prune_steps}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.prune_steps = int(state.get("prune_steps", 0))

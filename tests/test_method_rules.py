@@ -277,3 +277,12 @@ def test_a_validation_method_for_a_task_without_evaluation_data_is_refused(tmp_p
             load_config(REPO / "configs" / "cola.yaml", ["method.name=alora", "task.name=no_eval_task"])
     finally:
         TASKS.remove("no_eval_task")
+
+
+def test_alora_re_allocates_at_every_nth_prune_step_and_freezes_at_the_last() -> None:
+    lay = layers("ab")
+    ctl = PruningController(lay, make_scorer("magnitude"), "linear", 10, target_rank=1, warmup=1, final=2,
+                            interval=1, method=make_method("alora", every=2))
+    ctl.set_validation(lambda: float(sum(m(torch.ones(2, 5, dtype=torch.float64)).sum() for m in lay.values())))
+    assert [ctl.method.decide(t, True) is not None for t in range(1, 9)] == [True, False, True, False, True,
+                                                                             False, True, True]

@@ -179,7 +179,8 @@ def train_run(
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] = (-math.inf, -1, {})  # metric, step, weights
     batches = _micro_batches(train_loader)
-    bar = tqdm(total=total, desc=f"{cfg.task.name} {cfg.scorer.name}/{cfg.schedule.name} seed {cfg.seed}",
+    what = f"{cfg.scorer.name}/{cfg.schedule.name}" if cfg.method.name == "dora" else cfg.method.name
+    bar = tqdm(total=total, desc=f"{cfg.task.name} {what} seed {cfg.seed}",
                disable=not (progress and rank0), dynamic_ncols=True)
     model.train()
     rows = 0  # training rows this rank has seen (a rank's share of the global batches)
@@ -297,7 +298,8 @@ def _write_outputs(run_dir: Path, result: RunResult, controller: PruningControll
         (run_dir / "allocation.json").write_text(json.dumps(result.allocation, indent=1))
         masks = {n: layer.index[layer.mask > 0].tolist() for n, layer in controller.layers.items()}
         (run_dir / "scores.json").write_text(json.dumps(
-            {"scorer": controller.scorer.name, "scores": controller.component_scores(),
+            {"method": controller.method.name, "scorer": controller.scorer.name,
+             "scores": controller.component_scores(),
              "kept_components": masks}, indent=1))
         (run_dir / "budget.json").write_text(json.dumps(
             {"unit": controller.unit, "curve": controller.budget_curve()}))
@@ -305,7 +307,8 @@ def _write_outputs(run_dir: Path, result: RunResult, controller: PruningControll
 
 def _default_run_dir(cfg: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(cfg.output_dir) / "runs" / f"{stamp}-{cfg.task.name}-{cfg.scorer.name}-{cfg.schedule.name}-s{cfg.seed}"
+    method = "" if cfg.method.name == "dora" else f"{cfg.method.name}-"
+    return Path(cfg.output_dir) / "runs" / f"{stamp}-{cfg.task.name}-{method}{cfg.scorer.name}-{cfg.schedule.name}-s{cfg.seed}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from .core.adapter import (
     inject_adapters,
 )
 from .core.controller import PruningController, StepInfo
+from .core.methods import AllocationMethod, get_method, list_methods, make_method, register_method
 from .core.registry import RegistryError, import_plugins
 from .core.regularizers import get_regularizer, list_regularizers, register_regularizer
 from .core.schedules import BudgetSchedule, get_schedule, list_schedules, register_schedule
@@ -30,6 +31,7 @@ from .run.tasks import TaskSpec, get_task, list_tasks, register_task
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllocationMethod",
     "BudgetSchedule",
     "ParameterCount",
     "PruningController",
@@ -41,17 +43,21 @@ __all__ = [
     "adapter_layers",
     "count_parameters",
     "default_targets",
+    "get_method",
     "get_regularizer",
     "get_schedule",
     "get_scorer",
     "get_task",
     "import_plugins",
     "inject_adapters",
+    "list_methods",
     "list_regularizers",
     "list_schedules",
     "list_scorers",
     "list_tasks",
+    "make_method",
     "make_scorer",
+    "register_method",
     "register_regularizer",
     "register_schedule",
     "register_scorer",

@@ -1,7 +1,7 @@
 """Shared test helpers: a tiny BERT built from a config, random batches, one training loop, and
-the collection-time matrix over every registered scorer and schedule.
+the collection-time matrix over every registered scorer, schedule and allocation method.
 
-Any test that takes a ``scorer_name`` or ``schedule_name`` argument runs once per registered
+Any test that takes a ``scorer_name``, ``schedule_name`` or ``method_name`` argument runs once per registered
 name, read from the registries when pytest collects the test.  So a scorer or schedule
 registered by a plugin (``tests/plugins/*.py`` is imported below through
 :func:`dora_lab.import_plugins`, exactly as a config's ``plugins`` key would) or by any module
@@ -34,7 +34,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    for arg, names in (("scorer_name", dora_lab.list_scorers), ("schedule_name", dora_lab.list_schedules)):
+    for arg, names in (("scorer_name", dora_lab.list_scorers), ("schedule_name", dora_lab.list_schedules),
+                       ("method_name", dora_lab.list_methods)):
         if arg in metafunc.fixturenames and not _parametrized_by_marker(metafunc, arg):
             metafunc.parametrize(arg, names())
 

@@ -8,15 +8,17 @@ before ``optimizer.zero_grad()``::
     info = controller.step(optimizer)     # score, maybe prune, maybe freeze + compact
     optimizer.zero_grad()
 
-At a prune step every component of every layer is ranked together and the top ``b(t)`` kept
-(:meth:`decide` computes that decision; :meth:`apply` carries it out).  During the decay window
-pruning is soft (``c_i = 0``, still trainable); at the last pruning step the mask is frozen and,
-with ``compact=True``, the pruned components are dropped from A, B, c and the optimizer state.
+What is kept when is the allocation method's (:mod:`dora_lab.core.methods`; default ``dora``, the
+scorer x schedule path of ``methods/dora.py``): at its decision steps it returns one keep-mask per
+layer and the controller applies it (:meth:`apply`).  Under ``dora`` every component of every layer
+is ranked together and the top ``b(t)`` kept (:meth:`decide`); during the decay window pruning is
+soft (``c_i = 0``, still trainable); at the last pruning step the mask is frozen and, with
+``compact=True``, the pruned components are dropped from A, B, c and the optimizer state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,6 +27,7 @@ from torch import nn
 
 from .adapter.inject import adapter_layers
 from .adapter.layer import RankOneLinear
+from .methods import AllocationMethod, keep_top, make_method
 from .regularizers import get_regularizer
 from .schedules import BudgetSchedule, Phase, get_schedule, resolve_steps
 from .scorers import Scorer
@@ -48,12 +51,13 @@ class StepInfo:
 
 
 class PruningController:
-    """Scores components, applies the schedule's budget, freezes and compacts at the end.
+    """Joins the layers, the budget and an allocation method; freezes and compacts at the end.
 
     ``target_rank`` (average active components per layer) or ``target_params`` (active adapter
     parameters, ``sum (d_in + d_out + 1)``) sets the final budget.  ``warmup``/``final`` are
-    fractions of ``total_steps`` when below 1, else step counts.  ``agree`` (optional) receives
-    every keep-decision before it is applied and returns the one to apply: in a data-parallel run
+    fractions of ``total_steps`` when below 1, else step counts.  ``method`` is the allocation
+    method (default: ``dora``, the scorer x schedule path).  ``agree`` (optional) receives every
+    keep-decision before it is applied and returns the one to apply: in a data-parallel run
     :func:`dora_lab.run.distributed.agree` returns rank 0's, so every rank prunes the same components.
     """
 
@@ -73,6 +77,7 @@ class PruningController:
         reg_weight: float = 0.0,
         compact: bool = True,
         agree: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+        method: AllocationMethod | None = None,
     ) -> None:
         self.agree = agree
         self.layers = dict(model) if isinstance(model, Mapping) else adapter_layers(model)
@@ -81,28 +86,65 @@ class PruningController:
         if (target_rank is None) == (target_params is None):
             raise ValueError("give exactly one of target_rank or target_params")
         self.unit: BudgetUnit = "components" if target_params is None else "parameters"
-        start = sum(self._cost(layer) * layer.rank for layer in self.layers.values())
-        target = (
+        self.method = method if method is not None else make_method("dora")
+        # every stored component, in the unit: the pool's size and the most any cap may be
+        self.capacity = sum(self._cost(layer) * layer.rank for layer in self.layers.values())
+        self.target = (
             int(round(target_rank * len(self.layers))) if target_rank is not None else int(target_params or 0)
         )
+        if self.target > self.capacity:
+            raise ValueError(f"the target budget ({self.target}) is above the start budget ({self.capacity})")
+        start = self.method.start_budget(self)
+        if start > self.capacity:
+            raise ValueError(f"method {self.method.name!r} starts at {start}, above the pool's size "
+                             f"({self.capacity} in {self.unit}): raise adapter.r0 or lower its start")
+        if self.method.grows and start > self.target:
+            raise ValueError(f"method {self.method.name!r} grows, but its start budget ({start} {self.unit}) is above "
+                             f"its cap, the target ({self.target}): lower its start (method.params) or raise the "
+                             f"budget (budget.target_rank / budget.target_params)")
         self.scorer = scorer
+        prunes = getattr(get_schedule(schedule), "prunes", True)
         self.schedule = BudgetSchedule(
             name=schedule,
             total_steps=total_steps,
             start=start,
-            target=target if getattr(get_schedule(schedule), "prunes", True) else start,
+            target=self.target if prunes else start,
             warmup_steps=resolve_steps(warmup, total_steps),
             final_steps=resolve_steps(final, total_steps),
             interval=interval,
+            grows=self.method.grows,
         )
         self.regularizer = get_regularizer(regularizer) if regularizer else None
         self.reg_weight = float(reg_weight)
         self.compact_at_end = compact
         self.t = 0
         self.frozen = False
+        self.validation_loss: Callable[[], float] | None = None
+        self.method.setup(self)
+
+    def set_validation(self, loss: Callable[[], float]) -> None:
+        """Give a method that scores on a validation batch (``needs_validation``) its loss: ``loss()``
+        returns the model's loss on one fixed validation batch, as the model is now (no gradients)."""
+        self.validation_loss = loss
 
     def _cost(self, layer: RankOneLinear) -> int:
         return 1 if self.unit == "components" else layer.params_per_component
+
+    def cost(self, layer: RankOneLinear) -> int:
+        """What one component of ``layer`` costs in the budget's unit (1, or ``d_in + d_out + 1``)."""
+        return self._cost(layer)
+
+    def active_budget(self) -> int:
+        """The active components' cost, in the budget's unit."""
+        return sum(self._cost(layer) * layer.active_rank for layer in self.layers.values())
+
+    # -- before training ------------------------------------------------------------------------
+    def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
+        """Let the method see ``batches`` (``run_batch(b)`` runs the model's forward on one) before the
+        first optimizer step; a one-shot allocator sets its ranks here.  Does nothing for methods
+        with ``calibration_batches == 0``."""
+        if self.method.calibration_batches > 0:
+            self.method.before_training(run_batch, batches)
 
     # -- per step -----------------------------------------------------------------------------
     def regularization_loss(self) -> torch.Tensor:
@@ -113,46 +155,42 @@ class PruningController:
         return self.reg_weight * reg(list(self.layers.values()))
 
     def step(self, optimizer: torch.optim.Optimizer | None = None, *, update_scores: bool = True) -> StepInfo:
-        """One optimizer step: update the scores, prune when the schedule says so.
+        """One optimizer step: the method's hooks, and its decision applied when it makes one.
 
         ``update_scores=False`` advances the schedule without feeding this step's gradients to the
         scorer: for a step that fp16 loss scaling skipped because its gradients overflowed.
         """
         t = self.t
-        sched = self.schedule
+        method = self.method
         pruned = False
-        if optimizer is None and self.compact_at_end and sched.prunes and not self.frozen:
+        if optimizer is None and self.compact_at_end and method.changes_allocation and not self.frozen:
             raise ValueError(
                 "PruningController.step() needs the optimizer: call controller.step(optimizer) after "
                 "optimizer.step().  When pruning ends the adapters are compacted into new, smaller "
                 "parameters and the optimizer (and its state) must be moved to them; without an optimizer "
                 "build the controller with compact=False."
             )
-        if sched.prunes and not self.frozen:
-            if update_scores:
-                self._check_grads()
-                self.scorer.update(self.layers)
-            # a prune step whose gradients were skipped (fp16 overflow) before any score exists waits
-            # for the next step; the final step always decides (and says so if it cannot)
-            waiting = not update_scores and not sched.is_final_step(t) and not self.scorer.scores()
-            if sched.is_prune_step(t) and not waiting:
-                keep = self.decide(sched.budget(t))
+        if method.changes_allocation and not self.frozen:
+            method.after_optimizer_step(t, optimizer, update_scores)
+            keep = method.decide(t, update_scores)
+            if keep is not None:
                 if self.agree is not None:
                     keep = self.agree(keep)
-                self.apply(keep, final=sched.is_final_step(t), optimizer=optimizer)
+                self.apply(keep, final=method.is_final(t), optimizer=optimizer)
+                method.after_apply(t, keep)
                 pruned = True
         self.t += 1
         return StepInfo(
             step=t,
-            phase=sched.phase(t),
-            budget=sched.budget(t),
+            phase=method.phase(t),  # type: ignore[arg-type]
+            budget=method.budget(t),
             active_components=sum(layer.active_rank for layer in self.layers.values()),
             active_parameters=sum(layer.active_parameters() for layer in self.layers.values()),
             pruned=pruned,
             frozen=self.frozen,
         )
 
-    def _check_grads(self) -> None:
+    def check_grads(self) -> None:
         """A scorer that says it reads gradients (``needs_grad``) is refused a step without them,
         by name, before it sees ``None`` (a layer with no components has nothing to score)."""
         if not getattr(self.scorer, "needs_grad", False):
@@ -165,7 +203,7 @@ class PruningController:
                 )
 
     def decide(self, budget: int) -> dict[str, torch.Tensor]:
-        """Global top-``budget`` by score: one bool keep-mask per layer (nothing is changed).
+        """Global top-``budget`` by the scorer's scores: one bool keep-mask per layer (nothing is changed).
 
         In components every one of the top ``budget`` is kept; in parameters components are
         taken in score order while they fit (a greedy fill), so the active count never exceeds it.
@@ -174,37 +212,29 @@ class PruningController:
         missing = [n for n in self.layers if n not in scores]
         if missing:
             raise RuntimeError(f"scorer {self.scorer.name!r} has no scores for layers {missing[:3]}")
-        names = list(self.layers)
-        flat = torch.cat([scores[n].float().cpu() for n in names])
-        if (flat < 0).any() or not torch.isfinite(flat).all():
-            raise ValueError(f"scorer {self.scorer.name!r} returned negative or non-finite scores")
-        costs = torch.cat([torch.full((self.layers[n].rank,), self._cost(self.layers[n])) for n in names])
-        order = torch.sort(flat, descending=True, stable=True).indices
-        keep_flat = torch.zeros_like(flat, dtype=torch.bool)
-        if self.unit == "components":
-            keep_flat[order[:budget]] = True
-        else:
-            used = 0
-            for i in order.tolist():
-                if used + int(costs[i]) <= budget:
-                    keep_flat[i] = True
-                    used += int(costs[i])
-        out, offset = {}, 0
-        for n in names:
-            r = self.layers[n].rank
-            out[n] = keep_flat[offset : offset + r]
-            offset += r
-        return out
+        try:
+            return keep_top(self.layers, scores, budget, self._cost, what=f"scorer {self.scorer.name!r}")
+        except ValueError:
+            raise ValueError(f"scorer {self.scorer.name!r} returned negative or non-finite scores") from None
 
     def apply(self, keep: Mapping[str, torch.Tensor], final: bool = False,
               optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Soft-prune to ``keep``; with ``final`` freeze the mask and (if enabled) compact."""
+        """Make ``keep`` the active components; with ``final`` freeze the mask and (if enabled) compact.
+
+        Under a ``pool`` method an inactive component that ``keep`` activates is a fresh one
+        (:meth:`RankOneLinear.activate`) and the inactive ones are out of the forward pass (hard
+        mask); otherwise pruning is soft (``c = 0``, still trainable)."""
+        # new components drawn from a generator seeded by the step: alike on every data-parallel rank
+        generator = torch.Generator().manual_seed(1_000_003 + self.t) if self.method.pool else None
         for name, layer in self.layers.items():
             mask = keep[name].to(layer.mask.device)
+            if self.method.pool:
+                layer.activate(mask.bool() & (layer.mask == 0), optimizer, generator)
             if final:
                 layer.freeze_mask(mask)
             else:
                 layer.soft_prune(mask)
+                layer.hard_mask = layer.hard_mask or self.method.pool
         if final:
             self.frozen = True
             if self.compact_at_end:
@@ -215,6 +245,15 @@ class PruningController:
     def allocation(self) -> dict[str, int]:
         """Active rank of every layer."""
         return {n: layer.active_rank for n, layer in self.layers.items()}
+
+    def budget_curve(self) -> list[int]:
+        """The method's cap at every step ``0 .. T-1`` (for plots and budget.json)."""
+        return [self.method.budget(t) for t in range(self.schedule.total_steps)]
+
+    @property
+    def settled(self) -> bool:
+        """No allocation change is to come (frozen, or a method that never changes it)."""
+        return self.frozen or not self.method.changes_allocation
 
     def component_scores(self) -> dict[str, list[float]]:
         """Latest score of every original component (by start index), for reports."""
@@ -230,10 +269,11 @@ class PruningController:
                 for n, layer in self.layers.items()
             },
             "scorer": self.scorer.state_dict(),
+            "method": self.method.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore step, masks, compaction and scorer state.  Load this *before* the model's
+        """Restore step, masks, compaction, scorer and method state.  Load this *before* the model's
         weights and the optimizer's state: it shrinks compacted layers to their saved shapes."""
         for name, layer in self.layers.items():
             saved = state["layers"][name]
@@ -246,3 +286,4 @@ class PruningController:
         self.t = int(state["t"])
         self.frozen = bool(state["frozen"])
         self.scorer.load_state_dict(state["scorer"])
+        self.method.load_state_dict(state.get("method", {}))

@@ -1,7 +1,8 @@
 """Budget schedules: how many components (or parameters) may be active at step ``t``.
 
 A schedule is a pure function of the decay progress ``p`` in [0, 1] and the start and target
-budgets.  :class:`BudgetSchedule` wraps it with the phases every schedule shares
+budgets.  The same curve serves a growing method (``grows=True``: start below target; the
+built-ins' formulas then rise, e.g. ``dora`` adds ``int((N_T - N) p^3)``).  :class:`BudgetSchedule` wraps it with the phases every schedule shares
 (ALGORITHMS.md section 3)::
 
     t in [0, t_i)              warm-up: no pruning, budget = start
@@ -134,6 +135,7 @@ class BudgetSchedule:
     warmup_steps: int
     final_steps: int
     interval: int = 1
+    grows: bool = False  # the budget rises from start to target (a growing method); else it falls
     _fn: ScheduleFn = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -142,8 +144,11 @@ class BudgetSchedule:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         if self.interval < 1:
             raise ValueError(f"schedule.interval must be >= 1 step, got {self.interval}")
-        if self.target > self.start:
+        if self.target > self.start and not self.grows:
             raise ValueError(f"the target budget ({self.target}) is above the start budget ({self.start})")
+        if self.grows and self.start > self.target:
+            raise ValueError(f"a growing schedule's start budget ({self.start}) is above its cap, the "
+                             f"target ({self.target}): lower the start or raise the target")
         if self.target < 0:
             raise ValueError(f"the target budget cannot be negative, got {self.target}")
         if self.prunes:
@@ -170,7 +175,8 @@ class BudgetSchedule:
         if t >= self.end_step:  # exact, even when a curve stops short of the target at p = 1
             return self.target
         value = int(self._fn(self.progress(t), self.start, self.target))
-        return min(max(value, self.target), self.start)
+        low, high = min(self.start, self.target), max(self.start, self.target)
+        return min(max(value, low), high)
 
     def phase(self, t: int) -> Phase:
         if not self.prunes or t < self.warmup_steps:

@@ -27,6 +27,7 @@ __all__ = [
     "AdapterConfig",
     "BudgetConfig",
     "ConfigError",
+    "MethodConfig",
     "ModelConfig",
     "RegularizerConfig",
     "ReportConfig",
@@ -107,6 +108,11 @@ class ScorerConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class MethodConfig(_Strict):
+    name: str = Field("dora", description="the allocation method (docs/methods.md); dora = scorer x schedule")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class ScheduleConfig(_Strict):
     name: str = "dora"
     warmup: float = Field(0.15, ge=0, description="t_i: a fraction of the steps if < 1, else steps")
@@ -159,6 +165,7 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
     scorer: ScorerConfig = Field(default_factory=ScorerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
@@ -294,18 +301,35 @@ def field_at(path: str | Sequence[Any], hidden: Collection[str] = ()) -> FieldIn
 
 
 def _check_registered(cfg: RunConfig) -> None:
-    """Task, scorer, schedule and regulariser names must be registered (after importing plugins)."""
-    from ..core import registry, regularizers, schedules, scorers
+    """Task, method, scorer, schedule and regulariser names must be registered (after importing
+    plugins), and the method's parameters its own."""
+    from ..core import methods, registry, regularizers, schedules, scorers
     from . import tasks
 
     try:
         registry.import_plugins(cfg.plugins)
         try:
-            tasks.get_task(cfg.task.name)
+            spec = tasks.get_task(cfg.task.name)
         except ValueError as exc:
             raise ValueError(f"task.name: {exc}") from None
+        try:
+            method = methods.make_method(cfg.method.name, **cfg.method.params)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"method.{'params' if cfg.method.name in methods.METHODS else 'name'}: {exc}") from None
+        if method.needs_validation and not spec.eval_splits and cfg.train.method == "adapter":
+            raise ValueError(f"method.name: method {cfg.method.name!r} scores components on a validation batch, but "
+                             f"task {cfg.task.name!r} has no evaluation split; give the task one (TaskSpec.eval_splits) "
+                             f"or pick a method that needs none (dora, sora, increlora, dylora, eva)")
+        start_rank, target_rank = getattr(method, "start_rank", None), cfg.budget.target_rank
+        if method.grows and start_rank is not None and target_rank is not None and start_rank > target_rank:
+            raise ValueError(f"method.params.start_rank ({start_rank}) is above the cap budget.target_rank "
+                             f"({target_rank:g}): a growing method starts below its cap; lower start_rank or "
+                             f"raise budget.target_rank")
         scorers.make_scorer(cfg.scorer.name, **cfg.scorer.params)
         schedule = schedules.get_schedule(cfg.schedule.name)
+        if (method.grows or method.follows_schedule) and not getattr(schedule, "prunes", True):
+            raise ValueError(f"schedule.name: method {cfg.method.name!r} acts at the schedule's prune steps, but "
+                             f"schedule {cfg.schedule.name!r} has none: pick dora, adalora or linear")
         total = cfg.train.max_steps
         if total and cfg.train.method == "adapter" and getattr(schedule, "prunes", True):
             s = cfg.schedule
@@ -331,6 +355,7 @@ def build_controller(cfg: RunConfig, model: Any, total_steps: int,
     or budget that does not fit the run's length or model raises :class:`ConfigError`."""
     from ..core.adapter import adapter_layers
     from ..core.controller import PruningController
+    from ..core.methods import make_method
     from ..core.scorers import make_scorer
 
     try:
@@ -339,7 +364,8 @@ def build_controller(cfg: RunConfig, model: Any, total_steps: int,
             target_rank=cfg.budget.target_rank, target_params=cfg.budget.target_params,
             warmup=cfg.schedule.warmup, final=cfg.schedule.final, interval=cfg.schedule.interval,
             regularizer=cfg.regularizer.name, reg_weight=cfg.regularizer.weight,
-            compact=cfg.schedule.compact, agree=agree)
+            compact=cfg.schedule.compact, agree=agree,
+            method=make_method(cfg.method.name, **cfg.method.params))
     except ValueError as exc:  # a schedule or budget that does not fit this run's length or model
         raise ConfigError(f"the schedule and budget do not fit this run ({total_steps} optimizer steps, "
                           f"{len(adapter_layers(model))} adapted matrices): {exc}") from None

@@ -56,6 +56,15 @@ class DoraTrainerCallback(TrainerCallback):
                        **kwargs: Any) -> None:
         if self.controller is None and self._factory is not None:
             self.controller = self._factory(state.max_steps)
+        if self.controller is not None and self.controller.method.calibration_batches:
+            model, loader = kwargs.get("model"), kwargs.get("train_dataloader")
+            if model is None or loader is None:
+                raise RuntimeError(f"method {self.controller.method.name!r} reads training batches before training, "
+                                   "but the Trainer passed no model or train_dataloader to on_train_begin")
+            was_training = model.training
+            model.eval()
+            self.controller.before_training(lambda b: model(**{k: v for k, v in b.items() if k != "labels"}), loader)
+            model.train(was_training)
         if self.controller is not None and distributed.world_size() > 1:
             self.controller.agree = distributed.agree
             if self.controller.compact_at_end:

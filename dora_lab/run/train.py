@@ -145,6 +145,16 @@ def train_run(
     controller = None
     if adapted:
         controller = build_controller(cfg, model, total, agree=distributed.agree if shards > 1 else None)
+        if controller.method.calibration_batches:  # a one-shot allocator reads a few batches (before DDP
+            model.eval()                            # wraps the model, so rank 0's ranks and A reach all)
+            controller.before_training(
+                lambda b: model(**{k: v.to(device) for k, v in b.items() if k not in ("index", "labels")}),
+                train_loader)
+        if controller.method.needs_validation:  # one fixed validation batch (the config checked there is one)
+            rows = controller.method.validation_rows or cfg.train.eval_batch_size
+            vbatch = {k: v[:rows].to(device) for k, v in next(iter(eval_loaders[spec.eval_splits[0]])).items()
+                      if k != "index"}
+            controller.set_validation(_validation_loss(model, vbatch))
     # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
     if rank0:
         claim_run_dir(run_dir, overwrite)
@@ -156,7 +166,7 @@ def train_run(
     info = RunInfo(
         config=cfg.resolved(), run_dir=run_dir, total_steps=total, steps_per_epoch=steps_per_epoch,
         trainable_parameters=counts.trainable, adapter_parameters=counts.adapter_active,
-        budget_curve=controller.schedule.curve() if controller else [],
+        budget_curve=controller.budget_curve() if controller else [],
         budget_unit=controller.unit if controller else "none",
     )
     for cb in callbacks:
@@ -169,7 +179,8 @@ def train_run(
     history: list[dict[str, float]] = []
     best: tuple[float, int, dict[str, torch.Tensor]] = (-math.inf, -1, {})  # metric, step, weights
     batches = _micro_batches(train_loader)
-    bar = tqdm(total=total, desc=f"{cfg.task.name} {cfg.scorer.name}/{cfg.schedule.name} seed {cfg.seed}",
+    what = f"{cfg.scorer.name}/{cfg.schedule.name}" if cfg.method.name == "dora" else cfg.method.name
+    bar = tqdm(total=total, desc=f"{cfg.task.name} {what} seed {cfg.seed}",
                disable=not (progress and rank0), dynamic_ncols=True)
     model.train()
     rows = 0  # training rows this rank has seen (a rank's share of the global batches)
@@ -214,7 +225,7 @@ def train_run(
             metrics = evaluate(model, eval_loaders, spec, device, autocast)
             metrics["step"] = float(step + 1)
             history.append(metrics)
-            pruning_done = controller is None or not controller.schedule.prunes or controller.frozen
+            pruning_done = controller is None or controller.settled
             if pruning_done and metrics[spec.main_metric] > best[0]:
                 best = (metrics[spec.main_metric], step + 1, _trainable_state(model))
             bar.set_postfix(loss=f"{loss_sum:.3f}", **{spec.main_metric[:8]: f"{metrics[spec.main_metric]:.4f}"})
@@ -250,6 +261,19 @@ def train_run(
     return result
 
 
+def _validation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """``loss()``: the model's loss on ``batch`` in eval mode, without gradients (then back in train mode)."""
+    @torch.no_grad()
+    def loss() -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            return float(model(**batch).loss)
+        finally:
+            model.train(was_training)
+    return loss
+
+
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -274,15 +298,17 @@ def _write_outputs(run_dir: Path, result: RunResult, controller: PruningControll
         (run_dir / "allocation.json").write_text(json.dumps(result.allocation, indent=1))
         masks = {n: layer.index[layer.mask > 0].tolist() for n, layer in controller.layers.items()}
         (run_dir / "scores.json").write_text(json.dumps(
-            {"scorer": controller.scorer.name, "scores": controller.component_scores(),
+            {"method": controller.method.name, "scorer": controller.scorer.name,
+             "scores": controller.component_scores(),
              "kept_components": masks}, indent=1))
         (run_dir / "budget.json").write_text(json.dumps(
-            {"unit": controller.unit, "curve": controller.schedule.curve()}))
+            {"unit": controller.unit, "curve": controller.budget_curve()}))
 
 
 def _default_run_dir(cfg: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(cfg.output_dir) / "runs" / f"{stamp}-{cfg.task.name}-{cfg.scorer.name}-{cfg.schedule.name}-s{cfg.seed}"
+    method = "" if cfg.method.name == "dora" else f"{cfg.method.name}-"
+    return Path(cfg.output_dir) / "runs" / f"{stamp}-{cfg.task.name}-{method}{cfg.scorer.name}-{cfg.schedule.name}-s{cfg.seed}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,6 +60,9 @@ class RankOneLinear(nn.Module):
         self.register_buffer("index", torch.arange(r0, device=w.device))
         self.hard_mask = False
         self.merged = False
+        # DyLoRA (methods/dylora.py): while training, only components at stored positions < prefix act
+        self.prefix: int | None = None
+        self.init: InitMode = init
         self.reset_parameters(init)
 
     mask: torch.Tensor
@@ -96,7 +99,10 @@ class RankOneLinear(nn.Module):
         return self.active_rank * self.params_per_component
 
     def effective_c(self) -> torch.Tensor:
-        return self.c * self.mask if self.hard_mask else self.c
+        c = self.c * self.mask if self.hard_mask else self.c
+        if self.prefix is not None and self.training:
+            c = c * (torch.arange(self.rank, device=c.device) < self.prefix).to(c.dtype)
+        return c
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,6 +143,40 @@ class RankOneLinear(nn.Module):
         """Zero ``c`` of components not in ``keep`` (bool, length ``rank``); they stay trainable."""
         self.mask.copy_(keep.to(self.mask.dtype))
         self.c.mul_(self.mask)
+
+    @torch.no_grad()
+    def activate(self, slots: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        """(Re)initialise the components at ``slots`` (bool, length ``rank``) as new ones: ``A``'s rows
+        and ``B``'s columns drawn as at construction (the layer's ``init``), ``c = 0`` (the output
+        does not change) and their optimizer state (AdamW's moments: every per-element tensor of
+        ``A``'s, ``B``'s and ``c``'s shape) zeroed; then they are active (mask 1).  The component
+        pool: a growing method turns inactive slots into fresh components without rebuilding the
+        optimizer.  AdamW's ``step`` counter is per tensor, not per slot, so a reset slot's first
+        updates are not bias-corrected as a fresh tensor's would be (methods/increlora.py warms
+        them up instead).  ``generator`` (a CPU one) draws the new values: the same on every
+        data-parallel rank when seeded alike."""
+        idx = torch.nonzero(slots.to(self.mask.device), as_tuple=False).flatten()
+        if idx.numel() == 0:
+            return
+        fresh_a = torch.empty(idx.numel(), self.in_features, dtype=self.A.dtype)
+        fresh_b = torch.empty(self.out_features, idx.numel(), dtype=self.B.dtype)
+        if self.init == "dora":
+            # kaiming_uniform_ of the whole (r0 x d_in) / (d_out x r0) tensors: bound sqrt(6 / fan_in)
+            nn.init.uniform_(fresh_a, -math.sqrt(6 / self.in_features), math.sqrt(6 / self.in_features), generator)
+            nn.init.uniform_(fresh_b, -math.sqrt(6 / self.r0), math.sqrt(6 / self.r0), generator)
+        else:
+            nn.init.normal_(fresh_a, 0.0, 0.02, generator)
+            nn.init.normal_(fresh_b, 0.0, 0.02, generator)
+        self.A.index_copy_(0, idx, fresh_a.to(self.A.device))
+        self.B.index_copy_(1, idx, fresh_b.to(self.B.device))
+        self.c.index_fill_(0, idx, 0.0)
+        self.mask.index_fill_(0, idx, 1.0)
+        if optimizer is not None:
+            for p, dim in ((self.A, 0), (self.B, 1), (self.c, 0)):
+                for v in optimizer.state.get(p, {}).values():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        v.index_fill_(dim, idx.to(v.device), 0.0)
 
     @torch.no_grad()
     def freeze_mask(self, keep: torch.Tensor) -> None:

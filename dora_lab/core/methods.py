@@ -1,0 +1,259 @@
+"""Allocation methods: the protocol every dynamic-rank method plugs into, and its registry.
+
+A method decides which of each layer's stored components are active.  The
+:class:`~dora_lab.core.controller.PruningController` owns the layers, the budget and the step
+count, and calls the method's hooks; it has no special case for any method::
+
+    before training       before_training(run_batch, batches)   an allocator sees a few batches
+                                                                 (one-shot EVA) and may set ranks
+    every optimizer step  after_optimizer_step(t, optimizer)    proximal gate updates (SoRA), scores,
+                                                                 the next step's prefix (DyLoRA)
+    the same step         decide(t) -> keep masks | None         at prune/grow steps: which components
+                                                                 are active from now on (keep AND activate)
+                          is_final(t)                            the decision that freezes the masks
+                          after_apply(t, keep)                   after the controller applied it
+
+The budget is a cap: :meth:`AllocationMethod.budget` says how much (in the controller's unit,
+components or parameters) may be active at step ``t``; the controller's ``schedule`` gives the
+default (the configured schedule between ``start_budget`` and the target; a method with
+``grows = True`` starts below the target and grows to it).  A method with ``pool = True`` keeps
+its inactive components out of the forward pass (a hard mask) and turns an inactive one it
+activates into a fresh component (:meth:`RankOneLinear.activate`: new ``A`` row and ``B`` column,
+``c = 0``, optimizer state zeroed), so growth needs no new optimizer.  Without ``pool`` a pruned
+component only has ``c = 0`` and keeps training until the final mask (DoRA's soft pruning).
+
+Register one with ``@register_method("name")`` on a subclass; its constructor's keyword arguments
+are its hyper-parameters (config ``method.params``).  The built-ins are the top-level ``methods``
+package, one file each, found by discovery like ``metrics/``; third-party packages use the
+entry-point group ``dora_lab.methods``.  :func:`keep_top` (global top-b within a cost budget) and
+:func:`keep_where` (keep by a threshold, capped) are the two shared decision rules.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from .adapter.layer import RankOneLinear
+from .registry import Registry, RegistryError
+
+if TYPE_CHECKING:
+    from .controller import PruningController
+
+__all__ = [
+    "AllocationMethod",
+    "Keep",
+    "get_method",
+    "keep_top",
+    "keep_where",
+    "uniform_prefix",
+    "list_methods",
+    "make_method",
+    "register_method",
+]
+
+Keep = dict[str, torch.Tensor]
+
+
+class AllocationMethod:
+    """Base class: every hook does nothing, the budget is the controller's schedule.
+
+    ``grows``: the method starts at :meth:`start_budget` below the target and its cap grows.
+    ``pool``: inactive components are hard-masked and re-initialised when activated.
+    ``calibration_batches``: how many training batches :meth:`before_training` wants (0: none).
+    ``uses_scorer``: whether the configured ``scorer`` matters (shown in run names and reports).
+    ``follows_schedule``: the method acts at the schedule's prune steps and needs a schedule that has
+    them (not ``constant``).
+    ``exact_target``: in components the method ends at exactly the target (False: at most, e.g. a
+    threshold that leaves fewer).  ``start_rank``: a growing method's active rank per layer at the
+    start (the config refuses one above ``budget.target_rank``).  ``needs_validation``: the method
+    scores on a validation batch (``controller.validation_loss``, set by :meth:`set_validation`;
+    the config refuses such a method for a task without an evaluation split); ``validation_rows``:
+    how many rows of the first evaluation batch that loss reads (None: all).
+    """
+
+    name: ClassVar[str] = ""
+    grows: ClassVar[bool] = False
+    pool: ClassVar[bool] = False
+    uses_scorer: ClassVar[bool] = False
+    follows_schedule: ClassVar[bool] = False
+    exact_target: ClassVar[bool] = True
+    needs_validation: ClassVar[bool] = False
+    validation_rows: int | None = None
+    start_rank: int | None = None
+    calibration_batches: int = 0
+    ctl: PruningController
+
+    # -- binding --------------------------------------------------------------------------------
+    def start_budget(self, ctl: PruningController) -> int:
+        """The schedule's start, in the controller's unit (default: every stored component)."""
+        return ctl.capacity
+
+    def setup(self, ctl: PruningController) -> None:
+        """Called once by the controller, after its schedule is built: the method sees the layers."""
+        self.ctl = ctl
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
+        """Before the first optimizer step: ``run_batch(b)`` runs the model's forward on batch ``b``."""
+        del run_batch, batches
+
+    def after_optimizer_step(self, t: int, optimizer: torch.optim.Optimizer | None, update_scores: bool) -> None:
+        """After ``optimizer.step()`` of step ``t``, gradients still present.  ``update_scores`` is
+        False for a step that fp16 loss scaling skipped (its gradients overflowed)."""
+        del t, optimizer, update_scores
+
+    def decide(self, t: int, update_scores: bool) -> Keep | None:
+        """The active components from now on (one bool mask per layer), or None: no change."""
+        del t, update_scores
+        return None
+
+    def after_apply(self, t: int, keep: Keep) -> None:
+        """After the controller applied step ``t``'s decision ``keep`` (the agreed one)."""
+        del t, keep
+
+    def is_final(self, t: int) -> bool:
+        """Whether step ``t``'s decision freezes the masks (then the controller compacts)."""
+        return self.ctl.schedule.is_final_step(t)
+
+    # -- the cap --------------------------------------------------------------------------------
+    @property
+    def changes_allocation(self) -> bool:
+        """Whether the method ever decides (a constant schedule under ``dora`` does not)."""
+        return self.ctl.schedule.prunes
+
+    def budget(self, t: int) -> int:
+        """The most that may be active after step ``t``'s decision (the cap)."""
+        return self.ctl.schedule.budget(t)
+
+    def phase(self, t: int) -> str:
+        return self.ctl.schedule.phase(t)
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        del state
+
+    @classmethod
+    def hyperparameters(cls) -> dict[str, Any]:
+        """The constructor's keyword arguments with their defaults (config ``method.params``)."""
+        if cls.__init__ is object.__init__:
+            return {}
+        sig = inspect.signature(cls.__init__)
+        return {n: (None if p.default is inspect.Parameter.empty else p.default)
+                for n, p in sig.parameters.items()
+                if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+# -- the shared decision rules ----------------------------------------------------------------------
+def keep_top(layers: Mapping[str, RankOneLinear], scores: Mapping[str, torch.Tensor], budget: int,
+             cost: Callable[[RankOneLinear], int], allowed: Mapping[str, torch.Tensor] | None = None,
+             what: str = "scores") -> Keep:
+    """Global top-``budget`` by score: components are taken in score order (stable: ties by layer
+    order, then position) while their cost fits the budget, so the kept cost never exceeds it; with
+    unit cost exactly the top ``budget`` are kept.  ``allowed`` (bool masks) excludes components."""
+    names = list(layers)
+    missing = [n for n in names if n not in scores]
+    if missing:
+        raise RuntimeError(f"{what} missing for layers {missing[:3]}")
+    flat = torch.cat([scores[n].float().cpu() for n in names])
+    if (flat < 0).any() or not torch.isfinite(flat).all():
+        raise ValueError(f"{what}: negative or non-finite scores")
+    costs = torch.cat([torch.full((layers[n].rank,), cost(layers[n])) for n in names])
+    ok = (torch.cat([allowed[n].cpu().bool() for n in names]) if allowed is not None
+          else torch.ones_like(flat, dtype=torch.bool))
+    order = torch.sort(flat, descending=True, stable=True).indices
+    keep_flat = torch.zeros_like(flat, dtype=torch.bool)
+    if bool((costs == 1).all()) and allowed is None:
+        keep_flat[order[:budget]] = True
+    else:
+        used = 0
+        for i in order.tolist():
+            if ok[i] and used + int(costs[i]) <= budget:
+                keep_flat[i] = True
+                used += int(costs[i])
+    out, offset = {}, 0
+    for n in names:
+        r = layers[n].rank
+        out[n] = keep_flat[offset: offset + r]
+        offset += r
+    return out
+
+
+def keep_where(layers: Mapping[str, RankOneLinear], values: Mapping[str, torch.Tensor], threshold: float,
+               cap: int, cost: Callable[[RankOneLinear], int]) -> Keep:
+    """Keep by threshold, the budget as a cap: every component whose value is above ``threshold``,
+    and if those cost more than ``cap``, only the largest of them that fit (:func:`keep_top`)."""
+    above = {n: values[n].detach().float().cpu() > threshold for n in layers}
+    if sum(int(above[n].sum()) * cost(layers[n]) for n in layers) <= cap:
+        return above
+    return keep_top(layers, {n: values[n].detach().float().abs() for n in layers}, cap, cost, allowed=above)
+
+
+def uniform_prefix(layers: Mapping[str, RankOneLinear], budget: int, cost: Callable[[RankOneLinear], int]) -> Keep:
+    """The same rank ``k`` in every layer, the largest whose total cost fits ``budget``, then one
+    more component for layers in order while it fits: each layer keeps a prefix of its components."""
+    items = list(layers.items())
+    costs = [cost(layer) for _, layer in items]
+    k = 0
+    while k < max(layer.rank for _, layer in items) and sum(
+            c * min(k + 1, layer.rank) for c, (_, layer) in zip(costs, items, strict=True)) <= budget:
+        k += 1
+    ranks = [min(k, layer.rank) for _, layer in items]
+    used = sum(c * r for c, r in zip(costs, ranks, strict=True))
+    for i, (_, layer) in enumerate(items):
+        if ranks[i] < layer.rank and used + costs[i] <= budget:
+            ranks[i] += 1
+            used += costs[i]
+    return {n: torch.arange(layer.rank) < r for (n, layer), r in zip(items, ranks, strict=True)}
+
+
+# -- the registry -----------------------------------------------------------------------------------
+def _check(name: str, obj: object) -> None:
+    if not (isinstance(obj, type) and issubclass(obj, AllocationMethod)):
+        raise RegistryError(f"method {name!r} must be an AllocationMethod subclass")
+
+
+METHODS: Registry[type[AllocationMethod]] = Registry(
+    "method", "dora_lab.methods", _check,
+    packages=("methods",),  # every module of methods/: a new built-in is one new file there
+)
+
+
+def register_method(name: str, *, replace: bool = False) -> Callable[[type[AllocationMethod]], type[AllocationMethod]]:
+    """Register an :class:`AllocationMethod` subclass as ``name`` (config ``method.name``)."""
+
+    def decorate(cls: type[AllocationMethod]) -> type[AllocationMethod]:
+        if isinstance(cls, type):
+            cls.name = name
+        METHODS.add(name, cls, replace=replace)
+        return cls
+
+    return decorate
+
+
+def get_method(name: str) -> type[AllocationMethod]:
+    return METHODS.get(name)
+
+
+def list_methods() -> list[str]:
+    return METHODS.names()
+
+
+def make_method(name: str = "dora", **params: Any) -> AllocationMethod:
+    """Build method ``name`` with hyper-parameters ``params``; unknown ones are refused by name,
+    with the list of valid ones."""
+    cls = get_method(name)
+    allowed = cls.hyperparameters()
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no parameter(s) {unknown}; it takes: "
+            f"{', '.join(f'{k} (default {v})' for k, v in allowed.items()) or 'none'}"
+        )
+    return cls(**params)

@@ -1,0 +1,96 @@
+"""``eva``: one-shot ranks from the input activations before training (EVA, Paischer et al. 2024,
+"One Initialization to Rule them All", as in PEFT's ``EvaConfig``), then fixed.
+
+Before the first optimizer step the model runs forward on ``batches`` training batches (no
+gradients) and each adapted layer's inputs ``X`` (every token: ``n x d_in``) are collected as the
+Gram matrix ``G = X^T X``, whose eigen-decomposition ``G = V diag(s^2) V^T`` gives ``X``'s right
+singular vectors ``V`` and singular values ``s``.  Component ``i`` of a layer explains the ratio
+``s_i^2 / sum_j s_j^2`` of its input's variance (uncentred, as in EVA).  All layers' top ``r0``
+ratios are ranked together and the top ones kept while their cost fits the global target
+(:func:`keep_top`); within a layer that is always a prefix, so each layer keeps its top ``k_l``
+directions.  ``A``'s rows become the top right-singular vectors (unit rows, ``V[:, i]``), ``c = 0``
+(the output is unchanged), and the masks are frozen at step 0 and compacted with the optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from dora_lab.core.methods import AllocationMethod, Keep, keep_top, register_method
+
+
+@register_method("eva")
+class EVA(AllocationMethod):
+    def __init__(self, batches: int = 4) -> None:
+        if batches < 1:
+            raise ValueError(f"batches must be >= 1 (training batches to read before training), got {batches}")
+        self.calibration_batches = int(batches)
+        self.ratios: dict[str, torch.Tensor] = {}
+        self._keep: Keep | None = None
+
+    def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
+        layers = self.ctl.layers
+        gram: dict[str, torch.Tensor] = {}
+
+        def hook(name: str) -> Callable[..., None]:
+            def collect(module: Any, args: tuple[torch.Tensor, ...]) -> None:
+                x = args[0].detach().reshape(-1, module.in_features).double()
+                gram[name] = gram[name] + x.T @ x if name in gram else x.T @ x
+            return collect
+
+        handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in layers.items()]
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(batches):
+                    if i >= self.calibration_batches:
+                        break
+                    run_batch(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in layers if n not in gram]
+        if missing:
+            raise RuntimeError(f"method 'eva': no input reached layers {missing[:3]} in the calibration batches")
+        vectors = {}
+        for n, layer in layers.items():
+            s2, v = torch.linalg.eigh(gram[n])  # ascending
+            s2, v = s2.flip(0).clamp_min(0.0), v.flip(1)
+            self.ratios[n] = (s2[: layer.rank] / s2.sum().clamp_min(1e-300)).float()
+            vectors[n] = v[:, : layer.rank].T
+        keep = keep_top(layers, self.ratios, self.ctl.target, self.ctl.cost, what="method 'eva' ratios")
+        with torch.no_grad():
+            for n, layer in layers.items():
+                k = vectors[n].shape[0]
+                layer.A[:k] = vectors[n].to(layer.A.dtype)
+                layer.c.zero_()
+                layer.soft_prune(keep[n])
+                layer.hard_mask = True
+        self._keep = keep
+
+    def decide(self, t: int, update_scores: bool) -> Keep | None:
+        if self._keep is None:
+            raise RuntimeError("method 'eva' allocates before training: call controller.before_training(run_batch, "
+                               "batches) with a few training batches before the first step")
+        return self._keep if t == 0 else None
+
+    def is_final(self, t: int) -> bool:
+        return t == 0
+
+    @property
+    def changes_allocation(self) -> bool:
+        return True
+
+    def budget(self, t: int) -> int:
+        return self.ctl.target
+
+    def phase(self, t: int) -> str:
+        return "decay" if t == 0 else "final"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ratios": {n: r.clone() for n, r in self.ratios.items()}}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.ratios = {n: r.clone() for n, r in state.get("ratios", {}).items()}

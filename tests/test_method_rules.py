@@ -1,0 +1,288 @@
+"""Each built-in allocation method (methods/) against a hand-worked case or its paper's formula."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import adamw, adapted_bert, batches, randomize_c, train
+
+from dora_lab import PruningController, RankOneLinear, Scorer, adapter_layers, make_method, make_scorer
+from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
+
+
+def layers(names: str = "abc", d_in: int = 5, d_out: int = 4, r0: int = 3) -> dict[str, RankOneLinear]:
+    torch.manual_seed(0)
+    return {n: RankOneLinear(torch.nn.Linear(d_in, d_out).double(), r0=r0, dropout=0.0) for n in names}
+
+
+class Fixed(Scorer):
+    """Scores set by hand (a real Scorer, fed nothing)."""
+
+    name = "fixed"
+
+    def __init__(self, scores: Mapping[str, list[float]]) -> None:
+        self.values = {n: torch.tensor(v) for n, v in scores.items()}
+
+    def update(self, layers: Mapping[str, Any]) -> None:
+        del layers
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return dict(self.values)
+
+
+# -- SoRA ------------------------------------------------------------------------------------------------
+def test_sora_soft_thresholds_each_gate_by_its_learning_rate_times_lambda() -> None:
+    lay = layers("x", r0=4)
+    ctl = PruningController(lay, make_scorer("magnitude"), "dora", 10, target_rank=2, warmup=1, final=2,
+                            interval=1, method=make_method("sora", lam=0.1))
+    x = lay["x"]
+    x.c.data = torch.tensor([0.5, -0.002, 0.001, -0.3], dtype=torch.float64)
+    opt = torch.optim.SGD([{"params": [x.A, x.B], "lr": 0.5}, {"params": [x.c], "lr": 0.01}])
+    ctl.method.after_optimizer_step(0, opt, True)
+    # c <- sign(c) max(|c| - 0.01 * 0.1, 0): c's own group's lr, not the other group's 0.5
+    torch.testing.assert_close(x.c.detach(), torch.tensor([0.499, -0.001, 0.0, -0.299], dtype=torch.float64))
+
+
+def test_sora_keeps_the_non_zero_gates_and_the_budget_caps_them() -> None:
+    lay = layers("x", r0=4)
+    ctl = PruningController(lay, make_scorer("magnitude"), "dora", 10, target_rank=2, warmup=1, final=2,
+                            interval=1, method=make_method("sora"))
+    lay["x"].c.data = torch.tensor([0.4, 0.0, -0.2, 0.1], dtype=torch.float64)
+    assert ctl.schedule.budget(1) == 4  # three non-zero gates, under the cap: all three kept
+    assert ctl.method.decide(1, True)["x"].tolist() == [True, False, True, True]  # type: ignore[index]
+    # the last prune step (T - t_f = 8) caps at the target, 2: the two largest |c|
+    assert ctl.method.decide(8, True)["x"].tolist() == [True, False, True, False]  # type: ignore[index]
+    lay["x"].c.data.zero_()
+    with pytest.raises(RuntimeError, match=r"kept no component.*method.params.threshold"):
+        ctl.method.decide(8, True)
+
+
+def test_sora_in_a_run_zeroes_gates_and_ends_with_the_non_zero_ones() -> None:
+    model = adapted_bert(0, dtype=torch.float32)
+    ctl = PruningController(model, make_scorer("magnitude"), "dora", 12, target_rank=3, warmup=2, final=3,
+                            interval=2, method=make_method("sora", lam=0.5))
+    train(model, adamw(model, lr=1e-2), ctl, batches(12))
+    kept = sum(ctl.allocation().values())
+    assert 0 < kept < 36  # lam 0.5 takes back half of a typical Adam step: some gates stay at zero (22)
+    for layer in adapter_layers(model).values():
+        assert bool((layer.c != 0).all())  # compacted to exactly the non-zero gates
+
+
+# -- IncreLoRA ------------------------------------------------------------------------------------------
+def increlora(target_rank: float, scores: Mapping[str, list[float]], **params: Any) -> PruningController:
+    return PruningController(layers(), Fixed(scores), "linear", 10, target_rank=target_rank, warmup=1, final=2,
+                             interval=1, method=make_method("increlora", **params))
+
+
+def test_increlora_starts_small_and_adds_to_the_most_important_layers_first() -> None:
+    ctl = increlora(7 / 3, {"a": [1, 0, 0], "b": [5, 0, 0], "c": [3, 0, 0]})
+    assert ctl.allocation() == {"a": 1, "b": 1, "c": 1} and ctl.schedule.start == 3
+    assert all(lay.hard_mask for lay in ctl.layers.values())
+    keep = ctl.method.decide(8, True)  # the last step: budget 7, deficit 4 -> b, c, a, then b again
+    assert keep is not None
+    assert {n: k.tolist() for n, k in keep.items()} == {
+        "a": [True, True, False], "b": [True, True, True], "c": [True, True, False]}
+
+
+def test_increlora_warms_a_new_component_up_linearly() -> None:
+    ctl = increlora(2, {"a": [1, 0, 0], "b": [2, 0, 0], "c": [3, 0, 0]}, warmup=4)
+    opt = torch.optim.SGD([p for lay in ctl.layers.values() for p in lay.parameters() if p.requires_grad], lr=0.1)
+    keep = ctl.method.decide(5, True)  # linear: budget 3 + int(3 * 4/7) = 4 -> c (the most important)
+    assert keep is not None and keep["c"].tolist() == [True, True, False]
+    ctl.apply(keep, optimizer=opt)
+    ctl.method.after_apply(5, keep)
+    c = ctl.layers["c"]
+    assert c.c[1].item() == 0.0 and c.mask.tolist() == [1.0, 1.0, 0.0]
+    x = torch.randn(6, 5, dtype=torch.float64)
+    for k in (1, 2):
+        before = c.c.detach().clone()
+        opt.zero_grad()
+        sum(lay(x).pow(2).sum() for lay in ctl.layers.values()).backward()
+        g = c.c.grad.detach().clone()  # type: ignore[union-attr]
+        opt.step()
+        ctl.method.after_optimizer_step(5 + k, opt, True)
+        # the new component's k-th update is scaled by k / warmup; the old one's is SGD's own
+        torch.testing.assert_close(c.c[1].detach(), before[1] - (k / 4) * 0.1 * g[1])
+        torch.testing.assert_close(c.c[0].detach(), before[0] - 0.1 * g[0])
+        assert g[2].item() == 0.0  # the inactive slot gets no gradient
+
+
+# -- DyLoRA ---------------------------------------------------------------------------------------------
+def test_dylora_trains_only_the_drawn_prefix_and_evaluates_with_all() -> None:
+    model = adapted_bert(0)
+    randomize_c(model)
+    ctl = PruningController(model, make_scorer("magnitude"), "dora", 12, target_rank=1.5, warmup=2, final=3,
+                            interval=2, method=make_method("dylora", seed=3))
+    b = ctl.method.draws[0]  # type: ignore[attr-defined]
+    assert 1 <= b <= 4
+    x, y = batches(1)[0]
+    model.train()
+    model(input_ids=x, labels=y).loss.backward()
+    for lay in adapter_layers(model).values():
+        assert lay.prefix == b
+        assert bool((lay.A.grad[b:] == 0).all()) and bool((lay.c.grad[b:] == 0).all())  # type: ignore[index]
+        assert bool((lay.A.grad[:b] != 0).any())  # type: ignore[index]
+        lay.eval()
+        assert bool((lay.effective_c() == lay.c).all())
+    again = make_method("dylora", seed=3)
+    PruningController(adapted_bert(0), make_scorer("magnitude"), "dora", 12, target_rank=1.5, warmup=2, final=3,
+                      interval=2, method=again)
+    assert again.draws == [b]  # type: ignore[attr-defined]
+
+
+def test_dylora_cuts_every_layer_to_a_prefix_that_meets_the_target() -> None:
+    for budget, expected in (({"target_rank": 1.5}, [2] * 6 + [1] * 6),
+                             # 908 parameters per component in every layer (4 x 65 + 2 x 97): 3 each = 2724,
+                             # then one more (65) for layer 0's query, key, value, output: 2984; 3081 > 3000
+                             ({"target_params": 3000}, [4] * 4 + [3] * 8)):
+        model = adapted_bert(0, dtype=torch.float32)
+        ctl = PruningController(model, make_scorer("magnitude"), "dora", 12, warmup=2, final=3, interval=2,
+                                method=make_method("dylora"), **budget)  # type: ignore[arg-type]
+        infos = train(model, adamw(model), ctl, batches(12))
+        assert list(ctl.allocation().values()) == expected
+        assert [i.pruned for i in infos] == [t == 9 for t in range(12)]
+        assert all(lay.prefix is None and lay.index.tolist() == list(range(lay.rank))
+                   for lay in ctl.layers.values())
+
+
+# -- EVA (one-shot) -------------------------------------------------------------------------------------
+def test_eva_ratios_and_directions_are_the_inputs_singular_values_and_vectors() -> None:
+    lay = layers("x", d_in=5, r0=3)
+    ctl = PruningController(lay, make_scorer("magnitude"), "dora", 10, target_rank=2, warmup=1, final=2,
+                            method=make_method("eva", batches=2))
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(3, 4, 5, generator=g, dtype=torch.float64) for _ in range(3)]  # the third is not read
+    ctl.before_training(lambda b: lay["x"](b), data)
+    _, s, vh = torch.linalg.svd(torch.cat([d.reshape(-1, 5) for d in data[:2]]))
+    torch.testing.assert_close(ctl.method.ratios["x"], (s[:3] ** 2 / (s**2).sum()).float())  # type: ignore[attr-defined]
+    torch.testing.assert_close(lay["x"].A.detach().abs(), vh[:3].abs())  # up to sign
+    assert lay["x"].mask.tolist() == [1.0, 1.0, 0.0] and lay["x"].hard_mask
+
+
+def test_eva_gives_the_budget_to_the_layers_whose_inputs_spread_most() -> None:
+    lay = layers("pq", d_in=5, r0=3)
+    ctl = PruningController(lay, make_scorer("magnitude"), "dora", 10, target_rank=1.5, warmup=1, final=2,
+                            method=make_method("eva", batches=1))
+    xp = torch.zeros(2, 5, dtype=torch.float64)
+    xp[0, 0], xp[1, 1] = 3.0, 1.0  # ratios 0.9, 0.1, 0
+    xq = torch.zeros(2, 5, dtype=torch.float64)
+    xq[0, 0], xq[1, 1] = 2.0, 2.0  # ratios 0.5, 0.5, 0
+    ctl.before_training(lambda b: (lay["p"](b[0]), lay["q"](b[1])), [(xp, xq)])
+    opt = torch.optim.AdamW([p for m in lay.values() for p in m.parameters() if p.requires_grad])
+    info = ctl.step(opt)  # target 3: 0.9 (p), 0.5, 0.5 (q); frozen and compacted at step 0
+    assert ctl.allocation() == {"p": 1, "q": 2} and info.frozen and info.pruned
+    torch.testing.assert_close(lay["p"].A.detach().abs(), torch.eye(5, dtype=torch.float64)[:1])
+
+
+def test_eva_without_calibration_batches_says_so() -> None:
+    lay = layers("x")
+    ctl = PruningController(lay, make_scorer("magnitude"), "dora", 10, target_rank=2, warmup=1, final=2,
+                            method=make_method("eva"))
+    with pytest.raises(RuntimeError, match="call controller.before_training"):
+        ctl.step(torch.optim.AdamW(lay["x"].parameters()))
+
+
+@pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")
+@pytest.mark.parametrize("method", ["eva", "increlora", "sora", "dylora", "alora"])
+def test_a_training_run_uses_the_configured_method(method: str, tmp_path: Path) -> None:
+    from dora_lab.run.config import load_config
+    from dora_lab.run.train import train_run
+
+    tiny = make_tiny_model_dir(tmp_path / "bert")
+    cfg = load_config(REPO / "configs" / "cola.yaml", [*tiny_overrides(tiny, tmp_path), f"method.name={method}",
+                                                       "train.max_steps=8", "train.lr=5e-3"])
+    result = train_run(cfg, tmp_path / "run", progress=False)
+    assert 0 < result.active_components_final <= 2 * 12
+    if method != "sora":
+        assert result.active_components_final == 2 * 12
+    curve = json.loads((tmp_path / "run" / "budget.json").read_text())["curve"]
+    assert len(curve) == 8 and curve[-1] == 2 * 12
+
+
+# -- ALoRA ----------------------------------------------------------------------------------------------
+def alora_setup(swap: int = 1) -> tuple[PruningController, torch.Tensor]:
+    lay = layers("abc", r0=3)
+    g = torch.Generator().manual_seed(1)
+    for i, m in enumerate(lay.values()):
+        m.c.data = torch.randn(3, generator=g, dtype=torch.float64) * (i + 1)
+    ctl = PruningController(lay, make_scorer("magnitude"), "linear", 10, target_rank=4 / 3, warmup=1, final=2,
+                            interval=1, method=make_method("alora", swap=swap))
+    x = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    ctl.set_validation(lambda: float(sum(((m(x) - y) ** 2).mean() for m in lay.values()).detach()))
+    return ctl, x
+
+
+def test_alora_scores_are_the_loss_change_when_one_component_is_masked_out() -> None:
+    ctl, x = alora_setup()
+    # the start: the same rank everywhere, a prefix meeting the target (4 components: 2, 1, 1)
+    assert ctl.allocation() == {"a": 2, "b": 1, "c": 1}
+    scores = ctl.method.scores()  # type: ignore[attr-defined]
+    loss = ctl.validation_loss
+    assert loss is not None
+    full = loss()
+    for n, m in ctl.layers.items():
+        for i in range(3):
+            if m.mask[i] == 0:
+                assert torch.isnan(scores[n][i])
+                continue
+            saved = m.c.detach().clone()
+            with torch.no_grad():
+                m.c[i] = 0.0  # another way to remove component i: its coefficient, not its mask
+            assert scores[n][i].item() == pytest.approx(loss() - full, rel=1e-9, abs=1e-12)
+            with torch.no_grad():
+                m.c.copy_(saved)
+
+
+def test_alora_prunes_the_lowest_and_gives_its_budget_to_the_most_important_layer() -> None:
+    ctl, _ = alora_setup()
+    scores = ctl.method.scores()  # type: ignore[attr-defined]
+    active = sorted((float(s[i]), n, i) for n, s in scores.items() for i in range(3) if ctl.layers[n].mask[i] > 0)
+    _, lowest_layer, lowest_i = active[0]
+    keep = ctl.method.decide(1, True)
+    assert keep is not None
+    assert not keep[lowest_layer][lowest_i]
+    others = [n for n in "abc" if n != lowest_layer]
+    best = max(others, key=lambda n: float(scores[n][ctl.layers[n].mask > 0].mean()))
+    assert int(keep[best].sum()) == ctl.allocation()[best] + 1  # the freed component went there
+    assert sum(int(k.sum()) for k in keep.values()) == 4  # the cap, unchanged
+    opt = torch.optim.AdamW([p for m in ctl.layers.values() for p in m.parameters() if p.requires_grad])
+    ctl.apply(keep, optimizer=opt)
+    new = int(torch.nonzero(keep[best] & (torch.arange(3) >= ctl.allocation()[best] - 1)).flatten()[-1])
+    assert ctl.layers[best].c[new].item() == 0.0 and ctl.layers[best].hard_mask  # a fresh component
+
+
+def test_alora_without_a_validation_loss_says_how_to_give_one() -> None:
+    lay = layers("ab")
+    ctl = PruningController(lay, make_scorer("magnitude"), "linear", 10, target_rank=1, warmup=1, final=2,
+                            interval=1, method=make_method("alora"))
+    with pytest.raises(RuntimeError, match=r"controller.set_validation"):
+        ctl.method.decide(1, True)
+
+
+def test_a_validation_method_for_a_task_without_evaluation_data_is_refused(tmp_path: Path) -> None:
+    from dora_lab.run.config import ConfigError, load_config
+    from dora_lab.run.tasks import TASKS, TaskSpec, register_task
+
+    register_task(TaskSpec(name="no_eval_task", text_fields=("sentence",), num_labels=2, is_regression=False,
+                           main_metric="accuracy", eval_splits=(), hub_path=None))
+    try:
+        with pytest.raises(ConfigError, match=r"method.name: method 'alora' scores components on a validation "
+                                              r"batch, but task 'no_eval_task' has no evaluation split"):
+            load_config(REPO / "configs" / "cola.yaml", ["method.name=alora", "task.name=no_eval_task"])
+    finally:
+        TASKS.remove("no_eval_task")
+
+
+def test_alora_re_allocates_at_every_nth_prune_step_and_freezes_at_the_last() -> None:
+    lay = layers("ab")
+    ctl = PruningController(lay, make_scorer("magnitude"), "linear", 10, target_rank=1, warmup=1, final=2,
+                            interval=1, method=make_method("alora", every=2))
+    ctl.set_validation(lambda: float(sum(m(torch.ones(2, 5, dtype=torch.float64)).sum() for m in lay.values())))
+    assert [ctl.method.decide(t, True) is not None for t in range(1, 9)] == [True, False, True, False, True,
+                                                                             False, True, True]

@@ -184,13 +184,14 @@ def test_list_of_suffixes_and_regex_targets() -> None:
 
 
 def test_unmatched_targets_raise_with_the_model_linears() -> None:
-    with pytest.raises(ValueError, match=r"adapter targets \['q_proj'\] matched no nn.Linear; .*"
-                                         r"'bert.encoder.layer.0.attention.self.query'"):
+    with pytest.raises(ValueError, match=r"adapter targets \['q_proj'\] matched no nn.Linear or Conv1D; .*"
+                                         r"query x2 \(e.g. bert.encoder.layer.0.attention.self.query\)"):
         inject_adapters(tiny_bert(0), r0=2, targets=["q_proj"])
     with pytest.raises(ValueError, match="matched no nn.Linear"):  # a regex must match the whole name
         inject_adapters(tiny_bert(0), r0=2, targets="query")
     bare = nn.Sequential(nn.Linear(3, 3))
-    with pytest.raises(ValueError, match=r"no default adapter targets for model_type None.*'adapter.targets'.*bert"):
+    with pytest.raises(ValueError, match=r"no default adapter targets for model_type None \(known families: .*bert.*\); "
+                                         r"name them with 'adapter.targets'.* linear layers: 0 x1 \(e.g. 0\)"):
         inject_adapters(bare, r0=2)
     layers = inject_adapters(bare, r0=2, targets=["0"])
     assert list(layers) == ["0"]

@@ -119,8 +119,11 @@ def train_run(
     adapted = cfg.train.method == "adapter"
     if adapted:
         a = cfg.adapter
-        inject_adapters(model, r0=a.r0, targets=a.targets, alpha=a.alpha, dropout=a.dropout, init=a.init,
-                        trainable=cfg.model.trainable)
+        try:
+            inject_adapters(model, r0=a.r0, targets=a.targets, alpha=a.alpha, dropout=a.dropout, init=a.init,
+                            trainable=cfg.model.trainable)
+        except ValueError as exc:  # no family default, or targets that match nothing: bad input, exit 2
+            raise ConfigError(f"adapter.targets: {exc}") from None
     model.to(device)
     if cfg.train.gradient_checkpointing:
         # non-reentrant: works with a frozen embedding and under DDP (peft#1745's "marked ready twice")

@@ -99,7 +99,7 @@ def tiny_decoder(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64) -
     elif kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(
             vocab_size=VOCAB, n_embd=HIDDEN, n_layer=N_LAYERS, n_head=2, n_inner=INTERMEDIATE, n_positions=64,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2))
     else:
         raise ValueError(kind)
     torch.nn.Module.to(model, dtype=dtype)

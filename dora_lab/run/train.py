@@ -37,6 +37,7 @@ from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, 
 from .config import ConfigError, RunConfig, build_controller, load_config
 from .data import load_splits, make_loader
 from .evaluate import evaluate
+from .memory import peak_memory_mb, reset_peak
 from .models import load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
 from .seeding import seed_everything
@@ -114,16 +115,20 @@ def train_run(
     # -- data and model -------------------------------------------------------------------
     splits = load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
                          max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels, max_length=cfg.task.max_length)
+    bf16_weights = cfg.model.dtype == "bfloat16"  # frozen weights in bf16; what trains stays float32
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels, max_length=cfg.task.max_length,
+                                                **({"dtype": torch.bfloat16} if bf16_weights else {}))
     seed_everything(cfg.seed)  # adapters' init must not depend on what loading consumed
     adapted = cfg.train.method == "adapter"
     if adapted:
         a = cfg.adapter
         try:
             inject_adapters(model, r0=a.r0, targets=a.targets, alpha=a.alpha, dropout=a.dropout, init=a.init,
-                            trainable=cfg.model.trainable)
+                            trainable=cfg.model.trainable, dtype=torch.float32 if bf16_weights else None)
         except ValueError as exc:  # no family default, or targets that match nothing: bad input, exit 2
             raise ConfigError(f"adapter.targets: {exc}") from None
+    if bf16_weights:
+        _trainable_to_float32(model)
     model.to(device)
     if cfg.train.gradient_checkpointing:
         # non-reentrant: works with a frozen embedding and under DDP (peft#1745's "marked ready twice")
@@ -166,7 +171,7 @@ def train_run(
         cb.on_train_begin(info)
 
     # -- the loop ----------------------------------------------------------------------------
-    autocast = _autocast(cfg.model.precision, device)
+    autocast = _autocast("bf16" if bf16_weights else cfg.model.precision, device)
     # fp16 needs loss scaling or small gradients flush to zero; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16")
     history: list[dict[str, float]] = []
@@ -176,6 +181,7 @@ def train_run(
                disable=not (progress and rank0), dynamic_ncols=True)
     model.train()
     rows = 0  # training rows this rank has seen (a rank's share of the global batches)
+    reset_peak(device)
     for step in range(total):
         loss_sum = 0.0
         for micro in range(cfg.train.grad_accum):
@@ -225,6 +231,7 @@ def train_run(
                 cb.on_evaluate(step + 1, metrics)
             model.train()
     bar.close()
+    peak = peak_memory_mb(device)
 
     # -- the run's files -----------------------------------------------------------------------
     history = distributed.broadcast_object(history)  # every rank returns rank 0's result
@@ -237,7 +244,7 @@ def train_run(
         allocation=controller.allocation() if controller else {},
         trainable_parameters=info.trainable_parameters, adapter_parameters_final=counts.adapter_active,
         active_components_final=counts.active_components, steps=total, seconds=time.time() - t0,
-        run_dir=run_dir,
+        run_dir=run_dir, peak_memory_mb=peak[0], peak_memory_source=peak[1],
     )
     if not rank0:
         return result
@@ -251,6 +258,15 @@ def train_run(
     for cb in callbacks:
         cb.on_train_end(result)
     return result
+
+
+@torch.no_grad()
+def _trainable_to_float32(model: torch.nn.Module) -> None:
+    """``model.dtype: bfloat16``: the trained parameters (adapters, head) stay float32 master weights, so
+    AdamW's small updates are not rounded away; the forward pass casts them under bf16 autocast."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

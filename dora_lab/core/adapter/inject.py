@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .layer import LINEAR_TYPES, InitMode, RankOneLinear
@@ -128,12 +129,15 @@ def inject_adapters(
     dropout: float = 0.1,
     init: InitMode = "dora",
     trainable: Iterable[str] = ("classifier",),
+    dtype: torch.dtype | None = None,
 ) -> dict[str, RankOneLinear]:
     """Replace matching ``nn.Linear``/``Conv1D`` modules in place; freeze everything else but ``trainable``.
 
     ``trainable`` names modules (suffix or substring of the dotted parameter name, e.g.
     ``"classifier"``, ``"pooler"``) whose own parameters stay trainable: the task head.
-    Returns the adapted layers by their dotted module name.
+    ``dtype``: of the adapters' ``A``, ``B``, ``c`` (default: each base weight's; float32 on a
+    bfloat16 model keeps full-precision trained weights).  Returns the adapted layers by their
+    dotted module name.
     """
     if targets is None:
         targets = default_targets(model)
@@ -158,7 +162,7 @@ def inject_adapters(
     for name, linear in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = RankOneLinear(linear, r0=r0, alpha=alpha, dropout=dropout, init=init)
+        layer = RankOneLinear(linear, r0=r0, alpha=alpha, dropout=dropout, init=init, dtype=dtype)
         layer.train(linear.training)  # an eval-mode model gets eval-mode adapters (no dropout)
         setattr(parent, child, layer)
         layers[name] = layer

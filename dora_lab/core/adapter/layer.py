@@ -56,7 +56,11 @@ class RankOneLinear(nn.Module):
         alpha: float = 8.0,
         dropout: float = 0.1,
         init: InitMode = "dora",
+        dtype: torch.dtype | None = None,
     ) -> None:
+        """``dtype``: of ``A``, ``B``, ``c`` (default: the base weight's).  float32 adapters on a
+        bfloat16 base keep full-precision trained weights and optimizer state; the forward pass
+        then runs the adapter's products in the input's dtype (the casts are differentiable)."""
         super().__init__()
         if r0 < 1:
             raise ValueError(f"start rank r0 must be >= 1, got {r0}")
@@ -73,10 +77,11 @@ class RankOneLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         w = base.weight
         assert isinstance(w, torch.Tensor)
-        self.A = nn.Parameter(torch.empty(r0, self.in_features, dtype=w.dtype, device=w.device))
-        self.B = nn.Parameter(torch.empty(self.out_features, r0, dtype=w.dtype, device=w.device))
-        self.c = nn.Parameter(torch.zeros(r0, dtype=w.dtype, device=w.device))
-        self.register_buffer("mask", torch.ones(r0, dtype=w.dtype, device=w.device))
+        dt = dtype or w.dtype
+        self.A = nn.Parameter(torch.empty(r0, self.in_features, dtype=dt, device=w.device))
+        self.B = nn.Parameter(torch.empty(self.out_features, r0, dtype=dt, device=w.device))
+        self.c = nn.Parameter(torch.zeros(r0, dtype=dt, device=w.device))
+        self.register_buffer("mask", torch.ones(r0, dtype=dt, device=w.device))
         # Original index (0..r0-1) of each remaining component; survives compaction.
         self.register_buffer("index", torch.arange(r0, device=w.device))
         self.hard_mask = False
@@ -142,7 +147,7 @@ class RankOneLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         xd, keep = _dropout_parts(self.dropout, x2)
         coef = self.effective_c() * (self.scale / keep)
-        z = F.linear(xd, self.A)  # (n, r)
+        z = F.linear(xd, self.A if self.A.dtype == xd.dtype else self.A.to(xd.dtype))  # (n, r)
         bt = (self.B * coef).t().to(z.dtype).contiguous()  # (r, d_out); z's dtype under autocast
         out = self.base(x2)
         out = out.addmm_(z, bt) if out.dtype == z.dtype else out + (z @ bt).to(out.dtype)

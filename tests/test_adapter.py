@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -220,3 +221,27 @@ def test_merge_and_unmerge_keep_the_logits() -> None:
     torch.testing.assert_close(logits(model, data), before, rtol=0, atol=1e-5)
     for n, layer in layers.items():
         torch.testing.assert_close(layer.base.weight, w0[n], rtol=0, atol=1e-12)
+
+
+def test_active_rank_follows_every_change_of_the_mask() -> None:
+    """active_rank is cached (a GPU count is a host-device sync) but must see every mask change:
+    pruning, in-place writes, load_state_dict, copies and compaction."""
+    layer = RankOneLinear(nn.Linear(4, 5), r0=3)
+    seen = [layer.active_rank]
+    layer.soft_prune(torch.tensor([True, False, True]))
+    seen.append(layer.active_rank)
+    layer.mask.fill_(1)
+    seen.append(layer.active_rank)
+    layer.freeze_mask(torch.tensor([True, False, False]))
+    seen.append(layer.active_rank)
+    twin = copy.deepcopy(layer)
+    twin.mask.fill_(1)
+    seen += [twin.active_rank, layer.active_rank]
+    layer.compact()
+    seen += [layer.active_rank, layer.rank]
+    fresh = RankOneLinear(nn.Linear(4, 5), r0=3)
+    seen.append(fresh.active_rank)
+    fresh.load_state_dict({k: v * 0 if k == "mask" else v for k, v in twin.state_dict().items()})
+    seen.append(fresh.active_rank)
+    assert seen == [3, 2, 3, 1, 3, 1, 1, 1, 3, 0]
+    assert "_active_cache" not in fresh.state_dict() and "_active_cache" not in dict(fresh.named_buffers())

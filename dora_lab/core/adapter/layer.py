@@ -111,8 +111,17 @@ class RankOneLinear(nn.Module):
 
     @property
     def active_rank(self) -> int:
-        """Components not pruned (mask = 1)."""
-        return int(self.mask.sum().item())
+        """Components not pruned (mask = 1).
+
+        Counted again only when the mask changed (another tensor, or its in-place version counter
+        moved): on a GPU each count is a host-device synchronisation, and the controller reports the
+        active sizes after every step, while the mask changes only at prune steps."""
+        mask = self.mask
+        cached = self.__dict__.get("_active_cache")
+        if cached is None or cached[0] is not mask or cached[1] != mask._version:
+            cached = (mask, mask._version, int(mask.sum().item()))
+            self.__dict__["_active_cache"] = cached  # a plain attribute: not a buffer, not saved
+        return int(cached[2])
 
     @property
     def params_per_component(self) -> int:

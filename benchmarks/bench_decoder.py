@@ -313,14 +313,30 @@ def summary(cfg: Config) -> dict[str, Any]:
     return out
 
 
-def headline(results: dict[str, dict[str, Any]], rank: int, final_rank: int) -> dict[str, Any]:
+def paired_ratio(a: dict[str, Any], b: dict[str, Any], block: int) -> float:
+    """Median over rounds of (a's mean step in round k) / (b's mean step in round k): each round runs
+    every configuration back to back, so a pair shares the machine's load of that moment (robust
+    where other processes come and go; the plain ratio of medians is reported beside it)."""
+    def rounds(c: dict[str, Any]) -> list[float]:
+        ms = c["step_ms"]
+        return [statistics.fmean(ms[i:i + block]) for i in range(0, len(ms), block)]
+
+    return statistics.median(x / y for x, y in zip(rounds(a), rounds(b), strict=True))
+
+
+def headline(results: dict[str, dict[str, Any]], rank: int, final_rank: int, block: int) -> dict[str, Any]:
     med = {n: r["median_ms"] for n, r in results.items()}
     scoring = results[f"dora_r{rank}_scoring"]
+    pairs = {"before_pruning": (f"dora_r{rank}", f"peft_lora_r{rank}"),
+             "scoring_before_pruning": (f"dora_r{rank}_scoring", f"peft_lora_r{rank}"),
+             "after_compaction": ("dora_final", f"peft_lora_r{final_rank}")}
     head: dict[str, Any] = {
         "time_ratio_dora_to_peft_before_pruning": med[f"dora_r{rank}"] / med[f"peft_lora_r{rank}"],
         "time_ratio_dora_scoring_to_peft_before_pruning": med[f"dora_r{rank}_scoring"] / med[f"peft_lora_r{rank}"],
         "time_ratio_dora_to_peft_after_compaction": med["dora_final"] / med[f"peft_lora_r{final_rank}"],
+        **{f"paired_time_ratio_{k}": paired_ratio(results[a], results[b], block) for k, (a, b) in pairs.items()},
         "controller_share_of_step": (med[f"dora_r{rank}_scoring"] - med[f"dora_r{rank}"]) / med[f"dora_r{rank}_scoring"],
+        "paired_controller_share_of_step": 1 - paired_ratio(results[f"dora_r{rank}"], scoring, block),
         "controller_step_host_ms": scoring["phases_median_ms"]["controller"],
         "controller_step_host_share": scoring["phases_median_ms"]["controller"] / scoring["median_ms"],
     }
@@ -392,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                   "hidden": int(base.config.hidden_size), "vocab": vocab,
                   "frozen_parameters": sum(p.numel() for p in frozen.values()),
                   "frozen_mib": sum(p.numel() * p.element_size() for p in frozen.values()) / 2**20},
-        "headline": headline(results, args.rank, args.final_rank),
+        "headline": headline(results, args.rank, args.final_rank, args.block),
         "configurations": results, "seconds": time.perf_counter() - t0,
     }
     print(json.dumps(out["headline"], indent=1))

@@ -72,6 +72,10 @@ def test_headline_ratios_are_the_medians_ratios(result: dict) -> None:
     assert head["time_ratio_dora_to_peft_after_compaction"] == pytest.approx(med["dora_final"] / med["peft_lora_r4"])
     assert head["controller_share_of_step"] == pytest.approx(
         (med["dora_r8_scoring"] - med["dora_r8"]) / med["dora_r8_scoring"])
+    configs = result["configurations"]  # --block 1: a round is one step of each configuration
+    paired = statistics.median(d / p for d, p in zip(configs["dora_final"]["step_ms"], configs["peft_lora_r4"]["step_ms"],
+                                                      strict=True))
+    assert head["paired_time_ratio_after_compaction"] == pytest.approx(paired)
     scoring = result["configurations"]["dora_r8_scoring"]
     assert 0 < head["controller_step_host_ms"] == pytest.approx(scoring["phases_median_ms"]["controller"])
     assert result["model"]["layers"] == 2 and result["args"]["model"] == "tiny"

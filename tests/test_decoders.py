@@ -25,6 +25,8 @@ from dora_lab import (
 from dora_lab.export.checkpoint import load_adapter, save_adapter
 from dora_lab.export.merge import merged_model
 from dora_lab.export.peft import export_peft
+from dora_lab.run.train import main as train_main
+from tests.tiny import COLA, minilm_dir, tiny_overrides
 
 
 def keep(r: int, *idx: int) -> torch.Tensor:
@@ -200,3 +202,24 @@ def test_decoder_save_load_merge_and_peft_export(kind: str, tmp_path: Path) -> N
     reloaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     assert type(reloaded).__name__ == "PeftModelForCausalLM"
     torch.testing.assert_close(lm_logits(reloaded), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not COLA.is_dir(), reason=f"no shared CoLA at {COLA}")
+def test_a_run_on_a_family_without_targets_exits_as_bad_input(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import AutoTokenizer, GPTNeoForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    GPTNeoForSequenceClassification(GPTNeoConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_layers=2, num_heads=2, num_labels=2,
+        attention_types=[[["global"], 2]], max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id)).save_pretrained(tmp_path / "neo")
+    tokenizer.save_pretrained(tmp_path / "neo")
+    args = ["configs/cola.yaml", "--run-dir", str(tmp_path / "run")]
+    for kv in [*tiny_overrides(tmp_path / "neo", tmp_path, train=16, evals=16), "model.trainable=[score]"]:
+        args += ["--set", kv]
+    assert train_main(args) == 2
+    err = capsys.readouterr().err
+    assert "adapter.targets: no default adapter targets for model_type 'gpt_neo'" in err
+    assert "q_proj x2 (e.g. transformer.h.0.attn.attention.q_proj)" in err and "Nothing was started" in err
+    assert not (tmp_path / "run").exists()

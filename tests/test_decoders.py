@@ -223,3 +223,18 @@ def test_a_run_on_a_family_without_targets_exits_as_bad_input(tmp_path: Path,
     assert "adapter.targets: no default adapter targets for model_type 'gpt_neo'" in err
     assert "q_proj x2 (e.g. transformer.h.0.attn.attention.q_proj)" in err and "Nothing was started" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_adapted_gpt2_equals_a_gpt2_with_hand_updated_conv1d_weights() -> None:
+    """The whole tiny GPT-2: its adapted logits equal those of a plain copy whose Conv1D weights
+    (d_in x d_out) get W0 + (sum_i (alpha/r0) c_i B_i A_i^T)^T written in by hand."""
+    model = adapted_decoder("gpt2", r0=3, alpha=6.0)
+    randomize_c(model, 4)
+    dense = tiny_decoder("gpt2")
+    with torch.no_grad():
+        for name, layer in adapter_layers(model).items():
+            update = sum(2.0 * layer.c[i] * torch.outer(layer.B[:, i], layer.A[i]) for i in range(3))
+            dense.get_submodule(name).weight.add_(update.t())  # type: ignore[operator]
+    ref = lm_logits(dense)
+    assert (ref - lm_logits(tiny_decoder("gpt2"))).abs().max() > 1e-2
+    torch.testing.assert_close(lm_logits(model), ref, rtol=1e-10, atol=1e-10)

@@ -19,11 +19,12 @@ from dora_lab.core.adapter.layer import RankOneLinear
 from dora_lab.core.scorers import register_scorer
 
 
-@register_scorer("magnitude", beta=0.9)
+@register_scorer("magnitude", beta=0.9, batched=True)
 def magnitude(component: RankOneLinear) -> torch.Tensor:
+    """One layer, or a LayerStack of equal-shape layers along the first dimension (batched)."""
     a, b = component.A.detach().double(), component.B.detach().double()
     c = component.effective_c().detach().double()
-    share = c.abs() * b.norm(dim=0) * a.norm(dim=1)
-    gram = (b.T @ b) * (a @ a.T)
-    total = (c @ gram @ c).clamp_min(0.0).sqrt()
-    return (share / (total + 1e-8)).float()
+    share = c.abs() * b.norm(dim=-2) * a.norm(dim=-1)
+    gram = (b.mT @ b) * (a @ a.mT)
+    total = torch.einsum("...i,...ij,...j->...", c, gram, c).clamp_min(0.0).sqrt()
+    return (share / (total.unsqueeze(-1) + 1e-8)).float()

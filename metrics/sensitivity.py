@@ -11,7 +11,7 @@ from dora_lab.core.adapter.layer import RankOneLinear
 from dora_lab.core.scorers import combine_elementwise, register_scorer, require_grads
 
 
-@register_scorer("sensitivity", needs_grad=True)
+@register_scorer("sensitivity", needs_grad=True, batched=True)
 def sensitivity(component: RankOneLinear) -> torch.Tensor:
     ga, gb, gc = require_grads(component, "sensitivity")
     return combine_elementwise(

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import dora_lab
 from dora_lab import PruningController, RankOneLinear, StepInfo, adapter_layers, inject_adapters
@@ -77,6 +84,50 @@ def adapted_bert(
     inject_kw.setdefault("dropout", 0.0)
     inject_adapters(model, r0=r0, **inject_kw)  # type: ignore[arg-type]
     return model
+
+
+def tiny_decoder(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """A 2-layer, 32-wide causal LM with vocabulary 100, no dropout, in eval mode: ``llama`` (4 heads,
+    2 key/value heads, so k_proj/v_proj are 32 -> 16; MLP 64; the family of SmolLM2) or ``gpt2``
+    (``Conv1D`` layers with transposed weights: c_attn 32 -> 96, c_fc 32 -> 64, c_proj 32 -> 32 and
+    64 -> 32)."""
+    torch.manual_seed(seed)
+    model: torch.nn.Module
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=N_LAYERS,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=VOCAB, n_embd=HIDDEN, n_layer=N_LAYERS, n_head=2, n_inner=INTERMEDIATE, n_positions=64,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2))
+    else:
+        raise ValueError(kind)
+    torch.nn.Module.to(model, dtype=dtype)
+    return model.eval()
+
+
+DECODERS = ("llama", "gpt2")
+
+
+def adapted_decoder(kind: str, seed: int = 0, r0: int = 4, dtype: torch.dtype = torch.float64,
+                    **inject_kw: object) -> torch.nn.Module:
+    """:func:`tiny_decoder` with adapters in the family's default targets (no dropout)."""
+    model = tiny_decoder(kind, seed, dtype)
+    torch.manual_seed(seed + 1)
+    inject_kw.setdefault("dropout", 0.0)
+    inject_adapters(model, r0=r0, **inject_kw)  # type: ignore[arg-type]
+    return model
+
+
+def lm_batches(n: int, seed: int = 0, batch: int = 4, seq: int = 8) -> list[Batch]:
+    """Causal-LM batches for :func:`train`: ``(input_ids, labels=input_ids)`` (the model shifts them)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, VOCAB, (batch, seq), generator=g)
+        out.append((x, x))
+    return out
 
 
 def batches(n: int, seed: int = 0, batch: int = 4, seq: int = 8) -> list[Batch]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -184,13 +185,14 @@ def test_list_of_suffixes_and_regex_targets() -> None:
 
 
 def test_unmatched_targets_raise_with_the_model_linears() -> None:
-    with pytest.raises(ValueError, match=r"adapter targets \['q_proj'\] matched no nn.Linear; .*"
-                                         r"'bert.encoder.layer.0.attention.self.query'"):
+    with pytest.raises(ValueError, match=r"adapter targets \['q_proj'\] matched no nn.Linear or Conv1D; .*"
+                                         r"query x2 \(e.g. bert.encoder.layer.0.attention.self.query\)"):
         inject_adapters(tiny_bert(0), r0=2, targets=["q_proj"])
     with pytest.raises(ValueError, match="matched no nn.Linear"):  # a regex must match the whole name
         inject_adapters(tiny_bert(0), r0=2, targets="query")
     bare = nn.Sequential(nn.Linear(3, 3))
-    with pytest.raises(ValueError, match=r"no default adapter targets for model_type None.*'adapter.targets'.*bert"):
+    with pytest.raises(ValueError, match=r"no default adapter targets for model_type None \(known families: .*bert.*\); "
+                                         r"name them with 'adapter.targets'.* linear layers: 0 x1 \(e.g. 0\)"):
         inject_adapters(bare, r0=2)
     layers = inject_adapters(bare, r0=2, targets=["0"])
     assert list(layers) == ["0"]
@@ -219,3 +221,27 @@ def test_merge_and_unmerge_keep_the_logits() -> None:
     torch.testing.assert_close(logits(model, data), before, rtol=0, atol=1e-5)
     for n, layer in layers.items():
         torch.testing.assert_close(layer.base.weight, w0[n], rtol=0, atol=1e-12)
+
+
+def test_active_rank_follows_every_change_of_the_mask() -> None:
+    """active_rank is cached (a GPU count is a host-device sync) but must see every mask change:
+    pruning, in-place writes, load_state_dict, copies and compaction."""
+    layer = RankOneLinear(nn.Linear(4, 5), r0=3)
+    seen = [layer.active_rank]
+    layer.soft_prune(torch.tensor([True, False, True]))
+    seen.append(layer.active_rank)
+    layer.mask.fill_(1)
+    seen.append(layer.active_rank)
+    layer.freeze_mask(torch.tensor([True, False, False]))
+    seen.append(layer.active_rank)
+    twin = copy.deepcopy(layer)
+    twin.mask.fill_(1)
+    seen += [twin.active_rank, layer.active_rank]
+    layer.compact()
+    seen += [layer.active_rank, layer.rank]
+    fresh = RankOneLinear(nn.Linear(4, 5), r0=3)
+    seen.append(fresh.active_rank)
+    fresh.load_state_dict({k: v * 0 if k == "mask" else v for k, v in twin.state_dict().items()})
+    seen.append(fresh.active_rank)
+    assert seen == [3, 2, 3, 1, 3, 1, 1, 1, 3, 0]
+    assert "_active_cache" not in fresh.state_dict() and "_active_cache" not in dict(fresh.named_buffers())

@@ -126,7 +126,7 @@ def test_wrong_base_is_refused(tmp_path: Path) -> None:
         load_adapter(tmp_path, tiny_base(seed=1))
     with pytest.raises(AdapterMismatchError, match="shape"):
         load_adapter(tmp_path, tiny_base(hidden_size=48, intermediate_size=64))
-    with pytest.raises(AdapterMismatchError, match="no nn.Linear named"):
+    with pytest.raises(AdapterMismatchError, match="no nn.Linear or Conv1D named"):
         load_adapter(tmp_path, tiny_base(num_hidden_layers=1))
     with pytest.raises(AdapterMismatchError, match="head parameter classifier.weight"):
         load_adapter(tmp_path, tiny_base(num_labels=3))

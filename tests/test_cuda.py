@@ -125,3 +125,29 @@ def test_merge_and_peft_export_on_cuda(tmp_path: Path) -> None:
     loaded = peft.PeftModel.from_pretrained(base, tmp_path / "peft").to(CUDA).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=x).logits, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scorer_name", ["magnitude", "sensitivity"])
+def test_no_host_device_sync_in_a_step_outside_prune_steps(scorer_name: str) -> None:
+    """forward, backward, AdamW and controller.step() between prune steps never wait for the GPU
+    (torch's sync debug mode raises on a synchronising call it detects); a prune step may."""
+    from conftest import adapted_decoder, lm_batches
+
+    for kind in ("llama",):  # the family checked on an H200 (benchmarks/results/bench_decoder_h200_check.md)
+        model = adapted_decoder(kind, dtype=torch.float32, dropout=0.1).to(CUDA).train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        ctl = PruningController(model, make_scorer(scorer_name), "dora", 20, target_rank=2, warmup=2, final=4,
+                                interval=5)
+        data = _to(lm_batches(4), CUDA)
+        torch.cuda.synchronize()
+        for t, (x, y) in enumerate(data):
+            prune = ctl.schedule.is_prune_step(ctl.t)
+            torch.cuda.set_sync_debug_mode(0 if prune else "error")
+            try:
+                model(input_ids=x, labels=y).loss.backward()
+                opt.step()
+                info = ctl.step(opt)
+                opt.zero_grad(set_to_none=True)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            assert info.pruned == prune, t

@@ -11,7 +11,7 @@ from peft.tuners.adalora.layer import RankAllocator
 from torch import nn
 
 import dora_lab
-from dora_lab import PruningController, RankOneLinear, adapter_layers, make_scorer
+from dora_lab import PruningController, RankOneLinear, adapter_layers, get_scorer, make_scorer
 from dora_lab.core.adapter import DEFAULT_TARGETS
 
 
@@ -218,3 +218,50 @@ def test_smoothed_uncertainty_recurrence_by_hand() -> None:
     ubar2 = 0.75 * ubar1 + 0.25 * abs(sens[1] - ibar2)  # 0.8125
     assert scorer.scores()["l"].item() == pytest.approx(ibar2 * ubar2)  # A and B add 0
     assert dora_lab.get_scorer("smoothed_uncertainty").hyperparameters() == {"beta1": 0.85, "beta2": 0.85}
+
+
+# -- batched scoring over equal-shape layers ---------------------------------------------------------------
+@pytest.mark.parametrize("scorer_name", [n for n in dora_lab.list_scorers() if getattr(get_scorer(n), "batched", False)])
+def test_batched_scorer_equals_scoring_layer_by_layer(scorer_name: str) -> None:
+    """A batched scorer scores each group of equal-shape layers in one call (a LayerStack); its scores
+    equal those of scoring every layer alone, EMA over steps and hard masks included."""
+    from conftest import adapted_decoder, lm_batches
+
+    model = adapted_decoder("llama", dtype=torch.float32)
+    randomize_c(model, 2)
+    layers = adapter_layers(model)
+    names = list(layers)
+    layers[names[0]].freeze_mask(torch.tensor([True, False, True, True]))  # its own group: hard mask
+    together, alone = make_scorer(scorer_name), {n: make_scorer(scorer_name) for n in names}
+    model.train()
+    for x, y in lm_batches(3, seed=4):
+        model(input_ids=x, labels=y).loss.backward()
+        together.update(layers)
+        for n in names:
+            alone[n].update({n: layers[n]})
+        model.zero_grad()
+    scores = together.scores()
+    assert list(scores) == names
+    for n in names:
+        torch.testing.assert_close(scores[n], alone[n].scores()[n], rtol=1e-6, atol=1e-12)
+    assert sum(float(s.sum()) for s in scores.values()) > 0
+
+
+def test_a_batched_function_is_called_once_per_group_of_equal_shapes() -> None:
+    from conftest import adapted_decoder
+
+    from dora_lab.core.scorers import FunctionScorer, LayerStack
+
+    seen: list[tuple[int, ...]] = []
+
+    def norm_of_c(component: RankOneLinear) -> torch.Tensor:
+        seen.append(tuple(component.A.shape))
+        return component.c.abs() + 1.0
+
+    counting = type("Counting", (FunctionScorer,), {"fn": staticmethod(norm_of_c), "batched": True, "name": "c"})
+    layers = adapter_layers(adapted_decoder("llama"))
+    counting(beta=None).update(layers)
+    # tiny Llama, 2 layers: q/o 32->32, k/v 32->16, gate/up 32->64 (4 each), down 64->32 (2)
+    assert sorted(seen) == [(2, 4, 64), (4, 4, 32), (4, 4, 32), (4, 4, 32)]
+    stack = LayerStack([layers["model.layers.0.mlp.down_proj"], layers["model.layers.1.mlp.down_proj"]], grads=False)
+    assert stack.A.shape == (2, 4, 64) and stack.B.shape == (2, 32, 4) and stack.effective_c().shape == (2, 4)

@@ -15,7 +15,11 @@ The short way to add one is a function of one layer's components (``layer.A``, `
         return (component.c * component.c.grad).abs()
 
 ``beta`` adds an exponential moving average over steps (``S <- beta S + (1 - beta) s``); it is a
-hyper-parameter every function scorer accepts from the config.  Scorers that keep per-element
+hyper-parameter every function scorer accepts from the config.  ``batched=True`` says the function
+also works on a :class:`LayerStack` (equal-shape layers stacked along a new first dimension, written
+with ``dim=-1``/``-2`` and ``.mT``): it is then called once per group of equal-shape layers instead of
+once per layer (on a GPU each call is a few dozen small kernels; SmolLM2 has 210 adapted matrices in
+7 shapes), with the same scores.  Scorers that keep per-element
 state (``smoothed_uncertainty``) subclass :class:`Scorer` instead.  The built-ins live in the
 top-level ``metrics/`` package, one file each, found by discovery: every module there is imported
 on the first lookup.
@@ -35,6 +39,7 @@ from .registry import Registry, RegistryError
 
 __all__ = [
     "FunctionScorer",
+    "LayerStack",
     "Scorer",
     "combine_elementwise",
     "get_scorer",
@@ -83,11 +88,39 @@ class Scorer(ABC):
         }
 
 
+class LayerStack:
+    """Equal-shape adapter layers stacked along a new first dimension, for a ``batched`` scorer
+    function: ``A`` (``L x r x d_in``), ``B`` (``L x d_out x r``), ``c`` and ``mask`` (``L x r``),
+    detached, with their stacked gradients as ``.grad`` when ``grads``; :meth:`effective_c`, ``rank``,
+    ``in_features``, ``out_features``, ``scale`` and ``hard_mask`` as on :class:`RankOneLinear`."""
+
+    def __init__(self, layers: list[RankOneLinear], grads: bool) -> None:
+        first = layers[0]
+        self.rank, self.in_features, self.out_features = first.rank, first.in_features, first.out_features
+        self.scale, self.hard_mask = first.scale, first.hard_mask
+        self.mask = torch.stack([la.mask for la in layers])
+        for attr in ("A", "B", "c"):
+            stacked = torch.stack([getattr(la, attr).detach() for la in layers])
+            found = [getattr(la, attr).grad for la in layers] if grads else []
+            if found and all(g is not None for g in found):  # else .grad stays None: require_grads says so
+                stacked.grad = torch.stack(found)
+            setattr(self, attr, stacked)
+
+    A: torch.Tensor
+    B: torch.Tensor
+    c: torch.Tensor
+
+    def effective_c(self) -> torch.Tensor:
+        return self.c * self.mask if self.hard_mask else self.c
+
+
 class FunctionScorer(Scorer):
-    """Wraps ``fn(layer) -> scores`` with an optional EMA (``beta``; ``None`` means no smoothing)."""
+    """Wraps ``fn(layer) -> scores`` with an optional EMA (``beta``; ``None`` means no smoothing).
+    With ``batched`` the layers are scored in groups of equal shape (:class:`LayerStack`)."""
 
     fn: ClassVar[Callable[[RankOneLinear], torch.Tensor]]
     default_beta: ClassVar[float | None] = None
+    batched: ClassVar[bool] = False
 
     def __init__(self, beta: float | None = "default") -> None:  # type: ignore[assignment]
         if beta == "default":
@@ -102,20 +135,44 @@ class FunctionScorer(Scorer):
         return {"beta": cls.default_beta}
 
     def update(self, layers: Layers) -> None:
+        groups: dict[tuple[Any, ...], list[str]] = {}
         for name, layer in layers.items():
+            key = (layer.rank, layer.in_features, layer.out_features, layer.hard_mask, layer.A.dtype,
+                   layer.A.device, layer.scale) if type(self).batched and layer.rank else (name,)
+            groups.setdefault(key, []).append(name)
+        for names in groups.values():
+            if len(names) == 1:
+                layer = layers[names[0]]
+                with torch.no_grad():
+                    s = type(self).fn(layer).detach().to(torch.float32)
+                self._check_shape(s, (layer.rank,), names[0])
+                self._smooth(names, s.unsqueeze(0))
+                continue
+            stack = LayerStack([layers[n] for n in names], grads=self.needs_grad)
             with torch.no_grad():
-                s = type(self).fn(layer).detach().to(torch.float32)
-            if s.shape != (layer.rank,):
-                raise ValueError(
-                    f"scorer {self.name!r} returned shape {tuple(s.shape)} for layer {name!r}; "
-                    f"it must return one score per component, shape ({layer.rank},)"
-                )
-            prev = self._scores.get(name)
-            if self.beta is None or prev is None or prev.shape != s.shape:
-                # The EMA starts at 0 as in the paper's code: S_0 = (1 - beta) s_0.
-                self._scores[name] = s if self.beta is None else (1 - self.beta) * s
-            else:
-                self._scores[name] = self.beta * prev + (1 - self.beta) * s
+                s = type(self).fn(stack).detach().to(torch.float32)  # type: ignore[arg-type]
+            self._check_shape(s, (len(names), stack.rank), names[0])
+            self._smooth(names, s)
+        if type(self).batched:  # scores() lists the layers in the model's order, as the groups do not
+            self._scores = {**{n: self._scores[n] for n in layers if n in self._scores}, **self._scores}
+
+    def _check_shape(self, s: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
+        if s.shape != shape:
+            raise ValueError(
+                f"scorer {self.name!r} returned shape {tuple(s.shape)} for layer {name!r}; "
+                f"it must return one score per component, shape {shape}"
+            )
+
+    def _smooth(self, names: list[str], s: torch.Tensor) -> None:
+        """EMA of the rows of ``s`` (one per layer in ``names``), in one pass for the whole group."""
+        prev = [self._scores.get(n) for n in names]
+        if self.beta is None or any(p is None or p.shape != s.shape[1:] for p in prev):
+            # The EMA starts at 0 as in the paper's code: S_0 = (1 - beta) s_0.
+            new = s if self.beta is None else (1 - self.beta) * s
+        else:
+            new = self.beta * torch.stack(prev) + (1 - self.beta) * s  # type: ignore[arg-type]
+        for i, n in enumerate(names):
+            self._scores[n] = new[i]
 
     def scores(self) -> dict[str, torch.Tensor]:
         return dict(self._scores)
@@ -139,8 +196,9 @@ def require_grads(layer: RankOneLinear, scorer: str) -> tuple[torch.Tensor, torc
 
 
 def combine_elementwise(i_a: torch.Tensor, i_b: torch.Tensor, i_c: torch.Tensor) -> torch.Tensor:
-    """Per-component score from element scores: ``I(c_i) + mean_j I(A[i,j]) + mean_j I(B[j,i])``."""
-    return i_c + i_a.mean(dim=1) + i_b.mean(dim=0)
+    """Per-component score from element scores: ``I(c_i) + mean_j I(A[i,j]) + mean_j I(B[j,i])``
+    (one layer, or a :class:`LayerStack`'s layers along the first dimension)."""
+    return i_c + i_a.mean(dim=-1) + i_b.mean(dim=-2)
 
 
 def _check(name: str, obj: object) -> None:
@@ -157,12 +215,14 @@ SCORERS: Registry[type[Scorer]] = Registry(
 
 
 def register_scorer(
-    name: str, *, beta: float | None = None, needs_grad: bool = False, replace: bool = False
+    name: str, *, beta: float | None = None, needs_grad: bool = False, batched: bool = False,
+    replace: bool = False,
 ) -> Callable[[Any], Any]:
     """Register a :class:`Scorer` subclass, or a function ``fn(layer) -> Tensor[rank]``.
 
-    For a function, ``beta`` is the default EMA factor (``None``: no smoothing) and
-    ``needs_grad`` says whether it reads gradients.  The decorated object is returned unchanged.
+    For a function, ``beta`` is the default EMA factor (``None``: no smoothing), ``needs_grad``
+    says whether it reads gradients and ``batched`` that it also scores a :class:`LayerStack`
+    (returning ``L x rank``).  The decorated object is returned unchanged.
     """
 
     def decorate(obj: Any) -> Any:
@@ -178,7 +238,7 @@ def register_scorer(
             cls = type(
                 f"{obj.__name__}_scorer",
                 (FunctionScorer,),
-                {"fn": staticmethod(obj), "default_beta": beta, "needs_grad": needs_grad,
+                {"fn": staticmethod(obj), "default_beta": beta, "needs_grad": needs_grad, "batched": batched,
                  "__module__": obj.__module__, "__qualname__": obj.__qualname__, "__doc__": obj.__doc__},
             )
         else:

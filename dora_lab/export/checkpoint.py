@@ -36,7 +36,14 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from ..core.adapter import RankOneLinear, adapter_layers, count_parameters, inject_adapters
+from ..core.adapter import (
+    LINEAR_TYPES,
+    RankOneLinear,
+    adapter_layers,
+    count_parameters,
+    inject_adapters,
+    linear_features,
+)
 
 __all__ = [
     "ADAPTER_DIRNAME", "CONFIG_NAME", "FORMAT_VERSION", "MLFLOW_ADAPTER_TAG", "WEIGHTS_NAME",
@@ -193,7 +200,8 @@ def load_adapter(
     """Load the adapter in ``folder`` onto ``model`` (a plain base model, changed in place).
 
     With ``model=None`` the base is loaded with ``AutoModelForSequenceClassification
-    .from_pretrained(base_model or the saved name, num_labels=...)``.  Adapter and head parameters
+    .from_pretrained(base_model or the saved name, num_labels=...)`` (``AutoModelForCausalLM`` when
+    the adapter was saved from a causal LM).  Adapter and head parameters
     come back trainable, the rest frozen; the model's train/eval mode is not changed.
     ``check_base=False`` skips the fingerprint check (only for a base you know is right).
     """
@@ -211,7 +219,8 @@ def load_adapter(
         )
     base_info: dict[str, Any] = config["base_model"]
     if model is None:
-        model = _load_base(base_model or str(base_info["name_or_path"]), int(base_info["num_labels"]))
+        model = _load_base(base_model or str(base_info["name_or_path"]), int(base_info["num_labels"]),
+                           str(base_info.get("model_class") or ""))
     _check_structure(model, base_info, layer_cfgs, head, tensors)  # everything is checked before
     if check_base:  # the model is changed, so a refused model is left as it was
         _check_fingerprint(model, base_info, layer_cfgs, head)
@@ -259,19 +268,19 @@ def _check_structure(
     if saved_type and model_type and saved_type != model_type:
         raise AdapterMismatchError(f"wrong base model: {saved_for}, this model is a {model_type!r} model")
     modules = dict(model.named_modules())
-    missing = [n for n in layer_cfgs if not isinstance(modules.get(n), nn.Linear)]
+    missing = [n for n in layer_cfgs if not isinstance(modules.get(n), LINEAR_TYPES)]
     if missing:
         raise AdapterMismatchError(
-            f"the base model has no nn.Linear named {missing[:4]} ({len(missing)} of {len(layer_cfgs)} "
+            f"the base model has no nn.Linear or Conv1D named {missing[:4]} ({len(missing)} of {len(layer_cfgs)} "
             f"adapted layers missing): {saved_for}"
         )
     for name, lc in layer_cfgs.items():
-        linear = modules[name]
+        here = linear_features(modules[name])
         d_in, d_out, rank, r0 = int(lc["in_features"]), int(lc["out_features"]), int(lc["rank"]), int(lc["r0"])
-        if (linear.in_features, linear.out_features) != (d_in, d_out):
+        if here != (d_in, d_out):
             raise AdapterMismatchError(
                 f"wrong base model: {name} has shape {d_in} -> {d_out} in the adapter, "
-                f"{linear.in_features} -> {linear.out_features} here; {saved_for}"
+                f"{here[0]} -> {here[1]} here; {saved_for}"
             )
         shapes = {"A": (rank, d_in), "B": (d_out, rank), "c": (rank,), "mask": (rank,), "index": (rank,)}
         for t, shape in shapes.items():
@@ -307,18 +316,23 @@ def _read_weights(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{path} is damaged or truncated (not a readable safetensors file: {e})") from e
 
 
-def _load_base(name_or_path: str, num_labels: int) -> nn.Module:
+def _load_base(name_or_path: str, num_labels: int, model_class: str = "") -> nn.Module:
     """The base as training loaded it: :func:`~dora_lab.run.models.resolve_model_path` picks the Hub,
-    a local folder or the known offline copy (the fingerprint check refuses a wrong one)."""
-    from transformers import AutoModelForSequenceClassification
+    a local folder or the known offline copy (the fingerprint check refuses a wrong one).  A saved
+    ``*ForCausalLM`` class loads with ``AutoModelForCausalLM``, anything else as a classifier."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from ..run.models import resolve_model_path
 
     path, local_only = resolve_model_path(name_or_path)
     try:
-        model: nn.Module = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, local_files_only=local_only
-        )
+        model: nn.Module
+        if model_class.endswith("ForCausalLM") or model_class.endswith("LMHeadModel"):
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, local_files_only=local_only
+            )
     except Exception as e:  # OSError, Hub/network and validation errors all end here
         raise BaseModelError(
             f"could not load the base model {name_or_path!r} ({type(e).__name__}: {e}). If the Hugging Face "

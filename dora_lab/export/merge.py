@@ -2,7 +2,7 @@
 
 ``merge_adapters`` / ``unmerge_adapters`` flip every layer in place (explicit calls, never hidden
 in ``train()``/``eval()``).  ``merged_model`` returns a plain model, the ``RankOneLinear`` wrappers
-replaced by their base ``nn.Linear`` holding ``W0 + dW``, ready for ``save_pretrained``::
+replaced by their base ``nn.Linear`` (or ``Conv1D``) holding ``W0 + dW``, ready for ``save_pretrained``::
 
     plain = merged_model(model)          # model itself is left as it was
     plain.save_pretrained("out/merged")  # loads with AutoModelForSequenceClassification
@@ -42,7 +42,7 @@ def unmerge_adapters(model: nn.Module) -> int:
 
 
 def merged_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """A model without adapter layers: each ``RankOneLinear`` becomes its merged base ``nn.Linear``.
+    """A model without adapter layers: each ``RankOneLinear`` becomes its merged base layer.
 
     Works on a deep copy unless ``inplace`` (which saves memory for a model you will not train on).
     Every parameter of the result is frozen; put it back with ``requires_grad_`` to fine-tune it.

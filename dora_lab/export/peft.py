@@ -5,7 +5,9 @@ dora_lab's update of a layer is ``dW = (alpha/r0) B diag(c m) A``; PEFT LoRA's i
 contribute (mask 1; with a soft mask also any with ``c != 0``, as the forward pass uses them), so
 ``r_i`` is its final rank; ``lora_alpha_i = r_i`` makes PEFT's scaling exactly 1, and the component
 scale ``(alpha/r0) c_i m_i`` is folded into the columns of ``lora_B``.  Layers left with no
-component are not targeted at all.
+component are not targeted at all.  GPT-2's ``Conv1D`` layers export the same ``lora_A``/``lora_B``
+with ``fan_in_fan_out: true`` (PEFT then transposes ``dW`` for the stored ``d_in x d_out`` weight);
+``task_type`` is ``SEQ_CLS`` for a classifier, ``CAUSAL_LM`` for a causal LM.
 
 The folder follows peft 0.21's format (``peft/utils/save_and_load.py``, ``peft/tuners/lora``;
 tested with 0.21.2).  Module names are exact full names: peft's pattern lookup matches a full name
@@ -61,7 +63,8 @@ def export_peft(model: nn.Module, folder: str | os.PathLike[str], *, base_model:
 
     ``base_model`` (Hub id or path) is recorded as ``base_model_name_or_path``.  Load with
     ``PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base_model,
-    num_labels=...), folder)``; the logits equal dora_lab's in eval mode.
+    num_labels=...), folder)`` (``AutoModelForCausalLM`` for a causal LM); the logits equal
+    dora_lab's in eval mode.
     """
     layers = adapter_layers(model)
     if not layers:
@@ -89,9 +92,14 @@ def export_peft(model: nn.Module, folder: str | os.PathLike[str], *, base_model:
     pattern = {name: rank for name, rank in ranks.items() if rank != r}
     first = next(iter(layers.values()))
     dropout = float(first.dropout.p) if isinstance(first.dropout, nn.Dropout) else 0.0
+    kinds = {layer.fan_in_fan_out for name, layer in layers.items() if name in ranks}
+    if len(kinds) > 1:
+        raise ValueError("the adapted layers mix nn.Linear and Conv1D; PEFT's fan_in_fan_out is one flag for all "
+                         "of them: export the two kinds separately")
+    fan_in_fan_out = kinds.pop()
     config: dict[str, Any] = {
         "peft_type": "LORA",
-        "task_type": "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else None,
+        "task_type": _task_type(model),
         "base_model_name_or_path": str(base_model),
         "r": r,
         "lora_alpha": r,
@@ -101,7 +109,7 @@ def export_peft(model: nn.Module, folder: str | os.PathLike[str], *, base_model:
         "modules_to_save": head_modules or None,
         "lora_dropout": dropout,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -115,6 +123,17 @@ def export_peft(model: nn.Module, folder: str | os.PathLike[str], *, base_model:
     save_file(tensors, str(out / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
     (out / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for the model's class: ``SEQ_CLS`` for a classifier, ``CAUSAL_LM`` for a
+    causal LM (``*ForCausalLM``, GPT-2's ``GPT2LMHeadModel``), else none (a plain ``PeftModel``)."""
+    cls = type(model).__name__
+    if cls.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    return None
 
 
 def _head_modules(model: nn.Module, layers: dict[str, RankOneLinear]) -> list[str]:

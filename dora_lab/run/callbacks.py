@@ -46,6 +46,8 @@ class RunResult:
     steps: int = 0
     seconds: float = 0.0
     run_dir: Path | None = None
+    peak_memory_mb: float = 0.0  # dora_lab.run.memory: CUDA allocator peak, or the process's peak RSS
+    peak_memory_source: str = ""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -58,6 +60,8 @@ class RunResult:
             "active_components_final": self.active_components_final,
             "steps": self.steps,
             "minutes": round(self.seconds / 60, 3),
+            "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "peak_memory_source": self.peak_memory_source,
             "run_dir": str(self.run_dir) if self.run_dir else None,
         }
 

@@ -67,6 +67,16 @@ class ModelConfig(_Strict):
     trainable: list[str] = Field(default_factory=lambda: ["classifier", "pooler"])
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="of the frozen base weights; bfloat16 keeps adapters and head in float32 "
+                               "and runs the forward pass under bf16 autocast")
+
+    @model_validator(mode="after")
+    def _dtype_fits_precision(self) -> ModelConfig:
+        if self.dtype == "bfloat16" and self.precision == "fp16":
+            raise ValueError("model.dtype bfloat16 runs under bf16 autocast; model.precision fp16 cannot go "
+                             "with it: set model.precision to bf16 (or fp32, which then means bf16)")
+        return self
 
 
 class AdapterConfig(_Strict):

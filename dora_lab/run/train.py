@@ -37,6 +37,7 @@ from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, 
 from .config import ConfigError, RunConfig, build_controller, load_config
 from .data import load_splits, make_loader
 from .evaluate import evaluate
+from .memory import peak_memory_mb, reset_peak
 from .models import load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
 from .seeding import seed_everything
@@ -114,13 +115,20 @@ def train_run(
     # -- data and model -------------------------------------------------------------------
     splits = load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
                          max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels, max_length=cfg.task.max_length)
+    bf16_weights = cfg.model.dtype == "bfloat16"  # frozen weights in bf16; what trains stays float32
+    model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels, max_length=cfg.task.max_length,
+                                                **({"dtype": torch.bfloat16} if bf16_weights else {}))
     seed_everything(cfg.seed)  # adapters' init must not depend on what loading consumed
     adapted = cfg.train.method == "adapter"
     if adapted:
         a = cfg.adapter
-        inject_adapters(model, r0=a.r0, targets=a.targets, alpha=a.alpha, dropout=a.dropout, init=a.init,
-                        trainable=cfg.model.trainable)
+        try:
+            inject_adapters(model, r0=a.r0, targets=a.targets, alpha=a.alpha, dropout=a.dropout, init=a.init,
+                            trainable=cfg.model.trainable, dtype=torch.float32 if bf16_weights else None)
+        except ValueError as exc:  # no family default, or targets that match nothing: bad input, exit 2
+            raise ConfigError(f"adapter.targets: {exc}") from None
+    if bf16_weights:
+        _trainable_to_float32(model)
     model.to(device)
     if cfg.train.gradient_checkpointing:
         # non-reentrant: works with a frozen embedding and under DDP (peft#1745's "marked ready twice")
@@ -147,14 +155,16 @@ def train_run(
         controller = build_controller(cfg, model, total, agree=distributed.agree if shards > 1 else None)
         if controller.method.calibration_batches:  # a one-shot allocator reads a few batches (before DDP
             model.eval()                            # wraps the model, so rank 0's ranks and A reach all)
-            controller.before_training(
-                lambda b: model(**{k: v.to(device) for k, v in b.items() if k not in ("index", "labels")}),
-                train_loader)
+            def run_batch(b: dict[str, torch.Tensor]) -> Any:
+                with _autocast("bf16" if bf16_weights else cfg.model.precision, device):
+                    return model(**{k: v.to(device) for k, v in b.items() if k not in ("index", "labels")})
+            controller.before_training(run_batch, train_loader)
         if controller.method.needs_validation:  # one fixed validation batch (the config checked there is one)
             rows = controller.method.validation_rows or cfg.train.eval_batch_size
             vbatch = {k: v[:rows].to(device) for k, v in next(iter(eval_loaders[spec.eval_splits[0]])).items()
                       if k != "index"}
-            controller.set_validation(_validation_loss(model, vbatch))
+            controller.set_validation(_validation_loss(
+                model, vbatch, _autocast("bf16" if bf16_weights else cfg.model.precision, device)))
     # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
     if rank0:
         claim_run_dir(run_dir, overwrite)
@@ -173,7 +183,7 @@ def train_run(
         cb.on_train_begin(info)
 
     # -- the loop ----------------------------------------------------------------------------
-    autocast = _autocast(cfg.model.precision, device)
+    autocast = _autocast("bf16" if bf16_weights else cfg.model.precision, device)
     # fp16 needs loss scaling or small gradients flush to zero; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16")
     history: list[dict[str, float]] = []
@@ -184,6 +194,7 @@ def train_run(
                disable=not (progress and rank0), dynamic_ncols=True)
     model.train()
     rows = 0  # training rows this rank has seen (a rank's share of the global batches)
+    reset_peak(device)
     for step in range(total):
         loss_sum = 0.0
         for micro in range(cfg.train.grad_accum):
@@ -233,6 +244,7 @@ def train_run(
                 cb.on_evaluate(step + 1, metrics)
             model.train()
     bar.close()
+    peak = peak_memory_mb(device)
 
     # -- the run's files -----------------------------------------------------------------------
     history = distributed.broadcast_object(history)  # every rank returns rank 0's result
@@ -245,7 +257,7 @@ def train_run(
         allocation=controller.allocation() if controller else {},
         trainable_parameters=info.trainable_parameters, adapter_parameters_final=counts.adapter_active,
         active_components_final=counts.active_components, steps=total, seconds=time.time() - t0,
-        run_dir=run_dir,
+        run_dir=run_dir, peak_memory_mb=peak[0], peak_memory_source=peak[1],
     )
     if not rank0:
         return result
@@ -261,17 +273,28 @@ def train_run(
     return result
 
 
-def _validation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
-    """``loss()``: the model's loss on ``batch`` in eval mode, without gradients (then back in train mode)."""
+def _validation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Any) -> Any:
+    """``loss()``: the model's loss on ``batch`` in eval mode, without gradients, under the run's
+    autocast (bf16 weights need it), then back in train mode."""
     @torch.no_grad()
     def loss() -> float:
         was_training = model.training
         model.eval()
         try:
-            return float(model(**batch).loss)
+            with autocast:
+                return float(model(**batch).loss)
         finally:
             model.train(was_training)
     return loss
+
+
+@torch.no_grad()
+def _trainable_to_float32(model: torch.nn.Module) -> None:
+    """``model.dtype: bfloat16``: the trained parameters (adapters, head) stay float32 master weights, so
+    AdamW's small updates are not rounded away; the forward pass casts them under bf16 autocast."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

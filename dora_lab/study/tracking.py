@@ -23,7 +23,7 @@ where ``scorer.params`` is silent; ``schedule.effective.*_steps``; ``regularizer
 when a file could not be logged); metrics at every optimizer step (``train/loss train/lr
 budget/active_components budget/active_parameters budget/target``), at every evaluation (the task's
 metrics as ``eval/<metric>``) and once, at step 0 (``objective best_<metric> best_step
-active_components_final adapter_parameters_final minutes trainable_parameters``), sent at each
+active_components_final adapter_parameters_final minutes peak_memory_mb trainable_parameters``), sent at each
 evaluation and at least every 30 s; artifacts ``config.yaml``, ``allocation.json``, the rank heatmap, the budget plot.  Status: FINISHED
 (complete), KILLED (pruned or interrupted), FAILED.
 """
@@ -223,7 +223,8 @@ class TrialLogger(TrainCallback):
         self._buffer += [Metric(k, float(v), ts, 0) for k, v in (
             (f"best_{result.metric_name}", result.best_metric), ("best_step", result.best_step),
             ("active_components_final", result.active_components_final),
-            ("adapter_parameters_final", result.adapter_parameters_final), ("minutes", result.seconds / 60))]
+            ("adapter_parameters_final", result.adapter_parameters_final), ("minutes", result.seconds / 60),
+            ("peak_memory_mb", result.peak_memory_mb))]
         self.flush()
 
     # -- the end of a trial -------------------------------------------------------------------------

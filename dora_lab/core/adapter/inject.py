@@ -2,9 +2,12 @@
 
 Targets are given like PEFT's ``target_modules``: a *list* of names matched against the end of
 each module's dotted name (``"query"`` matches ``bert.encoder.layer.0.attention.self.query``), or
-a single *string* used as a regular expression that must match the whole dotted name.  With no
-targets, the default for the model family (``config.model_type``) is used: all six linears of
-every BERT/RoBERTa/DeBERTa layer, the attention and MLP projections of decoder models.
+a single *string* used as a regular expression that must match the whole dotted name, or
+``"all-linear"``: every ``nn.Linear``/``Conv1D`` but the output head, as PEFT's ``all-linear`` (the
+model's output embeddings, e.g. ``lm_head``, a ``classifier``/``score`` head, and the modules named in
+``trainable``, which train in full).  With no targets, the default for the model family
+(``config.model_type``) is used: all six linears of every BERT/RoBERTa/DeBERTa layer, the attention
+and MLP projections of Llama-style decoders, GPT-2's ``c_attn c_proj c_fc`` (``Conv1D``).
 """
 
 from __future__ import annotations
@@ -13,18 +16,26 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from .layer import InitMode, RankOneLinear
+from .layer import LINEAR_TYPES, InitMode, RankOneLinear
 
 __all__ = [
+    "ALL_LINEAR",
     "DEFAULT_TARGETS",
     "ParameterCount",
     "adapter_layers",
+    "all_linear_targets",
     "count_parameters",
     "default_targets",
     "inject_adapters",
+    "linear_module_names",
 ]
+
+#: ``adapter.targets: all-linear``: every linear layer but the output head (PEFT's shorthand).
+ALL_LINEAR = "all-linear"
+_HEAD_NAMES = ("classifier", "score")  # PEFT's SEQ_CLS_HEAD_NAMES
 
 _BERT_LIKE = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 _DECODER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,18 +57,62 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "gemma": _DECODER,
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # transformers' Conv1D (weight d_in x d_out)
 }
 
 
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Dotted names of every ``nn.Linear`` and ``Conv1D`` in ``model``, in module order (not the
+    base layers inside adapters already injected: no adapter in an adapter)."""
+    inside = {n + ".base" for n, m in model.named_modules() if isinstance(m, RankOneLinear)}
+    return [n for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES) and n not in inside]
+
+
 def default_targets(model: nn.Module) -> list[str]:
+    """The family's default target suffixes (``DEFAULT_TARGETS[config.model_type]``); a model of
+    another family is refused with its linear layers' names, so the user can pick."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:
         return list(DEFAULT_TARGETS[model_type])
     raise ValueError(
-        f"no default adapter targets for model_type {model_type!r}; name them with "
-        f"'adapter.targets' (a list of module-name suffixes or one regular expression). "
-        f"Known families: {', '.join(sorted(DEFAULT_TARGETS))}"
+        f"no default adapter targets for model_type {model_type!r} (known families: "
+        f"{', '.join(sorted(DEFAULT_TARGETS))}); name them with 'adapter.targets': a list of module-name "
+        f"suffixes, one regular expression, or {ALL_LINEAR!r}. This model's linear layers: "
+        f"{_describe_linears(model)}"
     )
+
+
+def _describe_linears(model: nn.Module) -> str:
+    """Each distinct last name of the model's linear layers with its count and one full name."""
+    names = linear_module_names(model)
+    if not names:
+        return "none (no nn.Linear or Conv1D)"
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(n.rpartition(".")[2], []).append(n)
+    return "; ".join(f"{leaf} x{len(full)} (e.g. {full[0]})" for leaf, full in groups.items())
+
+
+def all_linear_targets(model: nn.Module, trainable: Iterable[str] = ()) -> list[str]:
+    """The full names ``adapter.targets: all-linear`` adapts: every ``nn.Linear``/``Conv1D`` except
+    the output head, as PEFT's ``all-linear`` decides it (the model's output embeddings, or with none
+    a ``classifier``/``score`` attribute), and except modules under ``trainable`` (the task head, such
+    as a BERT pooler, trains in full: a module cannot be both)."""
+    modules = dict(model.named_modules())
+    exclude: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    heads = [out_emb] if isinstance(out_emb, nn.Module) else [getattr(model, h, None) for h in _HEAD_NAMES]
+    for head in heads:
+        if isinstance(head, nn.Module):
+            exclude.update(n for n, m in modules.items() if m is head or _is_in(m, head))
+    keep = tuple(trainable)
+    return [n for n in linear_module_names(model)
+            if n not in exclude and not any(_is_under(n + ".weight", t) for t in keep)]
+
+
+def _is_in(module: nn.Module, head: nn.Module) -> bool:
+    return any(module is m for m in head.modules())
 
 
 def _matches(name: str, targets: str | Sequence[str]) -> bool:
@@ -74,25 +129,32 @@ def inject_adapters(
     dropout: float = 0.1,
     init: InitMode = "dora",
     trainable: Iterable[str] = ("classifier",),
+    dtype: torch.dtype | None = None,
 ) -> dict[str, RankOneLinear]:
-    """Replace matching ``nn.Linear`` modules in place; freeze everything else but ``trainable``.
+    """Replace matching ``nn.Linear``/``Conv1D`` modules in place; freeze everything else but ``trainable``.
 
     ``trainable`` names modules (suffix or substring of the dotted parameter name, e.g.
     ``"classifier"``, ``"pooler"``) whose own parameters stay trainable: the task head.
-    Returns the adapted layers by their dotted module name.
+    ``dtype``: of the adapters' ``A``, ``B``, ``c`` (default: each base weight's; float32 on a
+    bfloat16 model keeps full-precision trained weights).  Returns the adapted layers by their
+    dotted module name.
     """
     if targets is None:
         targets = default_targets(model)
-    chosen = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and _matches(name, targets)
-    ]
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        targets = all_linear_targets(model, trainable)
+        chosen_names = set(targets)
+        chosen = [(n, m) for n, m in model.named_modules() if n in chosen_names]
+    else:
+        chosen = [
+            (name, module)
+            for name, module in model.named_modules()
+            if isinstance(module, LINEAR_TYPES) and _matches(name, targets)
+        ]
     if not chosen:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
         raise ValueError(
-            f"adapter targets {targets!r} matched no nn.Linear; some linear layers of this model: "
-            f"{linears}"
+            f"adapter targets {targets!r} matched no nn.Linear or Conv1D; this model's linear layers: "
+            f"{_describe_linears(model)}"
         )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -100,7 +162,7 @@ def inject_adapters(
     for name, linear in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = RankOneLinear(linear, r0=r0, alpha=alpha, dropout=dropout, init=init)
+        layer = RankOneLinear(linear, r0=r0, alpha=alpha, dropout=dropout, init=init, dtype=dtype)
         layer.train(linear.training)  # an eval-mode model gets eval-mode adapters (no dropout)
         setattr(parent, child, layer)
         layers[name] = layer

@@ -1,10 +1,16 @@
-"""The rank-1-component adapter around one frozen ``nn.Linear`` (ALGORITHMS.md section 1).
+"""The rank-1-component adapter around one frozen linear layer (ALGORITHMS.md section 1).
 
     h = W0 x + b0 + (alpha / r0) * B diag(c * m) A dropout(x)
 
 ``A`` is ``r x d_in`` (row i = input vector of component i), ``B`` is ``d_out x r`` (column i =
 output vector), ``c`` one scalar per component and ``mask`` a 0/1 buffer.  ``r`` starts at ``r0``
 and shrinks when the layer is compacted; the scale keeps ``r0``.
+
+The base is an ``nn.Linear`` (weight ``d_out x d_in``) or transformers' ``Conv1D`` (GPT-2's
+``c_attn``/``c_proj``/``c_fc``: weight stored transposed, ``d_in x d_out``, ``y = x W + b``).  ``A``,
+``B`` and :meth:`RankOneLinear.delta_weight` keep the ``nn.Linear`` orientation for both, so scorers,
+compaction and parameter counts see the same shapes; only :meth:`RankOneLinear.merge` transposes
+``dW`` for a ``Conv1D`` (``fan_in_fan_out``, PEFT's name for it).
 
 While pruning is soft the mask is *not* applied in the forward pass (``hard_mask`` is False): a
 soft-pruned component has ``c_i = 0`` but still gets a gradient and may come back.  Once the mask
@@ -20,23 +26,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-__all__ = ["RankOneLinear", "InitMode"]
+__all__ = ["LINEAR_TYPES", "InitMode", "RankOneLinear", "linear_features"]
 
 InitMode = Literal["dora", "adalora"]
 
+#: The module types an adapter can wrap: ``nn.Linear`` and GPT-2's transposed ``Conv1D``.
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or a ``Conv1D`` (whose weight is ``d_in x d_out``)."""
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return int(d_in), int(d_out)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    raise TypeError(f"{type(module).__name__} is not an nn.Linear or a transformers Conv1D")
+
 
 class RankOneLinear(nn.Module):
-    """A frozen linear layer plus ``r0`` trainable rank-1 components."""
+    """A frozen linear layer (``nn.Linear`` or ``Conv1D``) plus ``r0`` trainable rank-1 components."""
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         r0: int,
         alpha: float = 8.0,
         dropout: float = 0.1,
         init: InitMode = "dora",
+        dtype: torch.dtype | None = None,
     ) -> None:
+        """``dtype``: of ``A``, ``B``, ``c`` (default: the base weight's).  float32 adapters on a
+        bfloat16 base keep full-precision trained weights and optimizer state; the forward pass
+        then runs the adapter's products in the input's dtype (the casts are differentiable)."""
         super().__init__()
         if r0 < 1:
             raise ValueError(f"start rank r0 must be >= 1, got {r0}")
@@ -48,14 +72,16 @@ class RankOneLinear(nn.Module):
         self.r0 = r0
         self.alpha = float(alpha)
         self.scale = self.alpha / r0
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        self.in_features, self.out_features = linear_features(base)
+        self.fan_in_fan_out = isinstance(base, Conv1D)  # base weight stored d_in x d_out
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         w = base.weight
-        self.A = nn.Parameter(torch.empty(r0, self.in_features, dtype=w.dtype, device=w.device))
-        self.B = nn.Parameter(torch.empty(self.out_features, r0, dtype=w.dtype, device=w.device))
-        self.c = nn.Parameter(torch.zeros(r0, dtype=w.dtype, device=w.device))
-        self.register_buffer("mask", torch.ones(r0, dtype=w.dtype, device=w.device))
+        assert isinstance(w, torch.Tensor)
+        dt = dtype or w.dtype
+        self.A = nn.Parameter(torch.empty(r0, self.in_features, dtype=dt, device=w.device))
+        self.B = nn.Parameter(torch.empty(self.out_features, r0, dtype=dt, device=w.device))
+        self.c = nn.Parameter(torch.zeros(r0, dtype=dt, device=w.device))
+        self.register_buffer("mask", torch.ones(r0, dtype=dt, device=w.device))
         # Original index (0..r0-1) of each remaining component; survives compaction.
         self.register_buffer("index", torch.arange(r0, device=w.device))
         self.hard_mask = False
@@ -88,8 +114,17 @@ class RankOneLinear(nn.Module):
 
     @property
     def active_rank(self) -> int:
-        """Components not pruned (mask = 1)."""
-        return int(self.mask.sum().item())
+        """Components not pruned (mask = 1).
+
+        Counted again only when the mask changed (another tensor, or its in-place version counter
+        moved): on a GPU each count is a host-device synchronisation, and the controller reports the
+        active sizes after every step, while the mask changes only at prune steps."""
+        mask = self.mask
+        cached = self.__dict__.get("_active_cache")
+        if cached is None or cached[0] is not mask or cached[1] != mask._version:
+            cached = (mask, mask._version, int(mask.sum().item()))
+            self.__dict__["_active_cache"] = cached  # a plain attribute: not a buffer, not saved
+        return int(cached[2])
 
     @property
     def params_per_component(self) -> int:
@@ -127,15 +162,26 @@ class RankOneLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         xd, keep = _dropout_parts(self.dropout, x2)
         coef = self.effective_c() * (self.scale / keep)
-        z = F.linear(xd, self.A)  # (n, r)
+        z = F.linear(xd, self.A if self.A.dtype == xd.dtype else self.A.to(xd.dtype))  # (n, r)
         bt = (self.B * coef).t().to(z.dtype).contiguous()  # (r, d_out); z's dtype under autocast
         out = self.base(x2)
         out = out.addmm_(z, bt) if out.dtype == z.dtype else out + (z @ bt).to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update ``dW = (alpha/r0) B diag(c m) A`` (``d_out x d_in``); for merging and tests."""
+        """The update ``dW = (alpha/r0) B diag(c m) A`` (``d_out x d_in``, ``nn.Linear``'s orientation
+        also for a ``Conv1D`` base: see :meth:`merge`); for merging and tests."""
         return (self.B * (self.effective_c() * self.scale)) @ self.A
+
+    def _base_delta(self) -> torch.Tensor:
+        """:meth:`delta_weight` laid out like the base's weight (transposed for a ``Conv1D``)."""
+        dw = self.delta_weight()
+        return (dw.t() if self.fan_in_fan_out else dw).to(self._base_weight().dtype)
+
+    def _base_weight(self) -> torch.Tensor:
+        w = self.base.weight
+        assert isinstance(w, torch.Tensor)
+        return w
 
     # -- pruning ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -212,17 +258,18 @@ class RankOneLinear(nn.Module):
     def merge(self) -> None:
         """Add ``dW`` into the base weight (an explicit call; inference then costs the base's)."""
         if not self.merged:
-            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
+            self._base_weight().add_(self._base_delta())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
+            self._base_weight().sub_(self._base_delta())
             self.merged = False
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, r0={self.r0}, rank={self.rank}, "
+        return (f"in={self.in_features}, out={self.out_features}, "
+                f"{'fan_in_fan_out=True, ' if self.fan_in_fan_out else ''}r0={self.r0}, rank={self.rank}, "
                 f"active={self.active_rank}, alpha={self.alpha}, hard_mask={self.hard_mask}")
 
 

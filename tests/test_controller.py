@@ -304,3 +304,28 @@ def test_build_controller_maps_the_run_config() -> None:
     assert c.scorer.name == "magnitude" and c.regularizer is None and not c.compact_at_end
     with pytest.raises(ConfigError, match=r"do not fit this run \(20 optimizer steps, 12 adapted matrices\)"):
         build_controller(load_config(None, ["adapter.r0=8", "budget.target_rank=5"]), model, 20)
+
+
+@pytest.mark.parametrize("scorer_name", ["magnitude", "sensitivity"])
+def test_steps_between_prune_steps_do_not_count_the_masks_again(scorer_name: str) -> None:
+    """The active sizes a step reports come from each layer's cached count, made when the controller
+    is built and again only after a prune step changed a mask: on a GPU every count is a host-device
+    synchronisation (tests/test_cuda.py checks the same with CUDA's sync debug mode)."""
+    from conftest import adapted_decoder, lm_batches
+
+    model = adapted_decoder("llama", dtype=torch.float32, dropout=0.1).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ctl = PruningController(model, make_scorer(scorer_name), "dora", 20, target_rank=2, warmup=2, final=4,
+                            interval=5)
+    caches = {n: layer.__dict__.get("_active_cache") for n, layer in ctl.layers.items()}
+    assert all(c is not None for c in caches.values())  # counted at construction
+    for x, y in lm_batches(4):
+        prune = ctl.schedule.is_prune_step(ctl.t)
+        model(input_ids=x, labels=y).loss.backward()
+        opt.step()
+        ctl.step(opt)
+        opt.zero_grad(set_to_none=True)
+        now = {n: layer.__dict__.get("_active_cache") for n, layer in ctl.layers.items()}
+        if not prune:
+            assert all(now[n] is caches[n] for n in now), "a step without pruning counted a mask again"
+        caches = now

@@ -121,6 +121,9 @@ class PruningController:
         self.frozen = False
         self.validation_loss: Callable[[], float] | None = None
         self.method.setup(self)
+        # count every layer's active components once, now (on a GPU each count waits for the device):
+        # the layers cache the count until their mask changes, so steps between prune steps need none
+        self.active_budget()
 
     def set_validation(self, loss: Callable[[], float]) -> None:
         """Give a method that scores on a validation batch (``needs_validation``) its loss: ``loss()``

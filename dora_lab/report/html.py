@@ -14,6 +14,7 @@ import html
 import mimetypes
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 from markdown_it import MarkdownIt
 
@@ -33,7 +34,7 @@ def markdown_to_html(text: str, folder: Path, title: str = "") -> str:
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
 
     def embed(match: re.Match[str]) -> str:
-        src = html.unescape(match.group(1))
+        src = unquote(html.unescape(match.group(1)))  # markdown-it percent-encodes link targets
         path = (folder / src).resolve()
         if "://" in src or src.startswith(("/", "data:")) or not path.is_relative_to(folder.resolve()) \
                 or not path.is_file():

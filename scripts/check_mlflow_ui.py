@@ -2,9 +2,10 @@
 
 Runs a tiny scorer ablation (``studies/ablation_scorer.yaml``: 2 scorers x 2 seeds on a tiny BERT and
 64 CoLA sentences), starts the MLflow UI over its store exactly as the study prints it (on a free
-port), opens in headless Chromium the link the study printed (the runs table, model-training view)
-and the compare page of its trials, and asserts that the run names and the four rank heatmaps are
-on those pages.  Saves the pages' screenshots (``--shots``, default ``docs/mlflow_ui``).
+port), opens in headless Chromium (driven by selenium) the links the study printed: the runs table
+(model-training view, the study's saved view), the compare page of its trials and the parent run's
+report.html; asserts that the run names, the columns objective / scorer.name / seed and the four
+rank heatmaps side by side are on those pages.  Saves the pages' screenshots (``--shots``, default ``docs/mlflow_ui``).
 
     .venv/bin/python scripts/check_mlflow_ui.py [--out DIR] [--shots DIR] [--chromium PATH]
 
@@ -191,14 +192,24 @@ def main() -> int:
         page = browser(args.chromium, args.driver)
         try:
             # 1. the printed link: the runs table (model-training view), the trials named, best first
+            page.set_window_size(2600, 900)  # wide: the table draws only the columns in view
             page.get(runs_link.group(1).replace("127.0.0.1:5000", here))
             shown = wait_for(lambda: all(n in page.page_source.replace("&nbsp;", " ") for n in names))
             if not shown:
                 problems.append(f"runs page: run names not all shown ({names})")
             if "Model training" not in page.page_source:
                 problems.append("runs page: not the model-training view")
+
+            def column_names() -> set[str]:
+                return {h.text.strip() for h in page.find_elements(By.CSS_SELECTOR, "[role=columnheader]")}
+
+            wanted = {"objective", "scorer.name", "seed"}  # the study's saved view of the table
+            wait_for(lambda: wanted <= column_names(), 20)
+            headers = column_names()
+            if not wanted <= headers:
+                problems.append(f"runs page: the columns objective, scorer.name, seed not all shown ({headers})")
             close_assistant(page)
-            page.set_window_size(1500, 560)
+            page.set_window_size(1900, 720)
             page.save_screenshot(str(args.shots / "runs.png"))
             # 2. the compare page: the rank heatmaps side by side (MLflow lists the top-level artifacts)
             page.set_window_size(1700, 900)

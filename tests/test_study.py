@@ -437,7 +437,11 @@ def test_mlflow_server_serves_the_study(env: dict[str, Path], mlflow_server: str
     # a model-training experiment, and the printed link (at the start and at the end) opens its runs
     # table in the model-training view, not MLflow 3's GenAI overview
     assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
-    link = f"{mlflow_server}/#/experiments/{exp['experiment_id']}/runs?workflowType=machine_learning&searchFilter="
+    tags = {t["key"]: t["value"] for t in exp["tags"]}
+    (view,) = [k.removeprefix("mlflow.sharedViewState.") for k in tags if k.startswith("mlflow.sharedViewState.")]
+    assert "params.`adapter.r0`" in json.loads(tags[f"mlflow.sharedViewState.{view}"])["selectedColumns"]
+    link = f"{mlflow_server}/#/experiments/{exp['experiment_id']}/runs?workflowType=machine_learning" \
+        f"&viewStateShareKey={view}\n"
     assert capsys.readouterr().out.count(f"MLflow runs of this study: {link}") == 2
     with urllib.request.urlopen(link, timeout=30) as page:  # the UI's page (the part after # is the browser's)
         assert page.status == 200 and b"<div id=\"root\"" in page.read()

@@ -72,6 +72,17 @@ def test_the_experiment_is_a_model_training_one_and_its_link_opens_the_runs_tabl
     assert tracker.runs_url() == f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs" \
         f"?workflowType=machine_learning&searchFilter={found}&orderByKey=metrics.%60objective%60&orderByAsc=false"
     assert tracker.runs_url(maximize=False).endswith("&orderByAsc=true")
+    # the saved view: the same search and order, and the columns that answer the study's question
+    key = tracker.save_view("matthews_correlation", ["scorer.name", "seed"], maximize=False)
+    view = json.loads(tracker.client.get_experiment(tracker.experiment_id).tags[f"mlflow.sharedViewState.{key}"])
+    assert view == {"searchFilter": "tags.`dora_lab.role` = 'trial' and tags.`dora_lab.study` = 's1'",
+                    "orderByKey": "metrics.`objective`", "orderByAsc": True,
+                    "selectedColumns": ["attributes.`Dataset`", "metrics.`objective`",
+                                        "metrics.`best_matthews_correlation`", "metrics.`adapter_parameters_final`",
+                                        "metrics.`minutes`", "params.`scorer.name`", "params.`seed`"]}
+    assert tracker.runs_url() == f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs" \
+        f"?workflowType=machine_learning&viewStateShareKey={key}"  # alone: a search in the URL overrides a view
+    tracker.view_key = None
     assert compare_url("http://h:1", "7", ["a1", "b2"]) == "http://h:1/#/compare-runs?" \
         "runs=%5B%22a1%22%2C%20%22b2%22%5D&experiments=%5B%227%22%5D&workflowType=machine_learning"
 

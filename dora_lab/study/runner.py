@@ -190,6 +190,7 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     study = open_study(setup, tracker)
     check_space_unchanged(setup.study, study)
     parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
+    tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize")
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
         study.set_user_attr(key, value)

@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from .space import StudySetup
 
 __all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "compare_url", "context_tags", "datasets", "experiment_url", "find_parent_runs",
-           "log_params", "print_summary", "run_name", "run_url", "trial_rows", "ui_address", "ui_lines"]
+           "log_params", "print_summary", "run_name", "run_url", "study_view", "trial_rows", "ui_address", "ui_lines"]
 
 STUDY_TAG = "dora_lab.study"
 ROLE_TAG = "dora_lab.role"
@@ -78,6 +78,7 @@ UID_TAG = "dora_lab.study_uid"
 KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {KIND_TAG: "custom_model_development"}  # MLflow 3: a model-training experiment
 FIGURES = ("rank_heatmap.png", "budget.png")  # a trial's figures, at its artifact root
+VIEW_TAG = "mlflow.sharedViewState."  # + key: a saved view of the runs table (study_view)
 UI_PORT = 5000  # the port of the printed mlflow ui command
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 # the per-step logs under their MLflow names, grouped by namespace in the UI's charts
@@ -203,9 +204,11 @@ def ui_address(tracking_uri: str) -> str:
     return f"http://127.0.0.1:{UI_PORT}"
 
 
-def experiment_url(ui: str, experiment_id: str, study: str | None = None, maximize: bool = True) -> str:
+def experiment_url(ui: str, experiment_id: str, study: str | None = None, maximize: bool = True,
+                   view: str | None = None) -> str:
     """The runs table of experiment ``experiment_id`` in the UI at ``ui``, in the model-training view;
-    with ``study``, showing that study's trials, best first.
+    with ``study``, showing that study's trials, best first; with ``view``, the saved view of that
+    key instead (:func:`study_view`: the same search and order, and the columns that matter).
 
     MLflow 3's UI (3.17) shows an experiment as GenAI (overview, traces) or as model training (the
     runs table) by its ``workflowType``: the query parameter of the experiment page's URL, else the
@@ -216,7 +219,9 @@ def experiment_url(ui: str, experiment_id: str, study: str | None = None, maximi
     runs whose parent is filtered out are listed flat, not folded under the parent's row), sorted
     by ``objective``."""
     query = {"workflowType": "machine_learning"}
-    if study is not None:
+    if view is not None:  # the UI ignores a saved view when the URL has a search or an order of its own
+        query["viewStateShareKey"] = view
+    elif study is not None:
         query |= {"searchFilter": f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}'",
                   "orderByKey": "metrics.`objective`", "orderByAsc": "false" if maximize else "true"}
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?{urlencode(query, quote_via=quote)}"
@@ -227,6 +232,19 @@ def run_url(ui: str, experiment_id: str, run_id: str, artifact: str = "") -> str
     page = f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"{page}/artifactPath/{artifact}?workflowType=machine_learning" if artifact else \
         f"{page}?workflowType=machine_learning"
+
+
+def study_view(study: str, metric: str, searched: Sequence[str], maximize: bool = True) -> dict[str, Any]:
+    """The runs table as a study wants it, as MLflow's UI keeps a shared view (``Views`` > share: an
+    experiment tag ``mlflow.sharedViewState.<key>`` holding this JSON, opened by the URL parameter
+    ``viewStateShareKey=<key>``): the study's trials flat, best ``objective`` first, and as columns
+    the datasets, ``objective``, ``best_<metric>``, the final adapter size, the minutes and every
+    searched key, instead of MLflow's default Source / Models / Dataset."""
+    return {"searchFilter": f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}'",
+            "orderByKey": "metrics.`objective`", "orderByAsc": not maximize,
+            "selectedColumns": ["attributes.`Dataset`", "metrics.`objective`", f"metrics.`best_{metric}`",
+                                "metrics.`adapter_parameters_final`", "metrics.`minutes`",
+                                *(f"params.`{k}`" for k in searched)]}
 
 
 def compare_url(ui: str, experiment_id: str, run_ids: Sequence[str]) -> str:
@@ -387,6 +405,7 @@ class StudyTracker:
                  artifact_root: Path | None = None) -> None:
         self.uri = tracking_uri
         self.study_name = study_name
+        self.view_key: str | None = None  # the saved view of the runs table (save_view)
         with store_lock(tracking_uri, "mlflow"):  # the first access creates (migrates) a new store
             self.client = MlflowClient(tracking_uri)
             self.experiment_id = self._experiment(experiment, artifact_root)
@@ -409,10 +428,22 @@ class StudyTracker:
                 self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, EXPERIMENT_TAGS[KIND_TAG])
         return str(exp.experiment_id)
 
+    def save_view(self, metric: str, searched: Sequence[str], maximize: bool = True) -> str:
+        """Save the study's view of the runs table (:func:`study_view`) as a shared view of the
+        experiment; :meth:`runs_url` links to it from now on.  Returns its key."""
+        import hashlib
+
+        key = f"dora_lab-{hashlib.sha1(self.study_name.encode()).hexdigest()[:12]}"
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + key,
+                                       json.dumps(study_view(self.study_name, metric, searched, maximize)))
+        self.view_key = key
+        return key
+
     def runs_url(self, maximize: bool = True, ui: str | None = None) -> str:
         """The link to this study's trials in the runs table, model-training view, best first
-        (:func:`experiment_url`)."""
-        return experiment_url(ui or ui_address(self.uri), self.experiment_id, self.study_name, maximize)
+        (:func:`experiment_url`; the saved view once :meth:`save_view` ran)."""
+        return experiment_url(ui or ui_address(self.uri), self.experiment_id, self.study_name, maximize,
+                              view=self.view_key)
 
     # -- the parent run ---------------------------------------------------------------------------
     def _parents(self, uid: str) -> list[Any]:

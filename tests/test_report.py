@@ -7,11 +7,16 @@ The shipped study files, report blocks included, run through the study runner as
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import itertools
 import math
 import os
+import re
 import statistics
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,8 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from mlflow_server import get, post
+from mlflow_server import mlflow_server as serve_mlflow
 from scipy import stats as sps
 from tiny import minilm_dir, tiny_overrides
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -167,9 +174,12 @@ def test_scorer_ablation_report(env: dict[str, Any]) -> None:
     assert float(cmp2["mean_diff"]) == pytest.approx(-float(cmp["mean_diff"]))
 
 
-def test_budget_ablation_pools_both_arms(env: dict[str, Any]) -> None:
+def test_budget_ablation_pools_both_arms(env: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     one_seed = "study.space.seed={type: categorical, choices: [0]}"
     run_study(env, "ablation_budget", one_seed)
+    # its report includes the LoRA arm, not run yet: the study says so and still succeeds
+    printed = capsys.readouterr()
+    assert "no study 'ablation_budget_constant'" in printed.err and "note: no report (see above)" in printed.out
     run_study(env, "ablation_budget_constant", one_seed)
     out = env["root"] / "budget-report"
     assert report.main(report_args(env, "ablation_budget", out, "--no-mlflow")) == 0
@@ -192,6 +202,50 @@ def test_budget_ablation_pools_both_arms(env: dict[str, Any]) -> None:
         assert r["n"] == "1" and math.isnan(float(r["p_t"]))
     md = (out / "report.md").read_text()
     assert "`ablation_budget` (" in md and "`ablation_budget_constant` (" in md and "final_rank` is measured" in md
+
+
+def test_the_study_makes_its_report_and_logs_it_as_one_html_file(env: dict[str, Any],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A study with a report: block makes its report at the end and logs it to the parent run, as
+    Markdown and as one HTML file with its pictures embedded; checked through a real MLflow server."""
+    with serve_mlflow(f"sqlite:///{env['root'] / 'served.db'}", env["root"] / "served-artifacts") as server:
+        run_study(env, "ablation_schedule", "study.space.seed={type: categorical, choices: [0]}",
+                  "study.space.schedule.name={type: categorical, choices: [dora, linear]}",
+                  f"study.tracking_uri={server}")
+        printed = capsys.readouterr().out
+        api = f"{server}/api/2.0/mlflow"
+        exp = get(f"{api}/experiments/get-by-name?experiment_name=ablation_schedule")["experiment"]
+        (parent,) = post(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                                "filter": "tags.`dora_lab.role` = 'study'"})["runs"]
+        run_id = parent["info"]["run_id"]
+        listed = get(f"{api}/artifacts/list?" + urllib.parse.urlencode({"run_id": run_id, "path": "report"}))
+        assert {"report/report.md", "report/report.html"} <= {f["path"] for f in listed["files"]}
+        tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+        assert tags["dora_lab.report_html"] == "report/report.html"
+
+        def served(path: str) -> bytes:
+            query = urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+            with urllib.request.urlopen(f"{server}/get-artifact?{query}", timeout=30) as r:
+                return bytes(r.read())
+
+        page = served("report/report.html").decode()
+    out = env["out"] / "report" / "ablation_schedule"  # the report's default folder
+    assert f"report: {out / 'report.md'}" in printed and f"{out / 'report.html'} (one file" in printed
+    link = f"{server}/#/experiments/{exp['experiment_id']}/runs/{run_id}/artifactPath/report/report.html?workflowType=machine_learning"
+    assert f"logged to the MLflow parent run of 'ablation_schedule': {link}" in printed
+    assert served_md_equal(out, page)
+    images = re.findall(r"<img [^>]*>", page)
+    assert len(images) == 3  # metric_by_group, allocation, budget: each embedded, none linked
+    embedded = [base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', i).group(1)) for i in images]  # type: ignore[union-attr]
+    assert embedded == [(out / f).read_bytes() for f in ("metric_by_group.png", "allocation.png", "budget.png")]
+    assert not re.search(r"""(src|href)=["'](?!data:|#)""", page)  # nothing loaded from elsewhere
+
+
+def served_md_equal(out: Path, page: str) -> bool:
+    """The HTML is the Markdown's: its headings and a table row of it, as text."""
+    md = (out / "report.md").read_text()
+    headings = re.findall(r"^## (.+)$", md, re.MULTILINE)
+    return bool(headings) and all(f"<h2>{html.escape(h, quote=False)}</h2>" in page for h in headings)
 
 
 def test_study_files_are_the_documented_designs(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,13 +24,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow.data
 import optuna
+import pandas
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow_server import get, post
+from mlflow_server import mlflow_server as serve_mlflow
 from tiny import COLA, make_tiny_model_dir, tiny_overrides
 
 from dora_lab.core.scorers import SCORERS
+from dora_lab.export.cli import main as export_main
+from dora_lab.run.data import load_splits
+from dora_lab.run.tasks import get_task
 from dora_lab.study.runner import main, open_study, prepare, study_folder
 from dora_lab.study.space import db_url
 
@@ -121,9 +129,8 @@ def test_three_trials_then_resume(env: dict[str, Path], capsys: pytest.CaptureFi
         assert trial.value == pytest.approx(max(m.value for m in mcc))  # the best after pruning ended
         allocation = json.loads((run_dir / "allocation.json").read_text())
         assert sum(allocation.values()) == N_MATRICES * 2 == trial.user_attrs["active_components"]
-        arts = {a.path for a in c.list_artifacts(run.info.run_id)} | {
-            a.path for a in c.list_artifacts(run.info.run_id, "plots")}
-        assert {"config.yaml", "allocation.json", "plots/rank_heatmap.png", "plots/budget.png"} <= arts
+        arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "allocation.json", "rank_heatmap.png", "budget.png"} <= arts
     summary = {a.path for a in c.list_artifacts(parent.info.run_id, "summary")}
     plots = {a.path for a in c.list_artifacts(parent.info.run_id, "summary/plots")}
     assert {"summary/trials.csv", "summary/trials.md"} <= summary
@@ -415,59 +422,30 @@ def test_a_killed_workers_trial_goes_stale_and_fails(env: dict[str, Path]) -> No
     assert children[0].info.status == "FAILED" and "heartbeat" in children[0].data.tags["fail_reason"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _get(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return dict(json.loads(r.read()))
-
-
-def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return dict(json.loads(r.read()))
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(env: dict[str, Path]) -> Iterator[str]:
-    """A real ``mlflow server`` on a free loopback port; its backend is the shared SQLite store
-    (already migrated: starting is faster), its artifacts a folder of its own."""
-    port = _free_port()
-    client(env).search_experiments()  # create (migrate) the store if no test did yet
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{env['out'] / 'mlflow.db'}",
-         "--artifacts-destination", str(env["root"] / "served-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 150
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail("mlflow server did not start")
-            time.sleep(0.5)
-    yield uri
-    with contextlib.suppress(ProcessLookupError):  # the server and its uvicorn worker: the group we started
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    """A real ``mlflow server``; its backend is the shared SQLite store, its artifacts a folder of its own."""
+    with serve_mlflow(f"sqlite:///{env['out'] / 'mlflow.db'}", env["root"] / "served-artifacts") as uri:
+        yield uri
 
 
-def test_mlflow_server_serves_the_study(env: dict[str, Path], mlflow_server: str) -> None:
+def test_mlflow_server_serves_the_study(env: dict[str, Path], mlflow_server: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     assert main(args(env, "served", 1, f"study.tracking_uri={mlflow_server}")) == 0
     api = f"{mlflow_server}/api/2.0/mlflow"
-    exp = _get(f"{api}/experiments/get-by-name?experiment_name=served")["experiment"]
-    found = _post(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+    exp = get(f"{api}/experiments/get-by-name?experiment_name=served")["experiment"]
+    # a model-training experiment, and the printed link (at the start and at the end) opens its runs
+    # table in the model-training view, not MLflow 3's GenAI overview
+    assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+    tags = {t["key"]: t["value"] for t in exp["tags"]}
+    (view,) = [k.removeprefix("mlflow.sharedViewState.") for k in tags if k.startswith("mlflow.sharedViewState.")]
+    assert "params.`adapter.r0`" in json.loads(tags[f"mlflow.sharedViewState.{view}"])["selectedColumns"]
+    link = f"{mlflow_server}/#/experiments/{exp['experiment_id']}/runs?workflowType=machine_learning" \
+        f"&viewStateShareKey={view}\n"
+    assert capsys.readouterr().out.count(f"MLflow runs of this study: {link}") == 2
+    with urllib.request.urlopen(link, timeout=30) as page:  # the UI's page (the part after # is the browser's)
+        assert page.status == 200 and b"<div id=\"root\"" in page.read()
+    found = post(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
     tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in found]
     parent = [r for r, t in zip(found, tags, strict=True) if t["dora_lab.role"] == "study"]
     child = [(r, t) for r, t in zip(found, tags, strict=True) if t["dora_lab.role"] == "trial"]
@@ -475,11 +453,35 @@ def test_mlflow_server_serves_the_study(env: dict[str, Path], mlflow_server: str
     run, ctags = child[0]
     assert ctags["mlflow.parentRunId"] == parent[0]["info"]["run_id"] and run["info"]["status"] == "FINISHED"
     query = urllib.parse.urlencode({"run_id": run["info"]["run_id"], "metric_key": "train/loss"})
-    history = _get(f"{api}/metrics/get-history?{query}")["metrics"]
+    history = get(f"{api}/metrics/get-history?{query}")["metrics"]
     assert sorted(int(m["step"]) for m in history) == list(range(1, STEPS + 1))
     assert any(p["key"] == "train.lr" for p in run["data"]["params"])
-    arts = _get(f"{api}/artifacts/list?" + urllib.parse.urlencode({"run_id": run["info"]["run_id"], "path": "plots"}))
-    assert "plots/rank_heatmap.png" in {f["path"] for f in arts["files"]}
+    # the train and evaluation rows as MLflow datasets: named by task and split, the data folder as source,
+    # MLflow's digest of the very rows the trial used (its seed's subset of 64)
+    inputs = get(f"{api}/runs/get?run_id={run['info']['run_id']}")["run"]["inputs"]["dataset_inputs"]
+    logged = {i["dataset"]["name"]: i for i in inputs}
+    assert sorted(logged) == ["cola/train", "cola/validation"]
+    seed = int(ctags["seed"])
+    for split, context in (("train", "train"), ("validation", "eval")):
+        ds = logged[f"cola/{split}"]
+        assert {t["key"]: t["value"] for t in ds["tags"]} == {"mlflow.data.context": context}
+        assert ds["dataset"]["source_type"] == "local"
+        assert json.loads(ds["dataset"]["source"]) == {"uri": str(Path(COLA).resolve())}
+        assert json.loads(ds["dataset"]["profile"])["num_rows"] == 64
+        rows = {s: load_splits(get_task("cola"), COLA, max_train_samples=64, max_eval_samples=64, seed=s)[split]
+                for s in (seed, seed + 1)}
+        digest = {s: mlflow.data.from_pandas(pandas.DataFrame(r), targets="label").digest for s, r in rows.items()}
+        assert ds["dataset"]["digest"] == digest[seed] != digest[seed + 1]
+    arts = get(f"{api}/artifacts/list?" + urllib.parse.urlencode({"run_id": run["info"]["run_id"]}))
+    assert {"rank_heatmap.png", "budget.png", "adapter"} <= {f["path"] for f in arts["files"]}
+    # the adapter is logged, so export by run id works where the trial's folder is not
+    run_dir = Path(ctags["dora_lab.run_dir"])
+    assert export_main([str(run_dir), "--to", "peft", str(env["root"] / "peft-from-folder")]) == 0
+    shutil.rmtree(run_dir)
+    assert export_main([run["info"]["run_id"], "--to", "peft", str(env["root"] / "peft-from-mlflow"),
+                        "--tracking-uri", mlflow_server]) == 0
+    for f in sorted((env["root"] / "peft-from-folder").iterdir()):
+        assert (env["root"] / "peft-from-mlflow" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
 @pytest.mark.postgres

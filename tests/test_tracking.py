@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from matplotlib.axes import Axes
 from mlflow import MlflowClient
 
 from dora_lab.run.callbacks import RunInfo, RunResult
@@ -18,7 +19,16 @@ from dora_lab.run.config import ConfigError, RunConfig
 from dora_lab.study.plots import allocation_grid
 from dora_lab.study.runner import prepare
 from dora_lab.study.tables import markdown_table, write_table
-from dora_lab.study.tracking import ROLE_TAG, STUDY_TAG, UID_TAG, StudyTracker, run_name, safe_url
+from dora_lab.study.tracking import (
+    ROLE_TAG,
+    STUDY_TAG,
+    UID_TAG,
+    StudyTracker,
+    compare_url,
+    experiment_url,
+    run_name,
+    safe_url,
+)
 from dora_lab.study.trial import OptunaReporter, objective_value
 
 UID = "20260101-000000-00000001"  # a study identity, as dora_lab.study.open_study makes them
@@ -47,6 +57,34 @@ def test_parent_is_found_again_by_tag(tracker: StudyTracker) -> None:
     assert other.experiment_id == tracker.experiment_id and other.parent_run(UID) != first
     exp = tracker.client.get_experiment(tracker.experiment_id)
     assert exp.artifact_location.startswith("file://") and exp.artifact_location.endswith("/art/exp")
+
+
+def test_the_experiment_is_a_model_training_one_and_its_link_opens_the_runs_table(tracker: StudyTracker) -> None:
+    assert tracker.client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == \
+        "custom_model_development"
+    old = tracker.client.create_experiment("made-by-hand")  # an experiment from before: tagged when a study uses it
+    assert "mlflow.experimentKind" not in tracker.client.get_experiment(old).tags
+    assert StudyTracker(tracker.uri, "made-by-hand", "s9").experiment_id == old
+    assert tracker.client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment_url("http://h:1/", "7") == "http://h:1/#/experiments/7/runs?workflowType=machine_learning"
+    # the study's trials, flat (their parent filtered out), best first: the UI reads these URL parameters
+    found = "tags.%60dora_lab.role%60%20%3D%20%27trial%27%20and%20tags.%60dora_lab.study%60%20%3D%20%27s1%27"
+    assert tracker.runs_url() == f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs" \
+        f"?workflowType=machine_learning&searchFilter={found}&orderByKey=metrics.%60objective%60&orderByAsc=false"
+    assert tracker.runs_url(maximize=False).endswith("&orderByAsc=true")
+    # the saved view: the same search and order, and the columns that answer the study's question
+    key = tracker.save_view("matthews_correlation", ["scorer.name", "seed"], maximize=False)
+    view = json.loads(tracker.client.get_experiment(tracker.experiment_id).tags[f"mlflow.sharedViewState.{key}"])
+    assert view == {"searchFilter": "tags.`dora_lab.role` = 'trial' and tags.`dora_lab.study` = 's1'",
+                    "orderByKey": "metrics.`objective`", "orderByAsc": True,
+                    "selectedColumns": ["attributes.`Dataset`", "metrics.`objective`",
+                                        "metrics.`best_matthews_correlation`", "metrics.`adapter_parameters_final`",
+                                        "metrics.`minutes`", "params.`scorer.name`", "params.`seed`"]}
+    assert tracker.runs_url() == f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs" \
+        f"?workflowType=machine_learning&viewStateShareKey={key}"  # alone: a search in the URL overrides a view
+    tracker.view_key = None
+    assert compare_url("http://h:1", "7", ["a1", "b2"]) == "http://h:1/#/compare-runs?" \
+        "runs=%5B%22a1%22%2C%20%22b2%22%5D&experiments=%5B%227%22%5D&workflowType=machine_learning"
 
 
 def test_parent_params_are_logged_once_and_every_run_has_the_context_tags(tracker: StudyTracker,
@@ -115,8 +153,25 @@ def test_trial_logger_streams_metrics_and_artifacts(tracker: StudyTracker, tmp_p
                "active_components_final": 8, "adapter_parameters_final": 40, "trainable_parameters": 100}
     for key, value in one_off.items():
         assert [(m.step, m.value) for m in c.get_metric_history(logger.run_id, key)] == [(0, value)], key
-    files = {a.path for a in c.list_artifacts(logger.run_id)} | {a.path for a in c.list_artifacts(logger.run_id, "plots")}
-    assert {"allocation.json", "config.yaml", "plots/rank_heatmap.png", "plots/budget.png"} <= files
+    files = {a.path for a in c.list_artifacts(logger.run_id)}
+    # the figures at the artifact root: MLflow's compare page shows only top-level artifacts side by side
+    assert {"allocation.json", "config.yaml", "rank_heatmap.png", "budget.png"} <= files
+
+
+def test_figures_are_titled_with_their_run(tracker: StudyTracker, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    titles: list[str] = []
+    monkeypatch.setattr(Axes, "set_title", lambda self, label, *a, **k: titles.append(label))
+    cfg = RunConfig.model_validate({"scorer": {"name": "sensitivity"}, "seed": 1})
+    logger = tracker.start_trial(tracker.parent_run(UID), 3, cfg, tmp_path, {"scorer.name": "sensitivity", "seed": 1})
+    logger.on_train_begin(_info(tmp_path))
+    (tmp_path / "allocation.json").write_text(json.dumps(ALLOCATION))
+    logger.finish("COMPLETE", value=0.5)
+    heatmap, budget = (" ".join(t.split()) for t in titles)  # wrapped to the figure's width
+    run = "sensitivity · seed 1 (t3) scorer sensitivity · schedule dora · seed 1 · trial 3"
+    assert heatmap == f"{run} final rank per matrix ({sum(ALLOCATION.values())} components)"
+    assert budget == f"{run} budget over training"
+    assert {"rank_heatmap.png", "budget.png"} <= {a.path for a in MlflowClient(tracker.uri).list_artifacts(logger.run_id)}
 
 
 def test_runs_are_named_for_their_searched_values(tracker: StudyTracker, tmp_path: Path) -> None:
@@ -167,7 +222,7 @@ def test_an_artifact_that_cannot_be_logged_does_not_change_the_outcome(tracker: 
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     logger = tracker.start_trial(tracker.parent_run(UID), 3, RunConfig(), tmp_path)
 
-    def broken() -> None:
+    def broken(adapter: bool = False) -> None:
         raise OSError("disk full")
 
     monkeypatch.setattr(logger, "_artifacts", broken)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..run.config import ConfigError, parse_assignment
+from .html import write_html
 from .io import (
     Run,
     Source,
@@ -304,10 +305,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = first.output_dir or (folder.parents[2] if len(folder.parents) > 2 else Path.cwd())
     out = args.out or root / "report" / first.name
     command = "python -m dora_lab.report " + " ".join(argv if argv is not None else sys.argv[1:])
-    render(data, out, sources=sources, factors=factors, derived=derived, mixed=mixed, reference=reference,
-           skipped=skipped, metric=metric, value=args.value, parents=parents, command=command)
-    log_to_mlflow(parents, out)
-    print(f"report: {out / 'report.md'}")
+    markdown = render(data, out, sources=sources, factors=factors, derived=derived, mixed=mixed, reference=reference,
+                      skipped=skipped, metric=metric, value=args.value, parents=parents, command=command)
+    page = write_html(markdown)
+    links = log_to_mlflow(parents, out, {s.name: s.tracking_uri for s in sources})
+    print(f"report: {markdown}\n        {page} (one file, its pictures embedded)")
+    for name, link in links.items():
+        print(f"        logged to the MLflow parent run of {name!r}: {link}")
     return 0
 
 

@@ -343,10 +343,21 @@ def mlflow_parent(source: Any) -> tuple[Any, str, dict[str, str]] | str:
     return client, str(found[0].info.run_id), dict(found[0].data.tags)
 
 
-def log_to_mlflow(parents: Mapping[str, Any], out: Path) -> None:
-    """Log the report's files to every study's parent run (under ``report/``)."""
-    for parent in parents.values():
+def log_to_mlflow(parents: Mapping[str, Any], out: Path, tracking_uris: Mapping[str, str | None] = {}  # noqa: B006
+                  ) -> dict[str, str]:
+    """Log the report's files (``report.md``, the self-contained ``report.html``, tables, pictures) to
+    every study's parent run, under ``report/``; returns ``{study: link to the parent's report.html}``."""
+    from ..study.tracking import run_url, ui_address
+
+    links = {}
+    for name, parent in parents.items():
         if not isinstance(parent, str):
             client, run_id, _ = parent
             client.log_artifacts(run_id, str(out), "report")
             client.set_tag(run_id, "dora_lab.report", "report/report.md")
+            if (out / "report.html").is_file():
+                client.set_tag(run_id, "dora_lab.report_html", "report/report.html")
+            uri = tracking_uris.get(name) or client.tracking_uri
+            links[name] = run_url(ui_address(uri), client.get_run(run_id).info.experiment_id, run_id,
+                                  "report/report.html")
+    return links

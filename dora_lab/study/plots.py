@@ -2,6 +2,9 @@
 
 - :func:`allocation_heatmap`: the final rank of every adapted matrix, layers x module types.
 - :func:`budget_plot`: the schedule's budget and the active components over the steps.
+
+A trial's two figures are titled with the run they show (its name, scorer, schedule, seed, trial;
+:func:`dora_lab.study.tracking.figure_title`), the title wrapped to the figure's width.
 - :func:`study_plots`: Optuna's optimization history, parameter importances and parallel
   coordinates (``optuna.visualization.matplotlib``).
 """
@@ -9,6 +12,7 @@
 from __future__ import annotations
 
 import re
+import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,7 +55,7 @@ def allocation_heatmap(allocation: Mapping[str, int], path: str | Path, r0: int 
                        title: str = "") -> Path:
     """Save a heatmap of the final ranks (the number in each cell) to ``path`` (PNG)."""
     rows, cols, grid = allocation_grid(allocation)
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * max(1, len(cols)), 1.2 + 0.5 * max(1, len(rows))))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 1.1 * len(cols)), 1.8 + 0.5 * max(1, len(rows))))
     vmax = r0 if r0 is not None else max([v for row in grid for v in row if v == v] or [1])
     im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
     for i, row in enumerate(grid):
@@ -63,14 +67,14 @@ def allocation_heatmap(allocation: Mapping[str, int], path: str | Path, r0: int 
                   fontsize=8)
     ax.set_yticks(range(len(rows)), [f"layer {r}" for r in rows], fontsize=8)
     total = int(sum(v for row in grid for v in row if v == v))
-    ax.set_title(title or f"final rank per matrix ({total} components)", fontsize=9)
+    ax.set_title(_wrap(title or f"final rank per matrix ({total} components)", fig), fontsize=9)
     fig.colorbar(im, ax=ax, label="rank")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
 def budget_plot(curve: Sequence[int], unit: str, path: str | Path,
-                active: Mapping[int, float] | None = None) -> Path:
+                active: Mapping[int, float] | None = None, title: str = "") -> Path:
     """The schedule's budget at every step and, when given, the measured active count."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot(range(1, len(curve) + 1), list(curve), label=f"budget ({unit})", lw=2)
@@ -79,10 +83,16 @@ def budget_plot(curve: Sequence[int], unit: str, path: str | Path,
         ax.plot(steps, [active[s] for s in steps], "--", label=f"active {unit}", lw=1.2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(unit)
-    ax.set_title("budget over training", fontsize=9)
+    ax.set_title(_wrap(title or "budget over training", fig), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _wrap(title: str, fig: Any) -> str:
+    """``title``'s lines wrapped to the figure's width (about 13 characters an inch at 9 pt)."""
+    width = max(20, int(fig.get_figwidth() * 13))
+    return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
 
 
 def study_plots(study: Any, folder: str | Path, target_name: str = "objective") -> dict[str, str]:

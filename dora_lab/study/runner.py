@@ -52,11 +52,11 @@ from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
 from .locks import store_lock
 from .samplers import check_space_unchanged, make_pruner, make_sampler
 from .space import StudySetup, prepare
-from .tracking import UID_TAG, StudyTracker, print_summary, safe_url
+from .tracking import UID_TAG, StudyTracker, print_summary, safe_url, ui_lines
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
 from .workers import run_workers
 
-__all__ = ["OptunaReporter", "StudySetup", "main", "optimize", "open_study", "prepare", "preflight", "run_study",
+__all__ = ["OptunaReporter", "StudySetup", "main", "make_report", "optimize", "open_study", "prepare", "preflight", "run_study",
            "study_folder"]
 
 
@@ -190,6 +190,7 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     study = open_study(setup, tracker)
     check_space_unchanged(setup.study, study)
     parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
+    tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize")
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
         study.set_user_attr(key, value)
@@ -197,7 +198,8 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     n_trials = trials_to_run(setup.study, study)  # a grid queues its missing points here (WAITING trials)
     print(f"study {setup.name!r}: {len(finished_before)} finished trial(s) so far in {safe_url(setup.storage)}; running "
           f"{'until the timeout' if n_trials is None else n_trials} more"
-          f"{f' on {workers} workers' if workers > 1 else ''}", flush=True)
+          f"{f' on {workers} workers' if workers > 1 else ''}")
+    print("\n".join(ui_lines(setup.tracking_uri, tracker, setup.study.direction == "maximize")), flush=True)
     interrupted = worker_failed = False
     try:
         if workers == 1:
@@ -212,7 +214,9 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     study = open_study(setup, tracker)  # fresh trials, from every worker
     rows = tracker.summarize(parent_id, study, setup.metric, study_folder(setup, study) / "summary",
                              status="KILLED" if interrupted else "FINISHED")
-    print_summary(setup, study, rows, study_folder(setup, study) / "summary")
+    print_summary(setup, study, rows, study_folder(setup, study) / "summary", tracker)
+    if not interrupted:
+        make_report(setup)
     if interrupted:
         print("stopped by Ctrl-C; finished trials are kept. Run the same command again to continue.")
         return 130
@@ -224,6 +228,23 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
               "(and in each MLflow run's fail_reason tag).", file=sys.stderr)
         return 1
     return 0
+
+
+def make_report(setup: StudySetup) -> int | None:
+    """At the end of a study whose config has a ``report:`` block: ``python -m dora_lab.report`` on the
+    same config and ``--set``s (report.md, the self-contained report.html, tables and pictures, logged
+    to the parent run under ``report/``; it prints where).  A report that cannot be made (an
+    ``include``d study not run yet, say) is a note, not a failed study.  Returns the report's exit
+    code (``None``: no ``report:`` block)."""
+    if setup.data.get("report") is None:
+        return None
+    from ..report.compare import main as report_main
+
+    print(f"\nreport (the config's report: block): python -m dora_lab.report {setup.config_path}", flush=True)
+    code = report_main([str(setup.config_path), *(x for s in setup.overrides for x in ("--set", s))])
+    if code:
+        print(f"note: no report (see above); once that is fixed: python -m dora_lab.report {setup.config_path}")
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,8 +24,17 @@ when a file could not be logged); metrics at every optimizer step (``train/loss 
 budget/active_components budget/active_parameters budget/target``), at every evaluation (the task's
 metrics as ``eval/<metric>``) and once, at step 0 (``objective best_<metric> best_step
 active_components_final adapter_parameters_final minutes peak_memory_mb trainable_parameters``), sent at each
-evaluation and at least every 30 s; artifacts ``config.yaml``, ``allocation.json``, the rank heatmap, the budget plot.  Status: FINISHED
-(complete), KILLED (pruned or interrupted), FAILED.
+evaluation and at least every 30 s; the train and evaluation rows as MLflow datasets
+(:func:`datasets`); artifacts ``config.yaml``, ``allocation.json``, ``metrics.json``, ``budget.json``,
+the figures ``rank_heatmap.png`` and ``budget.png`` at the artifact root (:data:`FIGURES`, titled
+with their run: MLflow's compare page shows top-level artifacts side by side) and, for a COMPLETE
+trial, its adapter (``adapter/``, for ``python -m dora_lab.export RUN_ID`` anywhere).  Status:
+FINISHED (complete), KILLED (pruned or interrupted), FAILED.
+
+The experiment is tagged as MLflow 3's model-training kind and the printed links
+(:func:`ui_lines`: :func:`experiment_url`, :func:`compare_url`, :func:`run_url`) open the model-training
+view (MLflow 3.17 decides it by the URL's ``workflowType``), the runs table filtered to the study's
+trials and sorted by ``objective``.
 """
 
 from __future__ import annotations
@@ -39,10 +48,12 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
 
 import optuna
 from mlflow import MlflowClient
@@ -58,12 +69,17 @@ from .tables import markdown_table, write_table
 if TYPE_CHECKING:
     from .space import StudySetup
 
-__all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "context_tags", "find_parent_runs", "log_params", "print_summary",
-           "run_name", "trial_rows"]
+__all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "compare_url", "context_tags", "datasets", "experiment_url", "find_parent_runs",
+           "log_params", "print_summary", "run_name", "run_url", "study_view", "trial_rows", "ui_address", "ui_lines"]
 
 STUDY_TAG = "dora_lab.study"
 ROLE_TAG = "dora_lab.role"
 UID_TAG = "dora_lab.study_uid"
+KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {KIND_TAG: "custom_model_development"}  # MLflow 3: a model-training experiment
+FIGURES = ("rank_heatmap.png", "budget.png")  # a trial's figures, at its artifact root
+VIEW_TAG = "mlflow.sharedViewState."  # + key: a saved view of the runs table (study_view)
+UI_PORT = 5000  # the port of the printed mlflow ui command
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 # the per-step logs under their MLflow names, grouped by namespace in the UI's charts
 _STEP_KEYS = {"train_loss": "train/loss", "lr": "train/lr", "active_components": "budget/active_components",
@@ -125,6 +141,33 @@ def _param_text(value: Any) -> str:
     return (json.dumps(value) if isinstance(value, list | dict) else str(value))[:6000]
 
 
+def datasets(cfg: RunConfig) -> dict[str, Any]:
+    """``{split: mlflow.data dataset}`` of the rows the run trains and evaluates on (``task.max_*_samples``
+    and the seed applied, as training loads them): named ``<task>/<split>``, with the task's label as
+    target, MLflow's digest of those rows, and as source ``task.data_dir`` (a local folder) or the
+    Hub dataset (``nyu-mll/glue``, config ``cola``, the split)."""
+    import pandas as pd
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.pandas_dataset import from_pandas
+
+    from ..run.data import load_splits
+    from ..run.tasks import get_task
+
+    spec = get_task(cfg.task.name)
+    splits = load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
+                         max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed)
+    out = {}
+    for split, rows in splits.items():
+        frame = pd.DataFrame(rows)
+        source: Any = (str(Path(cfg.task.data_dir).resolve()) if cfg.task.data_dir is not None else
+                       HuggingFaceDatasetSource(spec.hub_path[0], config_name=spec.hub_path[1], split=split))
+        with warnings.catch_warnings():  # a folder reads as two equal local sources; integer columns
+            warnings.simplefilter("ignore")
+            out[split] = from_pandas(frame, source=source, name=f"{spec.name}/{split}",
+                                     targets="label" if "label" in frame else None)
+    return out
+
+
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
     """Log ``params`` onto run ``run_id`` (in batches of 100, MLflow's limit)."""
     for chunk in _chunks([Param(k, v) for k, v in params.items()], 100):
@@ -153,12 +196,75 @@ def context_tags() -> dict[str, str]:
     return tags
 
 
+def ui_address(tracking_uri: str) -> str:
+    """Where the MLflow UI of ``tracking_uri`` is: the server itself, or for a local store the
+    address of the ``mlflow ui`` command :func:`print_summary` prints."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return safe_url(tracking_uri).rstrip("/")
+    return f"http://127.0.0.1:{UI_PORT}"
+
+
+def experiment_url(ui: str, experiment_id: str, study: str | None = None, maximize: bool = True,
+                   view: str | None = None) -> str:
+    """The runs table of experiment ``experiment_id`` in the UI at ``ui``, in the model-training view;
+    with ``study``, showing that study's trials, best first; with ``view``, the saved view of that
+    key instead (:func:`study_view`: the same search and order, and the columns that matter).
+
+    MLflow 3's UI (3.17) shows an experiment as GenAI (overview, traces) or as model training (the
+    runs table) by its ``workflowType``: the query parameter of the experiment page's URL, else the
+    last choice kept in the browser, else ``genai``.  The ``mlflow.experimentKind`` tag, which
+    earlier 3.x UIs read, is set too (:meth:`StudyTracker._experiment`), but 3.17 decides by the
+    URL: so the link says ``workflowType=machine_learning``.  The table's search and order are URL
+    parameters as well (``searchFilter``, ``orderByKey``, ``orderByAsc``): the trials alone (child
+    runs whose parent is filtered out are listed flat, not folded under the parent's row), sorted
+    by ``objective``."""
+    query = {"workflowType": "machine_learning"}
+    if view is not None:  # the UI ignores a saved view when the URL has a search or an order of its own
+        query["viewStateShareKey"] = view
+    elif study is not None:
+        query |= {"searchFilter": f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}'",
+                  "orderByKey": "metrics.`objective`", "orderByAsc": "false" if maximize else "true"}
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?{urlencode(query, quote_via=quote)}"
+
+
+def run_url(ui: str, experiment_id: str, run_id: str, artifact: str = "") -> str:
+    """A run's page in the UI at ``ui``; with ``artifact``, that file opened in the run's artifacts."""
+    page = f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{page}/artifactPath/{artifact}?workflowType=machine_learning" if artifact else \
+        f"{page}?workflowType=machine_learning"
+
+
+def study_view(study: str, metric: str, searched: Sequence[str], maximize: bool = True) -> dict[str, Any]:
+    """The runs table as a study wants it, as MLflow's UI keeps a shared view (``Views`` > share: an
+    experiment tag ``mlflow.sharedViewState.<key>`` holding this JSON, opened by the URL parameter
+    ``viewStateShareKey=<key>``): the study's trials flat, best ``objective`` first, and as columns
+    the datasets, ``objective``, ``best_<metric>``, the final adapter size, the minutes and every
+    searched key, instead of MLflow's default Source / Models / Dataset."""
+    return {"searchFilter": f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}'",
+            "orderByKey": "metrics.`objective`", "orderByAsc": not maximize,
+            "selectedColumns": ["attributes.`Dataset`", "metrics.`objective`", f"metrics.`best_{metric}`",
+                                "metrics.`adapter_parameters_final`", "metrics.`minutes`",
+                                *(f"params.`{k}`" for k in searched)]}
+
+
+def compare_url(ui: str, experiment_id: str, run_ids: Sequence[str]) -> str:
+    """MLflow's compare page of ``run_ids`` (params, metrics and the top-level artifacts side by side)."""
+    return (f"{ui.rstrip('/')}/#/compare-runs?runs={quote(json.dumps(list(run_ids)), safe='')}"
+            f"&experiments={quote(json.dumps([experiment_id]), safe='')}&workflowType=machine_learning")
+
+
 def run_name(params: Mapping[str, Any], trial_number: int) -> str:
     """A trial run's name from its searched values, e.g. ``sensitivity · seed 1 (t3)``: a text value
     alone, any other after its key's short name (``lr 0.003``, ``r0 4``), then the trial's number."""
     parts = [v if isinstance(v, str) else f"{k.rsplit('.', 1)[-1]} {f'{v:.3g}' if isinstance(v, float) else v}"
              for k, v in params.items()]
     return f"{' · '.join(parts)} (t{trial_number})" if parts else f"trial {trial_number}"
+
+
+def figure_title(name: str, cfg: RunConfig, trial_number: int) -> str:
+    """The first line of a trial's figures: its run name, then its scorer, schedule, seed and trial,
+    so that pictures side by side (MLflow's compare page) or downloaded still say whose they are."""
+    return f"{name}\nscorer {cfg.scorer.name} · schedule {cfg.schedule.name} · seed {cfg.seed} · trial {trial_number}"
 
 
 def find_parent_runs(client: MlflowClient, experiment_id: str, study_name: str, uid: str | None,
@@ -176,8 +282,10 @@ def find_parent_runs(client: MlflowClient, experiment_id: str, study_name: str, 
 class TrialLogger(TrainCallback):
     """Streams one trial's run into its MLflow child run (in batches: one call per evaluation)."""
 
-    def __init__(self, client: MlflowClient, run_id: str, run_dir: Path, r0: int | None = None) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, run_dir: Path, r0: int | None = None,
+                 title: str = "") -> None:
         self.client, self.run_id, self.run_dir, self.r0 = client, run_id, run_dir, r0
+        self.title = title  # names the run in its figures' titles (figure_title)
         self.cfg: RunConfig | None = None  # set by log_config: the effective schedule at train begin
         self._buffer: list[Metric] = []
         self.info: RunInfo | None = None
@@ -191,6 +299,15 @@ class TrialLogger(TrainCallback):
         self.cfg = cfg
         flat = flatten({k: v for k, v in cfg.resolved().items() if k != "study"})
         self._params({**{k: _param_text(v) for k, v in flat.items()}, **effective_settings(cfg)})
+
+    def log_datasets(self, cfg: RunConfig) -> None:
+        """The run's train and evaluation data as MLflow datasets (:func:`datasets`), the training
+        split with the context ``train``, the evaluation splits with ``eval``."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", "train" if split == "train" else "eval")])
+            for split, ds in datasets(cfg).items()])
 
     def _params(self, params: Mapping[str, str]) -> None:
         log_params(self.client, self.run_id, params)
@@ -245,7 +362,7 @@ class TrialLogger(TrainCallback):
             self.flush()
             if value is not None:
                 self.client.log_metric(self.run_id, "objective", value, step=0)
-            self._artifacts()
+            self._artifacts(adapter=state == "COMPLETE")
         except Exception as exc:  # a file or picture that cannot be logged must not change the trial's outcome
             tags["dora_lab.artifact_error"] = f"{type(exc).__name__}: {exc}"[:5000]
         finally:  # even when the store hiccups, the run must not stay RUNNING
@@ -255,21 +372,31 @@ class TrialLogger(TrainCallback):
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.set_terminated(self.run_id, _STATUS[state])
 
-    def _artifacts(self) -> None:
+    def _artifacts(self, adapter: bool = False) -> None:
+        """The run folder's files and the figures; with ``adapter``, the saved adapter (``adapter/``:
+        a few MB, the adapter's weights and the head, not the base model), so that
+        ``python -m dora_lab.export RUN_ID`` works on a machine without the run folder."""
         d = self.run_dir
+        if adapter and (d / "adapter").is_dir():
+            self.client.log_artifacts(self.run_id, str(d / "adapter"), "adapter")
         for name in ("config.yaml", "allocation.json", "metrics.json", "budget.json"):
             if (d / name).is_file():
                 self.client.log_artifact(self.run_id, str(d / name))
-        pictures = d / "plots"
+        pictures = d / "plots"  # in the run folder; in MLflow at the artifact root (FIGURES)
+        drawn = []
         if (d / "allocation.json").is_file():
             allocation = json.loads((d / "allocation.json").read_text())
             if allocation:
-                plots.allocation_heatmap(allocation, pictures / "rank_heatmap.png", r0=self.r0)
+                total = sum(allocation.values())
+                drawn.append(plots.allocation_heatmap(
+                    allocation, pictures / FIGURES[0], r0=self.r0,
+                    title=f"{self.title}\nfinal rank per matrix ({total} components)".strip()))
         if self.info is not None and self.info.budget_curve:
-            plots.budget_plot(self.info.budget_curve, self.info.budget_unit, pictures / "budget.png",
-                              self.active if self.info.budget_unit == "components" else None)
-        if pictures.is_dir():
-            self.client.log_artifacts(self.run_id, str(pictures), "plots")
+            drawn.append(plots.budget_plot(self.info.budget_curve, self.info.budget_unit, pictures / FIGURES[1],
+                                           self.active if self.info.budget_unit == "components" else None,
+                                           title=f"{self.title}\nbudget over training".strip()))
+        for path in drawn:  # at the root: MLflow's compare page shows only top-level artifacts side by side
+            self.client.log_artifact(self.run_id, str(path))
 
 
 class StudyTracker:
@@ -279,23 +406,45 @@ class StudyTracker:
                  artifact_root: Path | None = None) -> None:
         self.uri = tracking_uri
         self.study_name = study_name
+        self.view_key: str | None = None  # the saved view of the runs table (save_view)
         with store_lock(tracking_uri, "mlflow"):  # the first access creates (migrates) a new store
             self.client = MlflowClient(tracking_uri)
             self.experiment_id = self._experiment(experiment, artifact_root)
 
     def _experiment(self, name: str, artifact_root: Path | None) -> str:
+        """The experiment's id, created if new with the tag ``mlflow.experimentKind`` =
+        ``custom_model_development`` (MLflow 3's model-training kind, see :func:`experiment_url`)."""
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return str(exp.experiment_id)
-        local = self.uri.startswith("sqlite") or "://" not in self.uri
-        location = (artifact_root / name).resolve().as_uri() if artifact_root is not None and local else None
-        try:
-            return str(self.client.create_experiment(name, artifact_location=location))
-        except MlflowException:  # another process created it first
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return str(exp.experiment_id)
+        if exp is None:
+            local = self.uri.startswith("sqlite") or "://" not in self.uri
+            location = (artifact_root / name).resolve().as_uri() if artifact_root is not None and local else None
+            try:
+                return str(self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS))
+            except MlflowException:  # another process created it first
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if KIND_TAG not in exp.tags:  # made by an older dora_lab, or by hand
+            with contextlib.suppress(MlflowException):
+                self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, EXPERIMENT_TAGS[KIND_TAG])
+        return str(exp.experiment_id)
+
+    def save_view(self, metric: str, searched: Sequence[str], maximize: bool = True) -> str:
+        """Save the study's view of the runs table (:func:`study_view`) as a shared view of the
+        experiment; :meth:`runs_url` links to it from now on.  Returns its key."""
+        import hashlib
+
+        key = f"dora_lab-{hashlib.sha1(self.study_name.encode()).hexdigest()[:12]}"
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + key,
+                                       json.dumps(study_view(self.study_name, metric, searched, maximize)))
+        self.view_key = key
+        return key
+
+    def runs_url(self, maximize: bool = True, ui: str | None = None) -> str:
+        """The link to this study's trials in the runs table, model-training view, best first
+        (:func:`experiment_url`; the saved view once :meth:`save_view` ran)."""
+        return experiment_url(ui or ui_address(self.uri), self.experiment_id, self.study_name, maximize,
+                              view=self.view_key)
 
     # -- the parent run ---------------------------------------------------------------------------
     def _parents(self, uid: str) -> list[Any]:
@@ -328,8 +477,10 @@ class StudyTracker:
         tags = {**context_tags(), "mlflow.parentRunId": parent_id, STUDY_TAG: self.study_name, ROLE_TAG: "trial",
                 "state": "RUNNING", "dora_lab.worker": f"{socket.gethostname()}:{os.getpid()}",
                 **run_tags(cfg, number, run_dir)}
-        run = self.client.create_run(self.experiment_id, run_name=run_name(params, number), tags=tags)
-        return TrialLogger(self.client, str(run.info.run_id), run_dir, r0=cfg.adapter.r0)
+        name = run_name(params, number)
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return TrialLogger(self.client, str(run.info.run_id), run_dir, r0=cfg.adapter.r0,
+                           title=figure_title(name, cfg, number))
 
     def mark_failed(self, run_id: str | None, reason: str) -> None:
         """Close a child run left RUNNING by a worker that died (a stale Optuna trial)."""
@@ -403,9 +554,11 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
-def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, Any]], folder: Path) -> None:
+def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, Any]], folder: Path,
+                  tracker: StudyTracker | None = None) -> None:
     """The study's summary on the terminal: the trials (``rows`` from :meth:`StudyTracker.summarize`),
-    the best one, where the summary ``folder`` is and how to open the MLflow UI on the study."""
+    the best one, where the summary ``folder`` is and how to open the MLflow UI on the study (with
+    ``tracker``: the link to its runs table and to the compare page of its complete trials)."""
     keys = list(setup.study.space)
     columns = ["trial", "state", "value", *keys, "components", "minutes", "reason"]
     short = [{c: r.get(c) for c in columns} for r in rows]
@@ -417,10 +570,22 @@ def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, A
         print(f"best: trial {best.number}, {setup.metric} = {best.value:.4f}, "
               f"{', '.join(f'{k}={v}' for k, v in best.params.items())}\n      run folder {best.user_attrs.get('run_dir')}")
     print(f"summary (table, plots): {folder}")
-    if setup.tracking_uri.startswith(("http://", "https://")):
-        print(f"MLflow: open {setup.tracking_uri} (experiment {setup.study.experiment or setup.name!r})")
-    else:
-        # this interpreter, so the command works as printed without an activated virtualenv
-        command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", setup.tracking_uri,
-                   "--host", "127.0.0.1", "--port", "5000"]
-        print(f"open the MLflow UI on this study:\n  {shlex.join(command)}")
+    if tracker is not None:
+        ids = [str(r["mlflow_run_id"]) for r in rows if r["state"] == "COMPLETE" and r["mlflow_run_id"]]
+        print("\n".join(ui_lines(setup.tracking_uri, tracker, setup.study.direction == "maximize", ids)))
+
+
+def ui_lines(tracking_uri: str, tracker: StudyTracker, maximize: bool = True, compare: Sequence[str] = ()) -> list[str]:
+    """How to see the study in MLflow: for a local store the ``mlflow ui`` command (with this
+    interpreter, so it works as printed without an activated virtualenv), the link to the runs table
+    in the model-training view and, given run ids ``compare``, to their compare page."""
+    lines = []
+    if not tracking_uri.startswith(("http://", "https://")):
+        command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
+                   "--host", "127.0.0.1", "--port", str(UI_PORT)]
+        lines += ["open the MLflow UI on this study:", f"  {shlex.join(command)}", "then"]
+    ui = ui_address(tracking_uri)
+    lines.append(f"MLflow runs of this study: {tracker.runs_url(maximize, ui)}")
+    if len(compare) > 1:
+        lines.append(f"MLflow compare ({len(compare)} complete trials): {compare_url(ui, tracker.experiment_id, compare)}")
+    return lines

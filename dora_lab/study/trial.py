@@ -104,6 +104,7 @@ def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, paren
             if error is not None:
                 raise error
             logger.log_config(cfg)
+            logger.log_datasets(cfg)
             reporter = OptunaReporter(trial, setup.metric)
             if cfg.train.processes > 1:  # torchrun in other processes; the hooks follow rank 0 here
                 result = run_in_processes(cfg, run_dir, [logger, reporter])

@@ -204,6 +204,12 @@ def test_effective_scorer_schedule_and_regulariser_settings_are_params(tracker: 
     params = MlflowClient(tracker.uri).get_run(logger.run_id).data.params
     assert params["scorer.effective.beta"] == "0.9"  # magnitude's default EMA
     assert params["regularizer.effective.weight"] == "0.0" and "regularizer.effective.stops_when_frozen" not in params
+    sora = RunConfig.model_validate({"method": {"name": "sora", "params": {"lam": 0.2}}})
+    logger = tracker.start_trial(tracker.parent_run(UID), 7, sora, tmp_path)
+    logger.log_config(sora)
+    params = MlflowClient(tracker.uri).get_run(logger.run_id).data.params
+    # the allocation method's every hyper-parameter: the config's lam, SoRA's default threshold
+    assert params["method.effective.lam"] == "0.2" and params["method.effective.threshold"] == "0.0"
 
 
 @pytest.mark.parametrize(("state", "status", "tag"), [

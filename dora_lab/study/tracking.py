@@ -16,8 +16,8 @@ together on a new folder do not race through MLflow's migrations.
 
 Child runs are named for their searched values (:func:`run_name`, e.g. ``sensitivity · seed 1 (t3)``;
 the parent keeps the study's name) and get the trial's flattened resolved config as params, with the
-effective scorer, schedule and regulariser settings (``scorer.effective.*``: the scorer's defaults
-where ``scorer.params`` is silent; ``schedule.effective.*_steps``; ``regularizer.effective.*``); tags
+effective scorer, method, schedule and regulariser settings (``scorer.effective.*``, ``method.effective.*``:
+the defaults where ``scorer.params`` / ``method.params`` are silent; ``schedule.effective.*_steps``; ``regularizer.effective.*``); tags
 ``task model scorer schedule budget seed trial state`` (+ ``fail_reason`` or ``prune_reason``,
 ``dora_lab.adapter_dir``, ``dora_lab.run_dir``, ``dora_lab.worker``, and ``dora_lab.artifact_error``
 when a file could not be logged); metrics at every optimizer step (``train/loss train/lr
@@ -118,13 +118,16 @@ def run_tags(cfg: RunConfig, trial_number: int, run_dir: Path) -> dict[str, str]
 
 
 def effective_settings(cfg: RunConfig, total_steps: int | None = None) -> dict[str, str]:
-    """What the run's scorer, schedule and regulariser really use, beyond the config's own keys: the
-    scorer's every hyper-parameter (its defaults where ``scorer.params`` is silent), the schedule's
+    """What the run's scorer, method, schedule and regulariser really use, beyond the config's own keys:
+    the scorer's and the allocation method's every hyper-parameter (their defaults where ``scorer.params``
+    / ``method.params`` are silent), the schedule's
     phases in steps (once ``total_steps`` is known) and the regulariser's weight (0 without one)."""
-    from ..core import regularizers, schedules, scorers
+    from ..core import methods, regularizers, schedules, scorers
 
     hyper = {**scorers.get_scorer(cfg.scorer.name).hyperparameters(), **cfg.scorer.params}
     out = {f"scorer.effective.{k}": _param_text(v) for k, v in hyper.items()}
+    method = {**methods.get_method(cfg.method.name).hyperparameters(), **cfg.method.params}
+    out |= {f"method.effective.{k}": _param_text(v) for k, v in method.items()}
     reg = cfg.regularizer.name
     out["regularizer.effective.weight"] = str(cfg.regularizer.weight if reg else 0.0)
     if reg:

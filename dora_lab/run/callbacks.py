@@ -46,9 +46,10 @@ class RunResult:
     steps: int = 0
     seconds: float = 0.0
     run_dir: Path | None = None
+    data: dict[str, dict[str, int]] = field(default_factory=dict)  # causal tasks: per split, prompts cut...
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "metric": self.metric_name,
             "best": self.best_metric,
             "best_step": self.best_step,
@@ -60,6 +61,9 @@ class RunResult:
             "minutes": round(self.seconds / 60, 3),
             "run_dir": str(self.run_dir) if self.run_dir else None,
         }
+        if self.data:  # a causal task: examples, prompts cut and answers dropped per split
+            out["data"] = self.data
+        return out
 
 
 class TrainCallback:

@@ -184,6 +184,26 @@ def test_labels_are_scored_by_their_verbalisers_total_log_likelihood(llama: tupl
     assert metrics == compute_metrics(spec, scores.argmax(axis=1), gold)
 
 
+def test_one_token_verbalisers_score_every_label_from_one_row(llama: tuple[Any, Any]) -> None:
+    model, tok = llama
+    spec = prompt_task(get_task("rte"), "{sentence1} So {sentence2} Answer:", [" the", " plus"],
+                       name="rte_test")
+    assert [len(tok.tokenize(v)) for v in spec.verbalizers] == [1, 1]
+    rows = [{"sentence1": a, "sentence2": b, "label": i % 2, "idx": i}
+            for i, (a, b) in enumerate([("It rained.", "The ground is wet."), ("Two cats.", "No animals."),
+                                        ("He sold it.", "He had it."), ("A red car.", "A car.")])]
+    loader = make_loader(rows, spec, tok, batch_size=3, max_length=256, shuffle=False, score_labels=True,
+                         prompt_format="plain")
+    assert len(loader.dataset) == 4  # one row per example, not per label
+    scores, gold = label_log_likelihoods(model, loader, CPU, NO_AUTOCAST)
+    assert gold.tolist() == [0, 1, 0, 1]
+    for i, row in enumerate(rows):
+        prompt = tok(prompt_of(spec, row), add_special_tokens=False)["input_ids"]
+        for j, verbaliser in enumerate(spec.verbalizers):
+            expected, _ = slow_answer_log_likelihood(model, prompt + tok(verbaliser)["input_ids"], len(prompt))
+            assert scores[i, j] == pytest.approx(expected, rel=1e-9)
+
+
 # -- tasks as data ------------------------------------------------------------------------------
 def test_glue_prompt_tasks_keep_their_glue_metrics_and_label_order() -> None:
     assert {"cola", "sst2", "rte", "mrpc"} <= set(PROMPT_TEMPLATES)

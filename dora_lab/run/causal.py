@@ -52,7 +52,10 @@ class CausalEncoding:
     label) for scoring a prompt task's labels.  ``example[i]`` is row ``i``'s position in the rows
     given, ``choice[i]`` its label (the gold label for training rows; -1 for instruction data),
     ``gold`` each kept example's gold label by its position (prompt tasks).  ``counts``: the
-    examples given, ``prompts_cut`` and ``answers_dropped``.
+    examples given, ``prompts_cut`` and ``answers_dropped``.  ``label_tokens``: when scoring the
+    labels of a prompt task whose verbalisers are one token each, their ids; the rows are then one
+    per example (its gold verbaliser after the prompt), since one forward pass gives every label's
+    log-probability at the answer's position.
     """
 
     input_ids: list[list[int]] = field(default_factory=list)
@@ -61,6 +64,7 @@ class CausalEncoding:
     choice: list[int] = field(default_factory=list)
     gold: dict[int, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    label_tokens: list[int] | None = None
 
 
 def uses_chat(tokenizer: Any, prompt_format: str) -> bool:
@@ -153,6 +157,9 @@ def encode_causal(rows: Sequence[dict[str, Any]], spec: TaskSpec, tokenizer: Any
     verbalized = None if spec.is_instruction else verbalizer_ids(spec, tokenizer, chat)
     out = CausalEncoding(counts={"examples": len(rows), "prompts_cut": 0, "answers_dropped": 0})
     longest = max(len(v) for v in verbalized) if verbalized is not None else 0
+    if score_labels and verbalized is not None and longest == 1:
+        out.label_tokens = [v[0] for v in verbalized]
+        score_labels = False  # one row per example scores every label
     if verbalized is not None and longest + 1 > max_length:
         raise ConfigError(f"task.max_length={max_length} leaves no room for a prompt before {spec.name}'s longest "
                          f"verbaliser ({longest} tokens); raise task.max_length")

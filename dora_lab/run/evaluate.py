@@ -84,15 +84,29 @@ def label_log_likelihoods(model: nn.Module, loader: Any, device: torch.device,
                           autocast: Any) -> tuple[np.ndarray, np.ndarray]:
     """A prompt task: ``(scores, gold)``, ``scores[i, j]`` the total log-likelihood of label ``j``'s
     verbaliser after example ``i``'s prompt (examples in the data's order), ``gold[i]`` its label.
-    ``loader`` is made with ``score_labels=True`` (one row per example and label)."""
+    ``loader`` is made with ``score_labels=True``: one row per example and label, or, when every
+    verbaliser is one token (``label_tokens``), one row per example whose answer position's
+    log-softmax holds every label's score."""
     encoding = loader.dataset.causal
     examples = sorted(encoding.gold)
     position = {e: i for i, e in enumerate(examples)}
-    n_labels = max(encoding.choice) + 1
+    tokens = encoding.label_tokens
+    n_labels = len(tokens) if tokens is not None else max(encoding.choice) + 1
     scores = np.full((len(examples), n_labels), np.nan)
-    for batch, (sums, _) in _batches(model, loader, device, autocast):
-        for e, c, value in zip(batch["example"].tolist(), batch["choice"].tolist(), sums.tolist(), strict=True):
-            scores[position[e], c] = value
+    if tokens is not None:
+        model.eval()
+        for batch in loader:
+            with autocast:
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
+            rows, cols = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # one answer token a row
+            at = logits[:, :-1][rows.to(device), cols.to(device)]
+            lp = torch.log_softmax(at.to(torch.promote_types(at.dtype, torch.float32)), dim=-1)[:, tokens]
+            scores[[position[e] for e in batch["example"][rows].tolist()]] = lp.double().cpu().numpy()
+    else:
+        for batch, (sums, _) in _batches(model, loader, device, autocast):
+            for e, c, value in zip(batch["example"].tolist(), batch["choice"].tolist(), sums.tolist(), strict=True):
+                scores[position[e], c] = value
     if np.isnan(scores).any():
         raise ValueError("the loader did not score every label of every example (make it with score_labels=True)")
     return scores, np.array([encoding.gold[e] for e in examples])

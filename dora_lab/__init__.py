@@ -25,7 +25,7 @@ from .core.registry import RegistryError, import_plugins
 from .core.regularizers import get_regularizer, list_regularizers, register_regularizer
 from .core.schedules import BudgetSchedule, get_schedule, list_schedules, register_schedule
 from .core.scorers import Scorer, get_scorer, list_scorers, make_scorer, register_scorer
-from .run.tasks import TaskSpec, get_task, list_tasks, register_task
+from .run.tasks import TaskSpec, get_task, instruction_task, list_tasks, prompt_task, register_task
 
 __version__ = "0.1.0"
 
@@ -47,11 +47,13 @@ __all__ = [
     "get_task",
     "import_plugins",
     "inject_adapters",
+    "instruction_task",
     "list_regularizers",
     "list_schedules",
     "list_scorers",
     "list_tasks",
     "make_scorer",
+    "prompt_task",
     "register_regularizer",
     "register_schedule",
     "register_scorer",

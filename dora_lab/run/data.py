@@ -3,8 +3,11 @@
 :func:`load_splits` returns ``{"train": rows, <each eval split>: rows}``, every row a dict with
 the task's text fields, ``label`` (an ``int`` in ``[0, num_labels)``, or for a regression a
 ``float`` in the task's ``label_range``, ``[0, 5]`` for stsb) and ``idx``.  Everything
-task-specific comes from the :class:`~dora_lab.run.tasks.TaskSpec`.  Hub data and local files go through the same checks, so a
-bad file fails at load time with a message that names the file, the row and what to fix.
+task-specific comes from the :class:`~dora_lab.run.tasks.TaskSpec`.  Instruction data (a causal
+task without labels) has rows ``{prompt, response, idx}``; a GLUE task asked as a prompt reads the
+GLUE task's own files.  ``task.columns`` renames a file's columns to the task's.  Hub data and
+local files go through the same checks, so a bad file fails at load time with a message that
+names the file, the row and what to fix.
 
 Local folders hold one file per split, ``<split>.jsonl``, ``<split>.csv`` or ``<split>.tsv``
 (``train`` and ``validation``; mnli wants ``validation_matched`` and ``validation_mismatched``)

@@ -120,6 +120,7 @@ def test_a_prompt_task_cuts_every_prompt_to_leave_room_for_its_longest_verbalise
     assert enc.counts["prompts_cut"] == 1  # one example, counted once
     train = encode_causal([row], spec, tok, max_length=20)  # training: the gold verbaliser only
     assert train.input_ids == [full[-prompt_len:] + verbs[0]] and train.choice == [0]
+    assert train.labels == [[IGNORE_INDEX] * prompt_len + verbs[0]]  # the LM loss is on the verbaliser alone
 
 
 # -- the loss, the perplexity, the label scores --------------------------------------------------

@@ -61,7 +61,7 @@ def test_the_eight_tasks() -> None:
 
 
 def test_unknown_task_lists_the_eight() -> None:
-    with pytest.raises(ValueError, match="unknown GLUE task 'colaa'") as err:
+    with pytest.raises(ValueError, match="unknown task 'colaa'") as err:
         get_task("colaa")
     for name in TASKS:
         assert name in str(err.value)
@@ -218,7 +218,7 @@ def test_a_task_from_a_plugin_file_is_accepted_by_a_config(tmp_path: Path) -> No
                       "    is_regression=False, main_metric='accuracy', eval_splits=('validation',),\n"
                       "    hub_path=('me/data', 'default')))\n")
     try:
-        with pytest.raises(ConfigError, match="task.name: unknown GLUE task 'plugin_task'; choose one of: cola"):
+        with pytest.raises(ConfigError, match="task.name: unknown task 'plugin_task'; choose one of: cola"):
             load_config_dict({"task": {"name": "plugin_task"}})
         cfg = load_config_dict({"plugins": [str(plugin)], "task": {"name": "plugin_task"}})
         assert get_task(cfg.task.name).num_labels == 3

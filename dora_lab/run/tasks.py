@@ -296,7 +296,7 @@ def get_task(name: str) -> TaskSpec:
     key = str(name).lower()
     if key not in TASKS:
         raise RegistryError(
-            f"unknown GLUE task {name!r}; choose one of: {', '.join(TASKS)} (the registered tasks). "
+            f"unknown task {name!r}; choose one of: {', '.join(TASKS)} (the registered tasks). "
             f"To add one, call register_task(TaskSpec(...)) in a module that is imported (config key "
             f"'plugins', or the entry-point group 'dora_lab.tasks')"
         )

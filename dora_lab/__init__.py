@@ -26,7 +26,7 @@ from .core.registry import RegistryError, import_plugins
 from .core.regularizers import get_regularizer, list_regularizers, register_regularizer
 from .core.schedules import BudgetSchedule, get_schedule, list_schedules, register_schedule
 from .core.scorers import Scorer, get_scorer, list_scorers, make_scorer, register_scorer
-from .run.tasks import TaskSpec, get_task, list_tasks, register_task
+from .run.tasks import TaskSpec, get_task, instruction_task, list_tasks, prompt_task, register_task
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "import_plugins",
     "inject_adapters",
     "list_methods",
+    "instruction_task",
     "list_regularizers",
     "list_schedules",
     "list_scorers",
@@ -58,6 +59,7 @@ __all__ = [
     "make_method",
     "make_scorer",
     "register_method",
+    "prompt_task",
     "register_regularizer",
     "register_schedule",
     "register_scorer",

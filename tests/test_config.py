@@ -40,8 +40,9 @@ def test_shipped_config_loads_and_matches_the_issue() -> None:
         (["scorer.params.gamma=2"], "scorer 'magnitude' has no hyper-parameter(s) ['gamma']; it takes: beta"),
         (["scorer.params.beta=1.5"], "beta must be in [0, 1)"),
         (["regularizer.name=l3"], "unknown regularizer 'l3'"),
-        (["task.name=glue"], "task.name: unknown GLUE task 'glue'; choose one of: cola, sst2, mrpc, stsb, qqp, "
-                             "mnli, qnli, rte (the registered tasks)"),
+        (["task.name=glue"], "task.name: unknown task 'glue'; choose one of: cola, sst2, mrpc, stsb, qqp, "
+                             "mnli, qnli, rte, cola_prompt, sst2_prompt, mrpc_prompt, qqp_prompt, mnli_prompt, "
+                             "qnli_prompt, rte_prompt, instruct (the registered tasks)"),
         (["model.precision=fp8"], "model.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
         (["plugins=[missing_plugin.py]"], "plugin file 'missing_plugin.py' does not exist"),
     ],

@@ -17,7 +17,15 @@ from dora_lab import RegistryError
 from dora_lab.run import tasks
 from dora_lab.run.config import ConfigError, load_config_dict
 from dora_lab.run.data import DataError, load_splits
-from dora_lab.run.tasks import TASKS, TaskSpec, compute_metrics, get_task, list_tasks, register_task
+from dora_lab.run.tasks import (
+    TASKS,
+    TaskSpec,
+    compute_metrics,
+    get_task,
+    language_model_metrics,
+    list_tasks,
+    register_task,
+)
 
 
 def logits_for(pred_ids: list[int], num_labels: int = 2) -> np.ndarray:
@@ -38,7 +46,9 @@ def test_the_eight_tasks() -> None:
         "qnli": (("question", "sentence"), 2, "accuracy", ("validation",)),
         "rte": (("sentence1", "sentence2"), 2, "accuracy", ("validation",)),
     }
-    assert set(TASKS) == set(expected)
+    classifiers = {name for name in TASKS if TASKS[name].kind == "classifier"}
+    assert classifiers == set(expected)
+    assert set(TASKS) - classifiers == {f"{n}_prompt" for n in expected if n != "stsb"} | {"instruct"}
     for name, (fields, num_labels, main, evals) in expected.items():
         spec = get_task(name)
         assert (spec.name, spec.text_fields, spec.num_labels, spec.main_metric, spec.eval_splits) == (
@@ -51,7 +61,7 @@ def test_the_eight_tasks() -> None:
 
 
 def test_unknown_task_lists_the_eight() -> None:
-    with pytest.raises(ValueError, match="unknown GLUE task 'colaa'") as err:
+    with pytest.raises(ValueError, match="unknown task 'colaa'") as err:
         get_task("colaa")
     for name in TASKS:
         assert name in str(err.value)
@@ -59,6 +69,11 @@ def test_unknown_task_lists_the_eight() -> None:
 
 def test_main_metric_is_always_computed() -> None:
     for spec in TASKS.values():
+        if spec.is_instruction:  # no labels: its metrics come from the token NLLs (tests/test_causal.py)
+            assert spec.main_metric in language_model_metrics(6.0, 3)
+            with pytest.raises(ValueError, match="instruction data"):
+                compute_metrics(spec, [0.0], [0])
+            continue
         n = 6
         labels = np.linspace(0, 5, n) if spec.is_regression else np.arange(n) % spec.num_labels
         preds = labels[::-1].copy() if spec.is_regression else logits_for(list(labels), spec.num_labels)
@@ -203,7 +218,7 @@ def test_a_task_from_a_plugin_file_is_accepted_by_a_config(tmp_path: Path) -> No
                       "    is_regression=False, main_metric='accuracy', eval_splits=('validation',),\n"
                       "    hub_path=('me/data', 'default')))\n")
     try:
-        with pytest.raises(ConfigError, match="task.name: unknown GLUE task 'plugin_task'; choose one of: cola"):
+        with pytest.raises(ConfigError, match="task.name: unknown task 'plugin_task'; choose one of: cola"):
             load_config_dict({"task": {"name": "plugin_task"}})
         cfg = load_config_dict({"plugins": [str(plugin)], "task": {"name": "plugin_task"}})
         assert get_task(cfg.task.name).num_labels == 3

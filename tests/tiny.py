@@ -61,3 +61,49 @@ class LossRecorder:
     def on_train_end(self, result: object) -> None: ...
     def on_step(self, step: int, logs: dict[str, float]) -> None:
         self.values.append(logs["train_loss"])
+
+
+INSTRUCT = REPO / "data" / "instruct"
+# ChatML, as SmolLM2's tokenizer writes it (without its default system turn)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tiny_tokenizer(chat: bool = True, vocab: int = 384) -> object:
+    """A byte-level BPE tokenizer trained (deterministically, in about a second) on the shipped
+    instruction set and a slice of CoLA: a decoder's tokenizer without the Hub.  Its eos token is
+    ``<|endoftext|>``, it has no pad token (as decoders ship), and with ``chat`` a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [line for f in sorted(INSTRUCT.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    texts += (COLA / "train.tsv").read_text().splitlines()[:2000] if (COLA / "train.tsv").is_file() else []
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   model_max_length=256)
+    if chat:
+        fast.chat_template = CHATML
+    return fast
+
+
+def make_tiny_llama_dir(path: Path, chat: bool = True, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """Write a randomly initialised 2-layer, 32-wide Llama (tied embeddings, like SmolLM2) and
+    :func:`make_tiny_tokenizer` to ``path``: an ordinary causal-LM folder for ``model.name``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = make_tiny_tokenizer(chat)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,  # type: ignore[arg-type]
+                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=2 * hidden,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)  # type: ignore[attr-defined]
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)  # type: ignore[attr-defined]
+    return path

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .causal import IGNORE_INDEX, CausalEncoding, encode_causal
 from .tasks import LABEL_COLUMN, TaskSpec
 
 __all__ = ["LengthGroupedBatchSampler", "TaskLoader", "make_loader", "padding_stats", "restore_order"]
@@ -131,11 +132,19 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
 
 class _Encoded(Dataset[dict[str, Any]]):
-    """Token ids computed once; an item is one row's ids, label and position."""
+    """Token ids computed once; an item is one row's ids, label and position.
 
-    def __init__(self, encodings: dict[str, list[list[int]]], labels: list[Any]) -> None:
+    A causal task's labels are token lists (``-100`` on the prompt); ``extras`` are more integer
+    columns put in every batch (a prompt task's ``example`` and ``choice`` when scoring labels);
+    ``causal`` is the :class:`~dora_lab.run.causal.CausalEncoding` it came from (its ``counts``:
+    prompts cut, answers dropped)."""
+
+    def __init__(self, encodings: dict[str, list[list[int]]], labels: list[Any],
+                 extras: dict[str, list[int]] | None = None, causal: CausalEncoding | None = None) -> None:
         self.encodings = encodings
         self.labels = labels
+        self.extras = extras or {}
+        self.causal = causal
         self.lengths = [len(ids) for ids in encodings["input_ids"]]
 
     def __len__(self) -> int:
@@ -145,16 +154,20 @@ class _Encoded(Dataset[dict[str, Any]]):
         item: dict[str, Any] = {key: values[i] for key, values in self.encodings.items()}
         item["labels"] = self.labels[i]
         item["index"] = i
+        for key, values in self.extras.items():
+            item[key] = values[i]
         return item
 
 
 class _PadCollator:
-    """Pads one batch to its longest row (dynamic padding) on the tokenizer's padding side."""
+    """Pads one batch to its longest row (dynamic padding) on the tokenizer's padding side.
+    Token-level labels (causal tasks) are padded with ``-100``, so padding adds nothing to the loss."""
 
-    def __init__(self, pad_token_id: int, left: bool, label_dtype: torch.dtype) -> None:
+    def __init__(self, pad_token_id: int, left: bool, label_dtype: torch.dtype, extras: Sequence[str] = ()) -> None:
         self.pad = {"input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": 0}
         self.left = left
         self.label_dtype = label_dtype
+        self.extras = tuple(extras)
 
     def __call__(self, items: list[dict[str, Any]]) -> Batch:
         width = max(len(item["input_ids"]) for item in items)
@@ -170,8 +183,17 @@ class _PadCollator:
                 else:
                     out[row, : len(ids)] = ids
             batch[key] = out
-        batch["labels"] = torch.tensor([item["labels"] for item in items], dtype=self.label_dtype)
+        if isinstance(items[0]["labels"], list):
+            labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+            for row, item in enumerate(items):
+                n = len(item["labels"])
+                (labels[row, width - n:] if self.left else labels[row, :n]).copy_(torch.as_tensor(item["labels"]))
+            batch["labels"] = labels
+        else:
+            batch["labels"] = torch.tensor([item["labels"] for item in items], dtype=self.label_dtype)
         batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        for key in self.extras:
+            batch[key] = torch.tensor([item[key] for item in items], dtype=torch.long)
         return batch
 
 
@@ -200,22 +222,39 @@ def make_loader(
     drop_last: bool = False,
     shards: int = 1,
     shard: int = 0,
+    prompt_format: str = "auto",
+    score_labels: bool = False,
 ) -> TaskLoader:
     """A loader of padded batches of ``rows`` (from :func:`dora_lab.run.data.load_splits`).
 
     ``tokenizer`` is a Hugging Face tokenizer; pair tasks are encoded as sentence pairs,
     truncated together to ``max_length`` tokens.  See the module docstring for the batch keys,
     epochs and order, and for ``shards``/``shard`` (one rank's part of each global batch).
+
+    A causal task's rows go through :func:`dora_lab.run.causal.encode_causal` (``prompt_format``,
+    ``score_labels``): ``labels`` are token ids with ``-100`` on the prompt and the padding, and
+    rows are padded on the right whatever the tokenizer's side (positions then start at 0 in every
+    row; left padding is for generation).  With ``score_labels`` a prompt task's batches hold one
+    row per (example, label) and two more keys, ``example`` and ``choice``.
     """
     if not rows:
         raise ValueError(f"no rows to batch for {spec.name}")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
-    columns = [[row[field] for row in rows] for field in spec.text_fields]
-    enc = tokenizer(*columns, truncation=True, max_length=max_length)
-    keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in enc else [])
-    encodings = {key: list(enc[key]) for key in keys}
-    dataset = _Encoded(encodings, [row[LABEL_COLUMN] for row in rows])
+    if spec.is_causal:
+        causal = encode_causal(rows, spec, tokenizer, max_length=max_length, prompt_format=prompt_format,
+                               score_labels=score_labels)
+        extras = {"example": causal.example, "choice": causal.choice} if score_labels and not spec.is_instruction \
+            else {}
+        dataset = _Encoded({"input_ids": causal.input_ids,
+                            "attention_mask": [[1] * len(ids) for ids in causal.input_ids]},
+                           causal.labels, extras, causal)
+    else:
+        columns = [[row[field] for row in rows] for field in spec.text_fields]
+        enc = tokenizer(*columns, truncation=True, max_length=max_length)
+        keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in enc else [])
+        encodings = {key: list(enc[key]) for key in keys}
+        dataset = _Encoded(encodings, [row[LABEL_COLUMN] for row in rows])
     sampler = LengthGroupedBatchSampler(
         dataset.lengths,
         batch_size,
@@ -228,8 +267,9 @@ def make_loader(
     )
     collate = _PadCollator(
         tokenizer.pad_token_id,
-        left=getattr(tokenizer, "padding_side", "right") == "left",
+        left=getattr(tokenizer, "padding_side", "right") == "left" and not spec.is_causal,
         label_dtype=torch.float32 if spec.is_regression else torch.long,
+        extras=tuple(dataset.extras),
     )
     return TaskLoader(dataset, sampler, collate)
 

@@ -48,9 +48,10 @@ class RunResult:
     run_dir: Path | None = None
     peak_memory_mb: float = 0.0  # dora_lab.run.memory: CUDA allocator peak, or the process's peak RSS
     peak_memory_source: str = ""
+    data: dict[str, dict[str, int]] = field(default_factory=dict)  # causal tasks: per split, prompts cut...
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "metric": self.metric_name,
             "best": self.best_metric,
             "best_step": self.best_step,
@@ -64,6 +65,9 @@ class RunResult:
             "peak_memory_source": self.peak_memory_source,
             "run_dir": str(self.run_dir) if self.run_dir else None,
         }
+        if self.data:  # a causal task: examples, prompts cut and answers dropped per split
+            out["data"] = self.data
+        return out
 
 
 class TrainCallback:

@@ -60,6 +60,10 @@ class TaskConfig(_Strict):
     max_length: int = Field(128, ge=8)
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+    columns: dict[str, str] = Field(default_factory=dict,
+                                    description="rename the data's columns to the task's: {instruction: prompt}")
+    prompt_format: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="causal tasks: the tokenizer's chat template (auto: when it has one) or plain text")
 
 
 class ModelConfig(_Strict):

@@ -3,8 +3,11 @@
 :func:`load_splits` returns ``{"train": rows, <each eval split>: rows}``, every row a dict with
 the task's text fields, ``label`` (an ``int`` in ``[0, num_labels)``, or for a regression a
 ``float`` in the task's ``label_range``, ``[0, 5]`` for stsb) and ``idx``.  Everything
-task-specific comes from the :class:`~dora_lab.run.tasks.TaskSpec`.  Hub data and local files go through the same checks, so a
-bad file fails at load time with a message that names the file, the row and what to fix.
+task-specific comes from the :class:`~dora_lab.run.tasks.TaskSpec`.  Instruction data (a causal
+task without labels) has rows ``{prompt, response, idx}``; a GLUE task asked as a prompt reads the
+GLUE task's own files.  ``task.columns`` renames a file's columns to the task's.  Hub data and
+local files go through the same checks, so a bad file fails at load time with a message that
+names the file, the row and what to fix.
 
 Local folders hold one file per split, ``<split>.jsonl``, ``<split>.csv`` or ``<split>.tsv``
 (``train`` and ``validation``; mnli wants ``validation_matched`` and ``validation_mismatched``)
@@ -29,7 +32,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -74,8 +77,14 @@ def load_splits(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     seed: int = 0,
+    columns: Mapping[str, str] | None = None,
 ) -> dict[str, list[Row]]:
     """Rows of ``train`` and of each of ``spec.eval_splits``, checked and normalised.
+
+    ``columns`` (config key ``task.columns``) renames the data's columns to the task's before the
+    checks, e.g. ``{"instruction": "prompt", "output": "response"}`` for instruction data whose
+    files name them otherwise.  Instruction rows (``spec.is_instruction``) have no label: each is
+    ``{prompt, response, idx}``.
 
     ``data_dir=None`` loads ``datasets.load_dataset(*spec.hub_path)``; offline (no network, or
     ``HF_HUB_OFFLINE=1``) that fails at once with a :class:`DataError` that says to set
@@ -89,9 +98,14 @@ def load_splits(
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
             which = "max_train_samples" if split == "train" else "max_eval_samples"
             raise ValueError(f"{which} must be a positive integer or None, got {limit!r}")
+    renames = dict(columns or {})
+    bad = [f"{k!r}: {v!r}" for k, v in renames.items() if not isinstance(k, str) or v not in spec.columns]
+    if bad:
+        raise DataError(f"task.columns maps {', '.join(bad)}: each entry maps a column of the data to one of "
+                        f"{spec.name}'s columns ({', '.join(spec.columns)}); fix task.columns")
     if data_dir is None:
-        return _load_hub(spec, limits, seed)
-    return _load_local(spec, Path(data_dir), limits, seed)
+        return _load_hub(spec, limits, seed, renames)
+    return _load_local(spec, Path(data_dir), limits, seed, renames)
 
 
 # -- the Hub -----------------------------------------------------------------------------------
@@ -123,7 +137,13 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def _load_hub(spec: TaskSpec, limits: dict[str, int | None], seed: int) -> dict[str, list[Row]]:
+def _load_hub(spec: TaskSpec, limits: dict[str, int | None], seed: int,
+              renames: dict[str, str]) -> dict[str, list[Row]]:
+    if not spec.hub_path[0]:
+        files = ", ".join(f"{s}.jsonl" for s in ("train", *spec.eval_splits))
+        raise DataError(f"task {spec.name!r} has no Hugging Face Hub dataset: set task.data_dir to a folder with "
+                        f"{files} (columns {', '.join(spec.columns)}; other names are mapped with task.columns), "
+                        f"e.g. --set task.data_dir=data/instruct (the instruction set shipped with dora_lab)")
     from datasets import config as datasets_config
     from datasets import load_dataset
 
@@ -136,7 +156,7 @@ def _load_hub(spec: TaskSpec, limits: dict[str, int | None], seed: int) -> dict[
         if reason is not None:
             raise DataError(_hub_help(spec, reason))
     try:
-        dataset = load_dataset(*spec.hub_path)
+        dataset = load_dataset(spec.hub_path[0], spec.hub_path[1] or None)
     except (ConnectionError, OSError) as exc:
         raise DataError(_hub_help(spec, f"{type(exc).__name__}: {exc}")) from exc
 
@@ -146,16 +166,16 @@ def _load_hub(spec: TaskSpec, limits: dict[str, int | None], seed: int) -> dict[
         if split not in dataset:
             raise DataError(f"{where} does not exist; the splits there are {sorted(dataset)}")
         ds = dataset[split]
-        _check_columns(spec, ds.column_names, where)
+        _check_columns(spec, [renames.get(c, c) for c in ds.column_names], where)
         keep = _subset(len(ds), limit, seed)
-        rows = ds.select(keep).to_list() if keep is not None else ds.to_list()
+        rows = _renamed(ds.select(keep).to_list() if keep is not None else ds.to_list(), renames)
         out[split] = _normalise(spec, rows, where, keep)
     return out
 
 
 # -- local files -------------------------------------------------------------------------------
 def _load_local(
-    spec: TaskSpec, data_dir: Path, limits: dict[str, int | None], seed: int
+    spec: TaskSpec, data_dir: Path, limits: dict[str, int | None], seed: int, renames: dict[str, str]
 ) -> dict[str, list[Row]]:
     folder = data_dir.expanduser()
     if not folder.is_dir():
@@ -169,6 +189,7 @@ def _load_local(
     for split, limit in limits.items():
         path = _split_file(spec, folder, split)
         columns, raw = _read_table(spec, path)
+        columns, raw = [renames.get(c, c) for c in columns], _renamed(raw, renames)
         if not raw and not any(columns):  # an empty file has no columns either, and they are not what to fix
             raise DataError(f"{path} is empty (no rows); it should hold {spec.name}'s {split} rows with "
                             f"columns {', '.join(spec.columns)}")
@@ -293,6 +314,12 @@ def _decoding(path: Path) -> Iterator[None]:
 
 
 # -- checks shared by both sources -------------------------------------------------------------
+def _renamed(rows: list[Row], renames: dict[str, str]) -> list[Row]:
+    if not renames:
+        return rows
+    return [{renames.get(k, k): v for k, v in row.items()} for row in rows]
+
+
 def _check_columns(spec: TaskSpec, columns: Sequence[str], where: str, *, tsv: bool = False) -> None:
     missing = [c for c in spec.columns if c not in columns]
     if missing:
@@ -305,7 +332,8 @@ def _check_columns(spec: TaskSpec, columns: Sequence[str], where: str, *, tsv: b
         raise DataError(
             f"{where} has no column {missing[0]!r}, which {spec.name} needs "
             f"(it needs {', '.join(spec.columns)}); columns present: {', '.join(columns) or '(none)'}. "
-            f"Rename the column in the file{hint}, or set task.name to the task this data belongs to"
+            f"Rename the column in the file{hint}, map it with task.columns ({{<its name>: {missing[0]}}}), "
+            f"or set task.name to the task this data belongs to"
         )
 
 
@@ -358,8 +386,8 @@ def _normalise(spec: TaskSpec, raw: list[Row], where: str, keep: Sequence[int] |
                     f"{where} row {number}: {field!r} must be text, got {text!r}; fix that row"
                 )
             row[field] = text
-        label = _parse_label(spec, src[LABEL_COLUMN])
-        if label is None:
+        label = None if spec.is_instruction else _parse_label(spec, src[LABEL_COLUMN])
+        if label is None and not spec.is_instruction:
             hint = " (-1 marks GLUE's unlabelled test split: use train/validation)" if str(
                 src[LABEL_COLUMN]
             ).strip() in {"-1", "-1.0"} else ""
@@ -367,7 +395,8 @@ def _normalise(spec: TaskSpec, raw: list[Row], where: str, keep: Sequence[int] |
                 f"{where} row {number} has label {src[LABEL_COLUMN]!r}{hint}; {_label_rule(spec)}. "
                 f"Fix the file, or set task.name to the task this data belongs to"
             )
-        row[LABEL_COLUMN] = label
+        if not spec.is_instruction:
+            row[LABEL_COLUMN] = label
         idx = src.get("idx")
         row["idx"] = int(idx) if isinstance(idx, int | str) and str(idx).strip().isdigit() else number - 1
         rows.append(row)

@@ -1,4 +1,12 @@
-"""Evaluation: predictions in the loader's order, put back in the data's order, then metrics."""
+"""Evaluation: predictions in the loader's order, put back in the data's order, then metrics.
+
+Three kinds of task (:class:`~dora_lab.run.tasks.TaskSpec`): a classifier's logits go to
+:func:`~dora_lab.run.tasks.compute_metrics`; a GLUE task asked as a prompt scores each label by
+the total log-likelihood of its verbaliser's tokens after the prompt
+(:func:`label_log_likelihoods`), and those scores, as logits, go to the same metrics (argmax: the
+predicted label); instruction data gives the mean NLL over every response token of the split
+(token-weighted) and its exponential, the perplexity (:func:`response_nll`).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .tasks import TaskSpec, compute_metrics
+from .causal import IGNORE_INDEX
+from .tasks import TaskSpec, compute_metrics, language_model_metrics
 
-__all__ = ["evaluate", "predict"]
+__all__ = ["answer_log_likelihoods", "evaluate", "label_log_likelihoods", "predict", "response_nll"]
 
 
 @torch.no_grad()
@@ -31,13 +40,90 @@ def predict(model: nn.Module, loader: Any, device: torch.device, autocast: Any) 
     return torch.cat(logits)[idx].numpy(), torch.cat(labels)[idx].numpy()
 
 
+def answer_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its labelled tokens and how many there are.
+
+    ``logits`` ``(B, T, V)`` from a causal LM, ``labels`` ``(B, T)`` with ``-100`` where no token is
+    scored; the token at position ``t`` is predicted by the logits at ``t - 1`` (the shift a
+    causal LM's loss makes).  Only the labelled positions go through the log-softmax (in float32
+    at least).
+    """
+    targets = labels[:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    picked = logits[:, :-1][rows, cols]
+    picked = torch.log_softmax(picked.to(torch.promote_types(picked.dtype, torch.float32)), dim=-1)
+    token_lp = picked.gather(1, targets[rows, cols].unsqueeze(1)).squeeze(1)
+    sums = torch.zeros(labels.shape[0], dtype=torch.float64, device=logits.device)
+    sums.index_add_(0, rows, token_lp.double())
+    return sums, (targets != IGNORE_INDEX).sum(dim=1)
+
+
+def _batches(model: nn.Module, loader: Any, device: torch.device,
+             autocast: Any) -> Any:
+    model.eval()
+    for batch in loader:
+        labels = batch["labels"].to(device)
+        with autocast:
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+        yield batch, answer_log_likelihoods(logits, labels)
+
+
+@torch.no_grad()
+def response_nll(model: nn.Module, loader: Any, device: torch.device, autocast: Any) -> tuple[float, int]:
+    """Instruction data: the summed NLL over every response token of ``loader`` and their count."""
+    total, tokens = 0.0, 0
+    for _, (sums, counts) in _batches(model, loader, device, autocast):
+        total -= float(sums.sum())
+        tokens += int(counts.sum())
+    return total, tokens
+
+
+@torch.no_grad()
+def label_log_likelihoods(model: nn.Module, loader: Any, device: torch.device,
+                          autocast: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A prompt task: ``(scores, gold)``, ``scores[i, j]`` the total log-likelihood of label ``j``'s
+    verbaliser after example ``i``'s prompt (examples in the data's order), ``gold[i]`` its label.
+    ``loader`` is made with ``score_labels=True``: one row per example and label, or, when every
+    verbaliser is one token (``label_tokens``), one row per example whose answer position's
+    log-softmax holds every label's score."""
+    encoding = loader.dataset.causal
+    examples = sorted(encoding.gold)
+    position = {e: i for i, e in enumerate(examples)}
+    tokens = encoding.label_tokens
+    n_labels = len(tokens) if tokens is not None else max(encoding.choice) + 1
+    scores = np.full((len(examples), n_labels), np.nan)
+    if tokens is not None:
+        model.eval()
+        for batch in loader:
+            with autocast:
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
+            rows, cols = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)  # one answer token a row
+            at = logits[:, :-1][rows.to(device), cols.to(device)]
+            lp = torch.log_softmax(at.to(torch.promote_types(at.dtype, torch.float32)), dim=-1)[:, tokens]
+            scores[[position[e] for e in batch["example"][rows].tolist()]] = lp.double().cpu().numpy()
+    else:
+        for batch, (sums, _) in _batches(model, loader, device, autocast):
+            for e, c, value in zip(batch["example"].tolist(), batch["choice"].tolist(), sums.tolist(), strict=True):
+                scores[position[e], c] = value
+    if np.isnan(scores).any():
+        raise ValueError("the loader did not score every label of every example (make it with score_labels=True)")
+    return scores, np.array([encoding.gold[e] for e in examples])
+
+
 def evaluate(
     model: nn.Module, loaders: Mapping[str, Any], spec: TaskSpec, device: torch.device, autocast: Any
 ) -> dict[str, float]:
     """Metrics on every evaluation split: plain keys for the first, ``split/key`` for the others."""
     out: dict[str, float] = {}
     for i, (split, loader) in enumerate(loaders.items()):
-        preds, labels = predict(model, loader, device, autocast)
-        for key, value in compute_metrics(spec, preds, labels).items():
+        if spec.is_instruction:
+            metrics = language_model_metrics(*response_nll(model, loader, device, autocast))
+        elif spec.is_causal:
+            metrics = compute_metrics(spec, *label_log_likelihoods(model, loader, device, autocast))
+        else:
+            metrics = compute_metrics(spec, *predict(model, loader, device, autocast))
+        for key, value in metrics.items():
             out[key if i == 0 else f"{split}/{key}"] = float(value)
     return out

@@ -1,4 +1,5 @@
-"""Loading a sequence-classification model and its tokenizer, from the Hub or a local folder.
+"""Loading a model (a sequence classifier, or a causal LM for a causal task) and its tokenizer,
+from the Hub or a local folder.
 
 ``model.name`` is a Hub id or a local folder.  On a machine without the Hub, point it at a local
 copy (``--set model.name=/path/to/folder``).  Two offline copies are known (:data:`OFFLINE_COPIES`),
@@ -14,6 +15,14 @@ used when the Hub cannot be reached and the package is installed (the log says s
 A ``task.max_length`` longer than the model takes (its position table, less RoBERTa-style
 offsets, or the tokenizer's ``model_max_length``) is refused when the model is loaded, before
 any data is tokenised, instead of a tensor-size error mid-run: see :func:`sequence_limit`.
+
+The task's kind picks the class (``AutoModelForCausalLM`` for a causal task,
+``AutoModelForSequenceClassification`` otherwise), and :func:`check_task_model` refuses, from the
+model's config alone and before any data is read, a pairing that cannot train: a causal task
+with a model that is not a causal LM, a classification task with a model type that has no
+sequence-classification class, or a classifier whose new head ``model.trainable`` leaves frozen (a
+decoder's head is ``score``, not BERT's ``classifier``).  A tokenizer without a pad token gets its
+eos token as one (decoders ship without), and the model's ``config.pad_token_id`` is set to match.
 """
 
 from __future__ import annotations
@@ -25,20 +34,22 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .config import ConfigError
+from .tasks import TaskSpec
 
 __all__ = [
     "OFFLINE_COPIES",
     "ModelLoadError",
     "check_max_length",
     "check_model",
+    "check_task_model",
     "load_model_and_tokenizer",
     "resolve_device",
     "resolve_model_path",
@@ -184,19 +195,31 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_model_and_tokenizer(
-    name: str, num_labels: int, max_length: int | None = None, **model_kwargs: Any
+    name: str, num_labels: int, max_length: int | None = None, *, causal: bool = False, **model_kwargs: Any
 ) -> tuple[Any, Any]:
-    """``AutoModelForSequenceClassification`` (new head with ``num_labels``) and its tokenizer.
-    With ``max_length`` (``task.max_length``), :func:`check_max_length` refuses a longer one."""
+    """``AutoModelForSequenceClassification`` (new head with ``num_labels``) and its tokenizer, or with
+    ``causal`` ``AutoModelForCausalLM`` (``num_labels`` unused; the tokenizer pads on the right, as
+    training and scoring want: positions start at 0 in every row).  A tokenizer without a pad token
+    pads with its eos token.  With ``max_length`` (``task.max_length``), :func:`check_max_length`
+    refuses a longer one."""
     path, local_only = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=num_labels, local_files_only=local_only, **model_kwargs
-        )
+        if causal:
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only, **model_kwargs)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, local_files_only=local_only, **model_kwargs
+            )
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from exc
-    if num_labels == 1:
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # a decoder classifier finds each row's last token by it
+    if causal:
+        tokenizer.padding_side = "right"
+    elif num_labels == 1:
         model.config.problem_type = "regression"
     if max_length is not None:
         check_max_length(max_length, model, tokenizer, name)
@@ -242,11 +265,13 @@ def check_max_length(max_length: int, model: torch.nn.Module, tokenizer: Any, na
     )
 
 
-def check_model(name: str, max_length: int | None = None) -> None:
+def check_model(name: str, max_length: int | None = None, *, task: TaskSpec | None = None,
+                trainable: Sequence[str] = (), method: str = "adapter") -> None:
     """Fail now, with :class:`ModelLoadError`, if ``name``'s config or tokenizer cannot be loaded,
-    or with :class:`~dora_lab.run.config.ConfigError` if ``max_length`` exceeds what it takes (a quick
-    check before a study starts its trials; the weights are not read: the model is built on the
-    meta device, so :func:`sequence_limit` sees its position table without allocating it)."""
+    or with :class:`~dora_lab.run.config.ConfigError` if ``max_length`` exceeds what it takes or (given
+    ``task``) :func:`check_task_model` refuses the pairing (a quick check before a run or a study starts;
+    the weights are not read: the model is built on the meta device, so :func:`sequence_limit` sees
+    its position table without allocating it)."""
     from transformers import AutoConfig, AutoModel
 
     path, local_only = resolve_model_path(name)
@@ -255,10 +280,58 @@ def check_model(name: str, max_length: int | None = None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from exc
+    if task is not None:
+        check_task_model(config, name, task, trainable, method)
     if max_length is not None:
         with torch.device("meta"):
             skeleton = AutoModel.from_config(config)
         check_max_length(max_length, skeleton, tokenizer, name)
+
+
+def check_task_model(config: Any, name: str, task: TaskSpec, trainable: Sequence[str] = (),
+                     method: str = "adapter") -> None:
+    """Raise :class:`~dora_lab.run.config.ConfigError` when model ``name`` (its ``config``) cannot train
+    ``task``: see the module docstring.  ``trainable`` is ``model.trainable``, ``method`` ``train.method``."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    architectures = list(getattr(config, "architectures", None) or [])
+    lm_heads = [a for a in architectures if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    what = f"model_type {model_type!r}" + (f", saved as {', '.join(architectures)}" if architectures else "")
+    if task.is_causal:
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not lm_heads):
+            glue = task.name.removesuffix("_prompt")
+            other = f", or task.name to {glue!r} to train a classifier head on this model" if glue != task.name else ""
+            raise ConfigError(f"task.name {task.name!r} is a causal task (it trains a language model), but model.name "
+                              f"{name!r} is not a causal language model ({what}); set model.name to a decoder LM "
+                              f"such as HuggingFaceTB/SmolLM2-135M-Instruct{other}")
+        return
+    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        prompt = f"{task.name}_prompt"
+        raise ConfigError(f"task.name {task.name!r} trains a sequence-classification head, but model.name {name!r} "
+                          f"({what}) has no sequence-classification class in transformers; set task.name to "
+                          f"{prompt!r} (the task asked as a prompt, scored by the LM) or model.name to an encoder "
+                          f"such as sentence-transformers/all-MiniLM-L6-v2")
+    if method != "adapter":
+        return
+    import copy
+
+    from ..core.adapter.inject import _is_under
+
+    config = copy.deepcopy(config)
+    config.num_labels = max(task.num_labels, 1)
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config)
+    prefix = f"{skeleton.base_model_prefix}."
+    head = [n for n, _ in skeleton.named_parameters() if not n.startswith(prefix)]
+    if head and not any(_is_under(n, t) for n in head for t in trainable):
+        modules = sorted({n.rsplit(".", 1)[0] for n in head})
+        raise ConfigError(f"model.trainable {list(trainable)} leaves the classification head of {name!r} "
+                          f"({', '.join(modules)}) frozen, and that head is new (random): the classifier could not "
+                          f"learn.  Add it: --set model.trainable=[{', '.join(modules)}]")
 
 
 def _load_error(name: str, exc: Exception) -> ModelLoadError:

@@ -1,10 +1,23 @@
-"""The tasks (the eight GLUE tasks built in) and their metrics.
+"""The tasks (the eight GLUE tasks built in, their prompt versions, instruction data) and their metrics.
 
 A :class:`TaskSpec` is all there is to a task, as data: what its rows look like (the text
 columns, the label column is always ``label``), its labels (how many, their names, a
 regression's allowed range), which splits are evaluated, which metrics are computed and which
 one ranks runs, and where it lives on the Hugging Face Hub.  :func:`compute_metrics` turns raw
 model outputs into those metrics with scipy / scikit-learn (no ``evaluate``).
+
+Two kinds of task (``TaskSpec.kind``): ``classifier`` tasks train a sequence-classification head
+(the GLUE eight); ``causal`` tasks train a causal language model
+(:mod:`dora_lab.run.causal` turns their rows into tokens):
+
+- *GLUE as prompts* (``cola_prompt``, ``sst2_prompt``, ... one per GLUE classification task, from
+  :data:`PROMPT_TEMPLATES`): the row is written into a prompt, each label is a verbaliser (a
+  short answer text); training is the LM loss on the gold verbaliser's tokens, evaluation picks
+  the label whose verbaliser has the highest total log-likelihood after the prompt, and the
+  GLUE task's own metrics (MCC, accuracy, F1) come out;
+- *instruction data* (``instruct``): rows of ``prompt`` and ``response``; training is the LM loss on
+  the response tokens, evaluation the mean token NLL over every response token of the held-out
+  split (``loss``) and ``perplexity = exp(loss)`` (lower is better: :attr:`TaskSpec.greater_is_better`).
 
 A new task is one :func:`register_task` call, in this file or in a plugin (config key
 ``plugins``, or the entry-point group ``dora_lab.tasks``); ``task.name`` in a config must name
@@ -19,7 +32,9 @@ a registered task.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import string
 import sys
 import warnings
 from collections.abc import Sequence
@@ -30,8 +45,8 @@ import numpy as np
 
 from ..core.registry import Registry, RegistryError
 
-__all__ = ["LABEL_COLUMN", "METRICS", "TASKS", "TaskSpec", "compute_metrics", "get_task", "list_tasks",
-           "register_task"]
+__all__ = ["KINDS", "LABEL_COLUMN", "LOWER_IS_BETTER", "METRICS", "PROMPT_TEMPLATES", "TASKS", "TaskSpec",
+           "compute_metrics", "get_task", "instruction_task", "language_model_metrics", "list_tasks", "prompt_task", "register_task"]
 
 #: The label column of every GLUE task (``nyu-mll/glue`` and local files alike).
 LABEL_COLUMN = "label"
@@ -42,7 +57,12 @@ _HUB = "nyu-mll/glue"
 METRICS = {
     "classification": ("accuracy", "matthews_correlation", "f1"),  # f1: of the positive class 1
     "regression": ("pearson", "spearmanr"),
+    "language_modeling": ("perplexity", "loss"),  # over the response tokens of the held-out split
 }
+#: Metrics where lower is better (a run's best evaluation is its lowest).
+LOWER_IS_BETTER = frozenset({"perplexity", "loss"})
+#: ``classifier``: a sequence-classification head; ``causal``: a causal language model.
+KINDS = ("classifier", "causal")
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,12 @@ class TaskSpec:
     ``nyu-mll/glue`` (name ``i`` is label ``i``); ``glue_columns`` renames GLUE's header names to
     these columns (``(("Quality", "label"), ...)``); ``glue_headerless`` names the columns of a
     GLUE file that has no header row (CoLA's: source, label, original label, sentence).
+
+    ``kind`` is ``classifier`` or ``causal`` (see the module docstring).  A causal task with
+    ``verbalizers`` (one answer text per label, in label order) is a classification task asked as
+    ``prompt`` (a :meth:`str.format` template over the text fields); a causal task without them
+    is instruction data whose ``text_fields`` are ``(prompt, response)`` and which has no labels
+    (``num_labels`` 0).
     """
 
     name: str
@@ -77,12 +103,16 @@ class TaskSpec:
     glue_headerless: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     label_range: tuple[float, float] | None = None
+    kind: str = "classifier"
+    prompt: str = ""
+    verbalizers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        kind = "regression" if self.is_regression else "classification"
+        self._check_kind()
+        kind = self.metric_kind
         if not self.metrics:
-            default = METRICS["regression"] if self.is_regression else tuple(dict.fromkeys((self.main_metric,
-                                                                                            "accuracy")))
+            default = METRICS[kind] if kind != "classification" else tuple(dict.fromkeys((self.main_metric,
+                                                                                           "accuracy")))
             object.__setattr__(self, "metrics", default)
         unknown = [m for m in self.metrics if m not in METRICS[kind]]
         if unknown:
@@ -95,10 +125,57 @@ class TaskSpec:
             raise RegistryError(f"task {self.name!r}: label_range {self.label_range} must be (low, high) with "
                                 f"low <= high, and only a regression task has one")
 
+    def _check_kind(self) -> None:
+        if self.kind not in KINDS:
+            raise RegistryError(f"task {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind == "classifier":
+            if self.prompt or self.verbalizers:
+                raise RegistryError(f"task {self.name!r}: a prompt and verbalizers belong to a causal task; "
+                                    f"set kind='causal'")
+            return
+        if self.is_regression:
+            raise RegistryError(f"task {self.name!r}: a causal task cannot be a regression (num_labels 1)")
+        if not self.verbalizers:
+            if self.num_labels != 0 or len(self.text_fields) != 2 or self.prompt:
+                raise RegistryError(f"task {self.name!r}: an instruction task (causal, no verbalizers) has "
+                                    f"num_labels 0, no prompt template and two text fields (prompt, response); "
+                                    f"use instruction_task()")
+            return
+        if len(self.verbalizers) != self.num_labels or len(set(self.verbalizers)) != self.num_labels or not all(
+                v.strip() for v in self.verbalizers):
+            raise RegistryError(f"task {self.name!r}: verbalizers {self.verbalizers} must be {self.num_labels} "
+                                f"distinct non-blank texts, one per label in label order")
+        fields = {f for _, f, _, _ in string.Formatter().parse(self.prompt) if f is not None}
+        if not fields or not fields <= set(self.text_fields):
+            raise RegistryError(f"task {self.name!r}: prompt template {self.prompt!r} must use {{field}} "
+                                f"placeholders of its text fields only ({', '.join(self.text_fields)})")
+
+    @property
+    def metric_kind(self) -> str:
+        """The :data:`METRICS` key of this task: ``classification``, ``regression`` or ``language_modeling``."""
+        if self.is_instruction:
+            return "language_modeling"
+        return "regression" if self.is_regression else "classification"
+
+    @property
+    def is_causal(self) -> bool:
+        """Trained as a causal language model (a prompt task or instruction data)."""
+        return self.kind == "causal"
+
+    @property
+    def is_instruction(self) -> bool:
+        """Instruction data: a causal task without labels, scored by perplexity."""
+        return self.kind == "causal" and not self.verbalizers
+
+    @property
+    def greater_is_better(self) -> bool:
+        """Whether a higher ``main_metric`` is better (False for ``perplexity`` and ``loss``)."""
+        return self.main_metric not in LOWER_IS_BETTER
+
     @property
     def columns(self) -> tuple[str, ...]:
-        """Every column a row must have: the text fields, then ``label``."""
-        return (*self.text_fields, LABEL_COLUMN)
+        """Every column a row must have: the text fields, then ``label`` (none for instruction data)."""
+        return self.text_fields if self.is_instruction else (*self.text_fields, LABEL_COLUMN)
 
 
 def _task(
@@ -173,13 +250,53 @@ for _spec in (
 ):
     register_task(_spec)
 
+#: GLUE as prompts, one row per classification task: (prompt template, one verbaliser per label in
+#: the label order of ``nyu-mll/glue``).  The verbalisers start with a space: after ``Answer:`` in
+#: the plain format a word is tokenised with its leading space; with a chat template the space is
+#: dropped (the answer opens the assistant's turn), see :mod:`dora_lab.run.causal`.
+PROMPT_TEMPLATES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cola": ("Is this sentence grammatical?\nSentence: {sentence}\nAnswer:", (" no", " yes")),
+    "sst2": ("Is the sentiment of this review positive or negative?\nReview: {sentence}\nAnswer:",
+             (" negative", " positive")),
+    "mrpc": ("Do these two sentences mean the same thing?\nSentence 1: {sentence1}\nSentence 2: {sentence2}"
+             "\nAnswer:", (" no", " yes")),
+    "qqp": ("Do these two questions ask the same thing?\nQuestion 1: {question1}\nQuestion 2: {question2}"
+            "\nAnswer:", (" no", " yes")),
+    "mnli": ("{premise}\nQuestion: Does this imply that \"{hypothesis}\"? Yes, maybe, or no?\nAnswer:",
+             (" yes", " maybe", " no")),
+    "qnli": ("Does the sentence answer the question?\nQuestion: {question}\nSentence: {sentence}\nAnswer:",
+             (" yes", " no")),
+    "rte": ("{sentence1}\nQuestion: Does this imply that \"{sentence2}\"? Yes or no?\nAnswer:", (" yes", " no")),
+}
+
+
+def prompt_task(base: TaskSpec, prompt: str, verbalizers: Sequence[str], name: str | None = None) -> TaskSpec:
+    """``base`` (a GLUE classification task) asked as ``prompt`` with one verbaliser per label: the
+    same data, splits and metrics, kind ``causal``, named ``<base>_prompt`` unless ``name``."""
+    return dataclasses.replace(base, name=name or f"{base.name}_prompt", kind="causal", prompt=prompt,
+                               verbalizers=tuple(verbalizers))
+
+
+def instruction_task(name: str, *, eval_splits: tuple[str, ...] = ("validation",),
+                     hub_path: tuple[str, str] = ("", "")) -> TaskSpec:
+    """Instruction data called ``name``: rows of ``prompt`` and ``response`` (other column names are
+    mapped with the config key ``task.columns``), scored by perplexity on ``eval_splits``.
+    ``hub_path`` is a Hub dataset's ``(path, config)`` with those splits (empty: local files only)."""
+    return TaskSpec(name=name, text_fields=("prompt", "response"), num_labels=0, is_regression=False,
+                    main_metric="perplexity", eval_splits=eval_splits, hub_path=hub_path, kind="causal")
+
+
+for _glue, (_prompt, _verbalizers) in PROMPT_TEMPLATES.items():
+    register_task(prompt_task(TASKS.get(_glue), _prompt, _verbalizers))
+register_task(instruction_task("instruct"))
+
 
 def get_task(name: str) -> TaskSpec:
     """The :class:`TaskSpec` called ``name`` (case-insensitive); ValueError lists the registered ones."""
     key = str(name).lower()
     if key not in TASKS:
         raise RegistryError(
-            f"unknown GLUE task {name!r}; choose one of: {', '.join(TASKS)} (the registered tasks). "
+            f"unknown task {name!r}; choose one of: {', '.join(TASKS)} (the registered tasks). "
             f"To add one, call register_task(TaskSpec(...)) in a module that is imported (config key "
             f"'plugins', or the entry-point group 'dora_lab.tasks')"
         )
@@ -224,6 +341,9 @@ def compute_metrics(spec: TaskSpec, predictions: Any, labels: Sequence[float] | 
     from scipy import stats
     from sklearn.metrics import f1_score, matthews_corrcoef
 
+    if spec.is_instruction:
+        raise ValueError(f"{spec.name} is instruction data (no labels): its metrics come from "
+                         f"language_model_metrics(nll_sum, tokens)")
     preds = _to_array(predictions, "predictions")
     gold = _to_array(labels, "labels")
     if gold.ndim != 1:
@@ -269,3 +389,17 @@ def compute_metrics(spec: TaskSpec, predictions: Any, labels: Sequence[float] | 
         "f1": lambda: f1_score(gold_ids, pred_ids, pos_label=1, average="binary", zero_division=0.0),
     }
     return {m: float(classification[m]()) for m in spec.metrics}
+
+
+def language_model_metrics(nll_sum: float, tokens: int) -> dict[str, float]:
+    """``loss``: the mean token NLL (nats) over ``tokens`` response tokens whose NLLs sum to
+    ``nll_sum`` (token-weighted: a long response counts more than a short one), and
+    ``perplexity = exp(loss)``.
+
+    >>> language_model_metrics(2 * math.log(4.0), 2)
+    {'perplexity': 4.0, 'loss': 1.3862943611198906}
+    """
+    if tokens < 1:
+        raise ValueError("cannot compute a perplexity over zero response tokens")
+    loss = float(nll_sum) / int(tokens)
+    return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss}

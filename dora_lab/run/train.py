@@ -38,7 +38,7 @@ from .config import ConfigError, RunConfig, build_controller, load_config
 from .data import load_splits, make_loader
 from .evaluate import evaluate
 from .memory import peak_memory_mb, reset_peak
-from .models import load_model_and_tokenizer, resolve_device
+from .models import check_model, load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
 from .seeding import seed_everything
 from .tasks import get_task
@@ -111,12 +111,16 @@ def train_run(
         check_run_dir(run_dir, overwrite)  # refused before any work; the folder is made further down
     seed_everything(cfg.seed)
     spec = get_task(cfg.task.name)
+    # a model that cannot train this task (a classifier for a causal task, a frozen new head) is
+    # refused from its config alone, before the data is read
+    check_model(cfg.model.name, task=spec, trainable=cfg.model.trainable, method=cfg.train.method)
 
     # -- data and model -------------------------------------------------------------------
     splits = load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
-                         max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed)
+                         max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed, columns=cfg.task.columns)
     bf16_weights = cfg.model.dtype == "bfloat16"  # frozen weights in bf16; what trains stays float32
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels, max_length=cfg.task.max_length,
+                                                causal=spec.is_causal,
                                                 **({"dtype": torch.bfloat16} if bf16_weights else {}))
     seed_everything(cfg.seed)  # adapters' init must not depend on what loading consumed
     adapted = cfg.train.method == "adapter"
@@ -136,12 +140,14 @@ def train_run(
     train_loader = make_loader(splits["train"], spec, tokenizer, batch_size=cfg.train.batch_size,
                                max_length=cfg.task.max_length, shuffle=True,
                                group_by_length=cfg.train.group_by_length, seed=cfg.seed,
-                               shards=shards, shard=shard)
+                               shards=shards, shard=shard, prompt_format=cfg.task.prompt_format)
     eval_loaders = {
         name: make_loader(splits[name], spec, tokenizer, batch_size=cfg.train.eval_batch_size,
-                          max_length=cfg.task.max_length, shuffle=False, group_by_length=True, seed=cfg.seed)
+                          max_length=cfg.task.max_length, shuffle=False, group_by_length=True, seed=cfg.seed,
+                          prompt_format=cfg.task.prompt_format, score_labels=True)
         for name in spec.eval_splits
     }
+    data_counts = _truncation_counts({"train": train_loader, **eval_loaders}, cfg.task.max_length, rank0)
     micro_per_epoch = len(train_loader)
     steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
@@ -187,7 +193,9 @@ def train_run(
     # fp16 needs loss scaling or small gradients flush to zero; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16")
     history: list[dict[str, float]] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] = (-math.inf, -1, {})  # metric, step, weights
+    # metric, step, weights; the metric's sign flipped where lower is better (perplexity), so ">" is "better"
+    sign = 1.0 if spec.greater_is_better else -1.0
+    best: tuple[float, int, dict[str, torch.Tensor]] = (-math.inf, -1, {})
     batches = _micro_batches(train_loader)
     what = f"{cfg.scorer.name}/{cfg.schedule.name}" if cfg.method.name == "dora" else cfg.method.name
     bar = tqdm(total=total, desc=f"{cfg.task.name} {what} seed {cfg.seed}",
@@ -237,8 +245,8 @@ def train_run(
             metrics["step"] = float(step + 1)
             history.append(metrics)
             pruning_done = controller is None or controller.settled
-            if pruning_done and metrics[spec.main_metric] > best[0]:
-                best = (metrics[spec.main_metric], step + 1, _trainable_state(model))
+            if pruning_done and sign * metrics[spec.main_metric] > best[0]:
+                best = (sign * metrics[spec.main_metric], step + 1, _trainable_state(model))
             bar.set_postfix(loss=f"{loss_sum:.3f}", **{spec.main_metric[:8]: f"{metrics[spec.main_metric]:.4f}"})
             for cb in callbacks:
                 cb.on_evaluate(step + 1, metrics)
@@ -252,12 +260,12 @@ def train_run(
     parallel = distributed.check_consistent(model, controller.allocation() if controller else {}, rows)
     counts = count_parameters(model)
     result = RunResult(
-        metric_name=spec.main_metric, best_metric=float(best[0]), best_step=int(best[1]),
+        metric_name=spec.main_metric, best_metric=sign * float(best[0]), best_step=int(best[1]),
         final_metrics=history[-1], history=history,
         allocation=controller.allocation() if controller else {},
         trainable_parameters=info.trainable_parameters, adapter_parameters_final=counts.adapter_active,
         active_components_final=counts.active_components, steps=total, seconds=time.time() - t0,
-        run_dir=run_dir, peak_memory_mb=peak[0], peak_memory_source=peak[1],
+        run_dir=run_dir, peak_memory_mb=peak[0], peak_memory_source=peak[1], data=data_counts,
     )
     if not rank0:
         return result
@@ -266,7 +274,8 @@ def train_run(
         (run_dir / "distributed.json").write_text(json.dumps(parallel, indent=1))
     if adapted and cfg.train.save_adapter and best[2]:
         _load_trainable_state(model, best[2])  # keep the best evaluation's weights, not the last
-        save_adapter(model, run_dir / "adapter", base_model=cfg.model.name, num_labels=spec.num_labels,
+        save_adapter(model, run_dir / "adapter", base_model=cfg.model.name,
+                     num_labels=0 if spec.is_causal else spec.num_labels,
                      extra={"config": cfg.resolved(), "metrics": result.summary()})
     for cb in callbacks:
         cb.on_train_end(result)
@@ -295,6 +304,19 @@ def _trainable_to_float32(model: torch.nn.Module) -> None:
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+
+
+def _truncation_counts(loaders: dict[str, Any], max_length: int, log: bool) -> dict[str, dict[str, int]]:
+    """A causal task's per-split counts of examples, prompts cut from the left and answers dropped
+    (:mod:`dora_lab.run.causal`), logged when any was; ``{}`` for a classifier."""
+    counts = {split: dict(loader.dataset.causal.counts) for split, loader in loaders.items()
+              if getattr(loader.dataset, "causal", None) is not None}
+    for split, c in counts.items():
+        if log and (c["prompts_cut"] or c["answers_dropped"]):
+            print(f"dora_lab: {split}: {c['prompts_cut']} of {c['examples']} prompts cut from the left to fit "
+                  f"task.max_length={max_length}; {c['answers_dropped']} examples dropped (answer alone too long)",
+                  file=sys.stderr)
+    return counts
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

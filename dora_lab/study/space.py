@@ -411,11 +411,26 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
     except ConfigError as exc:
         raise ConfigError(f"the study's base config (study.overrides applied) is invalid: {exc}") from None
     check_scorer_params(study, base.scorer.name)
+    metric = study.metric or get_task(base.task.name).main_metric
+    _check_direction(study.direction, metric)
     output_dir = Path(base.output_dir).resolve()
     name = study.study_name(config_path)
     return StudySetup(
         config_path=Path(config_path), overrides=list(overrides), data=data, cli=cli, base=base, study=study,
         name=name, storage=study.storage_url(output_dir), tracking_uri=study.tracking(output_dir),
         output_dir=output_dir, study_dir=output_dir / "studies" / name,
-        metric=study.metric or get_task(base.task.name).main_metric,
+        metric=metric,
     )
+
+
+def _check_direction(direction: str, metric: str) -> None:
+    """A known metric optimised the wrong way (perplexity maximised) is refused."""
+    from ..run.tasks import LOWER_IS_BETTER, METRICS
+
+    plain = metric.rsplit("/", 1)[-1]  # validation_mismatched/accuracy
+    known = {m for ms in METRICS.values() for m in ms}
+    if plain not in known or (direction == "minimize") == (plain in LOWER_IS_BETTER):
+        return
+    right = "minimize" if plain in LOWER_IS_BETTER else "maximize"
+    raise ConfigError(f"study.direction is {direction!r} but the study's metric {metric!r} is better when "
+                      f"{'lower' if right == 'minimize' else 'higher'}; set study.direction: {right}")

@@ -75,9 +75,11 @@ def preflight(cfg: RunConfig) -> None:
     that a missing data folder, an unreachable Hub or a ``task.max_length`` the model cannot take is
     one clear error instead of a failed trial each.  Raises :class:`~dora_lab.run.data.DataError`,
     :class:`~dora_lab.run.models.ModelLoadError` or :class:`~dora_lab.run.config.ConfigError`."""
-    load_splits(get_task(cfg.task.name), cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
-                max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed)
-    check_model(cfg.model.name, cfg.task.max_length)
+    spec = get_task(cfg.task.name)
+    check_model(cfg.model.name, cfg.task.max_length, task=spec, trainable=cfg.model.trainable,
+                method=cfg.train.method)
+    load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
+                max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed, columns=cfg.task.columns)
 
 
 def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, parent_id: str,

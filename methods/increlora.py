@@ -54,7 +54,7 @@ class IncreLoRA(AllocationMethod):
         with torch.no_grad():
             for name, (idx, k, a0, b0, c0) in list(self._warming.items()):
                 layer = self.ctl.layers[name]
-                w = ((k + 1) / self.warmup).to(layer.c.dtype)
+                w = ((k + 1) / self.warmup).to(device=layer.c.device, dtype=layer.c.dtype)  # k lives on the CPU
                 layer.A[idx] = a0 + w[:, None] * (layer.A[idx] - a0)
                 layer.B[:, idx] = b0 + w[None, :] * (layer.B[:, idx] - b0)
                 layer.c[idx] = c0 + w * (layer.c[idx] - c0)

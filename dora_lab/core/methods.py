@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from .adapter.layer import RankOneLinear
-from .registry import Registry, RegistryError
+from .registry import Registry, RegistryError, build_checked
 
 if TYPE_CHECKING:
     from .controller import PruningController
@@ -249,11 +249,4 @@ def make_method(name: str = "dora", **params: Any) -> AllocationMethod:
     """Build method ``name`` with hyper-parameters ``params``; unknown ones are refused by name,
     with the list of valid ones."""
     cls = get_method(name)
-    allowed = cls.hyperparameters()
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"method {name!r} has no parameter(s) {unknown}; it takes: "
-            f"{', '.join(f'{k} (default {v})' for k, v in allowed.items()) or 'none'}"
-        )
-    return cls(**params)
+    return build_checked("method", name, cls, cls.hyperparameters(), params)

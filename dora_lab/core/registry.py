@@ -23,7 +23,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Generic, TypeVar
 
-__all__ = ["Registry", "RegistryError", "discover_modules", "import_plugins", "is_plugin_file"]
+__all__ = ["Registry", "RegistryError", "build_checked", "discover_modules", "import_plugins", "is_plugin_file"]
 
 T = TypeVar("T")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")  # fullmatch: "$" would let a trailing newline through
@@ -215,3 +215,15 @@ def _plugin_error(what: str, exc: Exception, path: Path | None = None) -> Regist
         where = f"{frames[-1].filename}, line {frames[-1].lineno}" if frames else str(path or "?")
         detail = f"{type(exc).__name__}: {exc}"
     return RegistryError(f"{what} (config key 'plugins') failed on import at {where}: {detail}")
+
+
+def build_checked(kind: str, name: str, cls: Callable[..., T], allowed: dict[str, object], params: dict[str, object]) -> T:
+    """``cls(**params)`` once every key of ``params`` is one of ``allowed`` (name -> default); an
+    unknown key is refused by name with the valid ones and their defaults (scorers, methods)."""
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{kind} {name!r} has no hyper-parameter(s) {unknown}; it takes: "
+            f"{', '.join(f'{k} (default {v})' for k, v in allowed.items()) or 'none'}"
+        )
+    return cls(**params)

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 
 from .adapter.layer import RankOneLinear
-from .registry import Registry, RegistryError
+from .registry import Registry, RegistryError, build_checked
 
 __all__ = [
     "FunctionScorer",
@@ -261,11 +261,4 @@ def list_scorers() -> list[str]:
 def make_scorer(name: str, **params: Any) -> Scorer:
     """Build scorer ``name`` with hyper-parameters ``params``; unknown ones are refused by name."""
     cls = get_scorer(name)
-    allowed = cls.hyperparameters()
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"scorer {name!r} has no hyper-parameter(s) {unknown}; it takes: "
-            f"{', '.join(f'{k} (default {v})' for k, v in allowed.items()) or 'none'}"
-        )
-    return cls(**params)
+    return build_checked("scorer", name, cls, cls.hyperparameters(), params)

@@ -2,10 +2,13 @@
 "One Initialization to Rule them All", as in PEFT's ``EvaConfig``), then fixed.
 
 Before the first optimizer step the model runs forward on ``batches`` training batches (no
-gradients) and each adapted layer's inputs ``X`` (every token: ``n x d_in``) are collected as the
-Gram matrix ``G = X^T X``, whose eigen-decomposition ``G = V diag(s^2) V^T`` gives ``X``'s right
-singular vectors ``V`` and singular values ``s``.  Component ``i`` of a layer explains the ratio
-``s_i^2 / sum_j s_j^2`` of its input's variance (uncentred, as in EVA).  All layers' top ``r0``
+gradients) and each adapted layer's inputs ``X`` (every real token, ``n x d_in``: padding positions,
+where the batch's ``attention_mask`` is 0, are left out, as PEFT does) are collected as their count,
+sum and Gram matrix, which give the centred scatter matrix ``C = (X - 1 mu^T)^T (X - 1 mu^T)``.
+Its eigen-decomposition ``C = V diag(s^2) V^T`` gives the principal directions ``V`` (the right
+singular vectors of the centred ``X``) and ``s``.  Component ``i`` of a layer explains the ratio
+``s_i^2 / sum_j s_j^2`` of its input's variance, PEFT's ``explained_variance_ratio_`` (its
+``IncrementalPCA`` centres the data).  All layers' top ``r0``
 ratios are ranked together and the top ones kept while their cost fits the global target
 (:func:`keep_top`); within a layer that is always a prefix, so each layer keeps its top ``k_l``
 directions.  ``A``'s rows become the top right-singular vectors (unit rows, ``V[:, i]``), ``c = 0``
@@ -14,7 +17,7 @@ directions.  ``A``'s rows become the top right-singular vectors (unit rows, ``V[
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,12 +36,18 @@ class EVA(AllocationMethod):
 
     def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
         layers = self.ctl.layers
-        gram: dict[str, torch.Tensor] = {}
+        stats: dict[str, list[torch.Tensor]] = {}  # layer -> [token count, sum of x, sum of x x^T]
+        real: list[torch.Tensor | None] = [None]  # the current batch's attention mask
 
         def hook(name: str) -> Callable[..., None]:
             def collect(module: Any, args: tuple[torch.Tensor, ...]) -> None:
-                x = args[0].detach().reshape(-1, module.in_features).double()
-                gram[name] = gram[name] + x.T @ x if name in gram else x.T @ x
+                x = args[0].detach()
+                mask = real[0]
+                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                    x = x[mask.to(x.device).bool()]
+                x = x.reshape(-1, module.in_features).double()
+                part = [torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device), x.sum(0), x.T @ x]
+                stats[name] = [a + b for a, b in zip(stats[name], part, strict=True)] if name in stats else part
             return collect
 
         handles = [layer.register_forward_pre_hook(hook(n)) for n, layer in layers.items()]
@@ -47,16 +56,21 @@ class EVA(AllocationMethod):
                 for i, batch in enumerate(batches):
                     if i >= self.calibration_batches:
                         break
+                    real[0] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                     run_batch(batch)
         finally:
             for h in handles:
                 h.remove()
-        missing = [n for n in layers if n not in gram]
+        missing = [n for n in layers if n not in stats or float(stats[n][0]) < 2]
         if missing:
-            raise RuntimeError(f"method 'eva': no input reached layers {missing[:3]} in the calibration batches")
+            raise RuntimeError(f"method 'eva': fewer than 2 real tokens reached layers {missing[:3]} in the "
+                               "calibration batches (method.params.batches)")
         vectors = {}
         for n, layer in layers.items():
-            s2, v = torch.linalg.eigh(gram[n])  # ascending
+            count, total, gram = stats[n]
+            mean = total / count
+            scatter = gram - count * torch.outer(mean, mean)
+            s2, v = torch.linalg.eigh((scatter + scatter.T) / 2)  # ascending
             s2, v = s2.flip(0).clamp_min(0.0), v.flip(1)
             self.ratios[n] = (s2[: layer.rank] / s2.sum().clamp_min(1e-300)).float()
             vectors[n] = v[:, : layer.rank].T
@@ -64,7 +78,7 @@ class EVA(AllocationMethod):
         with torch.no_grad():
             for n, layer in layers.items():
                 k = vectors[n].shape[0]
-                layer.A[:k] = vectors[n].to(layer.A.dtype)
+                layer.A[:k] = vectors[n].to(layer.A.device, layer.A.dtype)
                 layer.c.zero_()
                 layer.soft_prune(keep[n])
                 layer.hard_mask = True

@@ -151,28 +151,46 @@ def test_dylora_cuts_every_layer_to_a_prefix_that_meets_the_target() -> None:
 
 
 # -- EVA (one-shot) -------------------------------------------------------------------------------------
-def test_eva_ratios_and_directions_are_the_inputs_singular_values_and_vectors() -> None:
+def test_eva_ratios_and_directions_are_the_centred_real_tokens_principal_components() -> None:
+    """Padding (attention_mask 0, filled with 100s here) is left out and the tokens are centred:
+    the ratios and directions are the SVD of the centred real tokens, and PEFT's own
+    IncrementalPCA (what its EVA runs) gives the same numbers."""
+    from peft.utils.incremental_pca import IncrementalPCA
+
     lay = layers("x", d_in=5, r0=3)
     ctl = PruningController(lay, make_scorer("magnitude"), "dora", 10, target_rank=2, warmup=1, final=2,
                             method=make_method("eva", batches=2))
     g = torch.Generator().manual_seed(0)
-    data = [torch.randn(3, 4, 5, generator=g, dtype=torch.float64) for _ in range(3)]  # the third is not read
-    ctl.before_training(lambda b: lay["x"](b), data)
-    _, s, vh = torch.linalg.svd(torch.cat([d.reshape(-1, 5) for d in data[:2]]))
-    torch.testing.assert_close(ctl.method.ratios["x"], (s[:3] ** 2 / (s**2).sum()).float())  # type: ignore[attr-defined]
+    data = []
+    for _ in range(3):  # the third is not read
+        x = torch.randn(3, 4, 5, generator=g, dtype=torch.float64) + torch.tensor([4.0, 0, 0, -2, 0])
+        mask = torch.ones(3, 4, dtype=torch.long)
+        mask[0, 2:], mask[2, 3] = 0, 0
+        x[mask == 0] = 100.0
+        data.append({"x": x, "attention_mask": mask})
+    ctl.before_training(lambda b: lay["x"](b["x"]), data)
+    rows = torch.cat([d["x"][d["attention_mask"].bool()] for d in data[:2]])
+    assert rows.shape == (18, 5) and float(rows.max()) < 100
+    _, s, vh = torch.linalg.svd(rows - rows.mean(0))
+    ratios = ctl.method.ratios["x"]  # type: ignore[attr-defined]
+    torch.testing.assert_close(ratios, (s[:3] ** 2 / (s**2).sum()).float())
     torch.testing.assert_close(lay["x"].A.detach().abs(), vh[:3].abs())  # up to sign
     assert lay["x"].mask.tolist() == [1.0, 1.0, 0.0] and lay["x"].hard_mask
+    peft = IncrementalPCA(n_components=3, copy=True, lowrank=False).partial_fit(rows.clone())
+    torch.testing.assert_close(ratios.double(), peft.explained_variance_ratio_, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lay["x"].A.detach().abs(), peft.components_.abs(), rtol=1e-6, atol=1e-7)
 
 
 def test_eva_gives_the_budget_to_the_layers_whose_inputs_spread_most() -> None:
     lay = layers("pq", d_in=5, r0=3)
     ctl = PruningController(lay, make_scorer("magnitude"), "dora", 10, target_rank=1.5, warmup=1, final=2,
                             method=make_method("eva", batches=1))
-    xp = torch.zeros(2, 5, dtype=torch.float64)
-    xp[0, 0], xp[1, 1] = 3.0, 1.0  # ratios 0.9, 0.1, 0
-    xq = torch.zeros(2, 5, dtype=torch.float64)
-    xq[0, 0], xq[1, 1] = 2.0, 2.0  # ratios 0.5, 0.5, 0
+    xp = torch.zeros(4, 5, dtype=torch.float64) + 7.0  # an offset: centring removes it
+    xp[0, 0], xp[1, 0], xp[2, 1], xp[3, 1] = 10.0, 4.0, 8.0, 6.0  # ratios 0.9, 0.1, 0
+    xq = torch.zeros(4, 5, dtype=torch.float64)
+    xq[0, 0], xq[1, 0], xq[2, 1], xq[3, 1] = 2.0, -2.0, 2.0, -2.0  # ratios 0.5, 0.5, 0
     ctl.before_training(lambda b: (lay["p"](b[0]), lay["q"](b[1])), [(xp, xq)])
+    torch.testing.assert_close(ctl.method.ratios["p"], torch.tensor([0.9, 0.1, 0.0]))  # type: ignore[attr-defined]
     opt = torch.optim.AdamW([p for m in lay.values() for p in m.parameters() if p.requires_grad])
     info = ctl.step(opt)  # target 3: 0.9 (p), 0.5, 0.5 (q); frozen and compacted at step 0
     assert ctl.allocation() == {"p": 1, "q": 2} and info.frozen and info.pruned

@@ -13,7 +13,8 @@ processes hits both alike).  A method's *overhead* is everything its controller 
 run, divided by the run's steps: ``controller.before_training`` (the one-shot allocator's
 calibration forwards, 4 batches), plus ``controller.step(optimizer)`` at every one of the
 ``--steps`` steps (its hooks, its decisions, the validation forwards of a validation scorer, the
-freeze and compaction).  To keep the run short the controller steps run on the gradients of one
+freeze and compaction).  A validation method scores on what ``dora_lab.train`` gives it: its
+``rows`` spread over CoLA's validation split in length-sorted batches of 8.  To keep the run short the controller steps run on the gradients of one
 real backward pass (kept, not zeroed; ``AdamW.step()`` on them, untimed, moves the weights between
 controller steps); what the hooks cost does not depend on the gradients' values.  Not included: what a method changes in the forward pass itself (``dylora``'s prefix
 mask, a multiply of ``r0`` numbers per layer; the pool's hard mask), which the step time of a
@@ -24,6 +25,7 @@ the tests).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -39,6 +41,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed.setup import (  # noqa: E402
     ALPHA,
+    COLA_TRAIN,
     DROPOUT,
     START_RANK,
     TARGET_RANK,
@@ -46,12 +49,16 @@ from speed.setup import (  # noqa: E402
     bert_from_config,
     load_batch,
     machine_info,
+    minilm_dir,
     pretrained_minilm,
     share_frozen,
 )
 
 import dora_lab  # noqa: E402
 from dora_lab import PruningController, inject_adapters, make_method, make_scorer  # noqa: E402
+from dora_lab.run.data import load_splits, make_loader  # noqa: E402
+from dora_lab.run.tasks import get_task  # noqa: E402
+from dora_lab.run.train import validation_loss  # noqa: E402
 
 TARGET_SHARE = 0.05  # the issue's target: under 5% of a step
 
@@ -76,23 +83,30 @@ def step_seconds(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict
     return out
 
 
-def method_overhead(name: str, base: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int) -> dict[str, Any]:
+def validation_batches(rows: int, quick: bool) -> list[dict[str, torch.Tensor]]:
+    """What ``dora_lab.train`` scores a validation method on: ``rows`` rows spread over CoLA's
+    validation split, in length-sorted batches (:meth:`TaskLoader.spread_batches`)."""
+    from transformers import AutoTokenizer
+
+    task = get_task("cola")
+    split = load_splits(task, COLA_TRAIN.parent)["validation"]
+    loader = make_loader(split, task, AutoTokenizer.from_pretrained(minilm_dir()), batch_size=64, shuffle=False)
+    out = [{k: v for k, v in b.items() if k != "index"} for b in loader.spread_batches(rows)]
+    for b in out:
+        if quick:
+            b["input_ids"] = b["input_ids"] % 100  # the tiny vocabulary
+    return out
+
+
+def method_overhead(name: str, base: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int,
+                    quick: bool = False) -> dict[str, Any]:
     model, opt = adapted(base)
     controller = PruningController(model, make_scorer("magnitude", beta=0.9), "dora", steps, target_rank=TARGET_RANK,
                                    warmup=0.15, final=0.5, interval=10, method=make_method(name))
     method = controller.method
-    if method.needs_validation:
-        rows = method.validation_rows or len(batch["labels"])
-        vbatch = {k: v[:rows] for k, v in batch.items()}
-
-        @torch.no_grad()
-        def val_loss() -> float:
-            model.eval()
-            try:
-                return float(model(**vbatch).loss)
-            finally:
-                model.train()
-        controller.set_validation(val_loss)
+    if method.needs_validation:  # the training run's own path: rows spread over the validation split
+        controller.set_validation(validation_loss(model, validation_batches(method.validation_rows or 32, quick),
+                                                  contextlib.nullcontext()))
     t0 = time.perf_counter()
     controller.before_training(lambda b: model(**{k: v for k, v in b.items() if k != "labels"}), [batch] * 4)
     calibration = time.perf_counter() - t0
@@ -130,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for name in names:
         step_times += step_seconds(model, opt, batch, 2 if args.quick else 4)
-        results[name] = method_overhead(name, base, batch, steps)
+        results[name] = method_overhead(name, base, batch, steps, args.quick)
         print(f"{name}: {results[name]['mean_ms']:.2f} ms per step", file=sys.stderr)
     step_times += step_seconds(model, opt, batch, 2 if args.quick else 4)
     step_ms = 1e3 * statistics.median(step_times)

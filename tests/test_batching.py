@@ -193,3 +193,25 @@ def test_shards_split_every_global_batch_into_equal_parts(n: int, shards: int, g
 def test_shard_out_of_range_is_refused() -> None:
     with pytest.raises(ValueError, match="shard must be in"):
         LengthGroupedBatchSampler([3, 4], 2, shuffle=False, shards=2, shard=2)
+
+
+def test_spread_batches_sample_the_whole_split_in_length_sorted_batches(
+        cola: dict[str, list[dict[str, Any]]], tokenizer: Any) -> None:
+    """alora's validation rows: evenly over the split (not the longest rows, which an evaluation
+    loader's first batch holds), the same for every seed, in length-sorted batches of 8."""
+    rows = cola["validation"]
+    loaders = [make_loader(rows, COLA, tokenizer, batch_size=64, shuffle=False, seed=s) for s in (0, 1)]
+    spread = loaders[0].spread_batches(32)
+    n = len(rows)
+    expected = np.unique(np.linspace(0, n - 1, 32).round().astype(int))
+    assert sorted(int(i) for b in spread for i in b["index"]) == expected.tolist()
+    assert [len(b["index"]) for b in spread] == [8, 8, 8, 8]
+    lengths = [int(b["attention_mask"].sum(1).max()) for b in spread]
+    assert lengths == sorted(lengths, reverse=True)
+    assert all(b["input_ids"].shape[1] == int(b["attention_mask"].sum(1).max()) for b in spread)  # own padding
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(spread, loaders[1].spread_batches(32),
+                                                                           strict=True))
+    first = next(iter(loaders[0]))["attention_mask"][:32].sum(1)
+    assert sum(int(b["attention_mask"].sum()) for b in spread) < 0.6 * int(first.sum())  # not the longest rows
+    assert len(loaders[0].spread_batches(10_000)[0]["index"]) == 8 and sum(
+        len(b["index"]) for b in loaders[0].spread_batches(10_000)) == n  # fewer rows than asked: all of them

@@ -274,3 +274,19 @@ def test_real_cola_rows_become_prompts(llama: tuple[Any, Any]) -> None:
     enc = encode_causal(rows, spec, tok, max_length=256, prompt_format="plain", score_labels=True)
     assert len(enc.input_ids) == 16 and sorted(enc.gold) == list(range(8))
     assert tok.decode(enc.input_ids[0]).startswith(f"Is this sentence grammatical?\nSentence: {rows[0]['sentence']}")
+
+
+def test_a_validation_loss_over_several_batches_is_the_one_batch_loss(llama: tuple[Any, Any]) -> None:
+    """alora's validation loss over length-sorted batches of 8 weighs each by its predicted tokens,
+    so it equals the loss of the same rows in one batch."""
+    from dora_lab.run.train import validation_loss
+
+    model, tok = llama
+    loader = make_loader(instruct_rows(12), get_task("instruct"), tok, batch_size=12, max_length=256, shuffle=False)
+    parts = [{k: v for k, v in b.items() if k != "index"} for b in loader.spread_batches(12, per=5)]
+    assert [len(b["labels"]) for b in parts] == [5, 5, 2]
+    whole = {k: v for k, v in next(iter(loader)).items() if k != "index"}
+    with torch.no_grad():
+        one = float(model(**whole).loss)
+    assert validation_loss(model, parts, NO_AUTOCAST)() == pytest.approx(one, rel=1e-6)
+    assert not model.training  # the fixture's eval mode is restored

@@ -208,6 +208,18 @@ class TaskLoader(DataLoader[dict[str, Any]]):
         """Use ``epoch``'s seeded order from the next iteration on (call once per epoch)."""
         self.length_sampler.set_epoch(epoch)
 
+    def spread_batches(self, rows: int, per: int = 8) -> list[Batch]:
+        """``rows`` rows spread evenly over the split in its row order (the first, the last and
+        evenly between; all rows if there are fewer): a fixed sample whatever the seed, not the
+        split's longest rows, which an evaluation loader's first batch (sorted by length) holds.
+        They come sorted by length in batches of ``per``, each padded to its own longest row."""
+        lengths = self.length_sampler.lengths
+        n = len(lengths)
+        picks = np.unique(np.linspace(0, n - 1, min(rows, n)).round().astype(int))
+        picks = picks[np.argsort(-lengths[picks], kind="stable")].tolist()
+        collate: Any = self.collate_fn
+        return [collate([self.dataset[i] for i in picks[k : k + per]]) for k in range(0, len(picks), per)]
+
 
 def make_loader(
     rows: Sequence[dict[str, Any]],

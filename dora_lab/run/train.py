@@ -33,6 +33,7 @@ from ..core.controller import PruningController
 from ..export.checkpoint import save_adapter
 from . import distributed
 from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
+from .causal import IGNORE_INDEX
 from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, refuse
 from .config import ConfigError, RunConfig, build_controller, load_config
 from .data import load_splits, make_loader
@@ -165,12 +166,12 @@ def train_run(
                 with _autocast("bf16" if bf16_weights else cfg.model.precision, device):
                     return model(**{k: v.to(device) for k, v in b.items() if k not in ("index", "labels")})
             controller.before_training(run_batch, train_loader)
-        if controller.method.needs_validation:  # one fixed validation batch (the config checked there is one)
+        if controller.method.needs_validation:  # one fixed validation batch, spread over the split (checked: one exists)
             rows = controller.method.validation_rows or cfg.train.eval_batch_size
-            vbatch = {k: v[:rows].to(device) for k, v in next(iter(eval_loaders[spec.eval_splits[0]])).items()
-                      if k != "index"}
-            controller.set_validation(_validation_loss(
-                model, vbatch, _autocast("bf16" if bf16_weights else cfg.model.precision, device)))
+            vbatches = [{k: v.to(device) for k, v in b.items() if k != "index"}
+                        for b in eval_loaders[spec.eval_splits[0]].spread_batches(rows)]
+            controller.set_validation(validation_loss(
+                model, vbatches, _autocast("bf16" if bf16_weights else cfg.model.precision, device)))
     # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
     if rank0:
         claim_run_dir(run_dir, overwrite)
@@ -282,16 +283,22 @@ def train_run(
     return result
 
 
-def _validation_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Any) -> Any:
-    """``loss()``: the model's loss on ``batch`` in eval mode, without gradients, under the run's
-    autocast (bf16 weights need it), then back in train mode."""
+def validation_loss(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], autocast: Any) -> Any:
+    """``loss()``: the model's mean loss over ``batches`` as one batch would give it, in eval mode,
+    without gradients, under the run's autocast (bf16 weights need it), then back in train mode.
+    Each batch's loss is weighted by what the model averaged it over: its rows, or for token labels
+    (causal tasks) its predicted tokens (labels past the first position that are not -100)."""
+    weights = [float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) if b["labels"].dim() == 2 else float(len(b["labels"]))
+               for b in batches]
+    total = sum(weights)
+
     @torch.no_grad()
     def loss() -> float:
         was_training = model.training
         model.eval()
         try:
             with autocast:
-                return float(model(**batch).loss)
+                return sum(w * float(model(**b).loss) for w, b in zip(weights, batches, strict=True)) / total
         finally:
             model.train(was_training)
     return loss

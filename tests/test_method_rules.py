@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import adamw, adapted_bert, batches, randomize_c, train
+from conftest import adamw, adapted_bert, batches, logits, randomize_c, train
 
 from dora_lab import PruningController, RankOneLinear, Scorer, adapter_layers, make_method, make_scorer
 from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
@@ -90,7 +91,7 @@ def test_increlora_starts_small_and_adds_to_the_most_important_layers_first() ->
 
 
 def test_increlora_warms_a_new_component_up_linearly() -> None:
-    ctl = increlora(2, {"a": [1, 0, 0], "b": [2, 0, 0], "c": [3, 0, 0]}, warmup=4)
+    ctl = increlora(2, {"a": [1, 0, 0], "b": [2, 0, 0], "c": [3, 0, 0]}, warmup=4, advance=False)
     opt = torch.optim.SGD([p for lay in ctl.layers.values() for p in lay.parameters() if p.requires_grad], lr=0.1)
     keep = ctl.method.decide(5, True)  # linear: budget 3 + int(3 * 4/7) = 4 -> c (the most important)
     assert keep is not None and keep["c"].tolist() == [True, True, False]
@@ -110,6 +111,107 @@ def test_increlora_warms_a_new_component_up_linearly() -> None:
         torch.testing.assert_close(c.c[1].detach(), before[1] - (k / 4) * 0.1 * g[1])
         torch.testing.assert_close(c.c[0].detach(), before[0] - 0.1 * g[0])
         assert g[2].item() == 0.0  # the inactive slot gets no gradient
+
+
+def reference_out(lay: RankOneLinear, gates: list[float], x: torch.Tensor,
+                  a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``W0 x + b0 + scale sum_i g_i B[:, i] (A[i] . x)``, one component at a time."""
+    a = lay.A.detach() if a is None else a
+    b = lay.B.detach() if b is None else b
+    out = x @ lay.base.weight.detach().T + lay.base.bias.detach()  # type: ignore[union-attr]
+    for i, g in enumerate(gates):
+        out = out + lay.scale * g * (x @ a[i])[:, None] * b[:, i][None, :]
+    return out
+
+
+def test_increlora_advance_learning_trains_a_reserve_ahead_and_adds_it_with_what_it_learned() -> None:
+    ctl = increlora(2, {"a": [1, 0, 0], "b": [2, 0, 0], "c": [3, 0, 0]}, warmup=4)
+    lr, gate = 0.01, 1e-5
+    for lay in ctl.layers.values():  # one active component, the next slot the reserve with c = 1e-5
+        assert lay.mask.tolist() == [1.0, 0.0, 0.0] and lay.reserve is not None
+        assert lay.reserve.tolist() == [0.0, gate, 0.0]
+        lay.c.data[0] = 0.5
+    assert ctl.active_budget() == 3  # reserves are not counted
+    opt = torch.optim.SGD([p for lay in ctl.layers.values() for p in lay.parameters() if p.requires_grad], lr=lr)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    c = ctl.layers["c"]
+    for t in range(3):
+        a, b, c0 = c.A.detach().clone(), c.B.detach().clone(), c.c[0].item()
+        # the reserve is in the forward pass with its gate: out = ref(c0, 1e-5, 0), a 1e-5-sized term
+        torch.testing.assert_close(c(x), reference_out(c, [c0, gate, 0.0], x), rtol=1e-12, atol=1e-14)
+        term = reference_out(c, [c0, gate, 0.0], x) - reference_out(c, [c0, 0.0, 0.0], x)
+        assert 0 < float(term.abs().max()) < 1e-4
+        # the gradient of its A row and B column, by autograd on the reference formula (c fixed)
+        ra, rb = a.clone().requires_grad_(), b.clone().requires_grad_()
+        reference_out(c, [c0, gate, 0.0], x, ra, rb).pow(2).sum().backward()
+        opt.zero_grad()
+        sum(lay(x).pow(2).sum() for lay in ctl.layers.values()).backward()
+        assert c.c.grad is not None and c.c.grad[1].item() == 0.0  # its c does not train
+        opt.step()
+        ctl.method.after_optimizer_step(t, opt, True)
+        # no warm-up for the reserves drawn at the start (the run's own schedule warms them up)
+        torch.testing.assert_close(c.A[1].detach(), a[1] - lr * ra.grad[1], rtol=1e-12, atol=1e-15)  # type: ignore[index]
+        torch.testing.assert_close(c.B[:, 1].detach(), b[:, 1] - lr * rb.grad[:, 1], rtol=1e-12, atol=1e-15)  # type: ignore[index]
+        assert c.c[1].item() == 0.0 and c.active_rank == 1
+    trained = {n: (lay.A[1].detach().clone(), lay.B[:, 1].detach().clone()) for n, lay in ctl.layers.items()}
+    slot2 = c.A[2].detach().clone()
+    out = c(x).detach()
+    keep = ctl.method.decide(5, True)  # budget 4: one more component, for c (the most important)
+    assert keep is not None and keep["c"].tolist() == [True, True, False]
+    ctl.apply(keep, optimizer=opt)
+    ctl.method.after_apply(5, keep)
+    # added: the reserve with the A/B it learned and c = its gate; a fresh reserve drawn in slot 2
+    assert torch.equal(c.A[1], trained["c"][0]) and torch.equal(c.B[:, 1], trained["c"][1])
+    assert c.c[1].item() == gate and c.mask.tolist() == [1.0, 1.0, 0.0] and c.reserve is not None
+    assert c.reserve.tolist() == [0.0, 0.0, gate] and not torch.equal(c.A[2], slot2) and c.c[2].item() == 0.0
+    # the output moves only by the new reserve's 1e-5 term
+    torch.testing.assert_close(c(x).detach() - out, reference_out(c, [0, 0, gate], x) - reference_out(c, [0, 0, 0], x),
+                               rtol=1e-9, atol=1e-15)
+    for n in "ab":  # the other layers' reserves go on as they were
+        lay = ctl.layers[n]
+        assert lay.reserve is not None and lay.reserve.tolist() == [0.0, gate, 0.0] and lay.active_rank == 1
+        assert torch.equal(lay.A[1], trained[n][0])
+    # restart warm-up: the added component's c and the new reserve's A/B step at 1/4 of SGD's; its A/B at SGD's
+    before = c.c.detach().clone(), c.A.detach().clone()
+    opt.zero_grad()
+    sum(lay(x).pow(2).sum() for lay in ctl.layers.values()).backward()
+    g_c, g_a = c.c.grad.detach().clone(), c.A.grad.detach().clone()  # type: ignore[union-attr]
+    opt.step()
+    ctl.method.after_optimizer_step(6, opt, True)
+    torch.testing.assert_close(c.c[1].detach(), before[0][1] - (1 / 4) * lr * g_c[1])
+    torch.testing.assert_close(c.A[1].detach(), before[1][1] - lr * g_a[1])
+    torch.testing.assert_close(c.A[2].detach(), before[1][2] - (1 / 4) * lr * g_a[2])
+    assert bool((g_a[2] != 0).all())
+
+
+def test_increlora_resumes_with_its_reserves() -> None:
+    """Stop after a grow step, restore into a fresh model, finish: equal to an uninterrupted run."""
+    def start(seed: int) -> tuple[torch.nn.Module, PruningController, torch.optim.Optimizer]:
+        model = adapted_bert(seed)
+        ctl = PruningController(model, make_scorer("sensitivity"), "linear", 12, target_rank=3, warmup=2, final=3,
+                                interval=2, method=make_method("increlora", warmup=3))
+        return model, ctl, adamw(model)
+
+    whole, whole_ctl, whole_opt = start(0)
+    train(whole, whole_opt, whole_ctl, batches(12))
+    model, ctl, opt = start(0)
+    train(model, opt, ctl, batches(12)[:5])  # grow steps 2 and 4 done, warm-ups under way
+    buffer = io.BytesIO()
+    torch.save((ctl.state_dict(), model.state_dict(), opt.state_dict()), buffer)
+    buffer.seek(0)
+    state, weights, opt_state = torch.load(buffer, weights_only=True)
+    moved = {n: int(lay.reserve.nonzero()) for n, lay in ctl.layers.items() if lay.reserve is not None}
+    assert set(moved.values()) == {1, 2}  # grown layers drew their reserve in a later slot
+    fresh, fresh_ctl, fresh_opt = start(3)
+    fresh_ctl.load_state_dict(state)
+    fresh.load_state_dict(weights)
+    fresh_opt.load_state_dict(opt_state)
+    assert {n: int(lay.reserve.nonzero()) for n, lay in fresh_ctl.layers.items() if lay.reserve is not None} == moved
+    train(fresh, fresh_opt, fresh_ctl, batches(12)[5:])
+    assert fresh_ctl.allocation() == whole_ctl.allocation() and fresh_ctl.frozen
+    assert all(lay.reserve is None for lay in fresh_ctl.layers.values())  # the final mask ends them
+    probe = batches(2, seed=7)
+    torch.testing.assert_close(logits(fresh, probe), logits(whole, probe), rtol=0, atol=1e-10)
 
 
 # -- DyLoRA ---------------------------------------------------------------------------------------------

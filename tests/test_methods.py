@@ -61,6 +61,54 @@ def test_hard_masked_slots_get_no_gradient() -> None:
     assert bool((lay.A.grad[0] != 0).any())
 
 
+def test_a_reserve_trains_its_a_and_b_outside_the_budget_and_is_promoted_with_them() -> None:
+    from dora_lab.export.peft import lora_factors
+
+    lay = layer()
+    lay.c.data.fill_(0.5)
+    lay.soft_prune(torch.tensor([True, False, False]))
+    lay.hard_mask = True
+    with pytest.raises(ValueError, match="must be inactive"):
+        lay.set_reserve(torch.tensor([True, False, False]), 0.01)
+    lay.set_reserve(torch.tensor([False, True, False]), 0.01, fresh=False)
+    assert lay.active_rank == 1 and lay.active_parameters() == 10  # the reserve is not counted
+    # its fixed gate stands in for c * mask: delta W = scale (0.5 b0 a0 + 0.01 b1 a1)
+    a, b = lay.A.detach(), lay.B.detach()
+    expected = lay.scale * (0.5 * torch.outer(b[:, 0], a[0]) + 0.01 * torch.outer(b[:, 1], a[1]))
+    torch.testing.assert_close(lay.delta_weight().detach(), expected, rtol=1e-12, atol=0)
+    lora_a, lora_b = lora_factors(lay)  # the PEFT export keeps what the forward pass uses
+    torch.testing.assert_close(lora_b @ lora_a, expected, rtol=1e-12, atol=1e-15)
+    opt = torch.optim.AdamW(lay.parameters(), lr=0.1)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    a1 = lay.A[1].detach().clone()
+    for _ in range(3):
+        lay(x).pow(2).sum().backward()
+        assert bool((lay.A.grad[1] != 0).all()) and lay.c.grad[1].item() == 0  # type: ignore[index]
+        assert bool((lay.A.grad[2] == 0).all())  # type: ignore[index]
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(lay.A[1], a1) and lay.c[1].item() == 0.0 and lay.mask.tolist() == [1.0, 0.0, 0.0]
+    trained_a, trained_b = lay.A[1].detach().clone(), lay.B[:, 1].detach().clone()
+    moments = {k: opt.state[lay.A][k][1].clone() for k in ("exp_avg", "exp_avg_sq")}
+    out = lay(x).detach()
+    lay.activate(torch.tensor([False, True, True]), opt, torch.Generator().manual_seed(0))
+    # the reserve is promoted: its trained A/B and their moments kept, c starts at its gate
+    assert torch.equal(lay.A[1], trained_a) and torch.equal(lay.B[:, 1], trained_b)
+    assert lay.c[1].item() == 0.01 and lay.reserve is None and lay.mask.tolist() == [1.0, 1.0, 1.0]
+    for k, v in moments.items():
+        assert torch.equal(opt.state[lay.A][k][1], v) and bool((v != 0).any())
+        assert opt.state[lay.c][k][1].item() == 0.0 and bool((opt.state[lay.A][k][2] == 0).all())
+    assert lay.c[2].item() == 0.0
+    torch.testing.assert_close(lay(x).detach(), out, rtol=0, atol=1e-13)  # neither changed the output
+    # freezing the mask ends a reserve; a soft-masked layer cannot hold one
+    lay.soft_prune(torch.tensor([True, True, False]))
+    lay.set_reserve(torch.tensor([False, False, True]), 0.01, opt, torch.Generator().manual_seed(1))
+    lay.freeze_mask(torch.tensor([True, True, False]))
+    assert lay.reserve is None and lay.effective_c()[2].item() == 0.0
+    with pytest.raises(RuntimeError, match="needs a hard mask"):
+        layer().set_reserve(torch.tensor([False, True, False]), 0.01)
+
+
 # -- decision rules and growing schedules -----------------------------------------------------------------
 def test_keep_where_keeps_above_the_threshold_with_the_budget_as_a_cap() -> None:
     layers = {"x": layer(r0=3), "y": layer(r0=2, seed=1)}

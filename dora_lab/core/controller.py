@@ -224,8 +224,8 @@ class PruningController:
               optimizer: torch.optim.Optimizer | None = None) -> None:
         """Make ``keep`` the active components; with ``final`` freeze the mask and (if enabled) compact.
 
-        Under a ``pool`` method an inactive component that ``keep`` activates is a fresh one
-        (:meth:`RankOneLinear.activate`) and the inactive ones are out of the forward pass (hard
+        Under a ``pool`` method an inactive component that ``keep`` activates is a fresh one, or a
+        promoted reserve (:meth:`RankOneLinear.activate`), and the inactive ones are out of the forward pass (hard
         mask); otherwise pruning is soft (``c = 0``, still trainable)."""
         # new components drawn from a generator seeded by the step: alike on every data-parallel rank
         generator = torch.Generator().manual_seed(1_000_003 + self.t) if self.method.pool else None

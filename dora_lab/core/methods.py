@@ -19,7 +19,8 @@ default (the configured schedule between ``start_budget`` and the target; a meth
 ``grows = True`` starts below the target and grows to it).  A method with ``pool = True`` keeps
 its inactive components out of the forward pass (a hard mask) and turns an inactive one it
 activates into a fresh component (:meth:`RankOneLinear.activate`: new ``A`` row and ``B`` column,
-``c = 0``, optimizer state zeroed), so growth needs no new optimizer.  Without ``pool`` a pruned
+``c = 0``, optimizer state zeroed; a reserve the method set, :meth:`RankOneLinear.set_reserve`, is
+promoted with its trained ``A``/``B`` instead), so growth needs no new optimizer.  Without ``pool`` a pruned
 component only has ``c = 0`` and keeps training until the final mask (DoRA's soft pruning).
 
 Register one with ``@register_method("name")`` on a subclass; its constructor's keyword arguments

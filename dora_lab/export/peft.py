@@ -49,9 +49,8 @@ _PREFIX = "base_model.model."
 def lora_factors(layer: RankOneLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lora_A, lora_B)`` with ``lora_B @ lora_A == layer.delta_weight()``; only contributing components."""
     c = layer.effective_c()
-    keep = layer.mask > 0
-    if not layer.hard_mask:  # a soft mask is not applied in the forward pass: keep what c still uses
-        keep = keep | (c != 0)
+    # a soft mask is not applied in the forward pass, and a reserve acts with its gate: keep what c uses
+    keep = (layer.mask > 0) | (c != 0)
     idx = torch.nonzero(keep, as_tuple=False).flatten()
     lora_a = layer.A.index_select(0, idx)
     lora_b = layer.B.index_select(1, idx) * (c.index_select(0, idx) * layer.scale)

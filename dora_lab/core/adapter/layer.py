@@ -15,6 +15,11 @@ compaction and parameter counts see the same shapes; only :meth:`RankOneLinear.m
 While pruning is soft the mask is *not* applied in the forward pass (``hard_mask`` is False): a
 soft-pruned component has ``c_i = 0`` but still gets a gradient and may come back.  Once the mask
 is frozen it is applied every step, and :meth:`compact` can drop the pruned components for good.
+
+A hard-masked layer may hold *reserve* components (:meth:`RankOneLinear.set_reserve`; IncreLoRA's
+advance learning): inactive (mask 0, not counted in any budget) but in the forward pass with a fixed
+gate ``g_i`` in place of ``c_i m_i``, so their ``A`` rows and ``B`` columns train while ``c_i`` does
+not; :meth:`RankOneLinear.activate` promotes one with its trained ``A``/``B`` and ``c_i = g_i``.
 """
 
 from __future__ import annotations
@@ -84,6 +89,9 @@ class RankOneLinear(nn.Module):
         self.register_buffer("mask", torch.ones(r0, dtype=dt, device=w.device))
         # Original index (0..r0-1) of each remaining component; survives compaction.
         self.register_buffer("index", torch.arange(r0, device=w.device))
+        # Fixed gates of reserve components (set_reserve), zero elsewhere; None: no reserve.  Not
+        # saved with the weights (an allocation method that keeps reserves saves them in its state).
+        self.register_buffer("reserve", None, persistent=False)
         self.hard_mask = False
         self.merged = False
         # DyLoRA (methods/dylora.py): while training, only components at stored positions < prefix act
@@ -93,6 +101,7 @@ class RankOneLinear(nn.Module):
 
     mask: torch.Tensor
     index: torch.Tensor
+    reserve: torch.Tensor | None
 
     def reset_parameters(self, init: InitMode = "dora") -> None:
         with torch.no_grad():
@@ -135,6 +144,8 @@ class RankOneLinear(nn.Module):
 
     def effective_c(self) -> torch.Tensor:
         c = self.c * self.mask if self.hard_mask else self.c
+        if self.reserve is not None:
+            c = c + self.reserve  # a reserve slot's mask is 0: its fixed gate, and no gradient for c
         if self.prefix is not None and self.training:
             c = c * (torch.arange(self.rank, device=c.device) < self.prefix).to(c.dtype)
         return c
@@ -201,10 +212,58 @@ class RankOneLinear(nn.Module):
         optimizer.  AdamW's ``step`` counter is per tensor, not per slot, so a reset slot's first
         updates are not bias-corrected as a fresh tensor's would be (methods/increlora.py warms
         them up instead).  ``generator`` (a CPU one) draws the new values: the same on every
-        data-parallel rank when seeded alike."""
-        idx = torch.nonzero(slots.to(self.mask.device), as_tuple=False).flatten()
+        data-parallel rank when seeded alike.
+
+        A reserve component (:meth:`set_reserve`) among ``slots`` is promoted instead: it keeps its
+        trained ``A`` row and ``B`` column and their optimizer state, ``c`` starts at its gate (the
+        output does not change) with ``c``'s moments zeroed, and it is no longer a reserve."""
+        slots = slots.to(self.mask.device).bool()
+        if self.reserve is not None:
+            promoted = slots & (self.reserve != 0)
+            slots = slots & ~promoted
+            idx = torch.nonzero(promoted, as_tuple=False).flatten()
+            if idx.numel():
+                self.c.index_copy_(0, idx, self.reserve.index_select(0, idx))
+                self.reserve.index_fill_(0, idx, 0.0)
+                self.mask.index_fill_(0, idx, 1.0)
+                self._zero_state(optimizer, idx, (self.c,))
+                if not bool((self.reserve != 0).any()):
+                    self.reserve = None
+        idx = torch.nonzero(slots, as_tuple=False).flatten()
         if idx.numel() == 0:
             return
+        self._draw(idx, optimizer, generator)
+        self.mask.index_fill_(0, idx, 1.0)
+
+    @torch.no_grad()
+    def set_reserve(self, slots: torch.Tensor, gate: float, optimizer: torch.optim.Optimizer | None = None,
+                    generator: torch.Generator | None = None, fresh: bool = True) -> None:
+        """Make the inactive components at ``slots`` (bool, length ``rank``) reserves: they stay
+        inactive (mask 0: no budget counts them) but act in the forward pass with the fixed gate
+        ``gate`` in place of ``c m``, so their ``A`` rows and ``B`` columns get gradients and train
+        while ``c`` gets none (IncreLoRA's advance learning, methods/increlora.py).  With ``fresh``
+        their ``A``/``B`` are drawn anew, ``c = 0`` and their optimizer state zeroed, as
+        :meth:`activate` does for a new component.  Needs a hard mask (a soft-masked slot is in the
+        forward pass already)."""
+        slots = slots.to(self.mask.device).bool()
+        if not self.hard_mask:
+            raise RuntimeError("set_reserve needs a hard mask: a soft-masked component is not out of the forward pass")
+        if bool((slots & (self.mask != 0)).any()):
+            raise ValueError("a reserve component must be inactive (mask 0)")
+        if gate == 0.0:
+            raise ValueError("a reserve's gate must be non-zero (with 0 its A and B get no gradient)")
+        idx = torch.nonzero(slots, as_tuple=False).flatten()
+        if idx.numel() == 0:
+            return
+        if fresh:
+            self._draw(idx, optimizer, generator)
+        if self.reserve is None:
+            self.reserve = torch.zeros_like(self.c, requires_grad=False)
+        self.reserve.index_fill_(0, idx, float(gate))
+
+    def _draw(self, idx: torch.Tensor, optimizer: torch.optim.Optimizer | None,
+              generator: torch.Generator | None) -> None:
+        """New ``A`` rows and ``B`` columns at ``idx`` (the layer's ``init``), ``c = 0``, state zeroed."""
         fresh_a = torch.empty(idx.numel(), self.in_features, dtype=self.A.dtype)
         fresh_b = torch.empty(self.out_features, idx.numel(), dtype=self.B.dtype)
         if self.init == "dora":
@@ -217,18 +276,25 @@ class RankOneLinear(nn.Module):
         self.A.index_copy_(0, idx, fresh_a.to(self.A.device))
         self.B.index_copy_(1, idx, fresh_b.to(self.B.device))
         self.c.index_fill_(0, idx, 0.0)
-        self.mask.index_fill_(0, idx, 1.0)
-        if optimizer is not None:
-            for p, dim in ((self.A, 0), (self.B, 1), (self.c, 0)):
-                for v in optimizer.state.get(p, {}).values():
-                    if torch.is_tensor(v) and v.shape == p.shape:
-                        v.index_fill_(dim, idx.to(v.device), 0.0)
+        self._zero_state(optimizer, idx, (self.A, self.B, self.c))
+
+    def _zero_state(self, optimizer: torch.optim.Optimizer | None, idx: torch.Tensor,
+                    params: tuple[nn.Parameter, ...]) -> None:
+        """Zero ``optimizer``'s per-element state of ``params`` at components ``idx``."""
+        if optimizer is None:
+            return
+        for p in params:
+            dim = 1 if p is self.B else 0
+            for v in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    v.index_fill_(dim, idx.to(v.device), 0.0)
 
     @torch.no_grad()
     def freeze_mask(self, keep: torch.Tensor) -> None:
-        """Fix the final mask: from now on pruned components are zero in every forward pass."""
+        """Fix the final mask: from now on pruned components (reserves too) are zero in every forward pass."""
         self.soft_prune(keep)
         self.hard_mask = True
+        self.reserve = None
 
     @torch.no_grad()
     def compact(self, optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
@@ -251,6 +317,7 @@ class RankOneLinear(nn.Module):
             setattr(self, attr, new)
         self.mask = self.mask[keep].contiguous()
         self.index = self.index[keep].contiguous()
+        self.reserve = None  # a reserve is inactive (mask 0): compaction drops it
         return keep
 
     # -- merging ------------------------------------------------------------------------------

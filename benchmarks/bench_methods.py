@@ -108,7 +108,8 @@ def method_overhead(name: str, base: torch.nn.Module, batch: dict[str, torch.Ten
         controller.set_validation(validation_loss(model, validation_batches(method.validation_rows or 32, quick),
                                                   contextlib.nullcontext()))
     t0 = time.perf_counter()
-    controller.before_training(lambda b: model(**{k: v for k, v in b.items() if k != "labels"}), [batch] * 4)
+    model.eval()  # as train_run: no dropout while calibrating
+    controller.before_training(lambda b: model(**b), [batch] * 4)
     calibration = time.perf_counter() - t0
     model.train()
     model(**batch).loss.backward()  # real gradients for the hooks, kept through the run

@@ -28,8 +28,9 @@ def points(name: str) -> list[tuple[str, object]]:
 def test_every_method_and_arm_validates_at_the_same_parameter_budget() -> None:
     main = points("ablation_methods.yaml")
     assert LORA_R2_PARAMS == 83016
-    assert sorted({cfg.method.name for _, cfg in main}) == ["alora", "dora", "dylora", "eva", "increlora", "sora"]
-    assert len(main) == 18 and {cfg.seed for _, cfg in main} == {0, 1, 2}
+    assert sorted({cfg.method.name for _, cfg in main}) == ["alora", "dora", "dylora", "eva", "fisher", "increlora",
+                                                                "sora"]
+    assert len(main) == 21 and {cfg.seed for _, cfg in main} == {0, 1, 2}
     for _, cfg in main:
         assert cfg.budget.target_params == LORA_R2_PARAMS and cfg.budget.target_rank is None
         assert (cfg.adapter.r0, cfg.schedule.name, cfg.train.epochs, cfg.task.max_train_samples) == (3, "dora", 3, None)

@@ -30,6 +30,6 @@ def test_quick_run_measures_every_method(tmp_path: Path) -> None:
         assert r["decisions"] >= 1, name  # every method decided at least once (the freeze)
         assert math.isfinite(r["mean_ms"]) and r["mean_ms"] > 0, name
         assert r["share_of_step"] == pytest.approx(r["mean_ms"] / report["step_median_ms"])
-    assert report["methods"]["eva"]["calibration_s"] > 0
+    assert report["methods"]["eva"]["calibration_s"] > 0 and report["methods"]["fisher"]["calibration_s"] > 0
     md = (tmp_path / "bench_methods_quick.md").read_text()
     assert all(f"| {name} |" in md for name in report["methods"])

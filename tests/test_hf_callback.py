@@ -56,8 +56,11 @@ def test_trainer_callback_prunes_like_the_plain_loop(tmp_path: Path) -> None:
     assert all(layer.hard_mask and layer.rank == layer.active_rank for layer in layers)
 
 
-def test_trainer_callback_feeds_a_one_shot_method_its_training_batches(tmp_path: Path) -> None:
-    """eva reads the Trainer's own training batches in on_train_begin, before the first step."""
+@pytest.mark.parametrize(("method", "state"), [("eva", "ratios"), ("fisher", "fisher")])
+def test_trainer_callback_feeds_a_one_shot_method_its_training_batches(tmp_path: Path, method: str,
+                                                                        state: str) -> None:
+    """A one-shot method reads the Trainer's own training batches (fisher: their loss, so the labels
+    too) in on_train_begin, before the first step."""
     from dora_lab import make_method
 
     model_dir = make_tiny_model_dir(tmp_path / "bert")
@@ -69,12 +72,12 @@ def test_trainer_callback_feeds_a_one_shot_method_its_training_batches(tmp_path:
     inject_adapters(model, r0=3, trainable=["classifier", "pooler"])
     callback = DoraTrainerCallback(lambda total: PruningController(
         model, make_scorer("magnitude"), "dora", total, target_rank=1.5, warmup=1, final=2, interval=1,
-        method=make_method("eva", batches=2)))
+        method=make_method(method, batches=2)))
     args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=8,
                              learning_rate=1e-2, report_to=[], save_strategy="no", logging_steps=100,
                              use_cpu=True, seed=0, disable_tqdm=True)
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=DataCollatorWithPadding(tokenizer),
             callbacks=[callback]).train()
-    assert callback.controller is not None and callback.controller.method.ratios  # type: ignore[attr-defined]
+    assert callback.controller is not None and getattr(callback.controller.method, state)
     assert [(i.pruned, i.frozen) for i in callback.history] == [(True, True)] + [(False, True)] * 3
     assert sum(layer.rank for layer in adapter_layers(model).values()) == 18  # 1.5 x 12, compacted at step 0

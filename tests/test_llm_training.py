@@ -119,9 +119,9 @@ def test_run_with_bf16_weights_and_checkpointing_logs_its_peak_memory(tmp_path: 
 
 
 @pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")
-@pytest.mark.parametrize("method", ["eva", "alora"])
+@pytest.mark.parametrize("method", ["eva", "fisher", "alora"])
 def test_methods_that_run_the_model_outside_the_step_work_with_bf16_weights(tmp_path: Path, method: str) -> None:
-    """eva's calibration batches and alora's validation loss run the model outside the training step:
+    """eva's and fisher's calibration batches and alora's validation loss run the model outside the training step:
     with bf16 frozen weights and a float32 head they need the run's autocast like the step does."""
     model_dir = make_tiny_model_dir(tmp_path / "bert")
     cfg = load_config(REPO / "configs" / "cola.yaml", [

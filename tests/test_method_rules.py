@@ -308,7 +308,7 @@ def test_eva_without_calibration_batches_says_so() -> None:
 
 
 @pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")
-@pytest.mark.parametrize("method", ["eva", "increlora", "sora", "dylora", "alora"])
+@pytest.mark.parametrize("method", ["eva", "fisher", "increlora", "sora", "dylora", "alora"])
 def test_a_training_run_uses_the_configured_method(method: str, tmp_path: Path) -> None:
     from dora_lab.run.config import load_config
     from dora_lab.run.train import train_run

@@ -181,7 +181,7 @@ def test_every_method_ends_at_its_target_and_never_exceeds_the_cap(method_name: 
     controller = PruningController(model, make_scorer("magnitude"), schedule_name, T, warmup=WARMUP, final=FINAL,
                                    interval=INTERVAL, method=method, **budget)  # type: ignore[arg-type]
     data = batches(T)
-    controller.before_training(lambda b: model(input_ids=b[0]), data)  # a no-op unless the method reads batches
+    controller.before_training(lambda b: model(input_ids=b[0], labels=b[1]), data)  # a no-op unless the method reads batches
     if method.needs_validation:
         xv, yv = batches(1, seed=1)[0]
         controller.set_validation(lambda: float(model(input_ids=xv, labels=yv).loss))

@@ -143,9 +143,10 @@ class PruningController:
 
     # -- before training ------------------------------------------------------------------------
     def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
-        """Let the method see ``batches`` (``run_batch(b)`` runs the model's forward on one) before the
-        first optimizer step; a one-shot allocator sets its ranks here.  Does nothing for methods
-        with ``calibration_batches == 0``."""
+        """Let the method see ``batches`` before the first optimizer step; a one-shot allocator sets
+        its ranks here.  ``run_batch(b)`` runs the model (in eval mode) on batch ``b`` with its labels
+        and returns the output: a method that needs no gradients calls it under ``torch.no_grad()``,
+        ``fisher`` differentiates its ``.loss``.  Does nothing for methods with ``calibration_batches == 0``."""
         if self.method.calibration_batches > 0:
             self.method.before_training(run_batch, batches)
 

@@ -5,7 +5,7 @@ A method decides which of each layer's stored components are active.  The
 count, and calls the method's hooks; it has no special case for any method::
 
     before training       before_training(run_batch, batches)   an allocator sees a few batches
-                                                                 (one-shot EVA) and may set ranks
+                                                                 (one-shot EVA, Fisher) and may set ranks
     every optimizer step  after_optimizer_step(t, optimizer)    proximal gate updates (SoRA), scores,
                                                                  the next step's prefix (DyLoRA)
     the same step         decide(t) -> keep masks | None         at prune/grow steps: which components
@@ -99,7 +99,8 @@ class AllocationMethod:
 
     # -- hooks ----------------------------------------------------------------------------------
     def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
-        """Before the first optimizer step: ``run_batch(b)`` runs the model's forward on batch ``b``."""
+        """Before the first optimizer step: ``run_batch(b)`` runs the model on batch ``b`` (its labels
+        included) and returns the output, whose ``.loss`` a method may differentiate."""
         del run_batch, batches
 
     def after_optimizer_step(self, t: int, optimizer: torch.optim.Optimizer | None, update_scores: bool) -> None:

@@ -333,7 +333,7 @@ def _check_registered(cfg: RunConfig) -> None:
         if method.needs_validation and not spec.eval_splits and cfg.train.method == "adapter":
             raise ValueError(f"method.name: method {cfg.method.name!r} scores components on a validation batch, but "
                              f"task {cfg.task.name!r} has no evaluation split; give the task one (TaskSpec.eval_splits) "
-                             f"or pick a method that needs none (dora, sora, increlora, dylora, eva)")
+                             f"or pick a method that needs none (dora, sora, increlora, dylora, eva, fisher)")
         start_rank, target_rank = getattr(method, "start_rank", None), cfg.budget.target_rank
         if method.grows and start_rank is not None and target_rank is not None and start_rank > target_rank:
             raise ValueError(f"method.params.start_rank ({start_rank}) is above the cap budget.target_rank "

@@ -63,7 +63,7 @@ class DoraTrainerCallback(TrainerCallback):
                                    "but the Trainer passed no model or train_dataloader to on_train_begin")
             was_training = model.training
             model.eval()
-            self.controller.before_training(lambda b: model(**{k: v for k, v in b.items() if k != "labels"}), loader)
+            self.controller.before_training(lambda b: model(**b), loader)  # with .loss
             model.train(was_training)
         if self.controller is not None and distributed.world_size() > 1:
             self.controller.agree = distributed.agree

@@ -162,9 +162,9 @@ def train_run(
         controller = build_controller(cfg, model, total, agree=distributed.agree if shards > 1 else None)
         if controller.method.calibration_batches:  # a one-shot allocator reads a few batches (before DDP
             model.eval()                            # wraps the model, so rank 0's ranks and A reach all)
-            def run_batch(b: dict[str, torch.Tensor]) -> Any:
+            def run_batch(b: dict[str, torch.Tensor]) -> Any:  # the output, with the batch's loss
                 with _autocast("bf16" if bf16_weights else cfg.model.precision, device):
-                    return model(**{k: v.to(device) for k, v in b.items() if k not in ("index", "labels")})
+                    return model(**{k: v.to(device) for k, v in b.items() if k != "index"})
             controller.before_training(run_batch, train_loader)
         if controller.method.needs_validation:  # one fixed validation batch, spread over the split (checked: one exists)
             rows = controller.method.validation_rows or cfg.train.eval_batch_size

@@ -58,7 +58,7 @@ import dora_lab  # noqa: E402
 from dora_lab import PruningController, inject_adapters, make_method, make_scorer  # noqa: E402
 from dora_lab.run.data import load_splits, make_loader  # noqa: E402
 from dora_lab.run.tasks import get_task  # noqa: E402
-from dora_lab.run.train import validation_loss  # noqa: E402
+from dora_lab.run.validation import ValidationLoss  # noqa: E402
 
 TARGET_SHARE = 0.05  # the target: under 5% of a step
 
@@ -105,7 +105,7 @@ def method_overhead(name: str, base: torch.nn.Module, batch: dict[str, torch.Ten
                                    warmup=0.15, final=0.5, interval=10, method=make_method(name))
     method = controller.method
     if method.needs_validation:  # the training run's own path: rows spread over the validation split
-        controller.set_validation(validation_loss(model, validation_batches(method.validation_rows or 32, quick),
+        controller.set_validation(ValidationLoss(model, validation_batches(method.validation_rows or 32, quick),
                                                   contextlib.nullcontext()))
     t0 = time.perf_counter()
     model.eval()  # as train_run: no dropout while calibrating

@@ -2,19 +2,22 @@
 lowest, hand the freed budget to other layers (ALoRA, Liu et al., NAACL 2024, its AB-LoRA score).
 
 Every layer starts with the same rank, a prefix meeting the target (the budget is a cap, constant).
-At every ``every``-th prune step of the schedule (default 10; the first included) before its last,
+At every ``every``-th prune step of the schedule (default 20; the first included) before its last,
 every active component ``i`` gets
 
     S_i = L_val(without i) - L_val(all)
 
-on one fixed validation batch (``controller.validation_loss``; removing an important component
-raises the loss).  The ``swap`` lowest-scoring components are pruned, and their cost goes to
+on one fixed validation sample (``controller.validation_loss``, ``rows`` rows, default 16; removing
+an important component raises the loss).  The ``swap`` (default 2) lowest-scoring components are pruned, and their cost goes to
 the layers with the highest mean score among their remaining components (one new component each,
 round after round, while the cost fits the cap and the layer has a free slot; a layer that just
 lost a component gets none back in the same step).  A new component is fresh
 (``RankOneLinear.activate``: new ``A`` row and ``B`` column, ``c = 0``, AdamW moments zeroed).  The
 last prune step freezes the masks as they are.  A decision costs one validation forward per active
-component.
+component: the defaults (2 components every 20th prune step, 16 rows) move as many components
+over a CoLA run as 1 every 10th did (4), at a quarter of the validation tokens, under the 5%-of-a-
+step target (benchmarks/results/bench_methods.md).  With ``dora_lab.train``'s validation loss (:class:`~dora_lab.run.validation.
+ValidationLoss`) they run as stacked copies of the sample, many components a forward.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class ALoRA(AllocationMethod):
     follows_schedule = True
     needs_validation = True
 
-    def __init__(self, swap: int = 1, rows: int = 32, every: int = 10) -> None:
+    def __init__(self, swap: int = 2, rows: int = 16, every: int = 20) -> None:
         if swap < 1:
             raise ValueError(f"swap must be >= 1 (components pruned and re-allocated per decision), got {swap}")
         if rows < 1:
@@ -64,16 +67,22 @@ class ALoRA(AllocationMethod):
             raise RuntimeError("method 'alora' scores on a validation batch: call controller.set_validation(loss_fn) "
                                "(dora_lab.train does so from the task's first evaluation split)")
         full = float(loss())
-        out = {}
-        for n, layer in self.ctl.layers.items():
-            s = torch.full((layer.rank,), float("nan"), dtype=torch.float64)
-            for i in torch.nonzero(layer.mask > 0).flatten().tolist():
-                layer.mask[i] = 0.0
+        active = [(n, i) for n, layer in self.ctl.layers.items()
+                  for i in torch.nonzero(layer.mask > 0).flatten().tolist()]
+        out = {n: torch.full((layer.rank,), float("nan"), dtype=torch.float64) for n, layer in self.ctl.layers.items()}
+        if hasattr(loss, "without"):  # dora_lab.train's ValidationLoss: stacked copies, one forward for many
+            dropped = loss.without([(self.ctl.layers[n], i) for n, i in active])
+        else:  # any loss(): mask each component in turn
+            dropped = []
+            for n, i in active:
+                mask = self.ctl.layers[n].mask
+                mask[i] = 0.0
                 try:
-                    s[i] = float(loss()) - full
+                    dropped.append(float(loss()))
                 finally:
-                    layer.mask[i] = 1.0
-            out[n] = s
+                    mask[i] = 1.0
+        for (n, i), value in zip(active, dropped, strict=True):
+            out[n][i] = value - full
         return out
 
     def decide(self, t: int, update_scores: bool) -> Keep | None:

@@ -279,7 +279,7 @@ def test_real_cola_rows_become_prompts(llama: tuple[Any, Any]) -> None:
 def test_a_validation_loss_over_several_batches_is_the_one_batch_loss(llama: tuple[Any, Any]) -> None:
     """alora's validation loss over length-sorted batches of 8 weighs each by its predicted tokens,
     so it equals the loss of the same rows in one batch."""
-    from dora_lab.run.train import validation_loss
+    from dora_lab.run.validation import ValidationLoss
 
     model, tok = llama
     loader = make_loader(instruct_rows(12), get_task("instruct"), tok, batch_size=12, max_length=256, shuffle=False)
@@ -288,5 +288,5 @@ def test_a_validation_loss_over_several_batches_is_the_one_batch_loss(llama: tup
     whole = {k: v for k, v in next(iter(loader)).items() if k != "index"}
     with torch.no_grad():
         one = float(model(**whole).loss)
-    assert validation_loss(model, parts, NO_AUTOCAST)() == pytest.approx(one, rel=1e-6)
+    assert ValidationLoss(model, parts, NO_AUTOCAST)() == pytest.approx(one, rel=1e-6)
     assert not model.training  # the fixture's eval mode is restored

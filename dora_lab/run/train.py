@@ -33,7 +33,6 @@ from ..core.controller import PruningController
 from ..export.checkpoint import save_adapter
 from . import distributed
 from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
-from .causal import IGNORE_INDEX
 from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, refuse
 from .config import ConfigError, RunConfig, build_controller, load_config
 from .data import load_splits, make_loader
@@ -43,6 +42,7 @@ from .models import check_model, load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
 from .seeding import seed_everything
 from .tasks import get_task
+from .validation import ValidationLoss
 
 __all__ = ["RUN_FILES", "DivergenceError", "RunDirExists", "claim_run_dir", "main", "train_run"]
 
@@ -170,7 +170,7 @@ def train_run(
             rows = controller.method.validation_rows or cfg.train.eval_batch_size
             vbatches = [{k: v.to(device) for k, v in b.items() if k != "index"}
                         for b in eval_loaders[spec.eval_splits[0]].spread_batches(rows)]
-            controller.set_validation(validation_loss(
+            controller.set_validation(ValidationLoss(
                 model, vbatches, _autocast("bf16" if bf16_weights else cfg.model.precision, device)))
     # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
     if rank0:
@@ -281,27 +281,6 @@ def train_run(
     for cb in callbacks:
         cb.on_train_end(result)
     return result
-
-
-def validation_loss(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], autocast: Any) -> Any:
-    """``loss()``: the model's mean loss over ``batches`` as one batch would give it, in eval mode,
-    without gradients, under the run's autocast (bf16 weights need it), then back in train mode.
-    Each batch's loss is weighted by what the model averaged it over: its rows, or for token labels
-    (causal tasks) its predicted tokens (labels past the first position that are not -100)."""
-    weights = [float((b["labels"][:, 1:] != IGNORE_INDEX).sum()) if b["labels"].dim() == 2 else float(len(b["labels"]))
-               for b in batches]
-    total = sum(weights)
-
-    @torch.no_grad()
-    def loss() -> float:
-        was_training = model.training
-        model.eval()
-        try:
-            with autocast:
-                return sum(w * float(model(**b).loss) for w, b in zip(weights, batches, strict=True)) / total
-        finally:
-            model.train(was_training)
-    return loss
 
 
 @torch.no_grad()

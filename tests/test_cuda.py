@@ -8,6 +8,7 @@ import copy
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -168,3 +169,42 @@ def test_no_host_device_sync_in_a_step_outside_prune_steps(scorer_name: str) -> 
             finally:
                 torch.cuda.set_sync_debug_mode(0)
             assert info.pruned == prune, t
+
+
+def test_one_shot_and_validation_scores_on_cuda_match_cpu() -> None:
+    """eva's ratios (padding mask moved to the device), fisher's Fisher information and alora's
+    stacked masked-out losses on CUDA, in float64, against the same on the CPU."""
+    from dora_lab import make_method
+    from dora_lab.run.validation import ValidationLoss
+
+    g = torch.Generator().manual_seed(5)
+    data = []
+    for _ in range(2):
+        mask = torch.ones(4, 8, dtype=torch.long)
+        mask[0, 5:] = 0
+        data.append({"input_ids": torch.randint(0, 100, (4, 8), generator=g), "attention_mask": mask,
+                     "labels": torch.randint(0, 2, (4,), generator=g)})
+    out: dict[str, list[Any]] = {}
+    for device in (torch.device("cpu"), CUDA):
+        results: list[Any] = []
+        on = [{k: v.to(device) for k, v in b.items()} for b in data]
+        for name in ("eva", "fisher"):
+            model = adapted_bert(r0=3).to(device)
+            ctl = PruningController(model, make_scorer("magnitude"), "dora", 10, target_rank=2, warmup=1, final=2,
+                                    method=make_method(name, batches=2))
+            ctl.before_training(lambda b, m=model: m(**b), on)
+            results.append({n: v.cpu() for n, v in getattr(ctl.method, "ratios" if name == "eva" else "fisher").items()})
+        model = adapted_bert(r0=3).to(device)
+        randomize_c(model)
+        layers = list(adapter_layers(model).values())
+        for layer in layers:
+            layer.hard_mask = True
+        loss = ValidationLoss(model, on, torch.autocast(device.type, enabled=False), max_rows=12)
+        results.append(torch.tensor(loss.without([(layer, i) for layer in layers for i in range(3)])))
+        out[device.type] = results
+    for cpu, gpu in zip(out["cpu"], out["cuda"], strict=True):
+        if isinstance(cpu, dict):
+            for n in cpu:
+                torch.testing.assert_close(gpu[n], cpu[n], rtol=1e-5, atol=1e-8, msg=n)
+        else:
+            torch.testing.assert_close(gpu, cpu, rtol=1e-9, atol=1e-12)

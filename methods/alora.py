@@ -14,9 +14,9 @@ round after round, while the cost fits the cap and the layer has a free slot; a 
 lost a component gets none back in the same step).  A new component is fresh
 (``RankOneLinear.activate``: new ``A`` row and ``B`` column, ``c = 0``, AdamW moments zeroed).  The
 last prune step freezes the masks as they are.  A decision costs one validation forward per active
-component: the defaults (2 components every 20th prune step, 16 rows) move as many components
-over a CoLA run as 1 every 10th did (4), at a quarter of the validation tokens, under the 5%-of-a-
-step target (benchmarks/results/bench_methods.md).  With ``dora_lab.train``'s validation loss (:class:`~dora_lab.run.validation.
+component: the defaults (2 components every 20th prune step, 16 rows) move 4 components over a
+``configs/cola.yaml`` run (the old 1 every 10th, 32 rows: 3) at a quarter of the validation
+tokens, 2.8% of a step (benchmarks/results/bench_methods.md; the old: 10%).  With ``dora_lab.train``'s validation loss (:class:`~dora_lab.run.validation.
 ValidationLoss`) they run as stacked copies of the sample, many components a forward.
 """
 

@@ -28,10 +28,13 @@ def points(name: str) -> list[tuple[str, object]]:
 def test_every_method_and_arm_validates_at_the_same_parameter_budget() -> None:
     main = points("ablation_methods.yaml")
     assert LORA_R2_PARAMS == 83016
-    assert sorted({cfg.method.name for _, cfg in main}) == ["alora", "dora", "dylora", "eva", "fisher", "increlora",
-                                                                "sora"]
-    assert len(main) == 21 and {cfg.seed for _, cfg in main} == {0, 1, 2}
-    for _, cfg in main:
+    assert sorted({cfg.method.name for _, cfg in main}) == ["alora", "dora", "dylora", "eva", "increlora", "sora"]
+    assert len(main) == 18 and {cfg.seed for _, cfg in main} == {0, 1, 2}
+    fisher = points("ablation_methods_fisher.yaml")
+    assert len(fisher) == 3 and {cfg.method.name for _, cfg in fisher} == {"fisher"}
+    for _, cfg in main + fisher:  # the fisher arm is trained exactly as the main file's arms
+        assert cfg.model_dump(exclude={"seed", "method", "output_dir", "report"}) == main[0][1].model_dump(
+            exclude={"seed", "method", "output_dir", "report"})
         assert cfg.budget.target_params == LORA_R2_PARAMS and cfg.budget.target_rank is None
         assert (cfg.adapter.r0, cfg.schedule.name, cfg.train.epochs, cfg.task.max_train_samples) == (3, "dora", 3, None)
     adalora = points("ablation_methods_adalora.yaml")
@@ -48,7 +51,8 @@ def test_every_method_and_arm_validates_at_the_same_parameter_budget() -> None:
 
 def test_the_report_pools_the_three_arms_against_plain_lora() -> None:
     block = read_report_block(STUDIES / "ablation_methods.yaml")
-    assert block["include"] == ["ablation_methods_adalora.yaml", "ablation_methods_lora.yaml"]
+    assert block["include"] == ["ablation_methods_adalora.yaml", "ablation_methods_lora.yaml",
+                                "ablation_methods_fisher.yaml"]
     assert block["reference"] == {"method.name": "dora", "schedule.name": "constant"}
     for name in ("ablation_methods.yaml", *block["include"]):
         source = source_from_config(STUDIES / name)

@@ -57,3 +57,35 @@ def test_the_report_pools_the_three_arms_against_plain_lora() -> None:
     for name in ("ablation_methods.yaml", *block["include"]):
         source = source_from_config(STUDIES / name)
         assert source.name == name.removesuffix(".yaml") and source.metric == "matthews_correlation"
+
+
+def test_the_decoder_ablation_arms_validate_at_the_same_parameter_budget() -> None:
+    """scripts/decoder_methods_ablation.py: every arm is configs/smollm2_cola.yaml with the same
+    GPU settings, every method plus AdaLoRA and LoRA at SmolLM2's rank-2 LoRA parameters."""
+    import argparse
+    import importlib.util
+
+    from dora_lab import list_methods
+    from dora_lab.run.config import load_config
+
+    spec = importlib.util.spec_from_file_location("decoder_ablation", REPO / "scripts" / "decoder_methods_ablation.py")
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert set(script.ARMS) == {*list_methods(), "adalora", "lora"}
+    args = argparse.Namespace(model="HuggingFaceTB/SmolLM2-135M-Instruct", data="../shared/data/glue/cola", steps=200,
+                              set=[])
+    configs = {arm: load_config(REPO / "configs" / "smollm2_cola.yaml", script.overrides(args, arm, 0))
+               for arm in script.ARMS}
+    # per rank, one (A row + B column + c) per matrix: q, o 576 -> 576; k, v 576 -> 192 (3 key/value
+    # heads of 64); gate, up 576 -> 1536; down 1536 -> 576; 30 layers
+    smollm2_rank2 = 2 * 30 * (2 * (576 + 576 + 1) + 2 * (576 + 192 + 1) + 3 * (576 + 1536 + 1))
+    assert smollm2_rank2 == 610980
+    for arm, cfg in configs.items():
+        assert (cfg.train.max_steps, cfg.train.batch_size, cfg.model.precision, cfg.task.max_eval_samples) == (
+            200, 32, "bf16", None), arm
+        if arm == "lora":
+            assert (cfg.schedule.name, cfg.adapter.r0, cfg.budget.target_rank) == ("constant", 2, 2.0)
+        else:
+            assert cfg.budget.target_params == smollm2_rank2 and cfg.adapter.r0 == 4, arm
+    assert (configs["adalora"].scorer.name, configs["adalora"].schedule.name) == ("smoothed_uncertainty", "adalora")

@@ -22,17 +22,16 @@ from typing import Any
 
 import torch
 
-from dora_lab.core.methods import AllocationMethod, Keep, keep_top, register_method
+from dora_lab.core.methods import OneShotMethod, keep_top, register_method
 
 
 @register_method("eva")
-class EVA(AllocationMethod):
+class EVA(OneShotMethod):
     def __init__(self, batches: int = 4) -> None:
         if batches < 1:
             raise ValueError(f"batches must be >= 1 (training batches to read before training), got {batches}")
         self.calibration_batches = int(batches)
         self.ratios: dict[str, torch.Tensor] = {}
-        self._keep: Keep | None = None
 
     def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
         layers = self.ctl.layers
@@ -80,28 +79,7 @@ class EVA(AllocationMethod):
                 k = vectors[n].shape[0]
                 layer.A[:k] = vectors[n].to(layer.A.device, layer.A.dtype)
                 layer.c.zero_()
-                layer.soft_prune(keep[n])
-                layer.hard_mask = True
-        self._keep = keep
-
-    def decide(self, t: int, update_scores: bool) -> Keep | None:
-        if self._keep is None:
-            raise RuntimeError("method 'eva' allocates before training: call controller.before_training(run_batch, "
-                               "batches) with a few training batches before the first step")
-        return self._keep if t == 0 else None
-
-    def is_final(self, t: int) -> bool:
-        return t == 0
-
-    @property
-    def changes_allocation(self) -> bool:
-        return True
-
-    def budget(self, t: int) -> int:
-        return self.ctl.target
-
-    def phase(self, t: int) -> str:
-        return "decay" if t == 0 else "final"
+        self.fix(keep)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ratios": {n: r.clone() for n, r in self.ratios.items()}}

@@ -25,18 +25,17 @@ from typing import Any
 
 import torch
 
-from dora_lab.core.methods import AllocationMethod, Keep, keep_top, register_method
+from dora_lab.core.methods import OneShotMethod, keep_top, register_method
 
 
 @register_method("fisher")
-class DiagonalFisher(AllocationMethod):
+class DiagonalFisher(OneShotMethod):
     def __init__(self, batches: int = 4) -> None:
         if batches < 1:
             raise ValueError(f"batches must be >= 1 (training batches run forward and backward before "
                              f"training), got {batches}; set method.params.batches to 1 or more")
         self.calibration_batches = int(batches)
         self.fisher: dict[str, torch.Tensor] = {}
-        self._keep: Keep | None = None
 
     def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
         layers = self.ctl.layers
@@ -63,30 +62,7 @@ class DiagonalFisher(AllocationMethod):
             raise RuntimeError("method 'fisher': the training data gave no calibration batch")
         self.fisher = {n: s / read for n, s in zip(layers, sums, strict=True)}
         keep = keep_top(layers, self.fisher, self.ctl.target, self.ctl.cost, what="method 'fisher' scores")
-        with torch.no_grad():
-            for n, layer in layers.items():
-                layer.soft_prune(keep[n])  # c is 0 at the start: the output does not change
-                layer.hard_mask = True
-        self._keep = keep
-
-    def decide(self, t: int, update_scores: bool) -> Keep | None:
-        if self._keep is None:
-            raise RuntimeError("method 'fisher' allocates before training: call controller.before_training(run_batch, "
-                               "batches) with a few training batches before the first step")
-        return self._keep if t == 0 else None
-
-    def is_final(self, t: int) -> bool:
-        return t == 0
-
-    @property
-    def changes_allocation(self) -> bool:
-        return True
-
-    def budget(self, t: int) -> int:
-        return self.ctl.target
-
-    def phase(self, t: int) -> str:
-        return "decay" if t == 0 else "final"
+        self.fix(keep)  # c is 0 at the start: the output does not change
 
     def state_dict(self) -> dict[str, Any]:
         return {"fisher": {n: f.clone() for n, f in self.fisher.items()}}

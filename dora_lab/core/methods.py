@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AllocationMethod",
     "Keep",
+    "OneShotMethod",
     "get_method",
     "keep_top",
     "keep_where",
@@ -150,6 +151,41 @@ class AllocationMethod:
         return {n: (None if p.default is inspect.Parameter.empty else p.default)
                 for n, p in sig.parameters.items()
                 if n != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+class OneShotMethod(AllocationMethod):
+    """A method that chooses the ranks once, in :meth:`before_training`, and keeps them: it calls
+    :meth:`fix` with its keep masks there; they are applied, frozen and compacted at step 0, the
+    budget is the target throughout, and no later step decides anything (``eva``, ``fisher``)."""
+
+    _keep: Keep | None = None
+
+    def fix(self, keep: Keep) -> None:
+        """Hard-mask every layer to ``keep`` now (``c`` untouched); step 0 applies and freezes it."""
+        with torch.no_grad():
+            for n, layer in self.ctl.layers.items():
+                layer.soft_prune(keep[n])
+                layer.hard_mask = True
+        self._keep = keep
+
+    def decide(self, t: int, update_scores: bool) -> Keep | None:
+        if self._keep is None:
+            raise RuntimeError(f"method {self.name!r} allocates before training: call controller.before_training("
+                               "run_batch, batches) with a few training batches before the first step")
+        return self._keep if t == 0 else None
+
+    def is_final(self, t: int) -> bool:
+        return t == 0
+
+    @property
+    def changes_allocation(self) -> bool:
+        return True
+
+    def budget(self, t: int) -> int:
+        return self.ctl.target
+
+    def phase(self, t: int) -> str:
+        return "decay" if t == 0 else "final"
 
 
 # -- the shared decision rules ----------------------------------------------------------------------

@@ -90,7 +90,7 @@ class ALoRA(AllocationMethod):
         if not sched.is_prune_step(t):
             return None
         layers = self.ctl.layers
-        keep = {n: layer.mask.cpu() > 0 for n, layer in layers.items()}
+        keep = self.active_keep()
         if sched.is_final_step(t):
             return keep
         self.prune_steps += 1

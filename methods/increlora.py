@@ -134,7 +134,7 @@ class IncreLoRA(AllocationMethod):
         if not sched.is_prune_step(t):
             return None
         layers = self.ctl.layers
-        keep = {n: layer.mask.cpu() > 0 for n, layer in layers.items()}
+        keep = self.active_keep()
         self._before = {n: k.clone() for n, k in keep.items()}
         self._reserved = {n: self._reserve_slots(layer) for n, layer in layers.items()}
         deficit = sched.budget(t) - self.ctl.active_budget()

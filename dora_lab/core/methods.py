@@ -98,6 +98,10 @@ class AllocationMethod:
         """Called once by the controller, after its schedule is built: the method sees the layers."""
         self.ctl = ctl
 
+    def active_keep(self) -> Keep:
+        """The active components now, as keep masks (bools on the CPU): a decision's starting point."""
+        return {n: layer.mask.cpu() > 0 for n, layer in self.ctl.layers.items()}
+
     # -- hooks ----------------------------------------------------------------------------------
     def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
         """Before the first optimizer step: ``run_batch(b)`` runs the model on batch ``b`` (its labels

@@ -38,8 +38,12 @@ from dora_lab.core.methods import AllocationMethod, Keep, register_method
 #: A reserve's fixed gate: the official code's initial ``lora_E`` of a reserve (``add_reserve_param``).
 RESERVE_GATE = 1e-5
 
-WarmAB = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # slots, update count, A rows, B columns
-WarmC = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # slots, update count, c
+Warm = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # slots, update count, their values before this step
+SLOT_DIM = {"A": 0, "B": 1, "c": 0}  # where a component's slot is in each warmed part: A's rows, B's columns, c
+
+
+def _slots(p: torch.Tensor, part: str, idx: torch.Tensor) -> torch.Tensor:
+    return p[:, idx] if SLOT_DIM[part] == 1 else p[idx]
 
 
 @register_method("increlora")
@@ -61,10 +65,9 @@ class IncreLoRA(AllocationMethod):
         self.advance = advance
         self._before: dict[str, torch.Tensor] = {}  # the active masks before this step's decision
         self._reserved: dict[str, torch.Tensor] = {}  # the reserve slots before this step's decision
-        # warming-up updates, per layer: of A rows and B columns, and of c (a promoted reserve's c
-        # warms up while its A/B do not); each with the values before this step's update
-        self._warm_ab: dict[str, WarmAB] = {}
-        self._warm_c: dict[str, WarmC] = {}
+        # warming-up updates, per part (A rows, B columns, c: a promoted reserve's c warms up while its
+        # A/B do not) and layer, with the values before this step's update
+        self._warm: dict[str, dict[str, Warm]] = {part: {} for part in SLOT_DIM}
         self._optimizer: torch.optim.Optimizer | None = None  # this step's, to zero a new reserve's state
 
     def start_budget(self, ctl: Any) -> int:
@@ -98,27 +101,22 @@ class IncreLoRA(AllocationMethod):
     def after_optimizer_step(self, t: int, optimizer: torch.optim.Optimizer | None, update_scores: bool) -> None:
         self._optimizer = optimizer
         with torch.no_grad():
-            for name, (idx, k, a0, b0) in list(self._warm_ab.items()):
-                layer = self.ctl.layers[name]
-                w = ((k + 1) / self.warmup).to(device=layer.A.device, dtype=layer.A.dtype)  # k lives on the CPU
-                layer.A[idx] = a0 + w[:, None] * (layer.A[idx] - a0)
-                layer.B[:, idx] = b0 + w[None, :] * (layer.B[:, idx] - b0)
-                left = k + 1 < self.warmup
-                if bool(left.any()):
-                    keep = idx[left]
-                    self._warm_ab[name] = (keep, k[left] + 1, layer.A[keep].clone(), layer.B[:, keep].clone())
-                else:
-                    del self._warm_ab[name]
-            for name, (idx, k, c0) in list(self._warm_c.items()):
-                layer = self.ctl.layers[name]
-                w = ((k + 1) / self.warmup).to(device=layer.c.device, dtype=layer.c.dtype)
-                layer.c[idx] = c0 + w * (layer.c[idx] - c0)
-                left = k + 1 < self.warmup
-                if bool(left.any()):
-                    keep = idx[left]
-                    self._warm_c[name] = (keep, k[left] + 1, layer.c[keep].clone())
-                else:
-                    del self._warm_c[name]
+            for part, warming in self._warm.items():
+                for name, (idx, k, before) in list(warming.items()):
+                    p = getattr(self.ctl.layers[name], part)
+                    w = ((k + 1) / self.warmup).to(device=p.device, dtype=p.dtype)  # k lives on the CPU
+                    w = w[None, :] if SLOT_DIM[part] == 1 else (w[:, None] if p.dim() == 2 else w)
+                    stepped = before + w * (_slots(p, part, idx) - before)
+                    if SLOT_DIM[part] == 1:
+                        p[:, idx] = stepped
+                    else:
+                        p[idx] = stepped
+                    left = k + 1 < self.warmup
+                    if bool(left.any()):
+                        keep = idx[left]
+                        warming[name] = (keep, k[left] + 1, _slots(p, part, keep).clone())
+                    else:
+                        del warming[name]
         if update_scores:
             self.ctl.check_grads()
             self.ctl.scorer.update(self.ctl.layers)
@@ -158,52 +156,47 @@ class IncreLoRA(AllocationMethod):
         before, self._before = self._before, {}
         reserved, self._reserved = self._reserved, {}
         if self.ctl.frozen:  # freeze_mask ended the reserves
-            self._warm_ab.clear()
-            self._warm_c.clear()
+            for warming in self._warm.values():
+                warming.clear()
             return
         generator = torch.Generator().manual_seed(2_000_003 + t)  # alike on every data-parallel rank
         with torch.no_grad():
             for name, layer in self.ctl.layers.items():
                 new = keep[name].cpu() & ~before[name]
                 promoted = new & reserved.get(name, torch.zeros_like(new))
-                self._start_c(name, torch.nonzero(new).flatten())
-                self._start_ab(name, torch.nonzero(new & ~promoted).flatten())
+                self._start(name, "c", torch.nonzero(new).flatten())
+                self._start(name, "AB", torch.nonzero(new & ~promoted).flatten())
                 if self.advance and new.any():
                     slot = self._draw_reserve(layer, fresh=True, generator=generator)
                     if slot is not None:
-                        self._start_ab(name, slot)
+                        self._start(name, "AB", slot)
 
-    def _start_ab(self, name: str, idx: torch.Tensor) -> None:
+    def _start(self, name: str, parts: str, idx: torch.Tensor) -> None:
+        """Slots ``idx`` of layer ``name`` start warming up in ``parts`` (of "A", "B", "c")."""
         if not idx.numel():
             return
-        layer = self.ctl.layers[name]
-        k = torch.zeros(idx.numel(), dtype=torch.long)
-        if name in self._warm_ab:
-            idx, k = torch.cat([self._warm_ab[name][0], idx]), torch.cat([self._warm_ab[name][1], k])
-        self._warm_ab[name] = (idx, k, layer.A[idx].clone(), layer.B[:, idx].clone())
-
-    def _start_c(self, name: str, idx: torch.Tensor) -> None:
-        if not idx.numel():
-            return
-        layer = self.ctl.layers[name]
-        k = torch.zeros(idx.numel(), dtype=torch.long)
-        if name in self._warm_c:
-            idx, k = torch.cat([self._warm_c[name][0], idx]), torch.cat([self._warm_c[name][1], k])
-        self._warm_c[name] = (idx, k, layer.c[idx].clone())
+        for part in parts:
+            warming, slots, k = self._warm[part], idx, torch.zeros(idx.numel(), dtype=torch.long)
+            if name in warming:
+                slots, k = torch.cat([warming[name][0], idx]), torch.cat([warming[name][1], k])
+            warming[name] = (slots, k, _slots(getattr(self.ctl.layers[name], part), part, slots).clone())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"warm_ab": {n: (i.clone(), k.clone(), a.clone(), b.clone()) for n, (i, k, a, b) in self._warm_ab.items()},
-                "warm_c": {n: (i.clone(), k.clone(), c.clone()) for n, (i, k, c) in self._warm_c.items()},
+        return {"warm": {part: {n: tuple(t.clone() for t in w) for n, w in warming.items()}
+                         for part, warming in self._warm.items()},
                 "reserve": {n: layer.reserve.clone() for n, layer in self.ctl.layers.items()
                             if layer.reserve is not None}}
 
     def load_state_dict(self, state: Any) -> None:
-        self._warm_ab = {n: (i.clone(), k.clone(), a.clone(), b.clone())
-                         for n, (i, k, a, b) in state.get("warm_ab", {}).items()}
-        self._warm_c = {n: (i.clone(), k.clone(), c.clone()) for n, (i, k, c) in state.get("warm_c", {}).items()}
-        for n, (idx, k, a0, b0, c0) in state.get("warming", {}).items():  # saved before advance learning
-            self._warm_ab[n] = (idx.clone(), k.clone(), a0.clone(), b0.clone())
-            self._warm_c[n] = (idx.clone(), k.clone(), c0.clone())
+        self._warm = {part: {n: tuple(t.clone() for t in w) for n, w in state.get("warm", {}).get(part, {}).items()}
+                      for part in SLOT_DIM}
+        old = {"A": {n: (i, k, a) for n, (i, k, a, _) in state.get("warm_ab", {}).items()},  # saved by older
+               "B": {n: (i, k, b) for n, (i, k, _, b) in state.get("warm_ab", {}).items()},  # dora_lab versions
+               "c": dict(state.get("warm_c", {}))}
+        for n, (idx, k, a0, b0, c0) in state.get("warming", {}).items():  # before advance learning
+            old["A"][n], old["B"][n], old["c"][n] = (idx, k, a0), (idx, k, b0), (idx, k, c0)
+        for part, warming in old.items():
+            self._warm[part].update({n: tuple(t.clone() for t in w) for n, w in warming.items()})
         saved = state.get("reserve")
         for n, layer in self.ctl.layers.items():
             gate = None if saved is None else saved.get(n)

@@ -214,6 +214,29 @@ def test_increlora_resumes_with_its_reserves() -> None:
     torch.testing.assert_close(logits(fresh, probe), logits(whole, probe), rtol=0, atol=1e-10)
 
 
+def test_increlora_resumes_from_the_older_warm_up_state_layout() -> None:
+    """A checkpoint of the layout before one warm-up mechanism (warm_ab: slots, count, A rows, B
+    columns; warm_c: slots, count, c) resumes to the same weights as an uninterrupted run."""
+    def start() -> tuple[torch.nn.Module, PruningController, torch.optim.Optimizer]:
+        model = adapted_bert(0)
+        ctl = PruningController(model, make_scorer("sensitivity"), "linear", 12, target_rank=3, warmup=2, final=3,
+                                interval=2, method=make_method("increlora", warmup=5))
+        return model, ctl, adamw(model)
+
+    whole, whole_ctl, whole_opt = start()
+    train(whole, whole_opt, whole_ctl, batches(12))
+    model, ctl, opt = start()
+    train(model, opt, ctl, batches(12)[:5])
+    state = ctl.state_dict()
+    warm = state["method"]["warm"]
+    assert warm["A"] and warm["c"]  # warm-ups under way
+    state["method"] = {"warm_ab": {n: (i, k, a, warm["B"][n][2]) for n, (i, k, a) in warm["A"].items()},
+                       "warm_c": warm["c"], "reserve": state["method"]["reserve"]}
+    ctl.load_state_dict(state)
+    train(model, opt, ctl, batches(12)[5:])
+    torch.testing.assert_close(logits(model, batches(2, seed=7)), logits(whole, batches(2, seed=7)), rtol=0, atol=0)
+
+
 # -- DyLoRA ---------------------------------------------------------------------------------------------
 def test_dylora_trains_only_the_drawn_prefix_and_evaluates_with_all() -> None:
     model = adapted_bert(0)

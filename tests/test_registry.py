@@ -97,12 +97,12 @@ def test_bad_names_are_refused_with_a_hint(bad: str, hint: str) -> None:
 
 
 def test_clash_says_how_to_fix_it(cleanup: list[str]) -> None:
-    with pytest.raises(RegistryError, match=r"scorer 'magnitude' is already registered by metrics\.magnitude\.magnitude; "
+    with pytest.raises(RegistryError, match=r"scorer 'magnitude' is already registered by dora_lab\.metrics\.magnitude\.magnitude; "
                                             r"pick another name, or pass replace=True"):
         register_scorer("magnitude")(lambda component: component.c.abs())
     with pytest.raises(RegistryError, match="schedule 'dora' is already registered by dora_lab.core.schedules.dora"):
         register_schedule("dora")(lambda p, start, target: start)
-    assert get_scorer("magnitude").__module__ == "metrics.magnitude"
+    assert get_scorer("magnitude").__module__ == "dora_lab.metrics.magnitude"
 
     cleanup.append("twice")
 
@@ -141,12 +141,13 @@ def test_clash_with_a_builtin_is_caught_before_the_builtins_are_loaded(tmp_path:
 
 # -- built-ins found by discovery ------------------------------------------------------------------
 def test_builtin_scorers_are_every_file_in_metrics() -> None:
-    """The scorer registry imports every module of metrics/, computed here from the folder itself."""
+    """The scorer registry imports every module of metrics/ (installed as dora_lab.metrics), computed
+    here from the folder itself."""
     folder = Path(__file__).resolve().parents[1] / "metrics"
-    on_disk = sorted(f"metrics.{p.stem}" for p in folder.glob("*.py") if not p.stem.startswith("_"))
-    assert on_disk == ["metrics.magnitude", "metrics.sensitivity", "metrics.uncertainty"]
-    assert discover_modules("metrics") == on_disk
-    assert SCORERS._packages == ("metrics",) and SCORERS._builtins == ()
+    on_disk = sorted(f"dora_lab.metrics.{p.stem}" for p in folder.glob("*.py") if not p.stem.startswith("_"))
+    assert on_disk == ["dora_lab.metrics.magnitude", "dora_lab.metrics.sensitivity", "dora_lab.metrics.uncertainty"]
+    assert discover_modules("dora_lab.metrics") == on_disk
+    assert SCORERS._packages == ("dora_lab.metrics",) and SCORERS._builtins == ()
     assert {get_scorer(n).__module__ for n in ("magnitude", "sensitivity", "smoothed_uncertainty")} == set(on_disk)
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dora_lab import RankOneLinear
-from metrics.magnitude import magnitude
+from dora_lab.metrics.magnitude import magnitude
 
 
 # -- magnitude scorer: closed form against the naive, materialising form -----------------------------

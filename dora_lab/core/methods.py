@@ -263,7 +263,7 @@ def _check(name: str, obj: object) -> None:
 
 METHODS: Registry[type[AllocationMethod]] = Registry(
     "method", "dora_lab.methods", _check,
-    packages=("methods",),  # every module of methods/: a new built-in is one new file there
+    packages=("dora_lab.methods",),  # every module of methods/: a new built-in is one new file there
 )
 
 

@@ -145,7 +145,7 @@ class Registry(Generic[T]):
 
 
 def discover_modules(package: str) -> list[str]:
-    """The full names of ``package``'s modules and subpackages, sorted (``metrics.magnitude``, ...).
+    """The full names of ``package``'s modules and subpackages, sorted (``dora_lab.metrics.magnitude``, ...).
 
     Found from the package's folder(s) by :func:`pkgutil.iter_modules`, without importing them;
     names starting with ``_`` are skipped (private helpers)."""

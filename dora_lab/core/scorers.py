@@ -210,7 +210,7 @@ def _check(name: str, obj: object) -> None:
 
 SCORERS: Registry[type[Scorer]] = Registry(
     "scorer", "dora_lab.scorers", _check,
-    packages=("metrics",),  # every module of metrics/: a new built-in is one new file there
+    packages=("dora_lab.metrics",),  # every module of metrics/: a new built-in is one new file there
 )
 
 

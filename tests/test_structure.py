@@ -1,0 +1,232 @@
+"""The package's shape: imports point down the layers, no import circle, no module over 400 lines and
+no function over 80 (docs/architecture.md).
+
+Read from the source with :mod:`ast` (nothing is imported): every ``import`` and ``from ... import``
+of every module of ``dora_lab/``, ``methods/`` and ``metrics/`` (the last two are installed as
+``dora_lab.methods`` and ``dora_lab.metrics``), wherever it stands (lazy imports inside functions and
+``if TYPE_CHECKING:`` imports are arrows too: they say which module depends on which).
+
+Today's offenders are listed below by name, each with why, so the tests pass now and fail on any
+NEW offender.  Issue 26 asks for them to be fixed; other work in flight is fixing them.  A listed
+offender that no longer offends only warns: delete its line.
+"""
+
+from __future__ import annotations
+
+import ast
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+#: source folder -> the package it is installed as (setup.py)
+ROOTS = {"dora_lab": "dora_lab", "methods": "dora_lab.methods", "metrics": "dora_lab.metrics"}
+
+#: The layers, lowest first: a module may import its own subpackage and any lower layer, never a
+#: higher one nor another subpackage of its own layer ("beside": study, report and export read what
+#: runs wrote, not each other).  ``track`` is the home that MLflow logging, plots and tables are
+#: moving to (used by study and report).  The top-level modules (the ``dora_lab`` facade, the
+#: entry points train.py, generate.py, cli.py) stand above everything.
+LAYERS = {"core": 0, "methods": 1, "metrics": 1, "run": 2, "track": 3, "study": 4, "report": 4, "export": 4}
+TOP = 9
+
+#: Today's arrows that break the layers, (importer, imported): each must go, none may be added.
+ALLOWED_ARROWS = {
+    # a run saves its adapter through export/ (issue 26: save and load belong in the core)
+    ("dora_lab.run.train", "dora_lab.export.checkpoint"),
+    # the version string written into a checkpoint, read from the facade
+    ("dora_lab.export.checkpoint", "dora_lab"),
+    # the study <-> report loop (issue 26: MLflow logging, plots, tables in a home of their own)
+    ("dora_lab.study.runner", "dora_lab.report.compare"),
+    ("dora_lab.report.io", "dora_lab.study.space"),
+    ("dora_lab.report.io", "dora_lab.study.tables"),
+    ("dora_lab.report.io", "dora_lab.study.tracking"),
+    ("dora_lab.report.plots", "dora_lab.study.plots"),
+}
+#: Today's import circles, each as its set of modules (issue 26: methods get a narrow context
+#: instead of the controller, and the circle goes).
+ALLOWED_CIRCLES = [{"dora_lab.core.controller", "dora_lab.core.methods"}]
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 80
+#: Today's long modules (their size on the day this list was written), by source path.
+ALLOWED_LONG_MODULES = {
+    "dora_lab/study/tracking.py",  # 594: being split into dora_lab/track/
+    "dora_lab/study/space.py",  # 436
+    "dora_lab/export/checkpoint.py",  # 413
+    "dora_lab/run/data.py",  # 410
+    "dora_lab/run/tasks.py",  # 405
+    "dora_lab/run/config.py",  # 403
+}
+#: Today's long functions, as path::qualified name.
+ALLOWED_LONG_FUNCTIONS = {
+    "dora_lab/run/train.py::train_run",  # 188: to read as setup, the loop, evaluation, finish
+    "dora_lab/report/io.py::render",  # 119
+}
+
+
+def source_modules() -> dict[str, Path]:
+    """Every module's installed name -> its file."""
+    found = {}
+    for folder, package in ROOTS.items():
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = [package, *path.relative_to(REPO / folder).with_suffix("").parts]
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+MODULES = source_modules()
+
+
+def imported(name: str) -> set[str]:
+    """The package's modules that module ``name`` imports (relative imports resolved; ``from pkg
+    import x`` is the module ``pkg.x`` when there is one, else ``pkg``)."""
+    path = MODULES[name]
+    here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    targets: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).strip(".") if node.level \
+                else node.module or ""
+            targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names}
+    return {known for t in targets if (known := nearest_module(t)) and known != name}
+
+
+def nearest_module(target: str) -> str | None:
+    """``target`` or its nearest enclosing package among the package's modules (None: outside)."""
+    while target and target not in MODULES:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+GRAPH = {name: imported(name) for name in MODULES}
+
+
+def layer(name: str) -> tuple[str, int]:
+    """The subpackage a module belongs to and its layer; top-level modules are above all layers."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[1] in LAYERS:
+        return parts[1], LAYERS[parts[1]]
+    assert MODULES[name].parent == REPO / "dora_lab", (
+        f"{name}: in a new subpackage {parts[1]!r}; give it a layer in LAYERS (tests/test_structure.py)")
+    return "", TOP
+
+
+def wrong_way(importer: str, target: str) -> bool:
+    (pkg, level), (target_pkg, target_level) = layer(importer), layer(target)
+    return target_level > level or (target_level == level and target_pkg != pkg)
+
+
+def circles() -> Iterator[set[str]]:
+    """The import graph's strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+
+    def visit(node: str) -> Iterator[set[str]]:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(GRAPH[node]):
+            if nxt not in index:
+                yield from visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                yield component
+
+    for name in sorted(GRAPH):
+        if name not in index:
+            yield from visit(name)
+
+
+def stale(kind: str, entries: set[str]) -> None:
+    if entries:
+        warnings.warn(f"tests/test_structure.py: these {kind} no longer offend; delete them from the list: "
+                      f"{sorted(entries)}", stacklevel=2)
+
+
+# -- the analysis itself, on hand-made cases -------------------------------------------------------
+def test_the_reader_resolves_relative_lazy_and_type_only_imports() -> None:
+    # a relative import of a module, of a name in a package, a lazy import and a TYPE_CHECKING one
+    assert {"dora_lab.core.registry", "dora_lab.run.config", "dora_lab.run.data"} <= GRAPH["dora_lab.run.cli"]
+    assert "dora_lab.report.compare" in GRAPH["dora_lab.study.runner"]  # imported inside a function
+    assert "dora_lab.core.controller" in GRAPH["dora_lab.core.methods"]  # under `if TYPE_CHECKING:`
+    assert GRAPH["dora_lab.metrics.magnitude"] >= {"dora_lab.core.scorers"}  # metrics/ as installed
+    assert all(target.startswith("dora_lab") for targets in GRAPH.values() for target in targets)
+
+
+def test_the_layer_rule_on_hand_made_arrows() -> None:
+    assert not wrong_way("dora_lab.run.train", "dora_lab.core.adapter")  # down
+    assert not wrong_way("dora_lab.study.trial", "dora_lab.study.space")  # within its package
+    assert wrong_way("dora_lab.core.controller", "dora_lab.run.config")  # up
+    assert wrong_way("dora_lab.report.io", "dora_lab.study.tables")  # beside
+    assert wrong_way("dora_lab.core.scorers", "dora_lab.metrics.magnitude")  # core must not know metrics/
+    assert wrong_way("dora_lab.run.models", "dora_lab")  # the facade is above everything
+    assert not wrong_way("dora_lab.train", "dora_lab.run.train")
+
+
+# -- the package ---------------------------------------------------------------------------------
+def test_imports_point_down_the_layers() -> None:
+    arrows = {(m, t) for m, targets in GRAPH.items() for t in targets if wrong_way(m, t)}
+    new = sorted(arrows - ALLOWED_ARROWS)
+    assert not new, ("imports that point up a layer or sideways (core <- methods, metrics <- run <- track <- "
+                     f"study; report and export beside study): {new}")
+    stale("arrows", {f"{m} -> {t}" for m, t in ALLOWED_ARROWS - arrows})
+
+
+def test_no_import_circle() -> None:
+    found = list(circles())
+    new = [sorted(c) for c in found if c not in ALLOWED_CIRCLES]
+    assert not new, f"modules that import each other (directly or round a loop): {new}"
+    stale("circles", {" <-> ".join(sorted(c)) for c in ALLOWED_CIRCLES if c not in found})
+
+
+def source_files() -> Iterator[tuple[str, str]]:
+    for folder in ROOTS:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            yield path.relative_to(REPO).as_posix(), path.read_text()
+
+
+def functions(tree: ast.AST, prefix: str = "") -> Iterator[tuple[str, int]]:
+    """Every function and method, nested ones included, as (qualified name, lines from def to end)."""
+    for node in ast.iter_child_nodes(tree):
+        name = f"{prefix}{getattr(node, 'name', '')}"
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            yield name, (node.end_lineno or node.lineno) - node.lineno + 1
+            yield from functions(node, f"{name}.")
+        elif isinstance(node, ast.ClassDef):
+            yield from functions(node, f"{name}.")
+        else:
+            yield from functions(node, prefix)
+
+
+def test_functions_are_measured_with_their_qualified_names() -> None:
+    tree = ast.parse("class A:\n    def f(self):\n        def g():\n            pass\n\n        return 1\n")
+    assert dict(functions(tree)) == {"A.f": 5, "A.f.g": 2}
+
+
+def test_no_module_over_400_lines_and_no_function_over_80() -> None:
+    long_modules, long_functions = set(), set()
+    for path, text in source_files():
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            long_modules.add(path)
+        long_functions |= {f"{path}::{name}" for name, lines in functions(ast.parse(text))
+                           if lines > MAX_FUNCTION_LINES}
+    new_modules, new_functions = long_modules - ALLOWED_LONG_MODULES, long_functions - ALLOWED_LONG_FUNCTIONS
+    assert not new_modules, f"modules over {MAX_MODULE_LINES} lines: split them: {sorted(new_modules)}"
+    assert not new_functions, f"functions over {MAX_FUNCTION_LINES} lines: split them: {sorted(new_functions)}"
+    stale("long modules", ALLOWED_LONG_MODULES - long_modules)
+    stale("long functions", ALLOWED_LONG_FUNCTIONS - long_functions)

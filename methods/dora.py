@@ -1,6 +1,6 @@
 """``dora`` (the default): score every component each step, keep the global top ``b(t)`` of the
 schedule's budget at its prune steps (DoRA, Mao et al. ACL 2024; AdaLoRA's schedule and scorers are
-the same shape).  The configured ``scorer`` and ``schedule`` are its parts; ALGORITHMS.md has the
+the same shape).  The configured ``scorer`` and ``schedule`` are its parts; docs/algorithms.md has the
 formulas.  Pruning is soft until the last prune step, which freezes the mask."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Budget schedules: the shared matrix over every registered schedule, the closed forms of
-ALGORITHMS.md section 3 at the phase boundaries and in between, the prune-step cadence, and
+docs/algorithms.md section 3 at the phase boundaries and in between, the prune-step cadence, and
 the configuration errors."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def test_a_schedule_that_stops_short_still_ends_exactly_at_the_target() -> None:
 
 # -- closed forms -------------------------------------------------------------------------------------
 def closed_form(name: str, t: int) -> int:
-    """ALGORITHMS.md section 3, written from the text."""
+    """docs/algorithms.md section 3, written from the text."""
     p = min(max((t - TI) / (T - TI - TF), 0.0), 1.0)
     if name == "dora":
         return N - int((N - NT) * p**3)

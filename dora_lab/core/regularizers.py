@@ -1,4 +1,4 @@
-"""Regularisers added to the task loss (ALGORITHMS.md section 5), and their registry.
+"""Regularisers added to the task loss (docs/algorithms.md section 5), and their registry.
 
 A regulariser is a function of the adapted layers returning a scalar tensor; the controller
 multiplies it by its weight.  ``stops_when_frozen`` says whether it switches off once the final

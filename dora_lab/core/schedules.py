@@ -3,7 +3,7 @@
 A schedule is a pure function of the decay progress ``p`` in [0, 1] and the start and target
 budgets.  The same curve serves a growing method (``grows=True``: start below target; the
 built-ins' formulas then rise, e.g. ``dora`` adds ``int((N_T - N) p^3)``).  :class:`BudgetSchedule` wraps it with the phases every schedule shares
-(ALGORITHMS.md section 3)::
+(docs/algorithms.md section 3)::
 
     t in [0, t_i)              warm-up: no pruning, budget = start
     t in [t_i, T - t_f]        decay:   p = (t - t_i) / (T - t_i - t_f); soft prune every

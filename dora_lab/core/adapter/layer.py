@@ -1,4 +1,4 @@
-"""The rank-1-component adapter around one frozen linear layer (ALGORITHMS.md section 1).
+"""The rank-1-component adapter around one frozen linear layer (docs/algorithms.md section 1).
 
     h = W0 x + b0 + (alpha / r0) * B diag(c * m) A dropout(x)
 

@@ -1,7 +1,7 @@
 """dora_lab: dynamic-rank LoRA (DoRA, Mao et al. 2024) for ablations of scorers and schedules.
 
 The adapter core (:mod:`dora_lab.core.adapter`) knows nothing of scorers or schedules; scorers
-(:mod:`dora_lab.core.scorers`, built-ins in the top-level ``metrics`` package) and schedules
+(:mod:`dora_lab.core.scorers`, built-ins in ``dora_lab.metrics``, the folder ``metrics/``) and schedules
 (:mod:`dora_lab.core.schedules`) are looked up by name in registries, and the
 :class:`~dora_lab.core.controller.PruningController` joins them.
 """

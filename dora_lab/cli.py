@@ -1,4 +1,4 @@
-"""``dora-lab TOOL [ARGS ...]``: the installed command, one name for the five tools.
+"""``dora-lab TOOL [ARGS ...]`` (or ``python -m dora_lab TOOL``): the installed command, one name for the five tools.
 
 ``dora-lab train|study|report|export|generate ARGS`` runs exactly what
 ``python -m dora_lab.train|study|report|export|generate ARGS`` runs (the same ``main``, the same exit

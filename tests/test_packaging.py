@@ -82,6 +82,7 @@ def test_dora_lab_refuses_an_unknown_tool_naming_the_five() -> None:
     assert result.returncode == 2
     assert "error: unknown tool 'trian'" in result.stderr
     assert "train, study, report, export, generate" in result.stderr
-    listed = run("-m", "dora_lab.cli", "--help")
-    assert listed.returncode == 0 and all(f"  {tool} " in listed.stdout for tool in
-                                          ("train", "study", "report", "export", "generate"))
+    for module in ("dora_lab.cli", "dora_lab"):  # python -m dora_lab is the same command
+        listed = run("-m", module, "--help")
+        assert listed.returncode == 0 and all(f"  {tool} " in listed.stdout for tool in
+                                              ("train", "study", "report", "export", "generate"))

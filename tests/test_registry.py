@@ -140,6 +140,20 @@ def test_clash_with_a_builtin_is_caught_before_the_builtins_are_loaded(tmp_path:
 
 
 # -- built-ins found by discovery ------------------------------------------------------------------
+def test_a_package_that_is_not_installed_says_how_to_refresh_the_install(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An editable install from before the dora_lab.metrics mapping: the fix, not a bare import error;
+    a package that is there but fails on its own missing import keeps that error."""
+    with pytest.raises(ModuleNotFoundError, match=r"'dora_lab\.no_such_builtins'.*pip install -e \. --no-deps"):
+        discover_modules("dora_lab.no_such_builtins")
+    (tmp_path / "broken_builtins").mkdir()
+    (tmp_path / "broken_builtins" / "__init__.py").write_text("import no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError) as caught:
+        discover_modules("broken_builtins")
+    assert caught.value.name == "no_such_dependency" and "pip install -e" not in str(caught.value)
+
+
 def test_builtin_scorers_are_every_file_in_metrics() -> None:
     """The scorer registry imports every module of metrics/ (installed as dora_lab.metrics), computed
     here from the folder itself."""

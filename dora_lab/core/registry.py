@@ -149,7 +149,17 @@ def discover_modules(package: str) -> list[str]:
 
     Found from the package's folder(s) by :func:`pkgutil.iter_modules`, without importing them;
     names starting with ``_`` are skipped (private helpers)."""
-    pkg = importlib.import_module(package)
+    try:
+        pkg = importlib.import_module(package)
+    except ModuleNotFoundError as exc:
+        if exc.name != package:
+            raise
+        # methods/ and metrics/ are installed as dora_lab.methods / dora_lab.metrics (setup.py): an
+        # editable install made before that mapping does not know these names
+        raise ModuleNotFoundError(
+            f"no module named {package!r}: if this is a source checkout installed with `pip install -e` before "
+            f"methods/ and metrics/ became dora_lab.methods and dora_lab.metrics, refresh the install with "
+            f"`.venv/bin/python -m pip install -e . --no-deps` (or `bash scripts/setup.sh`)", name=package) from exc
     return sorted(f"{package}.{info.name}" for info in pkgutil.iter_modules(getattr(pkg, "__path__", []))
                   if not info.name.startswith("_"))
 

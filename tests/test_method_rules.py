@@ -76,8 +76,55 @@ def test_sora_in_a_run_zeroes_gates_and_ends_with_the_non_zero_ones() -> None:
 
 # -- IncreLoRA ------------------------------------------------------------------------------------------
 def increlora(target_rank: float, scores: Mapping[str, list[float]], **params: Any) -> PruningController:
+    """Layer importance from hand-set component scores: the ``importance: scorer`` option."""
     return PruningController(layers(), Fixed(scores), "linear", 10, target_rank=target_rank, warmup=1, final=2,
-                             interval=1, method=make_method("increlora", **params))
+                             interval=1, method=make_method("increlora", importance="scorer", **params))
+
+
+def test_increlora_grows_the_layer_with_the_largest_official_module_score() -> None:
+    """Two steps, then one grow decision: the layer is the argmax of the official smoothed module
+    score, computed here from each layer's dW (from A, B, c and the reserve gate) and dL/d(dW) by
+    autograd on a dense reference (dW a leaf), not from the component scorer."""
+    ctl = PruningController(layers(), make_scorer("magnitude"), "linear", 10, target_rank=2, warmup=1, final=2,
+                            interval=1, method=make_method("increlora", warmup=4))
+    weight = {"a": 0.01, "b": 1.0, "c": 3.0}  # the loss leans on c; a has the largest gate, so by magnitude it wins
+    for n, lay in ctl.layers.items():
+        lay.c.data[0] = {"a": 3.0, "b": 0.5, "c": 0.4}[n]
+    opt = torch.optim.SGD([p for lay in ctl.layers.values() for p in lay.parameters() if p.requires_grad], lr=0.05)
+    gen = torch.Generator().manual_seed(5)
+    avg = {n: 0.0 for n in weight}
+    unc = {n: 0.0 for n in weight}
+    for t in range(2):
+        x = torch.randn(7, 5, dtype=torch.float64, generator=gen)
+        for n, lay in ctl.layers.items():  # the reference: W0 + dW with dW = scale * B diag(c m + reserve) A
+            gates = lay.c.detach() * lay.mask + lay.reserve  # type: ignore[operator]
+            dw = (lay.scale * (lay.B.detach() * gates) @ lay.A.detach()).requires_grad_()
+            out = x @ (lay.base.weight.detach() + dw).T + lay.base.bias.detach()  # type: ignore[union-attr]
+            (weight[n] * out.pow(2).sum()).backward()
+            s = float((dw.detach() * dw.grad).abs().sum()) / (4 * 5) ** 0.5  # type: ignore[operator]
+            avg[n] = 0.85 * avg[n] + 0.15 * s
+            unc[n] = 0.85 * unc[n] + 0.15 * abs(s - avg[n])
+        opt.zero_grad()
+        sum(weight[n] * lay(x).pow(2).sum() for n, lay in ctl.layers.items()).backward()
+        opt.step()
+        ctl.method.after_optimizer_step(t, opt, True)
+    expected = {n: avg[n] * unc[n] for n in weight}
+    got = ctl.method.importance()  # type: ignore[attr-defined]
+    for n in weight:
+        assert got[n] == pytest.approx(expected[n], rel=1e-9)
+    grown = max(expected, key=lambda n: expected[n])
+    by_magnitude = make_method("increlora", importance="scorer")
+    by_magnitude.ctl = ctl
+    ctl.scorer.update(ctl.layers)
+    assert grown == "c" and max(weight, key=lambda n: by_magnitude.importance()[n]) == "a"  # the rules disagree
+    trained = ctl.layers["c"].A[1].detach().clone(), ctl.layers["c"].B[:, 1].detach().clone()
+    keep = ctl.method.decide(5, True)  # linear: budget 4, one new component
+    assert keep is not None and {n: int(k.sum()) for n, k in keep.items()} == {"a": 1, "b": 1, "c": 2}
+    ctl.apply(keep, optimizer=opt)
+    ctl.method.after_apply(5, keep)
+    # it starts as the official code's promoted reserve: its trained A/B, c = the reserve's 1e-5
+    c = ctl.layers["c"]
+    assert torch.equal(c.A[1], trained[0]) and torch.equal(c.B[:, 1], trained[1]) and c.c[1].item() == 1e-5
 
 
 def test_increlora_starts_small_and_adds_to_the_most_important_layers_first() -> None:
@@ -231,7 +278,8 @@ def test_increlora_resumes_from_the_older_warm_up_state_layout() -> None:
     warm = state["method"]["warm"]
     assert warm["A"] and warm["c"]  # warm-ups under way
     state["method"] = {"warm_ab": {n: (i, k, a, warm["B"][n][2]) for n, (i, k, a) in warm["A"].items()},
-                       "warm_c": warm["c"], "reserve": state["method"]["reserve"]}
+                       "warm_c": warm["c"], "reserve": state["method"]["reserve"],
+                       "module_score": state["method"]["module_score"]}
     ctl.load_state_dict(state)
     train(model, opt, ctl, batches(12)[5:])
     torch.testing.assert_close(logits(model, batches(2, seed=7)), logits(whole, batches(2, seed=7)), rtol=0, atol=0)

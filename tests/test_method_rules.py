@@ -64,14 +64,47 @@ def test_sora_keeps_the_non_zero_gates_and_the_budget_caps_them() -> None:
 
 
 def test_sora_in_a_run_zeroes_gates_and_ends_with_the_non_zero_ones() -> None:
+    """The lr-scaled departure (lam) from dora_lab's zero gates: some gates stay at zero."""
     model = adapted_bert(0, dtype=torch.float32)
     ctl = PruningController(model, make_scorer("magnitude"), "dora", 12, target_rank=3, warmup=2, final=3,
-                            interval=2, method=make_method("sora", lam=0.5))
+                            interval=2, method=make_method("sora", lam=0.5, gate_init="zero"))
     train(model, adamw(model, lr=1e-2), ctl, batches(12))
     kept = sum(ctl.allocation().values())
     assert 0 < kept < 36  # lam 0.5 takes back half of a typical Adam step: some gates stay at zero (22)
-    for layer in adapter_layers(model).values():
-        assert bool((layer.c != 0).all())  # compacted to exactly the non-zero gates
+    layers_ = adapter_layers(model).values()
+    assert sum(layer.rank for layer in layers_) == kept  # compacted to the gates non-zero at the freeze,
+    assert sum(int((layer.c != 0).sum()) for layer in layers_) < kept  # which the proximal step then goes on shrinking
+
+
+def test_sora_thresholds_the_gates_by_xi_at_every_step_also_after_the_freeze() -> None:
+    """The official SparseAdamW: after each optimizer step c <- sign(c) max(|c| - xi, 0) with a fixed
+    xi, for the whole run; the gates start as the official lora.py's torch.randn, with B = 0."""
+    lay = layers("ab", r0=3)
+    torch.manual_seed(11)
+    expected_start = {n: torch.randn(3, dtype=torch.float32).double() for n in "ab"}
+    torch.manual_seed(11)
+    ctl = PruningController(lay, make_scorer("magnitude"), "dora", 10, target_rank=2, warmup=1, final=4,
+                            interval=1, method=make_method("sora", xi=0.05))
+    for n, x in lay.items():
+        torch.testing.assert_close(x.c.detach(), expected_start[n], rtol=0, atol=0)
+        assert not bool(x.B.any())
+    opt = torch.optim.SGD([p for x in lay.values() for p in x.parameters() if p.requires_grad], lr=0.1)
+    inputs = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    after_freeze = 0
+    for _ in range(10):
+        opt.zero_grad()
+        sum(x(inputs).pow(2).mean() for x in lay.values()).backward()
+        opt.step()
+        stepped = {n: x.c.detach().clone() for n, x in lay.items()}
+        was_frozen = ctl.frozen
+        ctl.step(opt)
+        if ctl.frozen and not was_frozen:
+            continue  # the freeze step compacts c
+        after_freeze += was_frozen
+        for n, x in lay.items():
+            c = stepped[n]
+            torch.testing.assert_close(x.c.detach(), c.sign() * (c.abs() - 0.05).clamp_min(0), rtol=0, atol=0)
+    assert after_freeze == 3 and ctl.frozen  # steps 7, 8, 9 after the freeze at T - final = 6
 
 
 # -- IncreLoRA ------------------------------------------------------------------------------------------

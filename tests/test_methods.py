@@ -149,7 +149,7 @@ def test_the_default_method_is_dora() -> None:
     [
         (["method.name=lora_magic"], "method.name: unknown method 'lora_magic'; registered methods: alora, dora, "),
         (["method.name=sora", "method.params.lamda=0.1"],
-         "method.params: method 'sora' has no hyper-parameter(s) ['lamda']; it takes: lam (default 0.1), threshold"),
+         "method.params: method 'sora' has no hyper-parameter(s) ['lamda']; it takes: xi (default 0.0003), lam (default None)"),
         (["method.name=increlora", "schedule.name=constant"],
          "schedule.name: method 'increlora' acts at the schedule's prune steps, but schedule 'constant' has none"),
         (["method.name=increlora", "method.params.start_rank=3"],

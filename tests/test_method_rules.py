@@ -429,21 +429,21 @@ def test_a_training_run_uses_the_configured_method(method: str, tmp_path: Path) 
 
 
 # -- ALoRA ----------------------------------------------------------------------------------------------
-def alora_setup(swap: int = 1) -> tuple[PruningController, torch.Tensor]:
+def alora_setup(swap: int = 1, seed: int = 1, **params: Any) -> tuple[PruningController, torch.Tensor]:
     lay = layers("abc", r0=3)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     for i, m in enumerate(lay.values()):
         m.c.data = torch.randn(3, generator=g, dtype=torch.float64) * (i + 1)
     ctl = PruningController(lay, make_scorer("magnitude"), "linear", 10, target_rank=4 / 3, warmup=1, final=2,
-                            interval=1, method=make_method("alora", swap=swap))
+                            interval=1, method=make_method("alora", swap=swap, **params))
     x = torch.randn(8, 5, generator=g, dtype=torch.float64)
     y = torch.randn(8, 4, generator=g, dtype=torch.float64)
     ctl.set_validation(lambda: float(sum(((m(x) - y) ** 2).mean() for m in lay.values()).detach()))
     return ctl, x
 
 
-def test_alora_scores_are_the_loss_change_when_one_component_is_masked_out() -> None:
-    ctl, x = alora_setup()
+def test_alora_two_term_scores_are_the_loss_change_when_one_component_is_masked_out() -> None:
+    ctl, x = alora_setup(score="two_term")
     # the start: the same rank everywhere, a prefix meeting the target (4 components: 2, 1, 1)
     assert ctl.allocation() == {"a": 2, "b": 1, "c": 1}
     scores = ctl.method.scores()  # type: ignore[attr-defined]
@@ -461,6 +461,63 @@ def test_alora_scores_are_the_loss_change_when_one_component_is_masked_out() -> 
             assert scores[n][i].item() == pytest.approx(loss() - full, rel=1e-9, abs=1e-12)
             with torch.no_grad():
                 m.c.copy_(saved)
+
+
+def gates_only(ctl: PruningController, kept: set[tuple[str, int]]) -> float:
+    """The validation loss with every component's c zeroed but ``kept``'s (not through the masks)."""
+    saved = {n: m.c.detach().clone() for n, m in ctl.layers.items()}
+    with torch.no_grad():
+        for n, m in ctl.layers.items():
+            for i in range(m.rank):
+                if (n, i) not in kept:
+                    m.c[i] = 0.0
+    loss = ctl.validation_loss
+    assert loss is not None
+    try:
+        return loss()
+    finally:
+        with torch.no_grad():
+            for n, m in ctl.layers.items():
+                m.c.copy_(saved[n])
+
+
+def test_alora_paper_score_has_the_third_term_and_it_changes_the_pruned_component() -> None:
+    """Eq. 6 with S = -L: IS(i) = L(without i) - L(all) - L(only i), "only i" the one component left in
+    the whole network.  A hand-worked case, the validation loss sum_l mean(|out_l - y_l|^2) with y_l
+    the base output plus a target update, U = the update of one unit component:
+    a: two equal components, target 2U (each alone gets half: L = |U|^2);  b: one, 1.5^0.5 U, its
+    target;  c: one, 10 U, its target.  Two-term: a_i = |U|^2, b = 1.5, c = 100: an a goes.  Paper:
+    a_i = 1 - (1 + 1.5 + 100) = -101.5, b = 1.5 - (4 + 0 + 100) = -102.5, c = 100 - (4 + 1.5) = 94.5:
+    b goes.  Every loss is also computed by zeroing gates by hand, not through the masks."""
+    ctl, x = alora_setup()
+    g = torch.Generator().manual_seed(9)
+    u, v = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    gates = {"a": [1.0, 1.0], "b": [1.5 ** 0.5], "c": [10.0]}
+    targets = {}
+    with torch.no_grad():
+        for n, m in ctl.layers.items():
+            for i, gate in enumerate(gates[n]):
+                m.A[i], m.B[:, i], m.c[i] = u, v, gate
+            targets[n] = m(x).detach()  # the base output plus the full update: L(all) = 0
+    ctl.set_validation(lambda: float(sum(((m(x) - targets[n]) ** 2).mean() for n, m in ctl.layers.items()).detach()))
+    unit = float(((ctl.layers["a"].scale * (x @ u))[:, None] * v).pow(2).mean())  # |U|^2
+    active = [("a", 0), ("a", 1), ("b", 0), ("c", 0)]
+    all_ = gates_only(ctl, set(active))
+    two = {k: gates_only(ctl, set(active) - {k}) - all_ for k in active}
+    paper = {k: two[k] - gates_only(ctl, {k}) for k in active}
+    for k, want in {("a", 0): -101.5, ("a", 1): -101.5, ("b", 0): -102.5, ("c", 0): 94.5}.items():
+        assert paper[k] == pytest.approx(want * unit, rel=1e-9)
+    scores = ctl.method.scores()  # type: ignore[attr-defined]
+    for (n, i), want in paper.items():
+        assert scores[n][i].item() == pytest.approx(want, rel=1e-9)
+    keep = ctl.method.decide(1, True)
+    assert keep is not None and not keep["b"][0] and keep["a"][:2].all() and keep["c"][0]
+    two_term = make_method("alora", swap=1, score="two_term")
+    two_term.setup(ctl)
+    assert {k: two_term.scores()[k[0]][k[1]].item() for k in active} == pytest.approx(  # type: ignore[attr-defined]
+        {k: w * unit for k, w in {("a", 0): 1.0, ("a", 1): 1.0, ("b", 0): 1.5, ("c", 0): 100.0}.items()}, rel=1e-9)
+    keep = two_term.decide(1, True)
+    assert keep is not None and keep["b"][0] and not keep["a"][0]  # without the third term an a would go
 
 
 def test_alora_prunes_the_lowest_and_gives_its_budget_to_the_most_important_layer() -> None:

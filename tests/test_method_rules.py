@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import adamw, adapted_bert, batches, logits, randomize_c, train
+from conftest import adamw, adapted_bert, adapted_decoder, batches, logits, randomize_c, train
 
 from dora_lab import PruningController, RankOneLinear, Scorer, adapter_layers, make_method, make_scorer
 from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
@@ -385,6 +385,48 @@ def test_eva_ratios_and_directions_are_the_centred_real_tokens_principal_compone
     peft = IncrementalPCA(n_components=3, copy=True, lowrank=False).partial_fit(rows.clone())
     torch.testing.assert_close(ratios.double(), peft.explained_variance_ratio_, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(lay["x"].A.detach().abs(), peft.components_.abs(), rtol=1e-6, atol=1e-7)
+
+
+def test_eva_leaves_out_a_causal_batchs_masked_prompt_as_peft_does() -> None:
+    """A tiny llama, a batch whose prompt positions are labelled -100 (and one padded row): the rows
+    the SVD reads are those PEFT's EVA picks by default (its prepare_model_inputs_fn_language_modeling
+    and prepare_layer_inputs_fn_language_modeling with use_label_mask=True); label_mask: false keeps
+    the prompt (the real tokens only)."""
+    from peft import EvaConfig, LoraConfig
+    from peft.tuners.lora.eva import (
+        prepare_layer_inputs_fn_language_modeling,
+        prepare_model_inputs_fn_language_modeling,
+    )
+
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 64, (3, 9), generator=g)
+    attention = torch.ones(3, 9, dtype=torch.long)
+    attention[2, 7:] = 0  # padding
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt
+    labels[2, 7:] = -100
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    peft_config = LoraConfig(init_lora_weights="eva", eva_config=EvaConfig())
+    for label_mask, wanted_rows in ((True, 13), (False, 25)):
+        model = adapted_decoder("llama", r0=3)
+        model.eval()
+        lay = adapter_layers(model)
+        name = next(iter(lay))
+        seen: list[torch.Tensor] = []
+        handle = lay[name].register_forward_pre_hook(lambda _m, a, seen=seen: seen.append(a[0].detach()))
+        ctl = PruningController(model, make_scorer("magnitude"), "dora", 10, target_rank=2, warmup=1, final=2,
+                                method=make_method("eva", batches=1, **({} if label_mask else {"label_mask": False})))
+        ctl.before_training(lambda b, model=model: model(**b), [batch])
+        handle.remove()
+        if label_mask:
+            picked = prepare_model_inputs_fn_language_modeling(batch, peft_config)
+            rows = prepare_layer_inputs_fn_language_modeling(seen[0], picked, name)
+        else:
+            rows = seen[0][attention.bool()]
+        assert rows.shape[0] == wanted_rows  # 5 + 5 + 3 answer positions; or 9 + 9 + 7 real tokens
+        _, s, vh = torch.linalg.svd(rows - rows.mean(0))
+        torch.testing.assert_close(ctl.method.ratios[name], (s[:3] ** 2 / (s**2).sum()).float())  # type: ignore[attr-defined]
+        torch.testing.assert_close(lay[name].A.detach().abs(), vh[:3].abs())  # up to sign
 
 
 def test_eva_gives_the_budget_to_the_layers_whose_inputs_spread_most() -> None:

@@ -70,7 +70,8 @@ class EVA(OneShotMethod):
         missing = [n for n in layers if n not in stats or float(stats[n][0]) < 2]
         if missing:
             raise RuntimeError(f"method 'eva': fewer than 2 real tokens reached layers {missing[:3]} in the "
-                               "calibration batches (method.params.batches)")
+                               "calibration batches (method.params.batches; on a causal task only positions with a "
+                               "label count, unless method.params.label_mask is false)")
         vectors = {}
         for n, layer in layers.items():
             count, total, gram = stats[n]

@@ -21,7 +21,7 @@ last prune step freezes the masks as they are.  A decision costs one validation 
 component, two with ``score: paper``: the defaults (2 components every 20th prune step, 16 rows) move 4 components over a
 ``configs/cola.yaml`` run (the old 1 every 10th, 32 rows: 3) at a quarter of the validation
 tokens, 2.8% of a step with the two-term score (benchmarks/results/bench_methods.md; the old: 10%;
-the paper's score about doubles it, not re-measured).  With ``dora_lab.train``'s validation loss (:class:`~dora_lab.run.validation.
+the paper's score: 6.2%, docs/methods.md).  With ``dora_lab.train``'s validation loss (:class:`~dora_lab.run.validation.
 ValidationLoss`) they run as stacked copies of the sample, many components a forward.
 """
 

@@ -8,7 +8,7 @@ descending importance each get one new component (their reserve first, else thei
 slot), round after round, while the cost fits and slots are free.
 
 A layer's importance (``importance: official``, the default) is the official code's module score
-(FeiyuZhang98/IncreLoRA, ``loralib/increlora.py``: ``SVDLinear.backward_hook`` and
+(FeiyuZhang98/IncreLoRA, ``loralib/loralib/increlora.py``: ``SVDLinear.backward_hook`` and
 ``RankAllocator.update_ipt`` / ``calculate_score``), whatever component scorer is configured: at
 every optimizer step ``s = sum |dW * dL/d(dW)| / sqrt(d_out * d_in)`` with ``dW`` the layer's whole
 update (reserves included, as the official ``W`` concatenates them) and ``dL/d(dW) = sum_tokens

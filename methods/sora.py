@@ -84,6 +84,8 @@ class SoRA(AllocationMethod):
         return {n: lr_of[id(layer.c)] * self.lam for n, layer in layers.items()}
 
     def after_optimizer_step(self, t: int, optimizer: torch.optim.Optimizer | None, update_scores: bool) -> None:
+        if not update_scores:  # fp16 loss scaling skipped this optimizer step, and with it SparseAdamW's threshold
+            return
         shrinks = self.shrinks(optimizer)
         with torch.no_grad():
             for name, layer in self.ctl.layers.items():

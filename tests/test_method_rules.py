@@ -105,6 +105,9 @@ def test_sora_thresholds_the_gates_by_xi_at_every_step_also_after_the_freeze() -
             c = stepped[n]
             torch.testing.assert_close(x.c.detach(), c.sign() * (c.abs() - 0.05).clamp_min(0), rtol=0, atol=0)
     assert after_freeze == 3 and ctl.frozen  # steps 7, 8, 9 after the freeze at T - final = 6
+    gates = {n: x.c.detach().clone() for n, x in lay.items()}
+    ctl.method.after_optimizer_step(10, opt, False)  # a step fp16 loss scaling skipped: no threshold either
+    assert all(torch.equal(x.c.detach(), gates[n]) for n, x in lay.items())
 
 
 # -- IncreLoRA ------------------------------------------------------------------------------------------

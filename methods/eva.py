@@ -3,7 +3,10 @@
 
 Before the first optimizer step the model runs forward on ``batches`` training batches (no
 gradients) and each adapted layer's inputs ``X`` (every real token, ``n x d_in``: padding positions,
-where the batch's ``attention_mask`` is 0, are left out, as PEFT does) are collected as their count,
+where the batch's ``attention_mask`` is 0, are left out, as PEFT does; on a causal task the positions
+whose label is -100, a masked prompt, too, as PEFT's ``EvaConfig(use_label_mask=True)``, its
+default, does in ``prepare_model_inputs_fn_language_modeling``; ``label_mask: false`` keeps them,
+a departure) are collected as their count,
 sum and Gram matrix, which give the centred scatter matrix ``C = (X - 1 mu^T)^T (X - 1 mu^T)``.
 Its eigen-decomposition ``C = V diag(s^2) V^T`` gives the principal directions ``V`` (the right
 singular vectors of the centred ``X``) and ``s``.  Component ``i`` of a layer explains the ratio
@@ -23,13 +26,17 @@ from typing import Any
 import torch
 
 from dora_lab.core.methods import OneShotMethod, keep_top, register_method
+from dora_lab.run.causal import IGNORE_INDEX
 
 
 @register_method("eva")
 class EVA(OneShotMethod):
-    def __init__(self, batches: int = 4) -> None:
+    def __init__(self, batches: int = 4, label_mask: bool = True) -> None:
         if batches < 1:
             raise ValueError(f"batches must be >= 1 (training batches to read before training), got {batches}")
+        if not isinstance(label_mask, bool):
+            raise ValueError(f"label_mask must be true or false (leave out positions labelled -100), got {label_mask!r}")
+        self.label_mask = label_mask
         self.calibration_batches = int(batches)
         self.ratios: dict[str, torch.Tensor] = {}
 
@@ -55,7 +62,7 @@ class EVA(OneShotMethod):
                 for i, batch in enumerate(batches):
                     if i >= self.calibration_batches:
                         break
-                    real[0] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                    real[0] = self.positions(batch)
                     run_batch(batch)
         finally:
             for h in handles:
@@ -63,7 +70,8 @@ class EVA(OneShotMethod):
         missing = [n for n in layers if n not in stats or float(stats[n][0]) < 2]
         if missing:
             raise RuntimeError(f"method 'eva': fewer than 2 real tokens reached layers {missing[:3]} in the "
-                               "calibration batches (method.params.batches)")
+                               "calibration batches (method.params.batches; on a causal task only positions with a "
+                               "label count, unless method.params.label_mask is false)")
         vectors = {}
         for n, layer in layers.items():
             count, total, gram = stats[n]
@@ -80,6 +88,18 @@ class EVA(OneShotMethod):
                 layer.A[:k] = vectors[n].to(layer.A.device, layer.A.dtype)
                 layer.c.zero_()
         self.fix(keep)
+
+    def positions(self, batch: Any) -> torch.Tensor | None:
+        """The positions whose inputs the SVD reads: ``attention_mask`` (None: all), and with
+        ``label_mask`` not those whose token label is -100 (labels shaped as the tokens: a causal task)."""
+        if not isinstance(batch, Mapping):
+            return None
+        mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+        if self.label_mask and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+            kept = labels != IGNORE_INDEX
+            mask = kept if mask is None else mask.to(kept.device).bool() & kept
+        return mask
 
     def state_dict(self) -> dict[str, Any]:
         return {"ratios": {n: r.clone() for n, r in self.ratios.items()}}

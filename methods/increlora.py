@@ -3,10 +3,23 @@ al. 2023, arXiv:2308.12043).
 
 Each layer starts with ``start_rank`` active components; the rest of its ``r0`` slots are an
 inactive pool (hard-masked).  The budget grows along the schedule from that start to the target
-(the cap).  At each prune (here: grow) step the deficit ``b(t) - active`` is filled: a layer's
-importance is the sum of its active components' scores (the configured scorer, fed every step),
-and the layers in descending importance each get one new component (their reserve first, else
-their first free slot), round after round, while the cost fits and slots are free.
+(the cap).  At each prune (here: grow) step the deficit ``b(t) - active`` is filled: the layers in
+descending importance each get one new component (their reserve first, else their first free
+slot), round after round, while the cost fits and slots are free.
+
+A layer's importance (``importance: official``, the default) is the official code's module score
+(FeiyuZhang98/IncreLoRA, ``loralib/loralib/increlora.py``: ``SVDLinear.backward_hook`` and
+``RankAllocator.update_ipt`` / ``calculate_score``), whatever component scorer is configured: at
+every optimizer step ``s = sum |dW * dL/d(dW)| / sqrt(d_out * d_in)`` with ``dW`` the layer's whole
+update (reserves included, as the official ``W`` concatenates them) and ``dL/d(dW) = sum_tokens
+g_out x^T`` (a forward hook keeps the input ``x``, a hook on the output its gradient; summed over
+the micro-batches of a step, ``dW`` as in their forward), smoothed as AdaLoRA does::
+
+    I <- beta1 I + (1 - beta1) s;   U <- beta2 U + (1 - beta2) |s - I|;   importance = I * U
+
+(both EMAs start at 0, the official ``beta1 = beta2 = 0.85``).  ``importance: scorer`` is the old
+dora_lab rule, a departure kept for comparison: the sum of the active components' scores from the
+configured scorer (with ``magnitude`` a layer with more components outranks one with fewer).
 
 Advance learning (``advance``, on by default as in the official code, whose ``advance_learn``
 defaults to True): every layer keeps one *reserve* component in a free slot
@@ -29,9 +42,11 @@ masks, which ends the reserves, and compacts.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from dora_lab.core.methods import AllocationMethod, Keep, register_method
 
@@ -40,6 +55,7 @@ RESERVE_GATE = 1e-5
 
 Warm = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # slots, update count, their values before this step
 SLOT_DIM = {"A": 0, "B": 1, "c": 0}  # where a component's slot is in each warmed part: A's rows, B's columns, c
+IMPORTANCE = ("official", "scorer")
 
 
 def _slots(p: torch.Tensor, part: str, idx: torch.Tensor) -> torch.Tensor:
@@ -53,13 +69,25 @@ class IncreLoRA(AllocationMethod):
     uses_scorer = True
     follows_schedule = True
 
-    def __init__(self, start_rank: int = 1, warmup: int = 10, advance: bool = True) -> None:
+    def __init__(self, start_rank: int = 1, warmup: int = 10, advance: bool = True, importance: str = "official",
+                 beta1: float = 0.85, beta2: float = 0.85) -> None:
         if start_rank < 0:
             raise ValueError(f"start_rank must be >= 0, got {start_rank}")
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 step (1: no warm-up), got {warmup}")
         if not isinstance(advance, bool):
             raise ValueError(f"advance must be true or false, got {advance!r}")
+        if importance not in IMPORTANCE:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)} (official: the module score "
+                             f"|dW * dL/d(dW)| of the official code; scorer: the configured scorer's sum), "
+                             f"got {importance!r}")
+        for key, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0 <= beta < 1:
+                raise ValueError(f"{key} must be in [0, 1) (an EMA factor of the module score), got {beta}")
+        self.importance_rule = importance
+        self.uses_scorer = importance == "scorer"  # type: ignore[misc]
+        self.betas = (float(beta1), float(beta2))
+        self.module_score = ModuleScore() if importance == "official" else None
         self.start_rank = int(start_rank)
         self.warmup = int(warmup)
         self.advance = advance
@@ -82,6 +110,8 @@ class IncreLoRA(AllocationMethod):
         if self.advance:
             for layer in ctl.layers.values():
                 self._draw_reserve(layer, fresh=False)  # the slot's A/B as constructed
+        if self.module_score is not None:
+            self.module_score.attach(ctl.layers)
 
     @staticmethod
     def _reserve_slots(layer: Any) -> torch.Tensor:
@@ -120,9 +150,14 @@ class IncreLoRA(AllocationMethod):
         if update_scores:
             self.ctl.check_grads()
             self.ctl.scorer.update(self.ctl.layers)
+        if self.module_score is not None:
+            self.module_score.step(update_scores, *self.betas)
 
     def importance(self) -> dict[str, float]:
-        """A layer's importance: the sum of its active components' scores."""
+        """A layer's importance: the official smoothed module score, or (``importance: scorer``) the
+        sum of its active components' scores from the configured scorer."""
+        if self.module_score is not None:
+            return {n: self.module_score.importance(n) for n in self.ctl.layers}
         scores = self.ctl.scorer.scores()
         return {n: float((scores[n].float().cpu() * (layer.mask.cpu() > 0)).sum()) if n in scores else 0.0
                 for n, layer in self.ctl.layers.items()}
@@ -158,6 +193,8 @@ class IncreLoRA(AllocationMethod):
         if self.ctl.frozen:  # freeze_mask ended the reserves
             for warming in self._warm.values():
                 warming.clear()
+            if self.module_score is not None:
+                self.module_score.detach()  # no decision is to come
             return
         generator = torch.Generator().manual_seed(2_000_003 + t)  # alike on every data-parallel rank
         with torch.no_grad():
@@ -184,6 +221,7 @@ class IncreLoRA(AllocationMethod):
     def state_dict(self) -> dict[str, Any]:
         return {"warm": {part: {n: tuple(t.clone() for t in w) for n, w in warming.items()}
                          for part, warming in self._warm.items()},
+                "module_score": {} if self.module_score is None else self.module_score.state_dict(),
                 "reserve": {n: layer.reserve.clone() for n, layer in self.ctl.layers.items()
                             if layer.reserve is not None}}
 
@@ -197,6 +235,10 @@ class IncreLoRA(AllocationMethod):
             old["A"][n], old["B"][n], old["c"][n] = (idx, k, a0), (idx, k, b0), (idx, k, c0)
         for part, warming in old.items():
             self._warm[part].update({n: tuple(t.clone() for t in w) for n, w in warming.items()})
+        if self.module_score is not None:
+            self.module_score.load_state_dict(state.get("module_score", {}))
+            if self.ctl.frozen:
+                self.module_score.detach()
         saved = state.get("reserve")
         for n, layer in self.ctl.layers.items():
             gate = None if saved is None else saved.get(n)
@@ -204,3 +246,72 @@ class IncreLoRA(AllocationMethod):
         if saved is None and self.advance and not self.ctl.frozen:  # saved without reserves
             for layer in self.ctl.layers.values():
                 self._draw_reserve(layer, fresh=False)
+
+
+class ModuleScore:
+    """IncreLoRA's module importance (the official ``SVDLinear.backward_hook`` and
+    ``RankAllocator.update_ipt``): per layer ``s = sum |dW * dL/d(dW)| / sqrt(d_out * d_in)`` at each
+    optimizer step, smoothed into ``I`` (sensitivity) and ``U`` (uncertainty); the importance is ``I * U``.
+
+    ``dL/d(dW)`` is the gradient with respect to the layer's whole update, ``sum_tokens g x^T``
+    (``g`` the gradient of the layer's output, ``x`` its input): the component gradients do not give
+    it, so hooks collect it during the backward pass of every training forward (one ``d_out x d_in``
+    product per layer, as the official code's autograd does for its ``W``)."""
+
+    def __init__(self) -> None:
+        self.handles: list[RemovableHandle] = []
+        self.grad: dict[str, torch.Tensor] = {}  # this step's dL/d(dW), summed over its micro-batches
+        self.delta: dict[str, torch.Tensor] = {}  # dW as in this step's forward (before the optimizer step)
+        self.avg: dict[str, torch.Tensor] = {}  # I
+        self.unc: dict[str, torch.Tensor] = {}  # U
+
+    def attach(self, layers: dict[str, Any]) -> None:
+        self.detach()
+        self.handles = [layer.register_forward_hook(self._hook(n)) for n, layer in layers.items()]
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.grad, self.delta = [], {}, {}
+
+    def _hook(self, name: str) -> Any:
+        def forward(layer: Any, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            if not (torch.is_grad_enabled() and out.requires_grad and layer.rank):
+                return  # an evaluation forward: no backward follows
+            x = args[0].detach()
+
+            def backward(g: torch.Tensor) -> None:
+                with torch.no_grad():  # in float32 at least (under autocast g and x may be half)
+                    dt = torch.promote_types(g.dtype, torch.float32)
+                    m = g.reshape(-1, layer.out_features).to(dt).T @ x.reshape(-1, layer.in_features).to(dt)
+                    if name in self.grad:
+                        self.grad[name] += m
+                    else:
+                        self.grad[name] = m
+                        self.delta[name] = layer.delta_weight().detach().to(dt)
+            out.register_hook(backward)
+        return forward
+
+    def step(self, update: bool, beta1: float, beta2: float) -> None:
+        """Fold this step's scores into the EMAs (not for a step whose gradients overflowed)."""
+        grad, delta, self.grad, self.delta = self.grad, self.delta, {}, {}
+        if not update:
+            return
+        for n, g in grad.items():
+            s = (delta[n] * g).abs().sum() / math.sqrt(g.numel())
+            avg = beta1 * self.avg.get(n, torch.zeros_like(s)) + (1 - beta1) * s
+            self.unc[n] = beta2 * self.unc.get(n, torch.zeros_like(s)) + (1 - beta2) * (s - avg).abs()
+            self.avg[n] = avg
+
+    def importance(self, name: str) -> float:
+        """``I * U`` of layer ``name`` (0 before its first backward)."""
+        if name not in self.avg:
+            return 0.0
+        return float(self.avg[name] * self.unc[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"avg": {n: v.clone() for n, v in self.avg.items()}, "unc": {n: v.clone() for n, v in self.unc.items()}}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.avg = {n: v.clone() for n, v in state.get("avg", {}).items()}
+        self.unc = {n: v.clone() for n, v in state.get("unc", {}).items()}

@@ -329,3 +329,35 @@ def test_steps_between_prune_steps_do_not_count_the_masks_again(scorer_name: str
         if not prune:
             assert all(now[n] is caches[n] for n in now), "a step without pruning counted a mask again"
         caches = now
+
+
+@pytest.mark.parametrize("after_freeze", [False, True])
+def test_a_method_acts_after_the_freeze_only_when_it_declares_so(after_freeze: bool) -> None:
+    """The protocol, not a method: after the masks freeze the controller calls after_optimizer_step
+    only for a method with acts_after_freeze (SoRA's proximal step), and never decide again."""
+    from dora_lab import AllocationMethod
+
+    class Recording(AllocationMethod):
+        follows_schedule = True
+        acts_after_freeze = after_freeze
+
+        def __init__(self) -> None:
+            self.stepped: list[tuple[int, bool]] = []
+            self.decided: list[int] = []
+
+        def after_optimizer_step(self, t: int, optimizer: torch.optim.Optimizer | None, update_scores: bool) -> None:
+            self.stepped.append((t, self.ctl.frozen))
+
+        def decide(self, t: int, update_scores: bool) -> dict[str, torch.Tensor] | None:
+            self.decided.append(t)
+            return self.active_keep() if self.ctl.schedule.is_final_step(t) else None
+
+    model = adapted_bert(0)
+    method = Recording()
+    controller = PruningController(model, make_scorer("magnitude"), "linear", T, target_rank=4, warmup=WARMUP,
+                                   final=FINAL, interval=INTERVAL, method=method)
+    train(model, adamw(model), controller, batches(T))
+    freeze = T - FINAL  # step 9 freezes
+    assert method.decided == list(range(freeze + 1))
+    after = [(t, True) for t in range(freeze + 1, T)] if after_freeze else []
+    assert method.stepped == [(t, False) for t in range(freeze + 1)] + after

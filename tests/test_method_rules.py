@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import adamw, adapted_bert, batches, logits, randomize_c, train
+from conftest import adamw, adapted_bert, adapted_decoder, batches, logits, randomize_c, train
 
 from dora_lab import PruningController, RankOneLinear, Scorer, adapter_layers, make_method, make_scorer
 from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
@@ -64,20 +64,103 @@ def test_sora_keeps_the_non_zero_gates_and_the_budget_caps_them() -> None:
 
 
 def test_sora_in_a_run_zeroes_gates_and_ends_with_the_non_zero_ones() -> None:
+    """The lr-scaled departure (lam) from dora_lab's zero gates: some gates stay at zero."""
     model = adapted_bert(0, dtype=torch.float32)
     ctl = PruningController(model, make_scorer("magnitude"), "dora", 12, target_rank=3, warmup=2, final=3,
-                            interval=2, method=make_method("sora", lam=0.5))
+                            interval=2, method=make_method("sora", lam=0.5, gate_init="zero"))
     train(model, adamw(model, lr=1e-2), ctl, batches(12))
     kept = sum(ctl.allocation().values())
     assert 0 < kept < 36  # lam 0.5 takes back half of a typical Adam step: some gates stay at zero (22)
-    for layer in adapter_layers(model).values():
-        assert bool((layer.c != 0).all())  # compacted to exactly the non-zero gates
+    layers_ = adapter_layers(model).values()
+    assert sum(layer.rank for layer in layers_) == kept  # compacted to the gates non-zero at the freeze,
+    assert sum(int((layer.c != 0).sum()) for layer in layers_) < kept  # which the proximal step then goes on shrinking
+
+
+def test_sora_thresholds_the_gates_by_xi_at_every_step_also_after_the_freeze() -> None:
+    """The official SparseAdamW: after each optimizer step c <- sign(c) max(|c| - xi, 0) with a fixed
+    xi, for the whole run; the gates start as the official lora.py's torch.randn, with B = 0."""
+    lay = layers("ab", r0=3)
+    torch.manual_seed(11)
+    expected_start = {n: torch.randn(3, dtype=torch.float32).double() for n in "ab"}
+    torch.manual_seed(11)
+    ctl = PruningController(lay, make_scorer("magnitude"), "dora", 10, target_rank=2, warmup=1, final=4,
+                            interval=1, method=make_method("sora", xi=0.05))
+    for n, x in lay.items():
+        torch.testing.assert_close(x.c.detach(), expected_start[n], rtol=0, atol=0)
+        assert not bool(x.B.any())
+    opt = torch.optim.SGD([p for x in lay.values() for p in x.parameters() if p.requires_grad], lr=0.1)
+    inputs = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    after_freeze = 0
+    for _ in range(10):
+        opt.zero_grad()
+        sum(x(inputs).pow(2).mean() for x in lay.values()).backward()
+        opt.step()
+        stepped = {n: x.c.detach().clone() for n, x in lay.items()}
+        was_frozen = ctl.frozen
+        ctl.step(opt)
+        if ctl.frozen and not was_frozen:
+            continue  # the freeze step compacts c
+        after_freeze += was_frozen
+        for n, x in lay.items():
+            c = stepped[n]
+            torch.testing.assert_close(x.c.detach(), c.sign() * (c.abs() - 0.05).clamp_min(0), rtol=0, atol=0)
+    assert after_freeze == 3 and ctl.frozen  # steps 7, 8, 9 after the freeze at T - final = 6
+    gates = {n: x.c.detach().clone() for n, x in lay.items()}
+    ctl.method.after_optimizer_step(10, opt, False)  # a step fp16 loss scaling skipped: no threshold either
+    assert all(torch.equal(x.c.detach(), gates[n]) for n, x in lay.items())
 
 
 # -- IncreLoRA ------------------------------------------------------------------------------------------
 def increlora(target_rank: float, scores: Mapping[str, list[float]], **params: Any) -> PruningController:
+    """Layer importance from hand-set component scores: the ``importance: scorer`` option."""
     return PruningController(layers(), Fixed(scores), "linear", 10, target_rank=target_rank, warmup=1, final=2,
-                             interval=1, method=make_method("increlora", **params))
+                             interval=1, method=make_method("increlora", importance="scorer", **params))
+
+
+def test_increlora_grows_the_layer_with_the_largest_official_module_score() -> None:
+    """Two steps, then one grow decision: the layer is the argmax of the official smoothed module
+    score, computed here from each layer's dW (from A, B, c and the reserve gate) and dL/d(dW) by
+    autograd on a dense reference (dW a leaf), not from the component scorer."""
+    ctl = PruningController(layers(), make_scorer("magnitude"), "linear", 10, target_rank=2, warmup=1, final=2,
+                            interval=1, method=make_method("increlora", warmup=4))
+    weight = {"a": 0.01, "b": 1.0, "c": 3.0}  # the loss leans on c; a has the largest gate, so by magnitude it wins
+    for n, lay in ctl.layers.items():
+        lay.c.data[0] = {"a": 3.0, "b": 0.5, "c": 0.4}[n]
+    opt = torch.optim.SGD([p for lay in ctl.layers.values() for p in lay.parameters() if p.requires_grad], lr=0.05)
+    gen = torch.Generator().manual_seed(5)
+    avg = {n: 0.0 for n in weight}
+    unc = {n: 0.0 for n in weight}
+    for t in range(2):
+        x = torch.randn(7, 5, dtype=torch.float64, generator=gen)
+        for n, lay in ctl.layers.items():  # the reference: W0 + dW with dW = scale * B diag(c m + reserve) A
+            gates = lay.c.detach() * lay.mask + lay.reserve  # type: ignore[operator]
+            dw = (lay.scale * (lay.B.detach() * gates) @ lay.A.detach()).requires_grad_()
+            out = x @ (lay.base.weight.detach() + dw).T + lay.base.bias.detach()  # type: ignore[union-attr]
+            (weight[n] * out.pow(2).sum()).backward()
+            s = float((dw.detach() * dw.grad).abs().sum()) / (4 * 5) ** 0.5  # type: ignore[operator]
+            avg[n] = 0.85 * avg[n] + 0.15 * s
+            unc[n] = 0.85 * unc[n] + 0.15 * abs(s - avg[n])
+        opt.zero_grad()
+        sum(weight[n] * lay(x).pow(2).sum() for n, lay in ctl.layers.items()).backward()
+        opt.step()
+        ctl.method.after_optimizer_step(t, opt, True)
+    expected = {n: avg[n] * unc[n] for n in weight}
+    got = ctl.method.importance()  # type: ignore[attr-defined]
+    for n in weight:
+        assert got[n] == pytest.approx(expected[n], rel=1e-9)
+    grown = max(expected, key=lambda n: expected[n])
+    by_magnitude = make_method("increlora", importance="scorer")
+    by_magnitude.ctl = ctl
+    ctl.scorer.update(ctl.layers)
+    assert grown == "c" and max(weight, key=lambda n: by_magnitude.importance()[n]) == "a"  # the rules disagree
+    trained = ctl.layers["c"].A[1].detach().clone(), ctl.layers["c"].B[:, 1].detach().clone()
+    keep = ctl.method.decide(5, True)  # linear: budget 4, one new component
+    assert keep is not None and {n: int(k.sum()) for n, k in keep.items()} == {"a": 1, "b": 1, "c": 2}
+    ctl.apply(keep, optimizer=opt)
+    ctl.method.after_apply(5, keep)
+    # it starts as the official code's promoted reserve: its trained A/B, c = the reserve's 1e-5
+    c = ctl.layers["c"]
+    assert torch.equal(c.A[1], trained[0]) and torch.equal(c.B[:, 1], trained[1]) and c.c[1].item() == 1e-5
 
 
 def test_increlora_starts_small_and_adds_to_the_most_important_layers_first() -> None:
@@ -231,7 +314,8 @@ def test_increlora_resumes_from_the_older_warm_up_state_layout() -> None:
     warm = state["method"]["warm"]
     assert warm["A"] and warm["c"]  # warm-ups under way
     state["method"] = {"warm_ab": {n: (i, k, a, warm["B"][n][2]) for n, (i, k, a) in warm["A"].items()},
-                       "warm_c": warm["c"], "reserve": state["method"]["reserve"]}
+                       "warm_c": warm["c"], "reserve": state["method"]["reserve"],
+                       "module_score": state["method"]["module_score"]}
     ctl.load_state_dict(state)
     train(model, opt, ctl, batches(12)[5:])
     torch.testing.assert_close(logits(model, batches(2, seed=7)), logits(whole, batches(2, seed=7)), rtol=0, atol=0)
@@ -306,6 +390,48 @@ def test_eva_ratios_and_directions_are_the_centred_real_tokens_principal_compone
     torch.testing.assert_close(lay["x"].A.detach().abs(), peft.components_.abs(), rtol=1e-6, atol=1e-7)
 
 
+def test_eva_leaves_out_a_causal_batchs_masked_prompt_as_peft_does() -> None:
+    """A tiny llama, a batch whose prompt positions are labelled -100 (and one padded row): the rows
+    the SVD reads are those PEFT's EVA picks by default (its prepare_model_inputs_fn_language_modeling
+    and prepare_layer_inputs_fn_language_modeling with use_label_mask=True); label_mask: false keeps
+    the prompt (the real tokens only)."""
+    from peft import EvaConfig, LoraConfig
+    from peft.tuners.lora.eva import (
+        prepare_layer_inputs_fn_language_modeling,
+        prepare_model_inputs_fn_language_modeling,
+    )
+
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 64, (3, 9), generator=g)
+    attention = torch.ones(3, 9, dtype=torch.long)
+    attention[2, 7:] = 0  # padding
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt
+    labels[2, 7:] = -100
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    peft_config = LoraConfig(init_lora_weights="eva", eva_config=EvaConfig())
+    for label_mask, wanted_rows in ((True, 13), (False, 25)):
+        model = adapted_decoder("llama", r0=3)
+        model.eval()
+        lay = adapter_layers(model)
+        name = next(iter(lay))
+        seen: list[torch.Tensor] = []
+        handle = lay[name].register_forward_pre_hook(lambda _m, a, seen=seen: seen.append(a[0].detach()))
+        ctl = PruningController(model, make_scorer("magnitude"), "dora", 10, target_rank=2, warmup=1, final=2,
+                                method=make_method("eva", batches=1, **({} if label_mask else {"label_mask": False})))
+        ctl.before_training(lambda b, model=model: model(**b), [batch])
+        handle.remove()
+        if label_mask:
+            picked = prepare_model_inputs_fn_language_modeling(batch, peft_config)
+            rows = prepare_layer_inputs_fn_language_modeling(seen[0], picked, name)
+        else:
+            rows = seen[0][attention.bool()]
+        assert rows.shape[0] == wanted_rows  # 5 + 5 + 3 answer positions; or 9 + 9 + 7 real tokens
+        _, s, vh = torch.linalg.svd(rows - rows.mean(0))
+        torch.testing.assert_close(ctl.method.ratios[name], (s[:3] ** 2 / (s**2).sum()).float())  # type: ignore[attr-defined]
+        torch.testing.assert_close(lay[name].A.detach().abs(), vh[:3].abs())  # up to sign
+
+
 def test_eva_gives_the_budget_to_the_layers_whose_inputs_spread_most() -> None:
     lay = layers("pq", d_in=5, r0=3)
     ctl = PruningController(lay, make_scorer("magnitude"), "dora", 10, target_rank=1.5, warmup=1, final=2,
@@ -348,21 +474,21 @@ def test_a_training_run_uses_the_configured_method(method: str, tmp_path: Path) 
 
 
 # -- ALoRA ----------------------------------------------------------------------------------------------
-def alora_setup(swap: int = 1) -> tuple[PruningController, torch.Tensor]:
+def alora_setup(swap: int = 1, seed: int = 1, **params: Any) -> tuple[PruningController, torch.Tensor]:
     lay = layers("abc", r0=3)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     for i, m in enumerate(lay.values()):
         m.c.data = torch.randn(3, generator=g, dtype=torch.float64) * (i + 1)
     ctl = PruningController(lay, make_scorer("magnitude"), "linear", 10, target_rank=4 / 3, warmup=1, final=2,
-                            interval=1, method=make_method("alora", swap=swap))
+                            interval=1, method=make_method("alora", swap=swap, **params))
     x = torch.randn(8, 5, generator=g, dtype=torch.float64)
     y = torch.randn(8, 4, generator=g, dtype=torch.float64)
     ctl.set_validation(lambda: float(sum(((m(x) - y) ** 2).mean() for m in lay.values()).detach()))
     return ctl, x
 
 
-def test_alora_scores_are_the_loss_change_when_one_component_is_masked_out() -> None:
-    ctl, x = alora_setup()
+def test_alora_two_term_scores_are_the_loss_change_when_one_component_is_masked_out() -> None:
+    ctl, x = alora_setup(score="two_term")
     # the start: the same rank everywhere, a prefix meeting the target (4 components: 2, 1, 1)
     assert ctl.allocation() == {"a": 2, "b": 1, "c": 1}
     scores = ctl.method.scores()  # type: ignore[attr-defined]
@@ -380,6 +506,63 @@ def test_alora_scores_are_the_loss_change_when_one_component_is_masked_out() -> 
             assert scores[n][i].item() == pytest.approx(loss() - full, rel=1e-9, abs=1e-12)
             with torch.no_grad():
                 m.c.copy_(saved)
+
+
+def gates_only(ctl: PruningController, kept: set[tuple[str, int]]) -> float:
+    """The validation loss with every component's c zeroed but ``kept``'s (not through the masks)."""
+    saved = {n: m.c.detach().clone() for n, m in ctl.layers.items()}
+    with torch.no_grad():
+        for n, m in ctl.layers.items():
+            for i in range(m.rank):
+                if (n, i) not in kept:
+                    m.c[i] = 0.0
+    loss = ctl.validation_loss
+    assert loss is not None
+    try:
+        return loss()
+    finally:
+        with torch.no_grad():
+            for n, m in ctl.layers.items():
+                m.c.copy_(saved[n])
+
+
+def test_alora_paper_score_has_the_third_term_and_it_changes_the_pruned_component() -> None:
+    """Eq. 6 with S = -L: IS(i) = L(without i) - L(all) - L(only i), "only i" the one component left in
+    the whole network.  A hand-worked case, the validation loss sum_l mean(|out_l - y_l|^2) with y_l
+    the base output plus a target update, U = the update of one unit component:
+    a: two equal components, target 2U (each alone gets half: L = |U|^2);  b: one, 1.5^0.5 U, its
+    target;  c: one, 10 U, its target.  Two-term: a_i = |U|^2, b = 1.5, c = 100: an a goes.  Paper:
+    a_i = 1 - (1 + 1.5 + 100) = -101.5, b = 1.5 - (4 + 0 + 100) = -102.5, c = 100 - (4 + 1.5) = 94.5:
+    b goes.  Every loss is also computed by zeroing gates by hand, not through the masks."""
+    ctl, x = alora_setup()
+    g = torch.Generator().manual_seed(9)
+    u, v = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    gates = {"a": [1.0, 1.0], "b": [1.5 ** 0.5], "c": [10.0]}
+    targets = {}
+    with torch.no_grad():
+        for n, m in ctl.layers.items():
+            for i, gate in enumerate(gates[n]):
+                m.A[i], m.B[:, i], m.c[i] = u, v, gate
+            targets[n] = m(x).detach()  # the base output plus the full update: L(all) = 0
+    ctl.set_validation(lambda: float(sum(((m(x) - targets[n]) ** 2).mean() for n, m in ctl.layers.items()).detach()))
+    unit = float(((ctl.layers["a"].scale * (x @ u))[:, None] * v).pow(2).mean())  # |U|^2
+    active = [("a", 0), ("a", 1), ("b", 0), ("c", 0)]
+    all_ = gates_only(ctl, set(active))
+    two = {k: gates_only(ctl, set(active) - {k}) - all_ for k in active}
+    paper = {k: two[k] - gates_only(ctl, {k}) for k in active}
+    for k, want in {("a", 0): -101.5, ("a", 1): -101.5, ("b", 0): -102.5, ("c", 0): 94.5}.items():
+        assert paper[k] == pytest.approx(want * unit, rel=1e-9)
+    scores = ctl.method.scores()  # type: ignore[attr-defined]
+    for (n, i), want in paper.items():
+        assert scores[n][i].item() == pytest.approx(want, rel=1e-9)
+    keep = ctl.method.decide(1, True)
+    assert keep is not None and not keep["b"][0] and keep["a"][:2].all() and keep["c"][0]
+    two_term = make_method("alora", swap=1, score="two_term")
+    two_term.setup(ctl)
+    assert {k: two_term.scores()[k[0]][k[1]].item() for k in active} == pytest.approx(  # type: ignore[attr-defined]
+        {k: w * unit for k, w in {("a", 0): 1.0, ("a", 1): 1.0, ("b", 0): 1.5, ("c", 0): 100.0}.items()}, rel=1e-9)
+    keep = two_term.decide(1, True)
+    assert keep is not None and keep["b"][0] and not keep["a"][0]  # without the third term an a would go
 
 
 def test_alora_prunes_the_lowest_and_gives_its_budget_to_the_most_important_layer() -> None:

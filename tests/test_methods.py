@@ -149,13 +149,19 @@ def test_the_default_method_is_dora() -> None:
     [
         (["method.name=lora_magic"], "method.name: unknown method 'lora_magic'; registered methods: alora, dora, "),
         (["method.name=sora", "method.params.lamda=0.1"],
-         "method.params: method 'sora' has no hyper-parameter(s) ['lamda']; it takes: lam (default 0.1), threshold"),
+         "method.params: method 'sora' has no hyper-parameter(s) ['lamda']; it takes: xi (default 0.0003), lam (default None)"),
         (["method.name=increlora", "schedule.name=constant"],
          "schedule.name: method 'increlora' acts at the schedule's prune steps, but schedule 'constant' has none"),
         (["method.name=increlora", "method.params.start_rank=3"],
          "method.params.start_rank (3) is above the cap budget.target_rank (2): a growing method starts below"),
         (["method.name=sora", "method.params.lam=1.5"], "lam = 1.5 keeps nothing"),
         (["method.name=sora", "method.params.threshold=.inf"], "threshold must be finite and >= 0"),
+        (["method.name=sora", "method.params.xi=0"], "xi must be finite and > 0"),
+        (["method.name=sora", "method.params.gate_init=ones"], "gate_init must be one of normal, zero"),
+        (["method.name=increlora", "method.params.importance=scores"], "importance must be one of official, scorer"),
+        (["method.name=increlora", "method.params.beta1=1"], "beta1 must be in [0, 1)"),
+        (["method.name=alora", "method.params.score=three"], "score must be one of paper, two_term"),
+        (["method.name=eva", "method.params.label_mask=1"], "label_mask must be true or false"),
     ],
 )
 def test_bad_method_blocks_are_refused_with_the_key(overrides: list[str], needle: str) -> None:

@@ -66,6 +66,36 @@ def test_each_stacked_copy_is_the_forward_without_its_component() -> None:
         pass
 
 
+def test_each_stacked_alone_copy_is_the_forward_with_only_its_component() -> None:
+    """ALoRA's "only i": copy k keeps drops[k] and masks every other component of every layer."""
+    model = adapted_bert(r0=3)
+    layers = list(hard_masked(model).values())
+    batch = cls_batches(4, (3,))[0]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    drops = [(layers[0], 1), (layers[5], 0), (layers[-1], 2)]
+    with torch.no_grad(), dropped_per_copy(drops, 3, alone_in=layers):
+        stacked = model(**{k: v.repeat(len(drops), 1) for k, v in inputs.items()}).logits
+    saved = [layer.mask.clone() for layer in layers]
+    for k, (lone, i) in enumerate(drops):
+        for layer in layers:
+            layer.mask.zero_()
+        lone.mask[i] = 1.0
+        with torch.no_grad():
+            want = model(**inputs).logits
+        for layer, mask in zip(layers, saved, strict=True):
+            layer.mask.copy_(mask)
+        torch.testing.assert_close(stacked[3 * k : 3 * k + 3], want, rtol=1e-10, atol=1e-12)
+    loss = ValidationLoss(model, cls_batches(5, (5, 3)), NO_AUTOCAST, max_rows=10)
+    alone = loss.alone(drops, layers)
+    for k, (lone, i) in enumerate(drops):
+        for layer in layers:
+            layer.mask.zero_()
+        lone.mask[i] = 1.0
+        assert alone[k] == pytest.approx(loss(), rel=1e-9)
+        for layer, mask in zip(layers, saved, strict=True):
+            layer.mask.copy_(mask)
+
+
 @pytest.mark.parametrize("regression", [False, True])
 def test_the_stacked_losses_are_the_masked_losses_of_a_classifier(regression: bool) -> None:
     model = adapted_bert(r0=3)

@@ -183,6 +183,8 @@ class PruningController:
                 self.apply(keep, final=method.is_final(t), optimizer=optimizer)
                 method.after_apply(t, keep)
                 pruned = True
+        elif self.frozen and method.acts_after_freeze:  # e.g. SoRA's proximal step on the kept gates
+            method.after_optimizer_step(t, optimizer, update_scores)
         self.t += 1
         return StepInfo(
             step=t,

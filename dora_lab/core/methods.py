@@ -7,7 +7,8 @@ count, and calls the method's hooks; it has no special case for any method::
     before training       before_training(run_batch, batches)   an allocator sees a few batches
                                                                  (one-shot EVA, Fisher) and may set ranks
     every optimizer step  after_optimizer_step(t, optimizer)    proximal gate updates (SoRA), scores,
-                                                                 the next step's prefix (DyLoRA)
+                                                                 the next step's prefix (DyLoRA); after
+                                                                 the freeze only if ``acts_after_freeze``
     the same step         decide(t) -> keep masks | None         at prune/grow steps: which components
                                                                  are active from now on (keep AND activate)
                           is_final(t)                            the decision that freezes the masks
@@ -74,7 +75,9 @@ class AllocationMethod:
     start (the config refuses one above ``budget.target_rank``).  ``needs_validation``: the method
     scores on a validation batch (``controller.validation_loss``, set by :meth:`set_validation`;
     the config refuses such a method for a task without an evaluation split); ``validation_rows``:
-    how many rows of the first evaluation batch that loss reads (None: all).
+    how many rows of the first evaluation batch that loss reads (None: all).  ``acts_after_freeze``:
+    :meth:`after_optimizer_step` runs at every optimizer step, also after the masks froze (SoRA's
+    proximal step on the gates); otherwise the controller calls no hook once the masks are frozen.
     """
 
     name: ClassVar[str] = ""
@@ -84,6 +87,7 @@ class AllocationMethod:
     follows_schedule: ClassVar[bool] = False
     exact_target: ClassVar[bool] = True
     needs_validation: ClassVar[bool] = False
+    acts_after_freeze: ClassVar[bool] = False
     validation_rows: int | None = None
     start_rank: int | None = None
     calibration_batches: int = 0
@@ -110,7 +114,8 @@ class AllocationMethod:
 
     def after_optimizer_step(self, t: int, optimizer: torch.optim.Optimizer | None, update_scores: bool) -> None:
         """After ``optimizer.step()`` of step ``t``, gradients still present.  ``update_scores`` is
-        False for a step that fp16 loss scaling skipped (its gradients overflowed)."""
+        False for a step that fp16 loss scaling skipped (its gradients overflowed).  After the
+        freeze (``self.ctl.frozen``) only for a method with ``acts_after_freeze``."""
         del t, optimizer, update_scores
 
     def decide(self, t: int, update_scores: bool) -> Keep | None:

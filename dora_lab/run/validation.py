@@ -5,7 +5,8 @@ evaluation split, and the same loss with each of many components masked out.
 batch would give it (each batch weighted by what the model averages over: its rows, or for a
 causal task its predicted tokens), in eval mode, without gradients, under the run's autocast, then
 back in train mode.  ``.without(drops)`` is that loss with component ``drops[k]`` masked out, for
-every ``k``, computed on stacked copies of each batch (:func:`~dora_lab.core.adapter.dropped.
+every ``k``, and ``.alone(drops, layers)`` with ``drops[k]`` the only component of ``layers``,
+computed on stacked copies of each batch (:func:`~dora_lab.core.adapter.dropped.
 dropped_per_copy`), ``max_rows`` rows a forward; each copy's loss is the task's loss on its slice of
 the logits (cross-entropy, mean squared error for a regression head, token cross-entropy past the
 first position for a causal LM: what the models' own ``loss`` computes).
@@ -63,6 +64,15 @@ class ValidationLoss:
     @torch.no_grad()
     def without(self, drops: Sequence[tuple[RankOneLinear, int]]) -> list[float]:
         """The loss with component ``drops[k]`` (a layer, a slot) masked out, for each ``k``."""
+        return self._per_copy(drops, None)
+
+    def alone(self, drops: Sequence[tuple[RankOneLinear, int]], layers: Sequence[RankOneLinear]) -> list[float]:
+        """The loss with component ``drops[k]`` the only one of all adapter ``layers``, for each ``k``."""
+        return self._per_copy(drops, layers)
+
+    @torch.no_grad()
+    def _per_copy(self, drops: Sequence[tuple[RankOneLinear, int]],
+                  alone_in: Sequence[RankOneLinear] | None) -> list[float]:
         was_training = self.model.training
         self.model.eval()
         losses = [0.0] * len(drops)
@@ -74,7 +84,7 @@ class ValidationLoss:
                 for start in range(0, len(drops), per):
                     chunk = drops[start : start + per]
                     stacked = {k: v.repeat(len(chunk), *([1] * (v.dim() - 1))) for k, v in inputs.items()}
-                    with self.autocast, dropped_per_copy(chunk, rows):
+                    with self.autocast, dropped_per_copy(chunk, rows, alone_in):
                         logits = self.model(**stacked).logits
                     for k in range(len(chunk)):
                         losses[start + k] += weight * slice_loss(logits[k * rows : (k + 1) * rows], batch["labels"])

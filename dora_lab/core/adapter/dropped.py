@@ -8,6 +8,10 @@ the first dimension, gives copy ``k`` the output it would have with component ``
 i)`` masked out: a forward hook subtracts that component's term ``x A[i]^T coef_i B[:, i]`` (the
 layer's own ``coef = c_eff * alpha / r0``, eval mode: no dropout) from copy ``k``'s rows of the
 layer's output.  The same numbers as masking, up to float rounding.
+
+With ``alone_in`` (every adapter layer of the model) copy ``k`` keeps component ``drops[k]`` *alone*
+instead: every layer's whole update ``x A^T diag(coef) B^T`` is subtracted from every copy, and
+``drops[k]``'s term added back to copy ``k`` (ALoRA's "only r" loss, ``methods/alora.py``).
 """
 
 from __future__ import annotations
@@ -24,25 +28,31 @@ __all__ = ["dropped_per_copy"]
 
 
 @contextlib.contextmanager
-def dropped_per_copy(drops: Sequence[tuple[RankOneLinear, int]], rows: int) -> Iterator[None]:
+def dropped_per_copy(drops: Sequence[tuple[RankOneLinear, int]], rows: int,
+                     alone_in: Sequence[RankOneLinear] | None = None) -> Iterator[None]:
     """While active, copy ``k`` (rows ``k*rows`` to ``(k+1)*rows`` of a stacked batch) of every
-    forward runs without component ``drops[k]``.  The layers must be in eval mode (no dropout)."""
-    per_layer: dict[RankOneLinear, list[tuple[int, int]]] = {}
+    forward runs without component ``drops[k]`` (with ``alone_in``: with ``drops[k]`` as the only
+    component of the whole model).  The layers must be in eval mode (no dropout)."""
+    per_layer: dict[RankOneLinear, list[tuple[int, int]]] = {layer: [] for layer in alone_in or ()}
     for k, (layer, i) in enumerate(drops):
-        if layer.training:
-            raise RuntimeError("dropped_per_copy needs the model in eval mode (dropout would differ per copy)")
         per_layer.setdefault(layer, []).append((k, i))
+    if any(layer.training for layer in per_layer):
+        raise RuntimeError("dropped_per_copy needs the model in eval mode (dropout would differ per copy)")
+    sign = 1.0 if alone_in is None else -1.0  # a drop's term is subtracted; a lone one added back
 
     def hook(picks: list[tuple[int, int]]) -> Any:
         def subtract(module: RankOneLinear, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
             x = args[0]
             coef = module.effective_c() * module.scale
             out = out.clone()
+            if alone_in is not None and module.rank:  # every copy: the base output alone
+                a_all, b_all = module.A.to(x.dtype), (module.B * coef).to(x.dtype)
+                out -= ((x @ a_all.T) @ b_all.T).to(out.dtype)
             for k, i in picks:
                 part = slice(k * rows, (k + 1) * rows)
                 a = module.A[i].to(x.dtype)
                 b = (module.B[:, i] * coef[i]).to(out.dtype)
-                out[part] -= (x[part] @ a).unsqueeze(-1).to(out.dtype) * b
+                out[part] -= sign * (x[part] @ a).unsqueeze(-1).to(out.dtype) * b
             return out
         return subtract
 

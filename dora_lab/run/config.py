@@ -51,7 +51,8 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: ``train.epochs: .inf`` or ``train.lr: .nan`` is refused here, not mid-training
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TaskConfig(_Strict):
@@ -133,6 +134,14 @@ class ScheduleConfig(_Strict):
     final: float = Field(0.5, ge=0, description="t_f: a fraction of the steps if < 1, else steps")
     interval: int = Field(100, ge=1)
     compact: bool = True
+
+    @field_validator("warmup", "final")
+    @classmethod
+    def _fraction_or_steps(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"{value:g} is neither a fraction of the steps (below 1, e.g. 0.15) nor a whole "
+                             f"number of optimizer steps: write {int(value)} or {int(value) + 1} steps, or a fraction")
+        return value
 
     @model_validator(mode="after")
     def _phases_fit(self) -> ScheduleConfig:

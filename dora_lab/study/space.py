@@ -52,6 +52,7 @@ from ..run.config import (
     read_yaml,
     set_values,
 )
+from ..run.names import check_name
 from ..run.tasks import get_task
 
 __all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "StudySetup", "check_scorer_params", "db_url",
@@ -61,7 +62,7 @@ Primitive = bool | int | float | str | None
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no .inf bounds, seconds or steps
 
 
 # -- the search space ---------------------------------------------------------------------------
@@ -414,7 +415,10 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
     metric = study.metric or get_task(base.task.name).main_metric
     _check_direction(study.direction, metric)
     output_dir = Path(base.output_dir).resolve()
-    name = study.study_name(config_path)
+    name = check_name("study.name" if study.name else "study.name (default: the config file's name)",
+                      study.study_name(config_path))
+    check_name("study.experiment" if study.experiment else "study.experiment (default: the study's name)",
+               study.experiment or name)
     return StudySetup(
         config_path=Path(config_path), overrides=list(overrides), data=data, cli=cli, base=base, study=study,
         name=name, storage=study.storage_url(output_dir), tracking_uri=study.tracking(output_dir),

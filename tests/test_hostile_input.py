@@ -22,7 +22,7 @@ from tiny import COLA, make_tiny_model_dir, tiny_overrides
 from dora_lab import inject_adapters
 from dora_lab.export.checkpoint import CONFIG_NAME, save_adapter
 from dora_lab.run.config import ConfigError, load_config, read_yaml
-from dora_lab.run.config_yaml import MAX_NODES, parse_assignment
+from dora_lab.run.config_yaml import MAX_BYTES, MAX_NODES, parse_assignment
 from dora_lab.study.space import prepare
 from dora_lab.study.tracking import filter_value
 
@@ -79,6 +79,14 @@ def test_the_study_cli_refuses_an_escaping_name_with_exit_2_and_writes_nothing(t
                 cwd=root)
     _refused(proc, "study.name: '../../escaped' cannot be a name", "e.g. to 'escaped'")
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_report_refuses_an_unsafe_study_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dora_lab.report.compare import main as report_main
+
+    assert report_main(["../../x", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]) == 2
+    assert "STUDY: '../../x' cannot be a name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_mlflow_filter_values_are_quoted() -> None:
@@ -145,6 +153,13 @@ def test_an_alias_bomb_is_refused_in_milliseconds(tmp_path: Path) -> None:
         parse_assignment("report.x=[&a [1,1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], "
                          "&c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], "
                          "[*d,*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]]")
+
+
+def test_a_file_over_the_size_bound_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text(f"base: {COLA_YAML}\n" + "# padding\n" * (MAX_BYTES // 10 + 1))
+    with pytest.raises(ConfigError, match=f"more than a config may be \\({MAX_BYTES:,}\\)"):
+        read_yaml(big)
 
 
 def test_aliases_and_merge_keys_of_ordinary_size_still_work(tmp_path: Path) -> None:
@@ -235,7 +250,7 @@ def test_export_refuses_its_own_source_as_destination_and_keeps_it(tmp_path: Pat
     ("train.epochs=.inf", "train.epochs: Input should be a finite number"),
     ("train.lr=.inf", "train.lr: Input should be a finite number"),
     ("train.lr=.nan", "train.lr: Input should be a finite number"),
-    ("adapter.alpha=-.inf", "adapter.alpha"),
+    ("regularizer.weight=.inf", "regularizer.weight: Input should be a finite number"),
     ("schedule.warmup=1.5", "schedule.warmup: 1.5 is neither a fraction"),
     ("schedule.final=10.25", "schedule.final: 10.25 is neither a fraction"),
 ])

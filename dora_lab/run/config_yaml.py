@@ -134,7 +134,7 @@ class _DuplicateKey(yaml.YAMLError):
     pass
 
 
-#: Bounds on one YAML document, far above any config's (the shipped ones: < 4 KB, depth < 8, < 400
+#: Bounds on one YAML document, far above any config's (the shipped ones: at most 4 KB, 5 deep, 194
 #: values): a file past them is refused before PyYAML builds it.  ``MAX_NODES`` counts values as
 #: the config *means* them, every alias expanded: an alias bomb (``&a [*b, *b, ...]`` nested 9 deep)
 #: is a few hundred bytes and 9^9 values, which anything that walks the config (a copy, a dump, MLflow

@@ -269,6 +269,14 @@ def test_study_space_bounds_must_be_finite(tmp_path: Path) -> None:
         prepare(COLA_YAML, [f"output_dir={tmp_path}", "study.space.train.lr={type: float, low: 1.0e-4, high: .inf}"])
 
 
+def test_a_float_search_that_would_sample_fractional_step_counts_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"study.space.schedule.warmup: 1.25 does not fit .*neither a fraction"):
+        prepare(COLA_YAML, [f"output_dir={tmp_path}", "study.space.schedule.warmup={type: float, low: 0.5, high: 3}"])
+    setup = prepare(COLA_YAML, [f"output_dir={tmp_path}",  # whole steps as a float grid are fine
+                                "study.space.schedule.warmup={type: float, low: 1, high: 4, step: 1}"])
+    assert setup.study.space["schedule.warmup"].high == 4
+
+
 def test_train_refuses_inf_epochs_and_bad_run_dirs_with_exit_2_before_loading(tmp_path: Path) -> None:
     dangling = tmp_path / "link"
     dangling.symlink_to(tmp_path / "gone" / "run")

@@ -288,7 +288,7 @@ def _check_space(study: StudyConfig, plugins: list[str]) -> None:
     for key, param in study.space.items():
         where = f"study.space.{key}"
         values = param.choices if isinstance(param, CategoricalParam) else [param.low, param.high]
-        for value in values:
+        for value in [*values, *_inside(param)]:
             _check_value(where, key, value)
         if isinstance(param, FloatParam):
             adapter = _field_adapter(key)
@@ -299,6 +299,16 @@ def _check_space(study: StudyConfig, plugins: list[str]) -> None:
             if unknown:
                 raise ConfigError(f"{where}: unknown {key.split('.')[0]}(s) {unknown}; registered: "
                                   f"{', '.join(registered[key])} (add one with a plugin, config key 'plugins')")
+
+
+def _inside(param: FloatParam | IntParam | CategoricalParam) -> list[float]:
+    """Values a float search samples between its bounds (nine, or each step's up to 100), checked too:
+    a key may refuse some (``schedule.warmup`` from 0.5 to 3 would sample fractional step counts)."""
+    if not isinstance(param, FloatParam):
+        return []
+    step = param.step or (param.high - param.low) / 10
+    count = min(100, int((param.high - param.low) / step)) if step > 0 else 0
+    return [param.low + k * step for k in range(1, count)]
 
 
 def check_scorer_params(study: StudyConfig, base_scorer: str) -> None:

@@ -288,12 +288,14 @@ def _check_space(study: StudyConfig, plugins: list[str]) -> None:
     for key, param in study.space.items():
         where = f"study.space.{key}"
         values = param.choices if isinstance(param, CategoricalParam) else [param.low, param.high]
-        for value in [*values, *_inside(param)]:
+        for value in values:
             _check_value(where, key, value)
         if isinstance(param, FloatParam):
             adapter = _field_adapter(key)
             if adapter is not None and type(adapter.validate_python(float(param.low))) is int:
                 raise ConfigError(f"{where}: {key!r} takes integers; use type: int")
+        for value in _inside(param):
+            _check_value(where, key, value)
         if key in registered:
             unknown = [c for c in values if c not in registered[key]]
             if unknown:

@@ -346,6 +346,10 @@ class TrialLogger(TrainCallback):
             ("adapter_parameters_final", result.adapter_parameters_final), ("minutes", result.seconds / 60),
             ("peak_memory_mb", result.peak_memory_mb))]
         self.flush()
+        flags = {f"dora_lab.{k}": json.dumps(result.checks[k]) for k in ("still_rising", "at_majority")
+                 if k in result.checks}  # dora_lab.run.convergence: "true", "false" or "null" (not judged)
+        if flags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in flags.items()])
 
     # -- the end of a trial -------------------------------------------------------------------------
     def flush(self) -> None:

@@ -84,3 +84,22 @@ def test_a_tiny_run_at_the_majority_class_says_so(tmp_path: Path) -> None:
     assert flags["accuracy_at_majority"] is True
     assert flags["still_rising"] is False  # 0, 0, 0: flat (3 evaluations at steps 3, 6, 9)
     assert [h["step"] for h in saved["history"]] == [3.0, 6.0, 9.0]
+
+
+SST2 = COLA.parent / "sst2"
+
+
+@pytest.mark.skipif(not SST2.is_dir(), reason=f"shared SST-2 data not found at {SST2}")
+def test_the_sst2_config_runs_and_knows_its_majority_share(tmp_path: Path) -> None:
+    """configs/sst2.yaml on a tiny BERT and the shared SST-2 (whole validation split: 444 of 872
+    positive): accuracy is its metric and the majority share is the one counted from the file."""
+    model = make_tiny_model_dir(tmp_path / "bert")
+    cfg = load_config(REPO / "configs" / "sst2.yaml", [*tiny_overrides(model, tmp_path, train=64),
+                                                        f"task.data_dir={SST2}", "task.max_eval_samples=null",
+                                                        "train.max_steps=6", "train.eval_every=2"])
+    assert cfg.task.name == "sst2" and cfg.task.max_train_samples == 64
+    result = train_run(cfg, tmp_path / "run", progress=False)
+    assert result.metric_name == "accuracy" and result.checks["majority_share"] == pytest.approx(444 / 872)
+    rows = [json.loads(line) for line in (SST2 / "validation.jsonl").read_text().splitlines() if line.strip()]
+    assert sum(r["label"] for r in rows) == 444 and len(rows) == 872
+    assert result.checks["at_majority"] is (result.final_metrics["accuracy"] <= 444 / 872 + 1e-9)

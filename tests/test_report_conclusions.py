@@ -121,6 +121,7 @@ def test_seed_plan_from_a_pilot(storage: str, tmp_path: Path) -> None:
     assert _report(storage, tmp_path / "interim", "--half-width", str(h / 2)) == 0
     row = next(r for r in _csv(tmp_path / "interim" / "comparisons.csv") if "cola" in r["group"])
     assert row["plan"] == "interim: 9 more seed(s) to run" and row["planned_seeds"] == "14" and row["n"] == "5"
+    assert row["seeds_to_run"] == "5 6 7 8 9 10 11 12 13" and row["stein_low"] == "nan"
     assert "Stein's two-stage rule" in (tmp_path / "interim" / "report.md").read_text()
 
 

@@ -62,7 +62,9 @@ def planned_seeds(seeds: Sequence[int], diffs: Mapping[int, float],
     used = list(seeds[:plan.n])
     mean = statistics.fmean(diffs[s] for s in used)
     done = len(used) == plan.n
+    more = [s for s in range(max(seeds) + plan.n + 1) if s not in seeds][:plan.n - len(used)]
     return used, {"plan": "final" if done else f"interim: {plan.n - len(used)} more seed(s) to run",
+                  "seeds_to_run": " ".join(map(str, more)),
                   "pilot_sd": plan.s0, "planned_seeds": plan.n, "capped": plan.capped,
                   "stein_low": mean - plan.half_width if done else NAN,
                   "stein_high": mean + plan.half_width if done else NAN}

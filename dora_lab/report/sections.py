@@ -46,7 +46,12 @@ def conclusion_notes(options: Mapping[str, Any]) -> list[str]:
                    "The analysis uses exactly the n smallest seeds (runs beyond n are left out, so adding runs "
                    "cannot move the conclusion); *interim* means fewer than n seeds ran, not the final analysis. "
                    "Stein 95% CI: mean +- t(0.975, n0 - 1) s0 / sqrt(n), half-width at most the target "
-                   "(unless capped) and exact 95% coverage for normal differences.")
+                   "(unless capped) and exact 95% coverage for normal differences. To run the missing seeds "
+                   "(comparisons.csv `seeds_to_run`), start a second study with the same config and only those "
+                   "seeds (Optuna cannot add choices to a study's categorical `seed`): `python -m dora_lab.study "
+                   "CONFIG --set study.name=NAME_more --set 'study.space.seed={type: categorical, choices: "
+                   "[SEEDS]}'`, and report both: `python -m dora_lab.report CONFIG` with `report.include: "
+                   "[NAME_more]` (or both study names with `--storage`).")
     return out
 
 

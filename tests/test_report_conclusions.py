@@ -149,3 +149,22 @@ def test_report_block_keys_are_checked(tmp_path: Path) -> None:
         parse_report({"min_efect": 0.02}, "x.yaml")
 
 
+
+
+def test_the_sst2_scorer_study_is_a_two_task_report(tmp_path: Path) -> None:
+    """studies/ablation_scorer_sst2.yaml: 3 scorers x 5 seeds of configs/sst2.yaml's full run, its report
+    pooling the CoLA scorer ablation, with min_effect 0.02."""
+    from dora_lab.report.io import read_report_block, source_from_config
+    from dora_lab.study.space import prepare, trial_config
+
+    path = Path(__file__).resolve().parents[1] / "studies" / "ablation_scorer_sst2.yaml"
+    setup = prepare(path, [f"output_dir={tmp_path}"])
+    grid = setup.study.grid()
+    configs = [trial_config(setup.data, setup.study, {"scorer.name": s, "seed": n}) for s in grid["scorer.name"]
+               for n in grid["seed"]]
+    assert len(configs) == 15 and {c.seed for c in configs} == set(range(5))
+    assert {(c.task.name, c.task.max_train_samples, c.task.max_eval_samples, c.train.epochs) for c in configs} == {
+        ("sst2", 8551, None, 3.0)}
+    block = read_report_block(path)
+    assert block["include"] == ["ablation_scorer.yaml"] and block["min_effect"] == 0.02
+    assert source_from_config(path, [f"output_dir={tmp_path}"]).metric == "accuracy"

@@ -104,6 +104,10 @@ def test_two_tasks_power_ranks_pooled_test_and_flags(storage: str, tmp_path: Pat
                  "MDD (power 0.8)", "seeds for 0.01", "noncentral t"):
         assert text in md, text
     assert "scorer=magnitude, task=cola: has not learned" not in md
+    # each task's last evaluation in its own metric (MCC on CoLA, accuracy on SST-2)
+    last = {g["group"]: float(g["final_mean"]) for g in _csv(tmp_path / "groups.csv")}
+    assert last["scorer=magnitude, task=sst2"] == pytest.approx(444 / 872)
+    assert last["scorer=magnitude, task=cola"] == pytest.approx(statistics.mean(BASE["cola"]))
 
 
 def test_seed_plan_from_a_pilot(storage: str, tmp_path: Path) -> None:

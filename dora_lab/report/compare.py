@@ -31,7 +31,7 @@ from typing import Any
 
 from ..run.config import ConfigError, parse_assignment
 from .block import parse_report
-from .conclusions import across_tasks, planned_seeds, power_row, run_flags
+from .conclusions import across_tasks, metric_of, planned_seeds, power_row, run_flags
 from .html import write_html
 from .io import (
     Run,
@@ -121,7 +121,9 @@ def references(groups: Sequence[tuple[str, ...]], factors: Sequence[str],
 
 # -- the numbers --------------------------------------------------------------------------------
 def _value(run: Run, value: str, metric: str) -> float:
-    return float((run.metrics.get("final") or {}).get(metric, math.nan)) if value == "final" else run.value
+    if value != "final":
+        return run.value
+    return float((run.metrics.get("final") or {}).get(metric_of(run, metric), math.nan))
 
 
 def _per_seed(runs: Sequence[Run], value: str, metric: str) -> dict[int, float]:

@@ -19,7 +19,7 @@ from ..run.tasks import get_task
 from .power import min_detectable_difference, seeds_needed, stein_n
 from .stats import CONFIDENCE, PairedTest, stratified_paired_test
 
-__all__ = ["ALPHA", "across_tasks", "greater_is_better", "planned_seeds", "power_row", "run_flags"]
+__all__ = ["ALPHA", "across_tasks", "greater_is_better", "metric_of", "planned_seeds", "power_row", "run_flags"]
 
 ALPHA = 1 - CONFIDENCE
 NAN = float("nan")
@@ -29,7 +29,7 @@ def greater_is_better(task: str) -> bool:
     """The task's direction (True for an unknown task name: the report's metrics are mostly scores)."""
     try:
         return get_task(task).greater_is_better
-    except Exception:  # a task from a plugin not loaded here
+    except ValueError:  # RegistryError: a task from a plugin not loaded here
         return True
 
 
@@ -70,7 +70,7 @@ def planned_seeds(seeds: Sequence[int], diffs: Mapping[int, float],
                   "stein_high": mean + plan.half_width if done else NAN}
 
 
-def _metric_of(run: Any, metric: str) -> str:
+def metric_of(run: Any, metric: str) -> str:
     """What ``run``'s value measures: the report's metric where the run evaluated it, else the run's
     own main metric (a report over tasks: MCC on CoLA, accuracy on SST-2)."""
     return metric if metric in (run.metrics.get("final") or {}) else str(run.metrics.get("metric") or metric)
@@ -86,7 +86,7 @@ def run_flags(members: Mapping[str, Sequence[Any]], metric: str, value: str) -> 
         for r in runs:
             history = r.metrics.get("history") or []
             task = str(r.config.get("task.name", ""))
-            m = _metric_of(r, metric)
+            m = metric_of(r, metric)
             rising = still_rising([float(h[m]) for h in history if m in h],
                                   [float(h.get("step", i)) for i, h in enumerate(history) if m in h],
                                   greater_is_better(task)) if m else {"still_rising": None}

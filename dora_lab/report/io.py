@@ -26,6 +26,7 @@ from ..study.tracking import safe_url
 from . import plots as report_plots
 from . import sections
 from .block import parse_report
+from .conclusions import metric_of
 from .stats import Summary
 from .text import _ci, _int, _num, _p
 
@@ -187,7 +188,7 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
     runs = [r for members in data["members"].values() for r in members]
     group_of = {id(r): name for name, members in data["members"].items() for r in members}
     run_rows = [{"study": r.study, "trial": r.trial, "group": group_of[id(r)], "seed": r.seed, "value": r.value,
-                 "final": (r.metrics.get("final") or {}).get(data["metric_key"], math.nan),
+                 "final": (r.metrics.get("final") or {}).get(metric_of(r, data["metric_key"]), math.nan),
                  "components": sum(r.allocation.values()) if r.allocation else None,
                  "adapter_parameters_final": r.metrics.get("adapter_parameters_final"),
                  "minutes": r.minutes, "mlflow_run_id": r.mlflow_run_id} for r in runs]

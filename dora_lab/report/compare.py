@@ -309,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sources = _sources(args)
         first = sources[0]
+        options = _options(first.report, args)  # its mistakes before any study is read
         reference = first.report.get("reference", {})
         if args.reference:
             reference = dict(parse_assignment(r, "--reference") for r in args.reference)
@@ -333,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             first_group = min({tuple(r.factor(f) for f in arm_factors) for r in runs}, key=_sort_key)
             reference = dict(zip(arm_factors, first_group, strict=True))
         key = metric if metric != "objective" else str(runs[0].metrics.get("metric", ""))
-        data = build(runs, factors, reference, args.value, key, _options(first.report, args))
+        data = build(runs, factors, reference, args.value, key, options)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -126,7 +126,12 @@ def test_seed_plan_from_a_pilot(storage: str, tmp_path: Path) -> None:
     row = next(r for r in _csv(tmp_path / "interim" / "comparisons.csv") if "cola" in r["group"])
     assert row["plan"] == "interim: 9 more seed(s) to run" and row["planned_seeds"] == "14" and row["n"] == "5"
     assert row["seeds_to_run"] == "5 6 7 8 9 10 11 12 13" and row["stein_low"] == "nan"
-    assert "Stein's two-stage rule" in (tmp_path / "interim" / "report.md").read_text()
+    md = (tmp_path / "interim" / "report.md").read_text()
+    assert "Stein's two-stage rule" in md
+    todo = sorted({int(x) for r in _csv(tmp_path / "interim" / "comparisons.csv") for x in r["seeds_to_run"].split()})
+    assert todo == list(range(5, 20))  # SST-2's plan asks for the cap, 20 seeds: every comparison's seeds
+    assert ("`python -m dora_lab.study CONFIG --set study.name=s_cola_more --set 'study.space.seed={type: "
+            f"categorical, choices: [{', '.join(map(str, todo))}]}}'`") in md
 
 
 @pytest.mark.parametrize("flags,message", [

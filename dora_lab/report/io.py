@@ -266,7 +266,7 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
                "(no normality assumed; up to 10 pairs). Its smallest possible value is 2 / 2^n "
                f"({_p(2 / 2 ** pairs) if pairs else 'n/a'} for n = {pairs}): below 6 pairs it cannot reach 0.05, "
                "whatever the data. A paired-t p far below that floor rests on the t-test's normality assumption.",
-               *sections.conclusion_notes(data.get("options") or {}), ""]
+               *sections.conclusion_notes(data.get("options") or {}, comparisons, sources[0]), ""]
     else:
         md += ["No comparison: " + ("a single group." if len(groups) < 2 else "see Notes."), ""]
     md += [*sections.flags_section(data), *sections.tasks_section(data), "## Agreement between scorers", ""]

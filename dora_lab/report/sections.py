@@ -5,7 +5,7 @@ The numbers come from :mod:`.conclusions` (through :func:`.compare.build`); form
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..study.tables import markdown_table
@@ -26,8 +26,10 @@ def comparison_cells(c: Mapping[str, Any], options: Mapping[str, Any]) -> dict[s
     return cells
 
 
-def conclusion_notes(options: Mapping[str, Any]) -> list[str]:
-    """The bullets under the comparisons table that say how the power columns and the plan are made."""
+def conclusion_notes(options: Mapping[str, Any], comparisons: Sequence[Mapping[str, Any]] = (),
+                     source: Any = None) -> list[str]:
+    """The bullets under the comparisons table that say how the power columns and the plan are made
+    (and, when the plan wants more seeds, the command that runs them for the first study)."""
     power = options.get("power") or 0.8
     out = [f"- MDD (power {power:g}): the minimum detectable difference, the true mean difference the two-sided "
            f"paired t-test at alpha 0.05 (unadjusted) detects with probability {power:g} at this comparison's "
@@ -52,6 +54,13 @@ def conclusion_notes(options: Mapping[str, Any]) -> list[str]:
                    "CONFIG --set study.name=NAME_more --set 'study.space.seed={type: categorical, choices: "
                    "[SEEDS]}'`, and report both: `python -m dora_lab.report CONFIG` with `report.include: "
                    "[NAME_more]` (or both study names with `--storage`).")
+        todo = sorted({int(x) for c in comparisons for x in str(c.get("seeds_to_run") or "").split()})
+        if todo and source is not None:
+            config = source.path or "CONFIG"
+            out.append(f"- **To reach the planned seeds**: `python -m dora_lab.study {config} --set "
+                       f"study.name={source.name}_more --set 'study.space.seed={{type: categorical, choices: "
+                       f"[{', '.join(map(str, todo))}]}}'`, then this report with `report.include: "
+                       f"[{source.name}_more]`.")
     return out
 
 

@@ -28,7 +28,7 @@ from . import sections
 from .block import parse_report
 from .conclusions import metric_of
 from .stats import Summary
-from .text import _ci, _int, _num, _p
+from .text import fmt_ci, fmt_int, fmt_num, fmt_p
 
 __all__ = ["Run", "Source", "fmt", "load_runs", "log_to_mlflow", "mlflow_parent", "read_report_block", "render",
            "source_from_config"]
@@ -228,12 +228,12 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
         md += ["`final_rank` is measured: the average active rank per adapted matrix at the end "
                "(allocation.json).", ""]
     md += ["## Results per group", "",
-           markdown_table([{"group": g["group"], "n": g["n"], "mean": _num(g["mean"]), "sd": _num(g["sd"]),
-                            "95% CI": _ci(g["ci_low"], g["ci_high"]), "min": _num(g["min"]), "max": _num(g["max"]),
-                            "last eval (mean)": _num(g["final_mean"]),
-                            "trainable params": _int(g["trainable_parameters"]),
-                            "adapter params (final)": _int(g["adapter_parameters_final"]),
-                            "components": _int(g["active_components"]), "min/run": _num(g["minutes"], 2),
+           markdown_table([{"group": g["group"], "n": g["n"], "mean": fmt_num(g["mean"]), "sd": fmt_num(g["sd"]),
+                            "95% CI": fmt_ci(g["ci_low"], g["ci_high"]), "min": fmt_num(g["min"]), "max": fmt_num(g["max"]),
+                            "last eval (mean)": fmt_num(g["final_mean"]),
+                            "trainable params": fmt_int(g["trainable_parameters"]),
+                            "adapter params (final)": fmt_int(g["adapter_parameters_final"]),
+                            "components": fmt_int(g["active_components"]), "min/run": fmt_num(g["minutes"], 2),
                             "seeds": g["seeds"]} for g in groups]),
            "![metric by group](metric_by_group.png)", "",
            "sd is the sample standard deviation (n - 1). 95% CI: the two-sided Student-t interval for the mean, "
@@ -251,9 +251,9 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
                "have the same shapes); the difference is "
                "group - reference.", "",
                markdown_table([{"group": c["group"], "reference": c["reference"], "pairs": c["n"],
-                                "mean diff": _num(c["mean_diff"]), "95% CI": _ci(c["ci_low"], c["ci_high"]),
-                                "t (df)": f"{_num(c['t'], 3)} ({c['df']})", "p (paired t)": _p(c["p_t"]),
-                                "p (Holm)": _p(c["p_holm"]), "p (sign-flip, exact)": _p(c["p_sign_flip"]),
+                                "mean diff": fmt_num(c["mean_diff"]), "95% CI": fmt_ci(c["ci_low"], c["ci_high"]),
+                                "t (df)": f"{fmt_num(c['t'], 3)} ({c['df']})", "p (paired t)": fmt_p(c["p_t"]),
+                                "p (Holm)": fmt_p(c["p_holm"]), "p (sign-flip, exact)": fmt_p(c["p_sign_flip"]),
                                 **sections.comparison_cells(c, data.get("options") or {})}
                                for c in comparisons]),
                "- 95% CI: the Student-t interval of the mean paired difference.",
@@ -264,7 +264,7 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
                "- p (sign-flip, exact): two-sided permutation test over all 2^n sign assignments of the n "
                "differences "
                "(no normality assumed; up to 10 pairs). Its smallest possible value is 2 / 2^n "
-               f"({_p(2 / 2 ** pairs) if pairs else 'n/a'} for n = {pairs}): below 6 pairs it cannot reach 0.05, "
+               f"({fmt_p(2 / 2 ** pairs) if pairs else 'n/a'} for n = {pairs}): below 6 pairs it cannot reach 0.05, "
                "whatever the data. A paired-t p far below that floor rests on the t-test's normality assumption.",
                *sections.conclusion_notes(data.get("options") or {}, comparisons, sources[0]), ""]
     else:
@@ -290,9 +290,9 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
            "The budget the schedule allowed at every optimizer step (budget.json), one run per group.", "",
            "## Runs", "",
            markdown_table([{"study": r["study"], "trial": r["trial"], "group": r["group"], "seed": r["seed"],
-                            "value": _num(r["value"]), "last eval": _num(r["final"]),
+                            "value": fmt_num(r["value"]), "last eval": fmt_num(r["final"]),
                             "components": r["components"], "adapter params": r["adapter_parameters_final"],
-                            "minutes": _num(r["minutes"], 2), "MLflow run": r["mlflow_run_id"]} for r in run_rows]),
+                            "minutes": fmt_num(r["minutes"], 2), "MLflow run": r["mlflow_run_id"]} for r in run_rows]),
            "## Notes", ""]
     notes = [f"trial {s['trial']} of `{s['study']}`: {s['state']}" + (f" ({s['reason']})" if s["reason"] else "")
              for s in skipped] + list(data["notes"])

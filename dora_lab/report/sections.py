@@ -9,20 +9,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..study.tables import markdown_table
-from .text import _ci, _num, _p
+from .text import fmt_ci, fmt_num, fmt_p
 
 __all__ = ["comparison_cells", "conclusion_notes", "flags_section", "tasks_section"]
 
 
 def comparison_cells(c: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, str]:
     """The power (and plan) cells of one row of the paired-comparisons table."""
-    cells = {f"MDD (power {c['power']:g})": _num(c["mdd"])}
+    cells = {f"MDD (power {c['power']:g})": fmt_num(c["mdd"])}
     if options.get("min_effect"):
         need = c["seeds_for_min_effect"]
         cells[f"seeds for {options['min_effect']:g}"] = "n/a" if math.isnan(need) else f"{need:.0f}"
     if options.get("half_width"):
         cells["seed plan"] = f"{c.get('planned_seeds', 'n/a')} ({c['plan']})"
-        cells["Stein 95% CI"] = _ci(c.get("stein_low", math.nan), c.get("stein_high", math.nan))
+        cells["Stein 95% CI"] = fmt_ci(c.get("stein_low", math.nan), c.get("stein_high", math.nan))
     return cells
 
 
@@ -106,7 +106,7 @@ def tasks_section(data: Mapping[str, Any]) -> list[str]:
                "noisier task would set the variance of both and a task with more seeds would weigh more. With "
                "one task it is the paired t-test. Every task needs 2 seeds or more.", "",
                markdown_table([{"group": r["group"], "reference": r["reference"], "tasks": r["tasks"],
-                                "pairs": r["pairs"], "D": _num(r["mean_diff"]), "95% CI": _ci(r["ci_low"], r["ci_high"]),
-                                "t (df)": f"{_num(r['t'], 3)} ({_num(r['df'], 1)})", "p": _p(r["p_t"])}
+                                "pairs": r["pairs"], "D": fmt_num(r["mean_diff"]), "95% CI": fmt_ci(r["ci_low"], r["ci_high"]),
+                                "t (df)": f"{fmt_num(r['t'], 3)} ({fmt_num(r['df'], 1)})", "p": fmt_p(r["p_t"])}
                                for r in tasks["pooled"]])]
     return md

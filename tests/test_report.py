@@ -11,6 +11,7 @@ import base64
 import csv
 import html
 import itertools
+import json
 import math
 import os
 import re
@@ -162,6 +163,15 @@ def test_scorer_ablation_report(env: dict[str, Any]) -> None:
     assert {"report/report.md", "report/groups.csv", "report/comparisons.csv", "report/metric_by_group.png",
             "report/allocation.png", "report/budget.png"} <= logged
     assert client.get_run(parent.info.run_id).data.tags["dora_lab.report"] == "report/report.md"
+    # the convergence flags: in every run's metrics.json, as tags of its MLflow run, per run in flags.csv
+    children = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("dora_lab.role") != "study"]
+    assert len(children) == 6
+    for child in children:
+        checks = yaml.safe_load((Path(child.data.tags["dora_lab.run_dir"]) / "metrics.json").read_text())["checks"]
+        # (one evaluation a run here, the study's eval_every 100 > 12 steps: still_rising is not judged, null)
+        assert child.data.tags["dora_lab.still_rising"] == json.dumps(checks["still_rising"])
+        assert child.data.tags["dora_lab.at_majority"] == json.dumps(checks["at_majority"])
+    assert len(read_csv(out / "flags.csv")) == 6 and "## Convergence and learning" in md
 
     # by study name and storage: the same groups
     again = env["root"] / "by-name"

@@ -294,3 +294,16 @@ def test_tables_and_safe_urls(tmp_path: Path) -> None:
     assert "ValueError: a/b" in markdown_table(rows)
     assert safe_url("postgresql://dora:secret@127.0.0.1:5432/db") == "postgresql://dora:***@127.0.0.1:5432/db"
     assert safe_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+
+
+def test_the_convergence_flags_are_tags_of_the_trials_run(tracker: StudyTracker, tmp_path: Path) -> None:
+    """metrics.json's checks (dora_lab.run.convergence) become tags, so the MLflow runs table can filter
+    on them (tags.`dora_lab.still_rising` = 'true'); a flag not judged is 'null'."""
+    logger = tracker.start_trial(tracker.parent_run(UID), 8, RunConfig(), tmp_path)
+    logger.on_train_begin(_info(tmp_path))
+    logger.on_train_end(RunResult("matthews_correlation", 0.3, 6, {"matthews_correlation": 0.3}, steps=6,
+                                  checks={"still_rising": True, "at_majority": None, "window": 3}))
+    logger.finish("COMPLETE", value=0.3)
+    tags = MlflowClient(tracker.uri).get_run(logger.run_id).data.tags
+    assert tags["dora_lab.still_rising"] == "true" and tags["dora_lab.at_majority"] == "null"
+    assert "dora_lab.window" not in tags

@@ -25,13 +25,15 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..run.config import ConfigError, apply_overrides, parse_assignment, read_yaml
 from ..run.config_yaml import plugins_origin
 from ..run.names import check_name
+from .block import parse_report
+from .conclusions import across_tasks, metric_of, planned_seeds, power_row, run_flags
 from .html import write_html
 from .io import (
     Run,
@@ -49,6 +51,7 @@ from .stats import describe, holm, kendall_tau, paired_test, top_k_overlap
 __all__ = ["Run", "Source", "build", "detect_factors", "load_runs", "main", "read_report_block", "references",
            "source_from_config"]
 
+TASK = "task.name"  # a factor that makes strata: per-task tables, mean ranks, a stratified test
 NOT_FACTORS = {"seed", "output_dir", "task.data_dir", "model.device", "plugins", "train.save_adapter"}
 DERIVED = ("final_rank",)
 
@@ -120,7 +123,9 @@ def references(groups: Sequence[tuple[str, ...]], factors: Sequence[str],
 
 # -- the numbers --------------------------------------------------------------------------------
 def _value(run: Run, value: str, metric: str) -> float:
-    return float((run.metrics.get("final") or {}).get(metric, math.nan)) if value == "final" else run.value
+    if value != "final":
+        return run.value
+    return float((run.metrics.get("final") or {}).get(metric_of(run, metric), math.nan))
 
 
 def _per_seed(runs: Sequence[Run], value: str, metric: str) -> dict[int, float]:
@@ -134,8 +139,16 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def build(runs: Sequence[Run], factors: Sequence[str], reference: dict[str, Any], value: str = "objective",
-          metric: str = "") -> dict[str, Any]:
-    """Everything the report shows, as plain rows (no files written)."""
+          metric: str = "", options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything the report shows, as plain rows (no files written).  ``options``: the report block
+    (``min_effect``, ``power``, ``half_width``, ``pilot_seeds``, ``max_seeds``; :mod:`.conclusions`)."""
+    options = options or {}
+    task_at = factors.index(TASK) if TASK in factors else None
+    arm_factors = [f for f in factors if f != TASK]
+
+    def arm(g: tuple[str, ...]) -> str:  # the group without its task
+        return label(arm_factors, [v for i, v in enumerate(g) if i != task_at]) if arm_factors else "all runs"
+
     groups: dict[tuple[str, ...], list[Run]] = {}
     for r in runs:
         groups.setdefault(tuple(r.factor(f) for f in factors), []).append(r)
@@ -155,8 +168,10 @@ def build(runs: Sequence[Run], factors: Sequence[str], reference: dict[str, Any]
             "adapter_parameters_final": _mean([r.metrics.get("adapter_parameters_final", math.nan) for r in rs]),
             "active_components": _mean([sum(r.allocation.values()) if r.allocation else math.nan for r in rs]),
             "minutes": _mean([r.minutes for r in rs]), "seeds": " ".join(str(r.seed) for r in rs),
-            "values": [_value(r, value, metric) for r in rs], "is_reference": g not in pairs})
+            "values": [_value(r, value, metric) for r in rs], "is_reference": g not in pairs,
+            **({"arm": arm(g)} if task_at is not None else {})})
     comparisons = []
+    arms: dict[tuple[str, str], list[tuple[str, list[float], list[float]]]] = {}
     for g in keys:
         if g not in pairs:
             continue
@@ -169,18 +184,25 @@ def build(runs: Sequence[Run], factors: Sequence[str], reference: dict[str, Any]
         if not seeds:
             notes.append(f"{label(factors, g)} vs {label(factors, ref)}: no seed in common; not compared")
             continue
+        seeds, plan = planned_seeds(seeds, {s: x[s] - y[s] for s in seeds}, options)
         test = paired_test([x[s] for s in seeds], [y[s] for s in seeds])
         comparisons.append({"group": label(factors, g), "reference": label(factors, ref), "seeds":
-                            " ".join(map(str, seeds)), **{k: getattr(test, k) for k in test.__dataclass_fields__}})
+                            " ".join(map(str, seeds)), **{k: getattr(test, k) for k in test.__dataclass_fields__},
+                            **power_row(test, options), **plan})
+        if task_at is not None:
+            arms.setdefault((arm(g), arm(ref)), []).append((g[task_at], [x[s] for s in seeds], [y[s] for s in seeds]))
     for row, p in zip(comparisons, holm([c["p_t"] for c in comparisons]), strict=True):
         row["p_holm"] = p
     if all(len(groups[g]) == 1 for g in keys) and len(keys) > 1:
         notes.append("every group holds a single run: no spread, no test. Ablations need replicates: a grid "
                      "over the factors and `seed`")
     agreement = _agreement(groups, keys, factors, notes)
+    members = {label(factors, g): sorted(groups[g], key=lambda r: (r.seed, r.study, r.trial)) for g in keys}
+    flags, warnings = run_flags(members, metric, value)
+    tasks = across_tasks(group_rows, arms) if task_at is not None and len({g[task_at] for g in keys}) > 1 else None
     return {"groups": group_rows, "comparisons": comparisons, "agreement": agreement, "notes": notes,
-            "metric_key": metric,
-            "members": {label(factors, g): sorted(groups[g], key=lambda r: (r.seed, r.study, r.trial)) for g in keys}}
+            "metric_key": metric, "flags": flags, "warnings": warnings, "tasks": tasks, "options": dict(options),
+            "members": members}
 
 
 def _agreement(groups: dict[tuple[str, ...], list[Run]], keys: Sequence[tuple[str, ...]],
@@ -279,6 +301,13 @@ def _check_plugins(path: Path, args: argparse.Namespace, trusted: set[str], incl
     print(f"report: runs plugins listed in {origin}: {', '.join(plugins)}", file=sys.stderr)
 
 
+def _options(block: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The report block's power and planning keys, the command line's flags winning."""
+    flags = {k: getattr(args, k) for k in ("min_effect", "half_width", "pilot_seeds", "max_seeds")}
+    merged = {**block, **{k: v for k, v in flags.items() if v is not None}}
+    return parse_report(merged, "the report block with the command line's flags").model_dump()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dora_lab.report",
                                      description="Ablation reports (Markdown, CSV, PNG) from finished studies.")
@@ -297,6 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--experiment", default=None, help="MLflow experiment, when STUDY is a study name")
     parser.add_argument("--metric", default=None, help="the study's metric, when STUDY is a study name "
                         "(default: the MLflow parent run's optuna.metric tag)")
+    parser.add_argument("--min-effect", type=float, default=None,
+                        help="the difference worth detecting: seeds needed per comparison (report.min_effect)")
+    parser.add_argument("--half-width", type=float, default=None,
+                        help="plan the seeds from a pilot for a 95%% interval this narrow (report.half_width)")
+    parser.add_argument("--pilot-seeds", type=int, default=None, help="pilot size (report.pilot_seeds, 3)")
+    parser.add_argument("--max-seeds", type=int, default=None, help="cap on the planned seeds (report.max_seeds, 20)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not look up or log to MLflow")
     parser.add_argument("--trust-plugins", action="store_true", help="also run plugins that only a base: file or "
                         "an included config lists (by default only the named config's plugins run)")
@@ -304,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sources = _sources(args)
         first = sources[0]
+        options = _options(first.report, args)  # its mistakes before any study is read
         reference = first.report.get("reference", {})
         if args.reference:
             reference = dict(parse_assignment(r, "--reference") for r in args.reference)
@@ -323,11 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parents = {s.name: ("--no-mlflow" if args.no_mlflow else mlflow_parent(s)) for s in sources}
         metric: str = first.metric or next((p[2]["optuna.metric"] for p in parents.values()
                                             if not isinstance(p, str) and p[2].get("optuna.metric")), "objective")
-        if not reference and factors:
-            first_group = min({tuple(r.factor(f) for f in factors) for r in runs}, key=_sort_key)
-            reference = dict(zip(factors, first_group, strict=True))
+        if not reference and [f for f in factors if f != TASK]:  # every task has its own reference group
+            arm_factors = [f for f in factors if f != TASK]
+            first_group = min({tuple(r.factor(f) for f in arm_factors) for r in runs}, key=_sort_key)
+            reference = dict(zip(arm_factors, first_group, strict=True))
         key = metric if metric != "objective" else str(runs[0].metrics.get("metric", ""))
-        data = build(runs, factors, reference, args.value, key)
+        data = build(runs, factors, reference, args.value, key, options)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -21,11 +21,15 @@ import scipy
 import yaml
 from scipy import stats as sps
 
-from ..run.config import ConfigError, flatten, parse_report, read_yaml
+from ..run.config import ConfigError, flatten, read_yaml
 from ..study.tables import markdown_table, write_csv
 from ..study.tracking import safe_url
 from . import plots as report_plots
+from . import sections
+from .block import parse_report
+from .conclusions import metric_of
 from .stats import Summary
+from .text import fmt_ci, fmt_int, fmt_num, fmt_p
 
 __all__ = ["Run", "Source", "fmt", "load_runs", "log_to_mlflow", "mlflow_parent", "read_report_block", "render",
            "source_from_config"]
@@ -140,30 +144,9 @@ def load_runs(source: Source) -> tuple[list[Run], list[dict[str, Any]], set[str]
 
 
 # -- out: the files ------------------------------------------------------------------------------
-FILES = ("groups.csv", "comparisons.csv", "agreement.csv", "runs.csv", "metric_by_group.png", "allocation.png",
+FILES = ("groups.csv", "comparisons.csv", "agreement.csv", "runs.csv", "flags.csv", "ranks.csv", "pooled.csv",
+         "metric_by_group.png", "allocation.png",
          "budget.png")
-
-
-def _num(v: Any, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-
-
-def _p(v: float) -> str:
-    if math.isnan(v):
-        return "n/a"
-    return "< 0.0001" if v < 1e-4 else f"{v:.4f}"
-
-
-def _int(v: float) -> str:
-    return "n/a" if math.isnan(v) else f"{v:,.0f}"
-
-
-def _ci(low: float, high: float) -> str:
-    return "n/a" if math.isnan(low) else f"[{low:.4f}, {high:.4f}]"
 
 
 def _agreement_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -211,7 +194,7 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
     runs = [r for members in data["members"].values() for r in members]
     group_of = {id(r): name for name, members in data["members"].items() for r in members}
     run_rows = [{"study": r.study, "trial": r.trial, "group": group_of[id(r)], "seed": r.seed, "value": r.value,
-                 "final": (r.metrics.get("final") or {}).get(data["metric_key"], math.nan),
+                 "final": (r.metrics.get("final") or {}).get(metric_of(r, data["metric_key"]), math.nan),
                  "components": sum(r.allocation.values()) if r.allocation else None,
                  "adapter_parameters_final": r.metrics.get("adapter_parameters_final"),
                  "minutes": r.minutes, "mlflow_run_id": r.mlflow_run_id} for r in runs]
@@ -220,6 +203,10 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
     write_csv(comparisons, out / "comparisons.csv")
     write_csv(agreement, out / "agreement.csv")
     write_csv(run_rows, out / "runs.csv")
+    write_csv(data.get("flags") or [], out / "flags.csv")
+    if data.get("tasks"):
+        write_csv(data["tasks"]["ranks"], out / "ranks.csv")
+        write_csv(data["tasks"]["pooled"], out / "pooled.csv")
     _pictures(data, out, metric, {g["group"] for g in groups if g["is_reference"] and comparisons})
     objective = {"best": "the best validation evaluation once pruning had ended (`study.objective: best`)",
                  "final": "the last validation evaluation (`study.objective: final`)"}
@@ -247,12 +234,12 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
         md += ["`final_rank` is measured: the average active rank per adapted matrix at the end "
                "(allocation.json).", ""]
     md += ["## Results per group", "",
-           markdown_table([{"group": g["group"], "n": g["n"], "mean": _num(g["mean"]), "sd": _num(g["sd"]),
-                            "95% CI": _ci(g["ci_low"], g["ci_high"]), "min": _num(g["min"]), "max": _num(g["max"]),
-                            "last eval (mean)": _num(g["final_mean"]),
-                            "trainable params": _int(g["trainable_parameters"]),
-                            "adapter params (final)": _int(g["adapter_parameters_final"]),
-                            "components": _int(g["active_components"]), "min/run": _num(g["minutes"], 2),
+           markdown_table([{"group": g["group"], "n": g["n"], "mean": fmt_num(g["mean"]), "sd": fmt_num(g["sd"]),
+                            "95% CI": fmt_ci(g["ci_low"], g["ci_high"]), "min": fmt_num(g["min"]), "max": fmt_num(g["max"]),
+                            "last eval (mean)": fmt_num(g["final_mean"]),
+                            "trainable params": fmt_int(g["trainable_parameters"]),
+                            "adapter params (final)": fmt_int(g["adapter_parameters_final"]),
+                            "components": fmt_int(g["active_components"]), "min/run": fmt_num(g["minutes"], 2),
                             "seeds": g["seeds"]} for g in groups]),
            "![metric by group](metric_by_group.png)", "",
            "sd is the sample standard deviation (n - 1). 95% CI: the two-sided Student-t interval for the mean, "
@@ -270,9 +257,10 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
                "have the same shapes); the difference is "
                "group - reference.", "",
                markdown_table([{"group": c["group"], "reference": c["reference"], "pairs": c["n"],
-                                "mean diff": _num(c["mean_diff"]), "95% CI": _ci(c["ci_low"], c["ci_high"]),
-                                "t (df)": f"{_num(c['t'], 3)} ({c['df']})", "p (paired t)": _p(c["p_t"]),
-                                "p (Holm)": _p(c["p_holm"]), "p (sign-flip, exact)": _p(c["p_sign_flip"])}
+                                "mean diff": fmt_num(c["mean_diff"]), "95% CI": fmt_ci(c["ci_low"], c["ci_high"]),
+                                "t (df)": f"{fmt_num(c['t'], 3)} ({c['df']})", "p (paired t)": fmt_p(c["p_t"]),
+                                "p (Holm)": fmt_p(c["p_holm"]), "p (sign-flip, exact)": fmt_p(c["p_sign_flip"]),
+                                **sections.comparison_cells(c, data.get("options") or {})}
                                for c in comparisons]),
                "- 95% CI: the Student-t interval of the mean paired difference.",
                "- p (paired t): two-sided paired t-test (scipy.stats.ttest_rel) of mean difference = 0.",
@@ -282,11 +270,12 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
                "- p (sign-flip, exact): two-sided permutation test over all 2^n sign assignments of the n "
                "differences "
                "(no normality assumed; up to 10 pairs). Its smallest possible value is 2 / 2^n "
-               f"({_p(2 / 2 ** pairs) if pairs else 'n/a'} for n = {pairs}): below 6 pairs it cannot reach 0.05, "
-               "whatever the data. A paired-t p far below that floor rests on the t-test's normality assumption.", ""]
+               f"({fmt_p(2 / 2 ** pairs) if pairs else 'n/a'} for n = {pairs}): below 6 pairs it cannot reach 0.05, "
+               "whatever the data. A paired-t p far below that floor rests on the t-test's normality assumption.",
+               *sections.conclusion_notes(data.get("options") or {}, comparisons, sources[0]), ""]
     else:
         md += ["No comparison: " + ("a single group." if len(groups) < 2 else "see Notes."), ""]
-    md += ["## Agreement between scorers", ""]
+    md += [*sections.flags_section(data), *sections.tasks_section(data), "## Agreement between scorers", ""]
     if agreement:
         md += ["Which components do scorers rank high? From each run's scores.json: the score of every component "
                "(all layers) at the last pruning decision. Kendall's tau-b (scipy.stats.kendalltau) over all "
@@ -307,9 +296,9 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
            "The budget the schedule allowed at every optimizer step (budget.json), one run per group.", "",
            "## Runs", "",
            markdown_table([{"study": r["study"], "trial": r["trial"], "group": r["group"], "seed": r["seed"],
-                            "value": _num(r["value"]), "last eval": _num(r["final"]),
+                            "value": fmt_num(r["value"]), "last eval": fmt_num(r["final"]),
                             "components": r["components"], "adapter params": r["adapter_parameters_final"],
-                            "minutes": _num(r["minutes"], 2), "MLflow run": r["mlflow_run_id"]} for r in run_rows]),
+                            "minutes": fmt_num(r["minutes"], 2), "MLflow run": r["mlflow_run_id"]} for r in run_rows]),
            "## Notes", ""]
     notes = [f"trial {s['trial']} of `{s['study']}`: {s['state']}" + (f" ({s['reason']})" if s["reason"] else "")
              for s in skipped] + list(data["notes"])
@@ -317,8 +306,8 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
         logged = f"these files are logged to the study's parent run {parent[1]} under report/" \
             if not isinstance(parent, str) else f"not logged ({parent})"
         notes.append(f"MLflow `{name}`: {logged}")
-    md += [f"- {n}" for n in notes] + ["", "Tables (unrounded): " + ", ".join(f for f in FILES if f.endswith(".csv")),
-                                       ""]
+    tables = [f for f in FILES if f.endswith(".csv") and (out / f).is_file()]
+    md += [f"- {n}" for n in notes] + ["", "Tables (unrounded): " + ", ".join(tables), ""]
     (out / "report.md").write_text("\n".join(md))
     return out / "report.md"
 

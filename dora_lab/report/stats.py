@@ -5,6 +5,8 @@
 - :func:`paired_test`: differences ``x - y`` paired by seed; their mean, a t-interval for it, the
   paired t-test (:func:`scipy.stats.ttest_rel`, two-sided) and, as a check that does not assume
   normal differences, the exact two-sided sign-flip permutation p-value (:func:`sign_flip_p`).
+- :func:`stratified_paired_test`: one paired comparison over several tasks (strata) x seeds: the
+  equally weighted mean of the per-task mean differences, its Welch-Satterthwaite t (see there).
 - :func:`holm`: Holm's step-down adjustment of several p-values (family-wise error rate).
 - :func:`kendall_tau` and :func:`top_k_overlap`: how alike two scorers rank the same components;
   scores are ``{layer: [score of each original component]}`` as in a run's ``scores.json``.
@@ -28,6 +30,7 @@ from scipy import stats
 __all__ = [
     "CONFIDENCE",
     "PairedTest",
+    "StratifiedTest",
     "Summary",
     "aligned_scores",
     "describe",
@@ -35,6 +38,7 @@ __all__ = [
     "kendall_tau",
     "paired_test",
     "sign_flip_p",
+    "stratified_paired_test",
     "t_interval",
     "top_k_overlap",
 ]
@@ -121,6 +125,48 @@ def paired_test(x: Sequence[float], y: Sequence[float], confidence: float = CONF
         t, p = float(res.statistic), float(res.pvalue)
     return PairedTest(n=n, mean_diff=mean, sd_diff=sd, ci_low=low, ci_high=high, t=t, df=n - 1, p_t=p,
                       p_sign_flip=sign_flip_p(d, max_exact))
+
+
+@dataclass(frozen=True)
+class StratifiedTest:
+    strata: int  # tasks
+    n: int  # pairs over all tasks
+    mean_diff: float  # the mean over tasks of each task's mean difference (every task weighs the same)
+    se: float
+    ci_low: float
+    ci_high: float
+    t: float
+    df: float  # Welch-Satterthwaite degrees of freedom (not an integer)
+    p_t: float
+
+
+def stratified_paired_test(strata: Sequence[tuple[Sequence[float], Sequence[float]]],
+                           confidence: float = CONFIDENCE) -> StratifiedTest:
+    """Paired differences over several tasks, tested as one effect: the average over the ``K`` tasks
+    of task ``k``'s mean difference ``m_k`` (``n_k`` seeds, sd ``s_k``), ``D = sum(m_k) / K``, with
+    ``var(D) = sum(v_k) / K^2``, ``v_k = s_k^2 / n_k`` and the Welch-Satterthwaite degrees of
+    freedom ``(sum v_k)^2 / sum(v_k^2 / (n_k - 1))``; two-sided t-test and t-interval.  Stratified,
+    not pooled: the tasks' metrics differ in scale and spread (MCC on CoLA, accuracy on SST-2), so
+    each task keeps its own variance and counts once whatever its seeds.  With one task it is the
+    paired t-test exactly.  Every task needs 2 pairs or more (NaN otherwise)."""
+    diffs = [np.asarray(x, dtype=float) - np.asarray(y, dtype=float) for x, y in strata]
+    k, n = len(diffs), sum(int(d.size) for d in diffs)
+    if k == 0 or any(d.size < 2 for d in diffs):
+        return StratifiedTest(k, n, _mean_of([float(d.mean()) for d in diffs if d.size]), NAN, NAN, NAN, NAN, NAN,
+                              NAN)
+    v = np.array([d.var(ddof=1) / d.size for d in diffs])
+    mean = float(np.mean([d.mean() for d in diffs]))
+    se = float(math.sqrt(v.sum()) / k)
+    if se <= 1e-15:
+        return StratifiedTest(k, n, mean, se, mean, mean, NAN, NAN, NAN)
+    df = float(v.sum() ** 2 / sum(vk ** 2 / (d.size - 1) for vk, d in zip(v, diffs, strict=True)))
+    half = float(stats.t.ppf((1 + confidence) / 2, df)) * se
+    t = mean / se
+    return StratifiedTest(k, n, mean, se, mean - half, mean + half, t, df, float(2 * stats.t.sf(abs(t), df)))
+
+
+def _mean_of(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if values else NAN
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

@@ -49,6 +49,7 @@ class RunResult:
     peak_memory_mb: float = 0.0  # dora_lab.run.memory: CUDA allocator peak, or the process's peak RSS
     peak_memory_source: str = ""
     data: dict[str, dict[str, int]] = field(default_factory=dict)  # causal tasks: per split, prompts cut...
+    checks: dict[str, Any] = field(default_factory=dict)  # dora_lab.run.convergence: still rising, at majority
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -65,6 +66,8 @@ class RunResult:
             "peak_memory_source": self.peak_memory_source,
             "run_dir": str(self.run_dir) if self.run_dir else None,
         }
+        if self.checks:
+            out["checks"] = self.checks
         if self.data:  # a causal task: examples, prompts cut and answers dropped per split
             out["data"] = self.data
         return out

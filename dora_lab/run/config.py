@@ -38,7 +38,6 @@ __all__ = [
     "MethodConfig",
     "ModelConfig",
     "RegularizerConfig",
-    "ReportConfig",
     "RunConfig",
     "ScheduleConfig",
     "ScorerConfig",
@@ -52,7 +51,6 @@ __all__ = [
     "load_config_dict",
     "load_yaml",
     "parse_assignment",
-    "parse_report",
     "read_yaml",
     "set_values",
 ]
@@ -206,7 +204,7 @@ class RunConfig(_Strict):
     regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     study: dict[str, Any] | None = Field(None, description="the study block, validated by dora_lab.study.space")
-    report: dict[str, Any] | None = Field(None, description="the report block (ReportConfig), read by dora_lab.report")
+    report: dict[str, Any] | None = Field(None, description="the report block, read by dora_lab.report (dora_lab.report.block)")
 
     @model_validator(mode="after")
     def _budget_fits(self) -> RunConfig:
@@ -224,46 +222,6 @@ class RunConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.resolved(), sort_keys=False)
-
-
-class ReportConfig(_Strict):
-    """The ``report:`` block: how ``python -m dora_lab.report`` compares a study's groups (``null``
-    for any key: its default)."""
-
-    reference: dict[str, Any] = Field(default_factory=dict, description="config key -> the reference group's value")
-    factors: list[str] = Field(default_factory=list, description="the keys that make a group (default: detected)")
-    include: list[str] = Field(default_factory=list, description="more study configs pooled into this report")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls(cls, data: Any) -> Any:
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-    @field_validator("reference")
-    @classmethod
-    def _one_value_each(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if any(isinstance(v, dict | list) for v in value.values()):
-            raise ValueError("one value each")
-        return value
-
-
-def parse_report(block: Any, where: str) -> ReportConfig:
-    """Validate a ``report:`` block (``None``: the defaults); errors name ``where`` (the file)."""
-    if block is None:
-        return ReportConfig()
-    if not isinstance(block, dict):
-        raise ConfigError(f"{where}: report must be a mapping, got {type(block).__name__}")
-    try:
-        return ReportConfig.model_validate(block)
-    except ValidationError as exc:
-        err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-        key = str(err["loc"][0])
-    if err["type"] == "extra_forbidden":
-        raise ConfigError(f"{where}: report.{key}: unknown key; allowed: {', '.join(ReportConfig.model_fields)}")
-    if key == "reference":
-        raise ConfigError(f"{where}: report.reference must map config keys to one value each, e.g. "
-                          f"{{scorer.name: magnitude}}; got {block[key]!r}")
-    raise ConfigError(f"{where}: report.{key} must be a list of strings, got {block[key]!r}")
 
 
 def load_config_dict(data: Mapping[str, Any]) -> RunConfig:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..core.adapter import count_parameters, inject_adapters
 from ..core.controller import PruningController
 from ..export.checkpoint import save_adapter
-from . import distributed
+from . import convergence, distributed
 from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
 from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, refuse
 from .config import ConfigError, RunConfig, build_controller, load_config
@@ -148,6 +148,8 @@ def train_run(
                           prompt_format=cfg.task.prompt_format, score_labels=True)
         for name in spec.eval_splits
     }
+    majority = None if spec.is_regression or spec.is_instruction else convergence.majority_share(
+        [r["label"] for r in splits[spec.eval_splits[0]] if "label" in r])  # of the split the metric is on
     data_counts = _truncation_counts({"train": train_loader, **eval_loaders}, cfg.task.max_length, rank0)
     micro_per_epoch = len(train_loader)
     steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
@@ -267,6 +269,7 @@ def train_run(
         trainable_parameters=info.trainable_parameters, adapter_parameters_final=counts.adapter_active,
         active_components_final=counts.active_components, steps=total, seconds=time.time() - t0,
         run_dir=run_dir, peak_memory_mb=peak[0], peak_memory_source=peak[1], data=data_counts,
+        checks=convergence.checks(history, spec.main_metric, spec.greater_is_better, majority),
     )
     if not rank0:
         return result

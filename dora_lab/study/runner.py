@@ -183,6 +183,10 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
         if url.startswith("sqlite:///"):
             check_writable_folder(Path(url.removeprefix("sqlite:///")).parent, key)
     try:
+        if setup.data.get("report") is not None:  # its mistakes now, not after the last trial
+            from ..report.block import parse_report
+
+            parse_report(setup.data["report"], str(setup.config_path))
         preflight(setup.base)
     except (*ENVIRONMENT_ERRORS, ConfigError) as exc:
         return refuse(exc)

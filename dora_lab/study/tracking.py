@@ -19,8 +19,9 @@ the parent keeps the study's name) and get the trial's flattened resolved config
 effective scorer, method, schedule and regulariser settings (``scorer.effective.*``, ``method.effective.*``:
 the defaults where ``scorer.params`` / ``method.params`` are silent; ``schedule.effective.*_steps``; ``regularizer.effective.*``); tags
 ``task model scorer schedule budget seed trial state`` (+ ``fail_reason`` or ``prune_reason``,
-``dora_lab.adapter_dir``, ``dora_lab.run_dir``, ``dora_lab.worker``, and ``dora_lab.artifact_error``
-when a file could not be logged); metrics at every optimizer step (``train/loss train/lr
+``dora_lab.adapter_dir``, ``dora_lab.run_dir``, ``dora_lab.worker``, ``dora_lab.still_rising`` and
+``dora_lab.at_majority`` (:mod:`dora_lab.run.convergence`; ``true``/``false``/``null``), and
+``dora_lab.artifact_error`` when a file could not be logged); metrics at every optimizer step (``train/loss train/lr
 budget/active_components budget/active_parameters budget/target``), at every evaluation (the task's
 metrics as ``eval/<metric>``) and once, at step 0 (``objective best_<metric> best_step
 active_components_final adapter_parameters_final minutes peak_memory_mb trainable_parameters``), sent at each
@@ -357,6 +358,10 @@ class TrialLogger(TrainCallback):
             ("adapter_parameters_final", result.adapter_parameters_final), ("minutes", result.seconds / 60),
             ("peak_memory_mb", result.peak_memory_mb))]
         self.flush()
+        flags = {f"dora_lab.{k}": json.dumps(result.checks[k]) for k in ("still_rising", "at_majority")
+                 if k in result.checks}  # dora_lab.run.convergence: "true", "false" or "null" (not judged)
+        if flags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in flags.items()])
 
     # -- the end of a trial -------------------------------------------------------------------------
     def flush(self) -> None:

@@ -1,0 +1,112 @@
+"""The report's parts on what it may conclude (Markdown): the power columns of the paired
+comparisons, the seed plan, the convergence and majority-class warnings, the results over tasks.
+The numbers come from :mod:`.conclusions` (through :func:`.compare.build`); formulas in docs/statistics.md."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..study.tables import markdown_table
+from .text import fmt_ci, fmt_num, fmt_p
+
+__all__ = ["comparison_cells", "conclusion_notes", "flags_section", "tasks_section"]
+
+
+def comparison_cells(c: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, str]:
+    """The power (and plan) cells of one row of the paired-comparisons table."""
+    cells = {f"MDD (power {c['power']:g})": fmt_num(c["mdd"])}
+    if options.get("min_effect"):
+        need = c["seeds_for_min_effect"]
+        cells[f"seeds for {options['min_effect']:g}"] = "n/a" if math.isnan(need) else f"{need:.0f}"
+    if options.get("half_width"):
+        cells["seed plan"] = f"{c.get('planned_seeds', 'n/a')} ({c['plan']})"
+        cells["Stein 95% CI"] = fmt_ci(c.get("stein_low", math.nan), c.get("stein_high", math.nan))
+    return cells
+
+
+def conclusion_notes(options: Mapping[str, Any], comparisons: Sequence[Mapping[str, Any]] = (),
+                     source: Any = None) -> list[str]:
+    """The bullets under the comparisons table that say how the power columns and the plan are made
+    (and, when the plan wants more seeds, the command that runs them for the first study)."""
+    power = options.get("power") or 0.8
+    out = [f"- MDD (power {power:g}): the minimum detectable difference, the true mean difference the two-sided "
+           f"paired t-test at alpha 0.05 (unadjusted) detects with probability {power:g} at this comparison's "
+           "pairs, taking the observed sd of the differences as the truth: exact, from the noncentral t "
+           "(scipy.stats.nct). A difference smaller than the MDD is not evidence of no difference: these runs "
+           "could not have seen it. With one pair or no spread it is n/a."]
+    if options.get("min_effect"):
+        out.append(f"- seeds for {options['min_effect']:g} (report.min_effect): the fewest paired seeds whose "
+                   f"test detects a true difference of {options['min_effect']:g} with probability {power:g} "
+                   "at the observed sd (the same exact power).")
+    if options.get("half_width"):
+        n0, cap = options.get("pilot_seeds") or 3, options.get("max_seeds") or 20
+        out.append(f"- seed plan (report.half_width = {options['half_width']:g}): fixed from a pilot, Stein's "
+                   f"two-stage rule. The pilot is the {n0} smallest common seeds; from its sd s0, "
+                   f"n = max({n0}, ceil((t(0.975, {n0 - 1}) s0 / {options['half_width']:g})^2)), at most {cap}. "
+                   "The analysis uses exactly the n smallest seeds (runs beyond n are left out, so adding runs "
+                   "cannot move the conclusion); *interim* means fewer than n seeds ran, not the final analysis. "
+                   "Stein 95% CI: mean +- t(0.975, n0 - 1) s0 / sqrt(n), half-width at most the target "
+                   "(unless capped) and exact 95% coverage for normal differences. To run the missing seeds "
+                   "(comparisons.csv `seeds_to_run`), start a second study with the same config and only those "
+                   "seeds (Optuna cannot add choices to a study's categorical `seed`): `python -m dora_lab.study "
+                   "CONFIG --set study.name=NAME_more --set 'study.space.seed={type: categorical, choices: "
+                   "[SEEDS]}'`, and report both: `python -m dora_lab.report CONFIG` with `report.include: "
+                   "[NAME_more]` (or both study names with `--storage`).")
+        todo = sorted({int(x) for c in comparisons for x in str(c.get("seeds_to_run") or "").split()})
+        if todo and source is not None:
+            config = source.path or "CONFIG"
+            out.append(f"- **To reach the planned seeds**: `python -m dora_lab.study {config} --set "
+                       f"study.name={source.name}_more --set 'study.space.seed={{type: categorical, choices: "
+                       f"[{', '.join(map(str, todo))}]}}'`, then this report with `report.include: "
+                       f"[{source.name}_more]`.")
+    return out
+
+
+def flags_section(data: Mapping[str, Any]) -> list[str]:
+    """## Convergence and learning: each run still rising, each group at the majority class."""
+    md = ["## Convergence and learning", ""]
+    warnings = data.get("warnings") or []
+    judged = [f for f in data.get("flags") or [] if f["still_rising"] is not None]
+    if warnings:
+        md += ["**Warning:** " + ("a difference between groups may only be a difference in speed, or in "
+                                  "whether a run learned at all:"), ""] + [f"- {w}" for w in warnings] + [""]
+    else:
+        md += [f"No run is still rising ({len(judged)} judged) and no group is at the majority class.", ""]
+    md += ["Still rising (dora_lab.run.convergence): over the run's evaluations h_1..h_m (m >= 3), the last one "
+           "beats every earlier one by more than tol, or the least-squares line over the last third "
+           "(max(3, ceil(m / 3)) evaluations) rises by more than tol across them; tol = max(0.005, 1% of the "
+           "best value). At the majority class: MCC <= 0, or accuracy <= the majority class's share of the "
+           "validation split (metrics.json `checks.majority_share`). Per run in flags.csv; the runs also "
+           "carry the MLflow tags `dora_lab.still_rising` and `dora_lab.at_majority`.", ""]
+    return md
+
+
+def tasks_section(data: Mapping[str, Any]) -> list[str]:
+    """## Across tasks: mean ranks and the stratified paired test (nothing with a single task)."""
+    tasks = data.get("tasks")
+    if not tasks:
+        return []
+    md = ["## Across tasks", "",
+          f"Tasks: {', '.join(tasks['tasks'])}. Each task's groups are in the tables above (the `task.name` "
+          "column); each task's value is its own study's metric.", "",
+          "**Mean rank.** Per task the groups are ranked by mean (1 = best; ties share the average rank); the "
+          "mean rank is the average over the tasks. Only groups present in every task are ranked.", "",
+          markdown_table([{k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in r.items()}
+                          for r in tasks["ranks"]]) if tasks["ranks"] else "(no group ran on every task)\n"]
+    if tasks["left_out"]:
+        md += [f"Not ranked (missing on some task): {', '.join(tasks['left_out'])}.", ""]
+    if tasks["pooled"]:
+        md += ["**Pooled paired test over tasks x seeds (stratified).** For each group against its reference: "
+               "D = the mean over tasks of each task's mean paired difference (every task weighs the same); "
+               "se = sqrt(sum_k s_k^2 / n_k) / K; t = D / se with Welch-Satterthwaite df "
+               "(sum v_k)^2 / sum(v_k^2 / (n_k - 1)), v_k = s_k^2 / n_k. Stratified rather than pooling the raw "
+               "differences because the tasks' metrics differ in scale and spread (MCC, accuracy): pooled, the "
+               "noisier task would set the variance of both and a task with more seeds would weigh more. With "
+               "one task it is the paired t-test. Every task needs 2 seeds or more.", "",
+               markdown_table([{"group": r["group"], "reference": r["reference"], "tasks": r["tasks"],
+                                "pairs": r["pairs"], "D": fmt_num(r["mean_diff"]), "95% CI": fmt_ci(r["ci_low"], r["ci_high"]),
+                                "t (df)": f"{fmt_num(r['t'], 3)} ({fmt_num(r['df'], 1)})", "p": fmt_p(r["p_t"])}
+                               for r in tasks["pooled"]])]
+    return md

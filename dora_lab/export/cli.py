@@ -119,6 +119,19 @@ def _check_store_exists(uri: str, key: str) -> None:
                           f"store the run was logged to (the study prints it: mlflow ui --backend-store-uri ...)")
 
 
+def _check_apart(out: Path, adapter: Path, source: Path) -> None:
+    """Refuse an ``OUT`` that is the adapter folder or lies inside it, or is the run folder named as
+    ``SOURCE``: writing there (with ``--force``) would replace the adapter's own files (its
+    ``adapter_config.json``: it would no longer load) or mix the export into the run's files.  A new
+    folder inside the run folder (``RUN/peft``) is fine."""
+    target = out.resolve()
+    if target.is_relative_to(adapter.resolve()) or (source.is_dir() and target == source.resolve()):
+        where = "lies inside" if target != adapter.resolve() and target != source.resolve() else "is"
+        raise ExportError(f"OUT {str(out)!r} {where} the source {str(source)!r} (the adapter folder "
+                          f"{str(adapter)!r}); exporting there would overwrite what is being exported: give an "
+                          f"OUT outside it, e.g. {str(source.resolve().parent / 'export')!r}")
+
+
 def _describe(out: Path) -> str:
     from safetensors import safe_open
 
@@ -171,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ExportError(f"{out} exists and is not an empty folder (use --force to write into it)")
         with tempfile.TemporaryDirectory(prefix="dora_lab_export_") as tmp:
             folder = resolve_source(args.source, args.tracking_uri, Path(tmp))
+            _check_apart(out, folder, Path(args.source).expanduser())
             config = read_adapter_config(folder)
             base = args.base or str(config["base_model"]["name_or_path"])
             print(f"adapter {folder} (base {base})", file=sys.stderr)

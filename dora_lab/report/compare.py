@@ -29,7 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..run.config import ConfigError, parse_assignment
+from ..run.config import ConfigError, apply_overrides, parse_assignment, read_yaml
+from ..run.config_yaml import plugins_origin
+from ..run.names import check_name
 from .html import write_html
 from .io import (
     Run,
@@ -233,22 +235,48 @@ def drop_repeats(runs: Sequence[Run]) -> tuple[list[Run], list[dict[str, Any]]]:
 
 def _sources(args: argparse.Namespace) -> list[Source]:
     sources: list[Source] = []
+    trusted: set[str] = set()  # plugins named by the command line's configs (or --set), or --trust-plugins
     for spec in args.study:
         if Path(spec).is_file():
+            _check_plugins(Path(spec), args, trusted, None)
             sources.append(source_from_config(spec, args.overrides))
         elif not args.storage:
             raise ConfigError(f"{spec!r} is not a config file; to name a study give its --storage as well")
         else:
-            sources.append(Source(name=spec, storage=args.storage, experiment=args.experiment or spec,
+            sources.append(Source(name=check_name("STUDY", spec), storage=args.storage,
+                                  experiment=check_name("--experiment", args.experiment or spec),
                                   tracking_uri=args.tracking_uri, metric=args.metric))
     first = sources[0]
     for item in first.report.get("include", []):
         path = first.path.parent / item if first.path else Path(item)
-        sources.append(source_from_config(path, args.overrides) if path.suffix in (".yaml", ".yml") else
-                       Source(name=item, storage=first.storage, tracking_uri=first.tracking_uri, experiment=item,
-                              output_dir=first.output_dir, metric=first.metric))
+        if path.suffix in (".yaml", ".yml"):
+            _check_plugins(path, args, trusted, f"report.include of {first.path or first.name}")
+            sources.append(source_from_config(path, args.overrides))
+        else:
+            sources.append(Source(name=check_name("report.include", item), storage=first.storage,
+                                  tracking_uri=first.tracking_uri, experiment=item, output_dir=first.output_dir,
+                                  metric=first.metric))
     unique = {(s.name, s.storage): s for s in reversed(sources)}  # a study named twice counts once
     return [s for s in sources if unique.get((s.name, s.storage)) is s]
+
+
+def _check_plugins(path: Path, args: argparse.Namespace, trusted: set[str], included: str | None) -> None:
+    """Refuse to run plugin code that only another file lists: a ``base:`` of a config named on the
+    command line, or a config pulled in through ``report.include`` (``included`` says whose), unless
+    ``--trust-plugins``; say on stderr which plugin files and modules will run, and from which config."""
+    plugins = [str(p) for p in apply_overrides(read_yaml(path), args.overrides).get("plugins") or []]
+    if not plugins:
+        return
+    by_cli = any(parse_assignment(o)[0] == "plugins" for o in args.overrides)
+    origin = "--set plugins" if by_cli else str(plugins_origin(path))
+    own = by_cli or (included is None and Path(origin).resolve() == path.resolve())
+    if not (own or args.trust_plugins or set(plugins) <= trusted):
+        where = f"{origin}, pulled in through " + (included or f"base: of {path}")
+        raise ConfigError(f"{where}, lists plugins {plugins}: Python code that report runs only from the config "
+                          f"named on its command line.  Read it, then pass --trust-plugins to run it, or list it "
+                          f"under plugins in the config you name")
+    trusted.update(plugins)
+    print(f"report: runs plugins listed in {origin}: {', '.join(plugins)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -270,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metric", default=None, help="the study's metric, when STUDY is a study name "
                         "(default: the MLflow parent run's optuna.metric tag)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not look up or log to MLflow")
+    parser.add_argument("--trust-plugins", action="store_true", help="also run plugins that only a base: file or "
+                        "an included config lists (by default only the named config's plugins run)")
     args = parser.parse_args(argv)
     try:
         sources = _sources(args)

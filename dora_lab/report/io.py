@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +95,13 @@ def source_from_config(path: str | Path, overrides: Sequence[str] = ()) -> Sourc
                   metric=setup.metric, objective=setup.study.objective)
 
 
-def _read(folder: Path | None, name: str) -> Any:
+def _read(folder: Path | None, name: str, trial: int | None = None) -> Any:
+    """A run folder's file as data; ``{}`` when it is not there.  For ``trial`` (a COMPLETE trial,
+    which wrote it) a missing file is named on stderr: its cells in the report read n/a."""
     if folder is None or not (folder / name).is_file():
+        if folder is not None and trial is not None:
+            print(f"note: trial {trial}'s {folder / name} is missing (moved or deleted?); its cells in the report "
+                  f"read n/a", file=sys.stderr)
         return {}
     text = (folder / name).read_text()
     return yaml.safe_load(text) if name.endswith(".yaml") else json.loads(text)
@@ -120,10 +126,10 @@ def load_runs(source: Source) -> tuple[list[Run], list[dict[str, Any]], set[str]
                             "reason": t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason", "")})
             continue
         folder = Path(str(t.user_attrs["run_dir"])) if t.user_attrs.get("run_dir") else None
-        config = flatten(_read(folder, "config.yaml")) or {**t.params}
+        config = flatten(_read(folder, "config.yaml", t.number)) or {**t.params}
         minutes = ((t.datetime_complete - t.datetime_start).total_seconds() / 60
                    if t.datetime_complete and t.datetime_start else math.nan)
-        metrics = _read(folder, "metrics.json")
+        metrics = _read(folder, "metrics.json", t.number)
         scores = _read(folder, "scores.json")
         runs.append(Run(study=source.name, trial=t.number, seed=int(config.get("seed", t.params.get("seed", 0))),
                         value=float(t.value), config=config, metrics=metrics,

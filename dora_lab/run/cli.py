@@ -51,6 +51,19 @@ def failed(exc: BaseException, run_dir: Path, code: int = EXIT_FAILED) -> int:
     return code
 
 
+def _check_path_length(target: Path, key: str) -> None:
+    """A path whose one part is longer than the file system allows (255 bytes, NAME_MAX on Linux)
+    or that is longer in all than PATH_MAX fails at its first use (``File name too long``)."""
+    limit = 255  # checked before any part is looked at: stat() of a too-long name raises, not says "no"
+    long = [part for part in target.parts if len(os.fsencode(part)) > limit]
+    if long:
+        raise ConfigError(f"{key}: the name {long[0][:40]!r}... is {len(os.fsencode(long[0]))} bytes, longer than "
+                          f"the file system allows ({limit}); point {key} at a folder with shorter names")
+    if len(os.fsencode(str(target))) >= 4096:
+        raise ConfigError(f"{key}: the path is {len(os.fsencode(str(target)))} bytes, longer than the file system "
+                          f"allows (4095); point {key} at a shorter path")
+
+
 def check_writable_folder(path: str | Path, key: str) -> None:
     """Raise :class:`ConfigError` (naming ``key``) unless the folder ``path`` exists and can be written,
     or can be created; creates nothing.
@@ -60,8 +73,12 @@ def check_writable_folder(path: str | Path, key: str) -> None:
     mount), so the check makes and removes a temporary file there; on a read-only place such as
     ``/proc`` that fails as the real write would."""
     target = Path(path).expanduser().absolute()
+    _check_path_length(target, key)
     existing = target
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # dangling: the folder cannot be made there, nor written through it
+            raise ConfigError(f"{key}: {str(existing)!r} is a symbolic link to {os.readlink(existing)!r}, which does "
+                              f"not exist; remove the link or make its target, or point {key} elsewhere")
         existing = existing.parent
     if not existing.is_dir():
         where = "is" if existing == target else f"lies under {str(existing)!r}, which is"

@@ -12,10 +12,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeGuard
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeGuard
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from .config_yaml import ConfigError, apply_overrides, load_yaml, parse_assignment, read_yaml, set_values
@@ -51,7 +59,8 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: ``train.epochs: .inf`` or ``train.lr: .nan`` is refused here, not mid-training
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TaskConfig(_Strict):
@@ -127,10 +136,22 @@ class MethodConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+def _fraction_or_steps(value: float) -> float:
+    if value >= 1 and value != int(value):
+        raise ValueError(f"{value:g} is neither a fraction of the steps (below 1, e.g. 0.15) nor a whole "
+                         f"number of optimizer steps: write {int(value)} or {int(value) + 1} steps, or a fraction")
+    return value
+
+
+#: A phase length: a fraction of the run's steps (below 1) or a whole number of steps, never 1.5 steps
+#: (a type, not a model validator, so that a study's searched and overridden values are checked too).
+FractionOrSteps = Annotated[float, AfterValidator(_fraction_or_steps)]
+
+
 class ScheduleConfig(_Strict):
     name: str = "dora"
-    warmup: float = Field(0.15, ge=0, description="t_i: a fraction of the steps if < 1, else steps")
-    final: float = Field(0.5, ge=0, description="t_f: a fraction of the steps if < 1, else steps")
+    warmup: FractionOrSteps = Field(0.15, ge=0, description="t_i: a fraction of the steps if < 1, else steps")
+    final: FractionOrSteps = Field(0.5, ge=0, description="t_f: a fraction of the steps if < 1, else steps")
     interval: int = Field(100, ge=1)
     compact: bool = True
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "apply_overrides", "load_yaml", "parse_assignment", "read_yaml", "set_values"]
+__all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "ConfigError", "apply_overrides", "load_yaml", "parse_assignment",
+           "plugins_origin", "read_yaml", "set_values"]
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,9 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ConfigError(f"config {str(path)!r} includes itself through 'base'")
     data = load_yaml(path)
+    if data == {}:  # defaults alone would run (a study: n_trials identical trials, nothing searched)
+        raise ConfigError(f"config {str(path)!r} is empty: it sets no key; start from configs/cola.yaml "
+                          f"(or write base: <a config> and the keys to change)")
     if not isinstance(data, dict):
         raise ConfigError(f"config {str(path)!r} must be a mapping of keys, got {type(data).__name__}")
     if data.get("study") is not None and not isinstance(data["study"], dict):
@@ -81,6 +85,19 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return data
     parent = read_yaml(path.parent / base, _seen + (path.resolve(),))
     return _deep_merge(parent, data, top=True)
+
+
+def plugins_origin(path: str | Path) -> Path:
+    """The file of ``path``'s ``base:`` chain whose ``plugins:`` list the merged config keeps (the
+    nearest that has the key: a file's list replaces its base's); ``path`` itself when none has one.
+    For ``report``, which runs plugin code only from the config named on its command line."""
+    path = Path(path)
+    for _ in range(100):  # read_yaml has already refused a loop; this only bounds the walk
+        data = load_yaml(path)
+        if not isinstance(data, dict) or "plugins" in data or data.get("base") is None:
+            return path
+        path = path.parent / str(data["base"])
+    return path
 
 
 def _relative_to(config: Path, plugin: Any) -> Any:
@@ -117,16 +134,88 @@ class _DuplicateKey(yaml.YAMLError):
     pass
 
 
+#: Bounds on one YAML document, far above any config's (the shipped ones: at most 4 KB, 5 deep, 194
+#: values): a file past them is refused before PyYAML builds it.  ``MAX_NODES`` counts values as
+#: the config *means* them, every alias expanded: an alias bomb (``&a [*b, *b, ...]`` nested 9 deep)
+#: is a few hundred bytes and 9^9 values, which anything that walks the config (a copy, a dump, MLflow
+#: params) would expand without bound.
+MAX_BYTES = 1_000_000
+MAX_DEPTH = 100
+MAX_NODES = 100_000
+
+
 def load_yaml(path: str | Path) -> Any:
     """One YAML file (safe loader), a key written twice refused; :class:`ConfigError` names the file
-    and the line.  Every config file dora_lab reads goes through here."""
+    and the line.  Every config file dora_lab reads goes through here: read as UTF-8 (the byte that
+    is not is named), and bounded (:data:`MAX_BYTES`, :data:`MAX_DEPTH`, :data:`MAX_NODES`)."""
     path = Path(path)
     try:
-        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
-    except _DuplicateKey as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config {str(path)!r} cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(f"config {str(path)!r} is {len(raw):,} bytes, more than a config may be "
+                          f"({MAX_BYTES:,}); is it the right file?")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"config {str(path)!r} is not UTF-8 text: byte {exc.start} (0x{raw[exc.start]:02x}, line "
+                          f"{line}) cannot be decoded; save the file as UTF-8") from None
+    try:
+        _check_bounds(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
+    except (_DuplicateKey, _TooBig) as exc:
         raise ConfigError(f"config {str(path)!r}, {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from exc
+
+
+class _TooBig(yaml.YAMLError):
+    pass
+
+
+def _line(event: yaml.Event) -> int:
+    return event.start_mark.line + 1 if event.start_mark is not None else 0
+
+
+def _check_bounds(text: str) -> None:
+    """Raise :class:`_TooBig` when the document nests deeper than :data:`MAX_DEPTH` or holds more
+    than :data:`MAX_NODES` values with its aliases expanded, or an alias refers to a node that
+    contains it (a recursive structure).  Walks PyYAML's event stream (its parser is iterative;
+    its composer, which recurses and would end in ``RecursionError``, has not run yet)."""
+    sizes: dict[str, int] = {}  # anchor -> the expanded size of its node
+    stack: list[list[Any]] = []  # open collections: [anchor, size so far]
+    total = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            stack.append([event.anchor, 1])
+            if len(stack) > MAX_DEPTH:
+                raise _TooBig(f"line {_line(event)}: nested more than {MAX_DEPTH} deep; "
+                              "a config is a few levels of keys")
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, size = stack.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, size = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor not in sizes:  # undefined (PyYAML says so), or still open: recursive
+                if any(a == event.anchor for a, _ in stack):
+                    raise _TooBig(f"line {_line(event)}: alias *{event.anchor} refers to a node "
+                                  "that contains it (a recursive structure); a config cannot be one")
+                continue
+            anchor, size = None, sizes[event.anchor]
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = size
+        if stack:
+            stack[-1][1] += size
+        else:
+            total += size
+        if total + sum(s for _, s in stack) > MAX_NODES:
+            raise _TooBig(f"line {_line(event)}: more than {MAX_NODES:,} values once its aliases "
+                          "(*name) are expanded (an alias bomb?); write the values out, or use fewer aliases")
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -161,8 +250,11 @@ def parse_assignment(item: str, flag: str = "--set") -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"{flag} expects key.path=value, got {item!r}")
+    if not raw.strip():
+        return key.strip(), None
     try:
-        return key.strip(), _number_or(yaml.safe_load(raw)) if raw.strip() else None
+        _check_bounds(raw)
+        return key.strip(), _number_or(yaml.safe_load(raw))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{flag} {key.strip()}: cannot parse value {raw!r}: {exc}") from exc
 

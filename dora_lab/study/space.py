@@ -52,6 +52,7 @@ from ..run.config import (
     read_yaml,
     set_values,
 )
+from ..run.names import check_name
 from ..run.tasks import get_task
 
 __all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "StudySetup", "check_scorer_params", "db_url",
@@ -61,7 +62,7 @@ Primitive = bool | int | float | str | None
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no .inf bounds, seconds or steps
 
 
 # -- the search space ---------------------------------------------------------------------------
@@ -293,11 +294,23 @@ def _check_space(study: StudyConfig, plugins: list[str]) -> None:
             adapter = _field_adapter(key)
             if adapter is not None and type(adapter.validate_python(float(param.low))) is int:
                 raise ConfigError(f"{where}: {key!r} takes integers; use type: int")
+        for value in _inside(param):
+            _check_value(where, key, value)
         if key in registered:
             unknown = [c for c in values if c not in registered[key]]
             if unknown:
                 raise ConfigError(f"{where}: unknown {key.split('.')[0]}(s) {unknown}; registered: "
                                   f"{', '.join(registered[key])} (add one with a plugin, config key 'plugins')")
+
+
+def _inside(param: FloatParam | IntParam | CategoricalParam) -> list[float]:
+    """Values a float search samples between its bounds (nine, or each step's up to 100), checked too:
+    a key may refuse some (``schedule.warmup`` from 0.5 to 3 would sample fractional step counts)."""
+    if not isinstance(param, FloatParam):
+        return []
+    step = param.step or (param.high - param.low) / 10
+    count = min(100, int((param.high - param.low) / step)) if step > 0 else 0
+    return [param.low + k * step for k in range(1, count)]
 
 
 def check_scorer_params(study: StudyConfig, base_scorer: str) -> None:
@@ -414,7 +427,10 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
     metric = study.metric or get_task(base.task.name).main_metric
     _check_direction(study.direction, metric)
     output_dir = Path(base.output_dir).resolve()
-    name = study.study_name(config_path)
+    name = check_name("study.name" if study.name else "study.name (default: the config file's name)",
+                      study.study_name(config_path))
+    check_name("study.experiment" if study.experiment else "study.experiment (default: the study's name)",
+               study.experiment or name)
     return StudySetup(
         config_path=Path(config_path), overrides=list(overrides), data=data, cli=cli, base=base, study=study,
         name=name, storage=study.storage_url(output_dir), tracking_uri=study.tracking(output_dir),

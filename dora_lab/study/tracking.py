@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from .space import StudySetup
 
 __all__ = ["UID_TAG", "StudyTracker", "TrialLogger", "compare_url", "context_tags", "datasets", "experiment_url", "find_parent_runs",
-           "log_params", "print_summary", "run_name", "run_url", "study_view", "trial_rows", "ui_address", "ui_lines"]
+           "filter_value", "log_params", "print_summary", "run_name", "run_url", "study_view", "trial_rows", "ui_address", "ui_lines"]
 
 STUDY_TAG = "dora_lab.study"
 ROLE_TAG = "dora_lab.role"
@@ -275,11 +275,22 @@ def find_parent_runs(client: MlflowClient, experiment_id: str, study_name: str, 
     """The parent runs of study ``study_name`` in the experiment, oldest first: those of the study
     whose identity is ``uid`` (``None``: a study from before identities, any parent of that name).
     The one lookup of a parent run, for the runner (:meth:`StudyTracker.parent_run`) and the reports."""
-    where = f"tags.`{STUDY_TAG}` = '{study_name}' and tags.`{ROLE_TAG}` = 'study'"
+    where = f"tags.`{STUDY_TAG}` = {filter_value(study_name)} and tags.`{ROLE_TAG}` = 'study'"
     if uid:  # the parent of this very study, not of an older one of the same name
-        where += f" and tags.`{UID_TAG}` = '{uid}'"
+        where += f" and tags.`{UID_TAG}` = {filter_value(uid)}"
     return list(client.search_runs([experiment_id], filter_string=where, max_results=max_results,
                                    order_by=["attributes.start_time ASC"]))
+
+
+def filter_value(text: str) -> str:
+    """``text`` as a string literal of an MLflow search filter: in single quotes, or in double quotes
+    when it holds a single quote (``o'brien``; MLflow's filter grammar has no escapes, so a text with
+    both quotes cannot be written: :func:`dora_lab.run.names.check_name` refuses ``"`` in names)."""
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' in text:
+        raise ValueError(f"{text!r} holds both quote characters; an MLflow filter cannot match it")
+    return f'"{text}"'
 
 
 class TrialLogger(TrainCallback):

@@ -3,7 +3,7 @@
 dora_lab's ``c`` is SoRA's gate ``g``.  As in the official code (TsinghuaC3I/SoRA,
 ``src/sparse_optimizer.py``: ``SparseAdamW.step``), after every optimizer step, for the whole run,
 each gate is soft-thresholded by a fixed ``xi`` (``sparse_lambda_2``; 3e-4 in its shipped
-``scripts/run_glue_sora_no_schedule.sh``)::
+``run_glue_sora_no_schedule.sh``)::
 
     c <- sign(c) * max(|c| - xi, 0)
 

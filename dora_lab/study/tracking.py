@@ -62,7 +62,7 @@ from mlflow.exceptions import MlflowException
 
 from ..run.callbacks import RunInfo, RunResult, TrainCallback
 from ..run.config import RunConfig, flatten
-from . import plots
+from . import front, plots
 from .locks import store_lock
 from .tables import markdown_table, write_table
 
@@ -354,9 +354,12 @@ class TrialLogger(TrainCallback):
         for chunk in _chunks(buffer, 900):
             self.client.log_batch(self.run_id, metrics=list(chunk))
 
-    def finish(self, state: str, value: float | None = None, reason: str | None = None) -> None:
+    def finish(self, state: str, value: float | None = None, reason: str | None = None,
+               values: Mapping[str, float] | None = None) -> None:
         """Send what is left, the pictures and files, the final tags; close the run with the status
-        matching the Optuna state (COMPLETE, PRUNED, FAIL, INTERRUPTED)."""
+        matching the Optuna state (COMPLETE, PRUNED, FAIL, INTERRUPTED).  ``value``: the first
+        objective (metric ``objective``); ``values``: every objective of a multi-objective study by
+        name (metrics ``objective/<name>``)."""
         if self.done:
             return
         self.done = True
@@ -365,6 +368,9 @@ class TrialLogger(TrainCallback):
             self.flush()
             if value is not None:
                 self.client.log_metric(self.run_id, "objective", value, step=0)
+            if values is not None and len(values) > 1:
+                self.client.log_batch(self.run_id, metrics=[Metric(f"objective/{k}", v, _now(), 0)
+                                                             for k, v in values.items()])
             self._artifacts(adapter=state == "COMPLETE")
         except Exception as exc:  # a file or picture that cannot be logged must not change the trial's outcome
             tags["dora_lab.artifact_error"] = f"{type(exc).__name__}: {exc}"[:5000]
@@ -513,23 +519,13 @@ class StudyTracker:
         step = len(rows)
         metrics = [Metric(f"n_{k.lower()}", v, _now(), step) for k, v in counts.items()]
         tags = {"n_trials": str(len(rows)), "optuna.metric": metric,
-                "optuna.direction": study.direction.name.lower()}
-        best = _best(study)
-        if best is not None:
-            tags.update({"best.trial": str(best.number), "best.value": f"{best.value:.6g}",
-                         "best.mlflow_run_id": str(best.user_attrs.get("mlflow_run_id", ""))})
-            tags.update({f"best.{k}": str(v) for k, v in best.params.items()})
+                "optuna.direction": ",".join(d.name.lower() for d in study.directions), **front.answer_tags(study)}
+        front.pareto_figure(study, folder / "plots")
+        front.mark_front(self.client, study)
         self.client.log_batch(parent_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.log_artifacts(parent_id, str(folder), "summary")
         self.client.set_terminated(parent_id, status)
         return rows
-
-
-def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
 
 
 def _reason(t: optuna.trial.FrozenTrial) -> str:
@@ -541,13 +537,17 @@ def _reason(t: optuna.trial.FrozenTrial) -> str:
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One row per trial: number, state, value, the searched values, size, minutes, reason."""
+    """One row per trial: number, state, value (the first objective's), whether it is on the Pareto
+    front (a multi-objective study), the searched values, size, minutes, reason."""
     rows = []
+    multi = front.is_multi_study(study)
+    on_front = set(front.front_numbers(study)) if multi else set()
     for t in study.get_trials(deepcopy=False):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else None
         rows.append({
-            "trial": t.number, "state": t.state.name, "value": t.value,
+            "trial": t.number, "state": t.state.name, "value": front.first_value(t),
+            **({"pareto": t.number in on_front} if multi else {}),
             **{k: v for k, v in t.params.items()},
             "components": t.user_attrs.get("active_components"),
             "adapter_params": t.user_attrs.get("adapter_parameters"),
@@ -563,15 +563,13 @@ def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, A
     the best one, where the summary ``folder`` is and how to open the MLflow UI on the study (with
     ``tracker``: the link to its runs table and to the compare page of its complete trials)."""
     keys = list(setup.study.space)
-    columns = ["trial", "state", "value", *keys, "components", "minutes", "reason"]
+    multi = ["pareto", "adapter_params"] if front.is_multi_study(study) else []
+    columns = ["trial", "state", "value", *multi[:1], *keys, "components", *multi[1:], "minutes", "reason"]
     short = [{c: r.get(c) for c in columns} for r in rows]
-    print(f"\nstudy {setup.name!r} ({setup.study.direction} {setup.metric}): {len(rows)} trial(s)")
+    print(f"\nstudy {setup.name!r} ({', '.join(f'{d} {m}' for m, d in setup.goals)}): {len(rows)} trial(s)")
     print(markdown_table(short, columns, width=48))
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if complete:
-        best = study.best_trial
-        print(f"best: trial {best.number}, {setup.metric} = {best.value:.4f}, "
-              f"{', '.join(f'{k}={v}' for k, v in best.params.items())}\n      run folder {best.user_attrs.get('run_dir')}")
+    for line in front.front_lines(study, setup.goals):
+        print(line)
     print(f"summary (table, plots): {folder}")
     if tracker is not None:
         ids = [str(r["mlflow_run_id"]) for r in rows if r["state"] == "COMPLETE" and r["mlflow_run_id"]]

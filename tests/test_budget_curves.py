@@ -111,6 +111,17 @@ def test_bad_objectives_are_refused_before_anything_starts(tmp_path: Path, capsy
     assert not (tmp_path / "o").exists()  # nothing stored
 
 
+def test_an_objective_the_wrong_way_round_is_refused(tmp_path: Path) -> None:
+    wrong = [{"metric": "matthews_correlation", "direction": "minimize"}, OBJECTIVES[1]]
+    with pytest.raises(ConfigError, match="study.objectives.0.direction is 'minimize' but the study's metric "
+                                          "'matthews_correlation' is better when higher; set study.objectives.0"
+                                          ".direction: maximize"):
+        prepare(_block(tmp_path, objectives=wrong))
+    setup = prepare(_block(tmp_path))  # and a right one resolves: the first objective is the study's metric
+    assert setup.metric == "matthews_correlation" and setup.study.direction == "maximize"
+    assert setup.goals == [("matthews_correlation", "maximize"), ("adapter_parameters", "minimize")]
+
+
 def test_a_study_keeps_its_objectives(env: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A single-objective study opened again as a multi-objective one is refused, with the fix."""
     sets = [*env["sets"], f"output_dir={tmp_path / 'o'}"]

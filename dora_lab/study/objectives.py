@@ -34,7 +34,7 @@ from ..run.config import ConfigError
 if TYPE_CHECKING:
     from ..run.callbacks import RunResult
 
-__all__ = ["RUN_QUANTITIES", "Objective", "check_objectives", "dominates", "is_multi", "pareto_front", "resolve",
+__all__ = ["RUN_QUANTITIES", "Objective", "check_direction", "check_objectives", "dominates", "is_multi", "pareto_front", "resolve",
            "run_quantities", "trial_values"]
 
 # a finished run's quantities an objective may name -> the RunResult attribute that holds it
@@ -68,6 +68,20 @@ def check_objectives(objectives: Sequence[Objective], metric: str | None, pruner
     if pruner != "none":
         raise ValueError(f"pruner {pruner!r} cannot prune a multi-objective study (Optuna's pruners compare "
                          "one intermediate value per step); set study.pruner: none")
+
+
+def check_direction(direction: str, metric: str, key: str = "study.direction") -> None:
+    """A known metric optimised the wrong way (perplexity maximised) is refused; ``key``: where the
+    direction was set (``study.direction``, or an entry of ``study.objectives``)."""
+    from ..run.tasks import LOWER_IS_BETTER, METRICS
+
+    plain = metric.rsplit("/", 1)[-1]  # validation_mismatched/accuracy
+    known = {m for ms in METRICS.values() for m in ms}
+    if plain not in known or (direction == "minimize") == (plain in LOWER_IS_BETTER):
+        return
+    right = "minimize" if plain in LOWER_IS_BETTER else "maximize"
+    raise ConfigError(f"{key} is {direction!r} but the study's metric {metric!r} is better when "
+                      f"{'lower' if right == 'minimize' else 'higher'}; set {key}: {right}")
 
 
 def is_multi(objectives: Sequence[Any]) -> bool:

@@ -55,7 +55,7 @@ from ..run.config import (
     set_values,
 )
 from ..run.tasks import get_task
-from .objectives import Objective, check_objectives, resolve
+from .objectives import Objective, check_direction, check_objectives, resolve
 
 __all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "StudySetup", "check_scorer_params", "db_url",
            "parse_study", "prepare", "read_study_block", "trial_config"]
@@ -424,8 +424,8 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
         raise ConfigError(f"the study's base config (study.overrides applied) is invalid: {exc}") from None
     check_scorer_params(study, base.scorer.name)
     metric = (study.objectives[0].metric if study.objectives else study.metric) or get_task(base.task.name).main_metric
-    for name, direction in resolve(study.objectives, metric, study.direction):
-        _check_direction(direction, name)
+    for i, (name, direction) in enumerate(resolve(study.objectives, metric, study.direction)):
+        check_direction(direction, name, f"study.objectives.{i}.direction" if study.objectives else "study.direction")
     output_dir = Path(base.output_dir).resolve()
     name = study.study_name(config_path)
     return StudySetup(
@@ -435,15 +435,3 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
         metric=metric,
     )
 
-
-def _check_direction(direction: str, metric: str) -> None:
-    """A known metric optimised the wrong way (perplexity maximised) is refused."""
-    from ..run.tasks import LOWER_IS_BETTER, METRICS
-
-    plain = metric.rsplit("/", 1)[-1]  # validation_mismatched/accuracy
-    known = {m for ms in METRICS.values() for m in ms}
-    if plain not in known or (direction == "minimize") == (plain in LOWER_IS_BETTER):
-        return
-    right = "minimize" if plain in LOWER_IS_BETTER else "maximize"
-    raise ConfigError(f"study.direction is {direction!r} but the study's metric {metric!r} is better when "
-                      f"{'lower' if right == 'minimize' else 'higher'}; set study.direction: {right}")

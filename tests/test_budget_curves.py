@@ -175,6 +175,8 @@ def test_multi_objective_study_end_to_end(env: dict[str, Any], tmp_path: Path,
         assert run.data.tags["dora_lab.pareto"] == ("true" if t.number in front else "false")
         assert run.data.metrics["objective"] == t.values[0]
         assert run.data.metrics["objective/adapter_parameters"] == t.values[1]
+    view = next(v for k, v in exp.tags.items() if k.startswith("mlflow.sharedViewState."))
+    assert "tags.`dora_lab.pareto`" in yaml.safe_load(view)["selectedColumns"]  # the runs table shows the front
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "summary/plots")}
     assert "summary/plots/pareto_front.png" in logged
     assert "report/pareto.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}

@@ -48,6 +48,7 @@ import optuna
 
 from ..run.cli import check_writable_folder, refuse
 from ..run.config import ConfigError
+from .front import FRONT_TAG
 from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
 from .locks import store_lock
 from .objectives import is_multi
@@ -199,7 +200,8 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     study = open_study(setup, tracker)
     check_space_unchanged(setup.study, study)
     parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
-    tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize")
+    tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize",
+                      [f"tags.`{FRONT_TAG}`"] if is_multi(setup.goals) else [])
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
         study.set_user_attr(key, value)

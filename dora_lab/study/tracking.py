@@ -237,17 +237,19 @@ def run_url(ui: str, experiment_id: str, run_id: str, artifact: str = "") -> str
         f"{page}?workflowType=machine_learning"
 
 
-def study_view(study: str, metric: str, searched: Sequence[str], maximize: bool = True) -> dict[str, Any]:
+def study_view(study: str, metric: str, searched: Sequence[str], maximize: bool = True,
+               extra: Sequence[str] = ()) -> dict[str, Any]:
     """The runs table as a study wants it, as MLflow's UI keeps a shared view (``Views`` > share: an
     experiment tag ``mlflow.sharedViewState.<key>`` holding this JSON, opened by the URL parameter
     ``viewStateShareKey=<key>``): the study's trials flat, best ``objective`` first, and as columns
     the datasets, ``objective``, ``best_<metric>``, the final adapter size, the minutes and every
-    searched key, instead of MLflow's default Source / Models / Dataset."""
+    searched key (then the ``extra`` columns: a multi-objective study's Pareto tag), instead of MLflow's
+    default Source / Models / Dataset."""
     return {"searchFilter": f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}'",
             "orderByKey": "metrics.`objective`", "orderByAsc": not maximize,
             "selectedColumns": ["attributes.`Dataset`", "metrics.`objective`", f"metrics.`best_{metric}`",
                                 "metrics.`adapter_parameters_final`", "metrics.`minutes`",
-                                *(f"params.`{k}`" for k in searched)]}
+                                *(f"params.`{k}`" for k in searched), *extra]}
 
 
 def compare_url(ui: str, experiment_id: str, run_ids: Sequence[str]) -> str:
@@ -438,14 +440,14 @@ class StudyTracker:
                 self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, EXPERIMENT_TAGS[KIND_TAG])
         return str(exp.experiment_id)
 
-    def save_view(self, metric: str, searched: Sequence[str], maximize: bool = True) -> str:
+    def save_view(self, metric: str, searched: Sequence[str], maximize: bool = True, extra: Sequence[str] = ()) -> str:
         """Save the study's view of the runs table (:func:`study_view`) as a shared view of the
         experiment; :meth:`runs_url` links to it from now on.  Returns its key."""
         import hashlib
 
         key = f"dora_lab-{hashlib.sha1(self.study_name.encode()).hexdigest()[:12]}"
         self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + key,
-                                       json.dumps(study_view(self.study_name, metric, searched, maximize)))
+                                       json.dumps(study_view(self.study_name, metric, searched, maximize, extra)))
         self.view_key = key
         return key
 

@@ -116,8 +116,11 @@ def _draw_front(ax: Any, points: Sequence[tuple[float, float]], front: Sequence[
     if best:
         ax.step([p[0] for p in best], [p[1] for p in best], where="post", color="tab:red", lw=1.6, alpha=0.8)
         ax.plot([p[0] for p in best], [p[1] for p in best], "o", color="tab:red", ms=7, label="Pareto front")
+    names: dict[tuple[float, float], list[str]] = {}  # equal points (a repeated trial) share one label
     for i, text in zip(front, labels, strict=False):
-        ax.annotate(text, points[i], textcoords="offset points", xytext=(4, 4), fontsize=7)
+        names.setdefault((points[i][0], points[i][1]), []).append(text)
+    for point, texts in names.items():
+        ax.annotate(", ".join(texts), point, textcoords="offset points", xytext=(4, 4), fontsize=7)
     positive = [x for x in xs if x > 0]
     if positive and max(positive) > 5 * min(positive):
         ax.set_xscale("log")

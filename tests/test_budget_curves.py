@@ -196,8 +196,8 @@ def test_multi_objective_study_end_to_end(env: dict[str, Any], tmp_path: Path,
 
 # -- budget curves: the shipped study files on the tiny model -----------------------------------------
 def test_budget_curves_of_the_shipped_studies(env: dict[str, Any]) -> None:
-    """studies/budget_curves.yaml (two budgets) and its LoRA arm (two ranks), two seeds each, run as
-    documented: one curve per arm with mean, sd and t-interval per budget, the points matched with
+    """studies/budget_curves.yaml (two budgets), its LoRA arm (two ranks, on two worker processes) and
+    its AdaLoRA arm (one budget), two seeds each, run as documented: one curve per arm with mean, sd and t-interval per budget, the points matched with
     LoRA at the same size, and the pooled Pareto front."""
     lora_r1 = 2 * (4 * (32 + 32 + 1) + 2 * (32 + 64 + 1))  # the tiny BERT: 2 layers, 908 parameters per rank
     seeds = "study.space.seed={type: categorical, choices: [0, 1]}"
@@ -205,8 +205,8 @@ def test_budget_curves_of_the_shipped_studies(env: dict[str, Any]) -> None:
                             "study.space.method.name={type: categorical, choices: [dora]}",
                             f"study.space.budget.target_params={{type: categorical, choices: [{lora_r1 // 2}, "
                             f"{2 * lora_r1}]}}")) == 0
-    assert study_main(_args(STUDIES / "budget_curves_lora.yaml", env["sets"], seeds,
-                            "study.space.adapter.r0={type: categorical, choices: [1, 2]}")) == 0
+    assert study_main([*_args(STUDIES / "budget_curves_lora.yaml", env["sets"], seeds,  # worker processes too
+                              "study.space.adapter.r0={type: categorical, choices: [1, 2]}"), "--workers", "2"]) == 0
     assert study_main(_args(STUDIES / "budget_curves_adalora.yaml", [*env["sets"], "adapter.r0=2"], seeds,
                             f"study.space.budget.target_params={{type: categorical, choices: [{2 * lora_r1}]}}")) == 0
     out = env["root"] / "curves-report"

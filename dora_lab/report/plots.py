@@ -5,6 +5,7 @@
 - :func:`allocation_panels`: the final rank of every adapted matrix (layers x module types), one
   heatmap per group side by side, averaged over the group's runs, on one colour scale.
 - :func:`budget_curves`: the schedule's budget at every optimizer step, one line per group.
+- :func:`quality_curves`: the metric against adapter parameters, one curve per method with seed bands.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, TypeVar, cast
 from ..study.plots import allocation_grid, plt, save_figure
 from .stats import Summary
 
-__all__ = ["allocation_panels", "budget_curves", "metric_by_group"]
+__all__ = ["allocation_panels", "budget_curves", "metric_by_group", "quality_curves"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -112,5 +113,35 @@ def budget_curves(curves: Sequence[tuple[str, str, Sequence[int]]], path: str | 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("budget schedule per group (budget.json)", fontsize=9)
+    fig.tight_layout()
+    return cast(Path, save_figure(fig, path))
+
+
+@_plain
+def quality_curves(points: Sequence[Mapping[str, Any]], ylabel: str, path: str | Path) -> Path:
+    """``points``: rows with ``curve``, ``adapter_parameters``, ``mean``, ``sd``, ``ci_low``, ``ci_high``
+    (:func:`dora_lab.report.pareto.curve_points`); per curve the means joined by a line, the 95%
+    t-interval as a band and +- one sd as error bars; a log x axis when sizes span over a factor 5."""
+    fig, ax = plt.subplots(figsize=(6.6, 4.2))
+    names = list(dict.fromkeys(str(p["curve"]) for p in points))
+    for k, name in enumerate(names):
+        pts = sorted((p for p in points if p["curve"] == name and not math.isnan(p["adapter_parameters"])),
+                     key=lambda p: p["adapter_parameters"])
+        xs, ys = [p["adapter_parameters"] for p in pts], [p["mean"] for p in pts]
+        colour = f"C{k % 10}"
+        ax.errorbar(xs, ys, yerr=[0.0 if math.isnan(p["sd"]) else p["sd"] for p in pts], fmt="o-",
+                    color=colour, capsize=3, lw=1.8, ms=5, label=f"{name} (n = {'/'.join(str(p['n']) for p in pts)})")
+        band = [p for p in pts if not math.isnan(p["ci_low"])]
+        if band:
+            ax.fill_between([p["adapter_parameters"] for p in band], [p["ci_low"] for p in band],
+                            [p["ci_high"] for p in band], color=colour, alpha=0.15, lw=0)
+    sizes = [p["adapter_parameters"] for p in points if p["adapter_parameters"] > 0]
+    if sizes and max(sizes) > 5 * min(sizes):
+        ax.set_xscale("log")
+    ax.set_xlabel("adapter parameters (final, mean over seeds)")
+    ax.set_ylabel(ylabel)
+    ax.set_title("mean over seeds; band: 95% t-interval; bars: +- sd", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return cast(Path, save_figure(fig, path))

@@ -2,6 +2,8 @@
 
 - :func:`allocation_heatmap`: the final rank of every adapted matrix, layers x module types.
 - :func:`budget_plot`: the schedule's budget and the active components over the steps.
+- :func:`pareto_plot`: quality against size with the Pareto front drawn (a multi-objective study's
+  parent run, and the report).
 
 A trial's two figures are titled with the run they show (its name, scorer, schedule, seed, trial;
 :func:`dora_lab.study.tracking.figure_title`), the title wrapped to the figure's width.
@@ -23,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["allocation_grid", "allocation_heatmap", "budget_plot", "save_figure", "study_plots"]
+__all__ = ["allocation_grid", "allocation_heatmap", "budget_plot", "pareto_plot", "save_figure", "study_plots"]
 
 # "bert.encoder.layer.3.attention.self.query" -> ("3", "attention.self.query"); decoders' "layers.3.*",
 # GPT-2's "h.3.*" and T5's "block.3.*" alike.
@@ -89,6 +91,43 @@ def budget_plot(curve: Sequence[int], unit: str, path: str | Path,
     return save_figure(fig, path)
 
 
+def pareto_plot(points: Sequence[tuple[float, float]], front: Sequence[int], path: str | Path, xlabel: str,
+                ylabel: str, maximize_y: bool = True, labels: Sequence[str] = (), title: str = "") -> Path:
+    """Quality (y) against size (x, fewer is better): every point grey, the Pareto ``front`` (its
+    positions in ``points``) in colour, joined by the staircase of what is attainable (for each size,
+    the best quality at that size or less); ``labels`` name the front's points (trial numbers, say).
+    A log x axis when the sizes span more than a factor 5; matplotlib's default style (Optuna's
+    plots switch the process to ggplot)."""
+    with plt.style.context("default"):
+        fig, ax = plt.subplots(figsize=(6.2, 4.0))
+        _draw_front(ax, points, front, maximize_y, labels)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(_wrap(title or f"{ylabel} against {xlabel}", fig), fontsize=9)
+        fig.tight_layout()
+        return save_figure(fig, path)
+
+
+def _draw_front(ax: Any, points: Sequence[tuple[float, float]], front: Sequence[int], maximize_y: bool,
+                labels: Sequence[str]) -> None:
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    ax.plot(xs, ys, "o", color="tab:gray", alpha=0.55, ms=5, label="trials / runs")
+    best = sorted((points[i] for i in front), key=lambda p: (p[0], -p[1] if maximize_y else p[1]))
+    if best:
+        ax.step([p[0] for p in best], [p[1] for p in best], where="post", color="tab:red", lw=1.6, alpha=0.8)
+        ax.plot([p[0] for p in best], [p[1] for p in best], "o", color="tab:red", ms=7, label="Pareto front")
+    names: dict[tuple[float, float], list[str]] = {}  # equal points (a repeated trial) share one label
+    for i, text in zip(front, labels, strict=False):
+        names.setdefault((points[i][0], points[i][1]), []).append(text)
+    for point, texts in names.items():
+        ax.annotate(", ".join(texts), point, textcoords="offset points", xytext=(4, 4), fontsize=7)
+    positive = [x for x in xs if x > 0]
+    if positive and max(positive) > 5 * min(positive):
+        ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _wrap(title: str, fig: Any) -> str:
     """``title``'s lines wrapped to the figure's width (about 13 characters an inch at 9 pt)."""
     width = max(20, int(fig.get_figwidth() * 13))
@@ -105,10 +144,14 @@ def study_plots(study: Any, folder: str | Path, target_name: str = "objective") 
     folder.mkdir(parents=True, exist_ok=True)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     notes: dict[str, str] = {}
+    # a multi-objective study: Optuna's plots of one value take the first objective (the metric)
+    target = (lambda t: t.values[0]) if len(study.directions) > 1 else None
     plots = {
-        "optimization_history.png": lambda: ovm.plot_optimization_history(study, target_name=target_name),
-        "param_importances.png": lambda: ovm.plot_param_importances(study, target_name=target_name),
-        "parallel_coordinate.png": lambda: ovm.plot_parallel_coordinate(study, target_name=target_name),
+        "optimization_history.png": lambda: ovm.plot_optimization_history(study, target=target,
+                                                                          target_name=target_name),
+        "param_importances.png": lambda: ovm.plot_param_importances(study, target=target, target_name=target_name),
+        "parallel_coordinate.png": lambda: ovm.plot_parallel_coordinate(study, target=target,
+                                                                        target_name=target_name),
     }
     for name, draw in plots.items():
         if name == "param_importances.png" and len(complete) < 2:
@@ -124,7 +167,7 @@ def study_plots(study: Any, folder: str | Path, target_name: str = "objective") 
             fig: Any = ax.flat[0].figure if hasattr(ax, "flat") else ax.figure
             # parallel coordinates: one axis per parameter, each with its own tick labels; give
             # every axis ~1.7 inches so that neighbouring labels do not overlap
-            width = max(8.0, 1.7 * (len(study.best_trial.params) + 1)) if name.startswith("parallel") else 8.0
+            width = max(8.0, 1.7 * (len(complete[0].params) + 1)) if name.startswith("parallel") else 8.0
             fig.set_size_inches(width, 5)
             fig.tight_layout()
             save_figure(fig, folder / name)

@@ -48,9 +48,11 @@ import optuna
 
 from ..run.cli import check_writable_folder, refuse
 from ..run.config import ConfigError
+from .front import FRONT_TAG
 from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
 from .locks import store_lock
-from .samplers import check_space_unchanged, make_pruner, make_sampler
+from .objectives import is_multi
+from .samplers import check_directions, check_space_unchanged, make_pruner, make_sampler
 from .space import StudySetup, prepare
 from .tracking import UID_TAG, StudyTracker, print_summary, safe_url, ui_lines
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
@@ -84,10 +86,16 @@ def open_study(setup: StudySetup, tracker: StudyTracker | None = None) -> optuna
                     storage, engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {},
                     heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period,
                     heartbeat_stale_trial_callback=stale if s.heartbeat_interval else None)
-        study = optuna.create_study(storage=storage, study_name=setup.name, direction=s.direction,
+        directions = [optuna.study.StudyDirection[d.upper()] for _, d in setup.goals]
+        study = optuna.create_study(storage=storage, study_name=setup.name, directions=directions,
                                     sampler=make_sampler(s), pruner=make_pruner(s), load_if_exists=True)
+        check_directions(setup.goals, study)
         if UID_TAG not in study.user_attrs:  # new (or made by a dora_lab from before identities)
             study.set_user_attr(UID_TAG, f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}")
+            if is_multi(setup.goals):  # the objectives' names, for reports and Optuna's own tools
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names([m for m, _ in setup.goals])
     fail_stale(study)
     return study
 
@@ -102,7 +110,7 @@ def study_folder(setup: StudySetup, study: optuna.Study) -> Path:
     return setup.study_dir / study_uid(study)
 
 
-def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[optuna.Trial], float],
+def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[optuna.Trial], float | list[float]],
                 n_trials: int | None) -> None:
     """Ask, run and tell up to ``n_trials`` trials (``None``: no limit) until ``study.timeout``; a grid
     also stops when no point is left.  A failed trial is recorded FAIL and the next one runs, except
@@ -155,7 +163,7 @@ def _parent_tags(setup: StudySetup) -> dict[str, str]:
             "optuna.sampler": s.sampler.name, "optuna.pruner": s.pruner.name,
             "dora_lab.space": ", ".join(s.space) or "(none)", "task": setup.base.task.name,
             "model": setup.base.model.name, "mlflow.note.content": f"Optuna study {setup.name!r} "
-            f"({s.direction} {setup.metric}); one child run per trial."}
+            f"({', '.join(f'{d} {m}' for m, d in setup.goals)}); one child run per trial."}
 
 
 def _parent_params(setup: StudySetup) -> dict[str, str]:
@@ -165,6 +173,8 @@ def _parent_params(setup: StudySetup) -> dict[str, str]:
     params = {"study.config": str(setup.config_path.resolve()), "study.overrides": json.dumps(setup.overrides),
               "study.metric": setup.metric, "study.direction": s.direction, "study.objective": s.objective,
               "study.n_trials": str(s.n_trials), "study.timeout": str(s.timeout)}
+    if is_multi(setup.goals):
+        params["study.objectives"] = json.dumps([{"metric": m, "direction": d} for m, d in setup.goals])
     for part in ("sampler", "pruner"):
         params |= {f"study.{part}" + (f".{k}" if k != "name" else ""): str(v)
                    for k, v in getattr(s, part).model_dump(mode="json").items()}
@@ -194,7 +204,8 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     study = open_study(setup, tracker)
     check_space_unchanged(setup.study, study)
     parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
-    tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize")
+    tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize",
+                      [f"tags.`{FRONT_TAG}`"] if is_multi(setup.goals) else [])
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
         study.set_user_attr(key, value)

@@ -31,7 +31,7 @@ from .space import (
     TPESampler,
 )
 
-__all__ = ["TrialSeeded", "check_space_unchanged", "make_pruner", "make_sampler", "suggest"]
+__all__ = ["TrialSeeded", "check_directions", "check_space_unchanged", "make_pruner", "make_sampler", "suggest"]
 
 
 def suggest(trial: optuna.Trial, space: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,6 +59,18 @@ def check_space_unchanged(config: StudyConfig, study: optuna.Study) -> None:
                     f"study.space.{key}: the choices {list(param.choices)} differ from those of the study "
                     f"{study.study_name!r} so far {list(dist.choices)}; Optuna cannot change a categorical within "
                     f"one study.  Start a new one: --set study.name={study.study_name}_v2 (same storage, new trials)")
+
+
+def check_directions(goals: Sequence[tuple[str, str]], study: optuna.Study) -> None:
+    """A stored study keeps its objectives' directions: one opened with others (a single-objective
+    study run again with ``study.objectives``, say) is refused, with the fix."""
+    stored = [d.name.lower() for d in study.directions]
+    wanted = [d for _, d in goals]
+    if stored != wanted:
+        raise ConfigError(
+            f"study {study.study_name!r} was created with the direction(s) {stored}; this config asks for "
+            f"{wanted} (study.objectives / study.direction).  Optuna cannot change a study's objectives: start a "
+            f"new one, --set study.name={study.study_name}_v2 (same storage, new trials)")
 
 
 def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:

@@ -9,6 +9,8 @@ A study block sits beside the run config it tunes; every key, with the values
       metric: null               # default: the task's main metric (matthews_correlation for cola)
       direction: maximize
       objective: best            # best: the best evaluation once pruning has ended; final: the last
+      objectives: []             # several {metric, direction}: a multi-objective study (Pareto front;
+                                 # pruner none); see dora_lab.study.objectives
       n_trials: 8                # trials per invocation (split over --workers); null: until timeout
       timeout: 840               # seconds after which no new trial starts (null: none)
       sampler: {name: tpe, seed: 0, n_startup_trials: 3}     # or random / grid (all seeded)
@@ -54,6 +56,7 @@ from ..run.config import (
 )
 from ..run.names import check_name
 from ..run.tasks import get_task
+from .objectives import Objective, check_direction, check_objectives, resolve
 
 __all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "StudySetup", "check_scorer_params", "db_url",
            "parse_study", "prepare", "read_study_block", "trial_config"]
@@ -163,6 +166,7 @@ class StudyConfig(_Strict):
     metric: str | None = None
     direction: Literal["maximize", "minimize"] = "maximize"
     objective: Literal["best", "final"] = "best"
+    objectives: list[Objective] = Field(default_factory=list, description="several: a multi-objective study")
     n_trials: int | None = Field(10, ge=1)
     timeout: float | None = Field(None, gt=0, description="seconds")
     sampler: Sampler = Field(default_factory=lambda: TPESampler(name="tpe"))
@@ -201,6 +205,9 @@ class StudyConfig(_Strict):
                                  f"{{type: categorical, choices: [...]}}")
         elif self.n_trials is None and self.timeout is None:
             raise ValueError("set study.n_trials or study.timeout (or both), or the study never ends")
+        check_objectives(self.objectives, self.metric, self.pruner.name)
+        if self.objectives:  # the first objective is the study's metric, with its direction
+            object.__setattr__(self, "direction", self.objectives[0].direction)
         return self
 
     # -- resolved settings ------------------------------------------------------------------------
@@ -407,6 +414,11 @@ class StudySetup:
     study_dir: Path  # <output_dir>/studies/<name>: a folder per study identity (study_folder) inside
     metric: str
 
+    @property
+    def goals(self) -> list[tuple[str, str]]:
+        """(metric, direction) per objective: ``study.objectives``, else [(metric, study.direction)]."""
+        return resolve(self.study.objectives, self.metric, self.study.direction)
+
 
 def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetup:
     """Read, override and validate everything; :class:`ConfigError` before anything starts."""
@@ -424,8 +436,9 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
     except ConfigError as exc:
         raise ConfigError(f"the study's base config (study.overrides applied) is invalid: {exc}") from None
     check_scorer_params(study, base.scorer.name)
-    metric = study.metric or get_task(base.task.name).main_metric
-    _check_direction(study.direction, metric)
+    metric = (study.objectives[0].metric if study.objectives else study.metric) or get_task(base.task.name).main_metric
+    for i, (name, direction) in enumerate(resolve(study.objectives, metric, study.direction)):
+        check_direction(direction, name, f"study.objectives.{i}.direction" if study.objectives else "study.direction")
     output_dir = Path(base.output_dir).resolve()
     name = check_name("study.name" if study.name else "study.name (default: the config file's name)",
                       study.study_name(config_path))
@@ -438,15 +451,3 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
         metric=metric,
     )
 
-
-def _check_direction(direction: str, metric: str) -> None:
-    """A known metric optimised the wrong way (perplexity maximised) is refused."""
-    from ..run.tasks import LOWER_IS_BETTER, METRICS
-
-    plain = metric.rsplit("/", 1)[-1]  # validation_mismatched/accuracy
-    known = {m for ms in METRICS.values() for m in ms}
-    if plain not in known or (direction == "minimize") == (plain in LOWER_IS_BETTER):
-        return
-    right = "minimize" if plain in LOWER_IS_BETTER else "maximize"
-    raise ConfigError(f"study.direction is {direction!r} but the study's metric {metric!r} is better when "
-                      f"{'lower' if right == 'minimize' else 'higher'}; set study.direction: {right}")

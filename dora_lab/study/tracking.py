@@ -63,7 +63,7 @@ from mlflow.exceptions import MlflowException
 
 from ..run.callbacks import RunInfo, RunResult, TrainCallback
 from ..run.config import RunConfig, flatten
-from . import plots
+from . import front, plots
 from .locks import store_lock
 from .tables import markdown_table, write_table
 
@@ -238,17 +238,19 @@ def run_url(ui: str, experiment_id: str, run_id: str, artifact: str = "") -> str
         f"{page}?workflowType=machine_learning"
 
 
-def study_view(study: str, metric: str, searched: Sequence[str], maximize: bool = True) -> dict[str, Any]:
+def study_view(study: str, metric: str, searched: Sequence[str], maximize: bool = True,
+               extra: Sequence[str] = ()) -> dict[str, Any]:
     """The runs table as a study wants it, as MLflow's UI keeps a shared view (``Views`` > share: an
     experiment tag ``mlflow.sharedViewState.<key>`` holding this JSON, opened by the URL parameter
     ``viewStateShareKey=<key>``): the study's trials flat, best ``objective`` first, and as columns
     the datasets, ``objective``, ``best_<metric>``, the final adapter size, the minutes and every
-    searched key, instead of MLflow's default Source / Models / Dataset."""
+    searched key (then the ``extra`` columns: a multi-objective study's Pareto tag), instead of MLflow's
+    default Source / Models / Dataset."""
     return {"searchFilter": f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}'",
             "orderByKey": "metrics.`objective`", "orderByAsc": not maximize,
             "selectedColumns": ["attributes.`Dataset`", "metrics.`objective`", f"metrics.`best_{metric}`",
                                 "metrics.`adapter_parameters_final`", "metrics.`minutes`",
-                                *(f"params.`{k}`" for k in searched)]}
+                                *(f"params.`{k}`" for k in searched), *extra]}
 
 
 def compare_url(ui: str, experiment_id: str, run_ids: Sequence[str]) -> str:
@@ -370,9 +372,12 @@ class TrialLogger(TrainCallback):
         for chunk in _chunks(buffer, 900):
             self.client.log_batch(self.run_id, metrics=list(chunk))
 
-    def finish(self, state: str, value: float | None = None, reason: str | None = None) -> None:
+    def finish(self, state: str, value: float | None = None, reason: str | None = None,
+               values: Mapping[str, float] | None = None) -> None:
         """Send what is left, the pictures and files, the final tags; close the run with the status
-        matching the Optuna state (COMPLETE, PRUNED, FAIL, INTERRUPTED)."""
+        matching the Optuna state (COMPLETE, PRUNED, FAIL, INTERRUPTED).  ``value``: the first
+        objective (metric ``objective``); ``values``: every objective of a multi-objective study by
+        name (metrics ``objective/<name>``)."""
         if self.done:
             return
         self.done = True
@@ -381,6 +386,9 @@ class TrialLogger(TrainCallback):
             self.flush()
             if value is not None:
                 self.client.log_metric(self.run_id, "objective", value, step=0)
+            if values is not None and len(values) > 1:
+                self.client.log_batch(self.run_id, metrics=[Metric(f"objective/{k}", v, _now(), 0)
+                                                             for k, v in values.items()])
             self._artifacts(adapter=state == "COMPLETE")
         except Exception as exc:  # a file or picture that cannot be logged must not change the trial's outcome
             tags["dora_lab.artifact_error"] = f"{type(exc).__name__}: {exc}"[:5000]
@@ -448,14 +456,14 @@ class StudyTracker:
                 self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, EXPERIMENT_TAGS[KIND_TAG])
         return str(exp.experiment_id)
 
-    def save_view(self, metric: str, searched: Sequence[str], maximize: bool = True) -> str:
+    def save_view(self, metric: str, searched: Sequence[str], maximize: bool = True, extra: Sequence[str] = ()) -> str:
         """Save the study's view of the runs table (:func:`study_view`) as a shared view of the
         experiment; :meth:`runs_url` links to it from now on.  Returns its key."""
         import hashlib
 
         key = f"dora_lab-{hashlib.sha1(self.study_name.encode()).hexdigest()[:12]}"
         self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + key,
-                                       json.dumps(study_view(self.study_name, metric, searched, maximize)))
+                                       json.dumps(study_view(self.study_name, metric, searched, maximize, extra)))
         self.view_key = key
         return key
 
@@ -529,23 +537,13 @@ class StudyTracker:
         step = len(rows)
         metrics = [Metric(f"n_{k.lower()}", v, _now(), step) for k, v in counts.items()]
         tags = {"n_trials": str(len(rows)), "optuna.metric": metric,
-                "optuna.direction": study.direction.name.lower()}
-        best = _best(study)
-        if best is not None:
-            tags.update({"best.trial": str(best.number), "best.value": f"{best.value:.6g}",
-                         "best.mlflow_run_id": str(best.user_attrs.get("mlflow_run_id", ""))})
-            tags.update({f"best.{k}": str(v) for k, v in best.params.items()})
+                "optuna.direction": ",".join(d.name.lower() for d in study.directions), **front.answer_tags(study)}
+        front.pareto_figure(study, folder / "plots")
+        front.mark_front(self.client, study)
         self.client.log_batch(parent_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.log_artifacts(parent_id, str(folder), "summary")
         self.client.set_terminated(parent_id, status)
         return rows
-
-
-def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
 
 
 def _reason(t: optuna.trial.FrozenTrial) -> str:
@@ -557,13 +555,18 @@ def _reason(t: optuna.trial.FrozenTrial) -> str:
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One row per trial: number, state, value, the searched values, size, minutes, reason."""
+    """One row per trial: number, state, value (the first objective's), whether it is on the Pareto
+    front (a multi-objective study), the searched values, size, minutes, reason."""
     rows = []
+    multi = front.is_multi_study(study)
+    on_front = set(front.front_numbers(study)) if multi else set()
     for t in study.get_trials(deepcopy=False):
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else None
         rows.append({
-            "trial": t.number, "state": t.state.name, "value": t.value,
+            "trial": t.number, "state": t.state.name, "value": front.first_value(t),
+            **({"pareto": t.number in on_front if t.state == optuna.trial.TrialState.COMPLETE else None}
+               if multi else {}),
             **{k: v for k, v in t.params.items()},
             "components": t.user_attrs.get("active_components"),
             "adapter_params": t.user_attrs.get("adapter_parameters"),
@@ -579,15 +582,13 @@ def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, A
     the best one, where the summary ``folder`` is and how to open the MLflow UI on the study (with
     ``tracker``: the link to its runs table and to the compare page of its complete trials)."""
     keys = list(setup.study.space)
-    columns = ["trial", "state", "value", *keys, "components", "minutes", "reason"]
+    multi = ["pareto", "adapter_params"] if front.is_multi_study(study) else []
+    columns = ["trial", "state", "value", *multi[:1], *keys, "components", *multi[1:], "minutes", "reason"]
     short = [{c: r.get(c) for c in columns} for r in rows]
-    print(f"\nstudy {setup.name!r} ({setup.study.direction} {setup.metric}): {len(rows)} trial(s)")
+    print(f"\nstudy {setup.name!r} ({', '.join(f'{d} {m}' for m, d in setup.goals)}): {len(rows)} trial(s)")
     print(markdown_table(short, columns, width=48))
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if complete:
-        best = study.best_trial
-        print(f"best: trial {best.number}, {setup.metric} = {best.value:.4f}, "
-              f"{', '.join(f'{k}={v}' for k, v in best.params.items())}\n      run folder {best.user_attrs.get('run_dir')}")
+    for line in front.front_lines(study, setup.goals):
+        print(line)
     print(f"summary (table, plots): {folder}")
     if tracker is not None:
         ids = [str(r["mlflow_run_id"]) for r in rows if r["state"] == "COMPLETE" and r["mlflow_run_id"]]

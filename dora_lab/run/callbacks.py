@@ -28,6 +28,7 @@ class RunInfo:
     adapter_parameters: int  # active adapter parameters at the start
     budget_curve: list[int]  # the schedule's budget at every step (in its unit)
     budget_unit: str
+    initial_metrics: dict[str, float] = field(default_factory=dict)  # eval.at_start: the evaluation at step 0
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RunResult:
     peak_memory_mb: float = 0.0  # dora_lab.run.memory: CUDA allocator peak, or the process's peak RSS
     peak_memory_source: str = ""
     data: dict[str, dict[str, int]] = field(default_factory=dict)  # causal tasks: per split, prompts cut...
+    initial_metrics: dict[str, float] = field(default_factory=dict)  # eval.at_start: before the first step
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -65,6 +67,8 @@ class RunResult:
             "peak_memory_source": self.peak_memory_source,
             "run_dir": str(self.run_dir) if self.run_dir else None,
         }
+        if self.initial_metrics:  # eval.at_start: the model before training (the base model's number)
+            out["initial"] = self.initial_metrics
         if self.data:  # a causal task: examples, prompts cut and answers dropped per split
             out["data"] = self.data
         return out

@@ -18,35 +18,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from .config_eval import EvalConfig
 from .config_yaml import ConfigError, apply_overrides, load_yaml, parse_assignment, read_yaml, set_values
 
 if TYPE_CHECKING:
     from ..core.controller import PruningController
 
 __all__ = [
-    "AdapterConfig",
-    "BudgetConfig",
-    "ConfigError",
-    "MethodConfig",
-    "ModelConfig",
-    "RegularizerConfig",
-    "ReportConfig",
-    "RunConfig",
-    "ScheduleConfig",
-    "ScorerConfig",
-    "TaskConfig",
-    "TrainConfig",
-    "apply_overrides",
-    "build_controller",
-    "field_at",
-    "flatten",
-    "load_config",
-    "load_config_dict",
-    "load_yaml",
-    "parse_assignment",
-    "parse_report",
-    "read_yaml",
-    "set_values",
+    "AdapterConfig", "BudgetConfig", "ConfigError", "EvalConfig", "MethodConfig", "ModelConfig", "RegularizerConfig",
+    "ReportConfig", "RunConfig", "ScheduleConfig", "ScorerConfig", "TaskConfig", "TrainConfig",
+    "apply_overrides", "build_controller", "field_at", "flatten", "load_config", "load_config_dict",
+    "load_yaml", "parse_assignment", "parse_report", "read_yaml", "set_values",
 ]
 
 
@@ -184,6 +166,7 @@ class RunConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     study: dict[str, Any] | None = Field(None, description="the study block, validated by dora_lab.study.space")
     report: dict[str, Any] | None = Field(None, description="the report block (ReportConfig), read by dora_lab.report")
 

@@ -36,7 +36,7 @@ from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
 from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, refuse
 from .config import ConfigError, RunConfig, build_controller, load_config
 from .data import load_splits, make_loader
-from .evaluate import evaluate
+from .evaluate import GenerationEval, evaluate, initial_evaluation
 from .memory import peak_memory_mb, reset_peak
 from .models import check_model, load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
@@ -115,6 +115,9 @@ def train_run(
     # a model that cannot train this task (a classifier for a causal task, a frozen new head) is
     # refused from its config alone, before the data is read
     check_model(cfg.model.name, task=spec, trainable=cfg.model.trainable, method=cfg.train.method)
+    if cfg.eval.generate and not spec.is_instruction:
+        raise ConfigError(f"eval.generate scores generated answers of instruction data (prompt/response rows), "
+                          f"but task {spec.name!r} is not instruction data; set eval.generate: false")
 
     # -- data and model -------------------------------------------------------------------
     splits = load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
@@ -172,6 +175,11 @@ def train_run(
                         for b in eval_loaders[spec.eval_splits[0]].spread_batches(rows)]
             controller.set_validation(ValidationLoss(
                 model, vbatches, _autocast("bf16" if bf16_weights else cfg.model.precision, device)))
+    generation = GenerationEval(tokenizer, cfg.eval.answer, cfg.eval.sampling(cfg.seed), cfg.eval.rows,
+                                cfg.train.eval_batch_size) if cfg.eval.generate else None
+    autocast = _autocast("bf16" if bf16_weights else cfg.model.precision, device)
+    initial = initial_evaluation(model, eval_loaders, spec, device, autocast, generation) \
+        if cfg.eval.at_start and rank0 else {}
     # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
     if rank0:
         claim_run_dir(run_dir, overwrite)
@@ -184,13 +192,12 @@ def train_run(
         config=cfg.resolved(), run_dir=run_dir, total_steps=total, steps_per_epoch=steps_per_epoch,
         trainable_parameters=counts.trainable, adapter_parameters=counts.adapter_active,
         budget_curve=controller.budget_curve() if controller else [],
-        budget_unit=controller.unit if controller else "none",
+        budget_unit=controller.unit if controller else "none", initial_metrics=initial,
     )
     for cb in callbacks:
         cb.on_train_begin(info)
 
     # -- the loop ----------------------------------------------------------------------------
-    autocast = _autocast("bf16" if bf16_weights else cfg.model.precision, device)
     # fp16 needs loss scaling or small gradients flush to zero; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16")
     history: list[dict[str, float]] = []
@@ -242,7 +249,7 @@ def train_run(
             cb.on_step(step, logs)
         bar.update(1)
         if rank0 and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total):
-            metrics = evaluate(model, eval_loaders, spec, device, autocast)
+            metrics = evaluate(model, eval_loaders, spec, device, autocast, generation)
             metrics["step"] = float(step + 1)
             history.append(metrics)
             pruning_done = controller is None or controller.settled
@@ -267,6 +274,7 @@ def train_run(
         trainable_parameters=info.trainable_parameters, adapter_parameters_final=counts.adapter_active,
         active_components_final=counts.active_components, steps=total, seconds=time.time() - t0,
         run_dir=run_dir, peak_memory_mb=peak[0], peak_memory_source=peak[1], data=data_counts,
+        initial_metrics=initial,
     )
     if not rank0:
         return result

@@ -118,12 +118,16 @@ def answer_score(answer: str, reference: str, rule: str) -> bool:
 
 
 def split_prompt_answer(encoding: CausalEncoding, rows: int | None = None) -> list[tuple[list[int], list[int]]]:
-    """``(prompt ids, answer ids)`` of an instruction encoding's first ``rows`` rows: the tokens
-    before the first labelled one, and the labelled ones (the reference answer)."""
+    """``(prompt ids, answer ids)`` of an instruction encoding's first ``rows`` rows: the last run of
+    labelled tokens is the reference answer (a response, or a chat row's last assistant turn) and
+    every token before it the prompt (earlier assistant turns included)."""
     out = []
     for ids, labels in list(zip(encoding.input_ids, encoding.labels, strict=True))[:rows]:
-        first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
-        out.append((list(ids[:first]), [t for t in labels if t != IGNORE_INDEX]))
+        end = max(i for i, t in enumerate(labels) if t != IGNORE_INDEX) + 1
+        start = end
+        while start > 0 and labels[start - 1] != IGNORE_INDEX:
+            start -= 1
+        out.append((list(ids[:start]), list(labels[start:end])))
     return out
 
 

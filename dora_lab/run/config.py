@@ -149,6 +149,7 @@ class TrainConfig(_Strict):
     save_adapter: bool = True
     processes: int = Field(1, ge=1, description="data-parallel processes; > 1 relaunches under torchrun")
     gradient_checkpointing: bool = False
+    packing: bool = Field(False, description="causal tasks: pack each batch's rows into few sequences (docs/decoders.md)")
 
 
 class RunConfig(_Strict):

@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from .causal import IGNORE_INDEX
+from .config_eval import EvalConfig
+from .config_yaml import ConfigError
 from .generation import Sampling, generation_metrics
 from .tasks import TaskSpec, compute_metrics, language_model_metrics
 
-__all__ = ["GenerationEval", "answer_log_likelihoods", "evaluate", "initial_evaluation", "label_log_likelihoods",
-           "predict", "response_nll"]
+__all__ = ["GenerationEval", "answer_log_likelihoods", "evaluate", "generation_eval", "initial_evaluation",
+           "label_log_likelihoods", "predict", "response_nll"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,18 @@ def label_log_likelihoods(model: nn.Module, loader: Any, device: torch.device,
     if np.isnan(scores).any():
         raise ValueError("the loader did not score every label of every example (make it with score_labels=True)")
     return scores, np.array([encoding.gold[e] for e in examples])
+
+
+def generation_eval(config: EvalConfig, spec: TaskSpec, tokenizer: Any = None, seed: int = 0,
+                    batch_size: int = 16) -> GenerationEval | None:
+    """The ``eval:`` block's generation scoring for ``spec`` (None when ``eval.generate`` is off);
+    ConfigError when it is on for a task that is not instruction data (no reference answers)."""
+    if not config.generate:
+        return None
+    if not spec.is_instruction:
+        raise ConfigError(f"eval.generate scores generated answers of instruction data (prompt/response rows), "
+                          f"but task {spec.name!r} is not instruction data; set eval.generate: false")
+    return GenerationEval(tokenizer, config.answer, config.sampling(seed), config.rows, batch_size)
 
 
 def evaluate(

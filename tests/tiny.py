@@ -131,3 +131,40 @@ def make_tiny_llama_dir(path: Path, chat: bool = True, hidden: int = 32, layers:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)  # type: ignore[attr-defined]
     return path
+
+
+def make_tiny_decoder_dir(path: Path, kind: str, positions: int = 64, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer, 32-wide ``gpt2``, ``opt`` or ``llama`` causal LM with ``positions``
+    positions (GPT-2's ``n_positions`` and ``wpe`` table, OPT's ``embed_positions`` table of
+    ``positions + 2`` rows, Llama's rotary ``max_position_embeddings``) and :func:`make_tiny_tokenizer`
+    (``model_max_length`` 256), saved to ``path``."""
+    import torch
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = make_tiny_tokenizer()
+    ids = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,  # type: ignore[arg-type,attr-defined]
+           "bos_token_id": tokenizer.bos_token_id}  # type: ignore[attr-defined]
+    model: torch.nn.Module
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=positions, **ids))
+    elif kind == "opt":
+        model = OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                                         word_embed_proj_dim=32, max_position_embeddings=positions,
+                                         pad_token_id=tokenizer.eos_token_id, **ids))  # type: ignore[attr-defined]
+    elif kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             num_key_value_heads=1, intermediate_size=64,
+                                             max_position_embeddings=positions, tie_word_embeddings=True, **ids))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)  # type: ignore[operator]
+    tokenizer.save_pretrained(path)  # type: ignore[attr-defined]
+    return path

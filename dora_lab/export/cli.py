@@ -2,6 +2,7 @@
 
     python -m dora_lab.export SOURCE --to peft   OUT    # PeftModel.from_pretrained(base, OUT)
     python -m dora_lab.export SOURCE --to merged OUT    # AutoModelForSequenceClassification.from_pretrained(OUT)
+    python -m dora_lab.export SOURCE --to merged OUT --dtype bfloat16    # half the size; merged in float32 first
 
 SOURCE is a folder written by :func:`dora_lab.export.checkpoint.save_adapter` or a training run's folder
 holding it in ``adapter/``, or an MLflow run id: the run's tag ``dora_lab.adapter_dir`` names the
@@ -22,6 +23,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from ..run.cli import refuse
 from ..run.models import resolve_model_path
 from .checkpoint import (
@@ -37,6 +40,9 @@ __all__ = ["main", "resolve_source"]
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_\-]{8,64}")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "vocab.json")
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ExportError(ValueError):
@@ -173,6 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None,
                    help="base model to load instead of the one saved with the adapter (e.g. a local copy)")
     p.add_argument("--force", action="store_true", help="write into a non-empty OUT")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32",
+                   help="--to merged: the saved weights' type (the merge itself is done in float32)")
     return p
 
 
@@ -180,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = Path(args.out).expanduser()
     try:
+        if args.dtype != "float32" and args.to != "merged":
+            raise ExportError(f"--dtype {args.dtype} applies to --to merged; a PEFT adapter is saved as trained "
+                              f"(cast the base when loading it)")
         if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
             raise ExportError(f"{out} exists and is not an empty folder (use --force to write into it)")
         with tempfile.TemporaryDirectory(prefix="dora_lab_export_") as tmp:
@@ -199,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from .merge import merged_model
 
-            plain = merged_model(model, inplace=True)
+            plain = merged_model(model, inplace=True).to(_DTYPES[args.dtype])  # merged in float32, then cast
             plain.save_pretrained(str(out))  # type: ignore[operator]
             _save_tokenizer(path, local_only, out)
     except (ExportError, AdapterError) as e:

@@ -36,6 +36,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .causal import IGNORE_INDEX, CausalEncoding, encode_causal
+from .config_yaml import ConfigError
+from .packing import PackCollator
 from .tasks import LABEL_COLUMN, TaskSpec
 
 __all__ = ["LengthGroupedBatchSampler", "TaskLoader", "make_loader", "padding_stats", "restore_order"]
@@ -236,6 +238,7 @@ def make_loader(
     shard: int = 0,
     prompt_format: str = "auto",
     score_labels: bool = False,
+    packing: bool = False,
 ) -> TaskLoader:
     """A loader of padded batches of ``rows`` (from :func:`dora_lab.run.data.load_splits`).
 
@@ -247,7 +250,8 @@ def make_loader(
     ``score_labels``): ``labels`` are token ids with ``-100`` on the prompt and the padding, and
     rows are padded on the right whatever the tokenizer's side (positions then start at 0 in every
     row; left padding is for generation).  With ``score_labels`` a prompt task's batches hold one
-    row per (example, label) and two more keys, ``example`` and ``choice``.
+    row per (example, label) and two more keys, ``example`` and ``choice``.  With ``packing`` (a
+    causal task's training rows) each batch's rows are packed (:class:`~dora_lab.run.packing.PackCollator`).
     """
     if not rows:
         raise ValueError(f"no rows to batch for {spec.name}")
@@ -277,6 +281,11 @@ def make_loader(
         shards=shards,
         shard=shard,
     )
+    if packing:
+        if not spec.is_causal or score_labels:
+            raise ConfigError(f"train.packing joins a causal task's training rows, but {spec.name} is not a causal "
+                              f"task; set train.packing: false")
+        return TaskLoader(dataset, sampler, PackCollator(tokenizer.pad_token_id, max_length))  # type: ignore[arg-type]
     collate = _PadCollator(
         tokenizer.pad_token_id,
         left=getattr(tokenizer, "padding_side", "right") == "left" and not spec.is_causal,

@@ -28,6 +28,7 @@ class RunInfo:
     adapter_parameters: int  # active adapter parameters at the start
     budget_curve: list[int]  # the schedule's budget at every step (in its unit)
     budget_unit: str
+    initial_metrics: dict[str, float] = field(default_factory=dict)  # eval.at_start: the evaluation at step 0
 
 
 @dataclass
@@ -50,6 +51,7 @@ class RunResult:
     peak_memory_source: str = ""
     data: dict[str, dict[str, int]] = field(default_factory=dict)  # causal tasks: per split, prompts cut...
     checks: dict[str, Any] = field(default_factory=dict)  # dora_lab.run.convergence: still rising, at majority
+    initial_metrics: dict[str, float] = field(default_factory=dict)  # eval.at_start: before the first step
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -68,6 +70,8 @@ class RunResult:
         }
         if self.checks:
             out["checks"] = self.checks
+        if self.initial_metrics:  # eval.at_start: the model before training (the base model's number)
+            out["initial"] = self.initial_metrics
         if self.data:  # a causal task: examples, prompts cut and answers dropped per split
             out["data"] = self.data
         return out

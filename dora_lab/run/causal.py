@@ -24,6 +24,15 @@ rows are counted (``prompts_cut``).  A row whose answer alone leaves no room for
 token (``len(answer) >= max_length``) is dropped and counted (``answers_dropped``): its loss would
 otherwise be computed on a cut answer.  A prompt task cuts each prompt to leave room for its
 longest verbaliser, so every label is scored after the same prompt tokens.
+
+Chat data (``task.name: chat``, :func:`encode_chat`): a row's ``messages`` (role/content turns,
+multi-turn; a ``system`` text first when the row has one) are rendered with the tokenizer's chat
+template turn by turn: each turn is what rendering the conversation up to it adds to rendering
+the turns before it, and an assistant turn is split into its opening (what
+``add_generation_prompt`` writes, not labelled) and its answer (content and end-of-turn tokens,
+labelled).  So the loss is on every assistant turn and nothing else.  A long row loses tokens from
+its left (its earliest turns); a row whose last answer leaves no room for one token before it is
+dropped, as above.
 """
 
 from __future__ import annotations
@@ -35,13 +44,15 @@ from typing import Any
 from .config_yaml import ConfigError
 from .tasks import LABEL_COLUMN, TaskSpec
 
-__all__ = ["IGNORE_INDEX", "PROMPT_FORMATS", "CausalEncoding", "encode_causal", "prompt_of", "uses_chat",
-           "verbalizer_ids"]
+__all__ = ["IGNORE_INDEX", "PROMPT_FORMATS", "ROLES", "CausalEncoding", "chat_messages", "chat_segments",
+           "encode_causal", "prompt_of", "uses_chat", "verbalizer_ids"]
 
 #: The label of a token the loss ignores (the prompt, padding), as Hugging Face models expect.
 IGNORE_INDEX = -100
 #: Values of ``task.prompt_format``.
 PROMPT_FORMATS = ("auto", "chat", "plain")
+#: The roles of a chat row's turns.
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -151,6 +162,8 @@ def encode_causal(rows: Sequence[dict[str, Any]], spec: TaskSpec, tokenizer: Any
     """
     if not spec.is_causal:
         raise ValueError(f"{spec.name} is not a causal task")
+    if spec.is_chat:
+        return encode_chat(rows, spec, tokenizer, max_length=max_length, prompt_format=prompt_format)
     chat = uses_chat(tokenizer, prompt_format)
     prompt_ids = _prompts(spec, rows, tokenizer, chat)
     responses = _responses(spec, rows, tokenizer, chat) if spec.is_instruction else []
@@ -187,4 +200,83 @@ def encode_causal(rows: Sequence[dict[str, Any]], spec: TaskSpec, tokenizer: Any
     if not out.input_ids:
         raise ConfigError(f"every one of the {len(rows)} rows has an answer of task.max_length={max_length} tokens "
                          f"or more, so all were dropped; raise task.max_length")
+    return out
+
+
+# -- chat data ---------------------------------------------------------------------------------------
+def chat_messages(messages: Any, system: Any = None) -> list[dict[str, str]]:
+    """A chat row's turns, checked: a list of ``{"role", "content"}`` with roles in :data:`ROLES`
+    and text contents, at least one assistant turn; ``system`` (the row's own column, optional)
+    becomes a first system turn.  Raises ValueError saying what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"'messages' must be a non-empty list of {{role, content}} turns, got {messages!r}")
+    turns = [] if system is None or system == "" else [{"role": "system", "content": system}]
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise ValueError(f"turn {i} of 'messages' must be {{role: {'|'.join(ROLES)}, content: text}}, got {turn!r}")
+        turns.append({"role": str(turn["role"]), "content": str(turn["content"])})
+    if not isinstance(turns[0]["content"], str):
+        raise ValueError(f"'system' must be text, got {system!r}")
+    if system not in (None, "") and messages[0].get("role") == "system":
+        raise ValueError("the row has both a 'system' column and a system turn; keep one")
+    if not any(t["role"] == "assistant" for t in turns):
+        raise ValueError("'messages' has no assistant turn, so nothing would be trained on")
+    return turns
+
+
+def _render(tokenizer: Any, turns: list[dict[str, str]], opening: bool = False) -> str:
+    if not turns:
+        return ""
+    return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=opening))
+
+
+def chat_segments(tokenizer: Any, turns: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """``(text, labelled)`` pieces whose concatenation is the whole rendered conversation: each
+    turn's addition to the rendering before it, an assistant turn split into its opening (not
+    labelled) and its answer (labelled).  ConfigError when a rendering does not extend the one
+    before it (a template that rewrites earlier turns: no turn boundaries to label by)."""
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for k, turn in enumerate(turns):
+        steps = [(_render(tokenizer, turns[:k], opening=True), False)] if turn["role"] == "assistant" else []
+        for text, labelled in [*steps, (_render(tokenizer, turns[:k + 1]), turn["role"] == "assistant")]:
+            if not text.startswith(done):
+                raise ConfigError("the tokenizer's chat template does not render a conversation turn by turn (a "
+                                  "rendering is not the previous one extended), so assistant turns cannot be "
+                                  "labelled apart; use a model whose template does, or prompt/response rows")
+            pieces.append((text[len(done):], labelled))
+            done = text
+    return [(t, lab) for t, lab in pieces if t]
+
+
+def encode_chat(rows: Sequence[dict[str, Any]], spec: TaskSpec, tokenizer: Any, *, max_length: int,
+                prompt_format: str = "auto") -> CausalEncoding:
+    """Token rows of chat data (see the module docstring): labels on the assistant turns only."""
+    if not uses_chat(tokenizer, prompt_format):
+        raise ConfigError(f"task {spec.name!r} has 'messages' rows, which need the tokenizer's chat template; set "
+                          f"task.prompt_format to auto or chat and use a model whose tokenizer has one")
+    out = CausalEncoding(counts={"examples": len(rows), "prompts_cut": 0, "answers_dropped": 0})
+    field_name = spec.text_fields[0]
+    for position, row in enumerate(rows):
+        ids: list[int] = []
+        labels: list[int] = []
+        last_answer = 0
+        for text, labelled in chat_segments(tokenizer, row[field_name]):
+            piece = _ids(tokenizer, [text])[0]
+            ids += piece
+            labels += piece if labelled else [IGNORE_INDEX] * len(piece)
+            last_answer = len(piece) if labelled else last_answer
+        if not last_answer or last_answer >= max_length:
+            out.counts["answers_dropped"] += 1
+            continue
+        if len(ids) > max_length:
+            ids, labels = ids[len(ids) - max_length:], labels[len(labels) - max_length:]
+            out.counts["prompts_cut"] += 1
+        out.input_ids.append(ids)
+        out.labels.append(labels)
+        out.example.append(position)
+        out.choice.append(-1)
+    if not out.input_ids:
+        raise ConfigError(f"every one of the {len(rows)} chat rows has a last answer of task.max_length={max_length} "
+                          f"tokens or more, so all were dropped; raise task.max_length")
     return out

@@ -26,33 +26,17 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from .config_eval import EvalConfig
 from .config_yaml import ConfigError, apply_overrides, load_yaml, parse_assignment, read_yaml, set_values
 
 if TYPE_CHECKING:
     from ..core.controller import PruningController
 
 __all__ = [
-    "AdapterConfig",
-    "BudgetConfig",
-    "ConfigError",
-    "MethodConfig",
-    "ModelConfig",
-    "RegularizerConfig",
-    "RunConfig",
-    "ScheduleConfig",
-    "ScorerConfig",
-    "TaskConfig",
-    "TrainConfig",
-    "apply_overrides",
-    "build_controller",
-    "field_at",
-    "flatten",
-    "load_config",
-    "load_config_dict",
-    "load_yaml",
-    "parse_assignment",
-    "read_yaml",
-    "set_values",
+    "AdapterConfig", "BudgetConfig", "ConfigError", "EvalConfig", "MethodConfig", "ModelConfig", "RegularizerConfig",
+    "RunConfig", "ScheduleConfig", "ScorerConfig", "TaskConfig", "TrainConfig",
+    "apply_overrides", "build_controller", "field_at", "flatten", "load_config", "load_config_dict",
+    "load_yaml", "parse_assignment", "read_yaml", "set_values",
 ]
 
 
@@ -186,6 +170,7 @@ class TrainConfig(_Strict):
     save_adapter: bool = True
     processes: int = Field(1, ge=1, description="data-parallel processes; > 1 relaunches under torchrun")
     gradient_checkpointing: bool = False
+    packing: bool = Field(False, description="causal tasks: pack each batch's rows into few sequences (docs/decoders.md)")
 
 
 class RunConfig(_Strict):
@@ -203,6 +188,7 @@ class RunConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     study: dict[str, Any] | None = Field(None, description="the study block, validated by dora_lab.study.space")
     report: dict[str, Any] | None = Field(None, description="the report block, read by dora_lab.report (dora_lab.report.block)")
 

@@ -4,7 +4,8 @@
 the task's text fields, ``label`` (an ``int`` in ``[0, num_labels)``, or for a regression a
 ``float`` in the task's ``label_range``, ``[0, 5]`` for stsb) and ``idx``.  Everything
 task-specific comes from the :class:`~dora_lab.run.tasks.TaskSpec`.  Instruction data (a causal
-task without labels) has rows ``{prompt, response, idx}``; a GLUE task asked as a prompt reads the
+task without labels) has rows ``{prompt, response, idx}``, chat data ``{messages, idx}`` (a row's
+``system`` text becomes its first turn: :func:`~dora_lab.run.causal.chat_messages`); a GLUE task asked as a prompt reads the
 GLUE task's own files.  ``task.columns`` renames a file's columns to the task's.  Hub data and
 local files go through the same checks, so a bad file fails at load time with a message that
 names the file, the row and what to fix.
@@ -38,28 +39,17 @@ from pathlib import Path
 from typing import Any
 
 from .batching import LengthGroupedBatchSampler, TaskLoader, make_loader, padding_stats, restore_order
+from .causal import chat_messages
 from .tasks import LABEL_COLUMN, TaskSpec
 
-__all__ = [
-    "GLUE_SPLIT_FILES",
-    "SUFFIXES",
-    "DataError",
-    "LengthGroupedBatchSampler",
-    "TaskLoader",
-    "load_splits",
-    "make_loader",
-    "padding_stats",
-    "restore_order",
-]
+__all__ = ["GLUE_SPLIT_FILES", "SUFFIXES", "DataError", "LengthGroupedBatchSampler", "TaskLoader", "load_splits",
+           "make_loader", "padding_stats", "restore_order"]
 
 #: File types read from ``task.data_dir``, in order of preference.
 SUFFIXES = (".jsonl", ".csv", ".tsv")
 #: The names GLUE's download gives the evaluation splits' files (``<name>.tsv``).
-GLUE_SPLIT_FILES = {
-    "validation": "dev",
-    "validation_matched": "dev_matched",
-    "validation_mismatched": "dev_mismatched",
-}
+GLUE_SPLIT_FILES = {"validation": "dev", "validation_matched": "dev_matched",
+                    "validation_mismatched": "dev_mismatched"}
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 Row = dict[str, Any]
@@ -381,6 +371,12 @@ def _normalise(spec: TaskSpec, raw: list[Row], where: str, keep: Sequence[int] |
                 raise DataError(f"{where} row {number} has no {field!r} (it has {present}); fix that row")
         for field in spec.text_fields:
             text = src[field]
+            if spec.is_chat:  # a list of role/content turns, checked and copied
+                try:
+                    row[field] = chat_messages(text, src.get("system"))
+                except ValueError as exc:
+                    raise DataError(f"{where} row {number}: {exc}; fix that row") from None
+                continue
             if not isinstance(text, str):
                 raise DataError(
                     f"{where} row {number}: {field!r} must be text, got {text!r}; fix that row"

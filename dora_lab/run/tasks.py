@@ -17,7 +17,9 @@ Two kinds of task (``TaskSpec.kind``): ``classifier`` tasks train a sequence-cla
   GLUE task's own metrics (MCC, accuracy, F1) come out;
 - *instruction data* (``instruct``): rows of ``prompt`` and ``response``; training is the LM loss on
   the response tokens, evaluation the mean token NLL over every response token of the held-out
-  split (``loss``) and ``perplexity = exp(loss)`` (lower is better: :attr:`TaskSpec.greater_is_better`).
+  split (``loss``) and ``perplexity = exp(loss)`` (lower is better: :attr:`TaskSpec.greater_is_better`);
+- *chat data* (``chat``): rows of ``messages`` (role/content turns, multi-turn) and an optional
+  ``system``; the same loss and metrics over the assistant turns.
 
 A new task is one :func:`register_task` call, in this file or in a plugin (config key
 ``plugins``, or the entry-point group ``dora_lab.tasks``); ``task.name`` in a config must name
@@ -46,7 +48,7 @@ import numpy as np
 from ..core.registry import Registry, RegistryError
 
 __all__ = ["KINDS", "LABEL_COLUMN", "LOWER_IS_BETTER", "METRICS", "PROMPT_TEMPLATES", "TASKS", "TaskSpec",
-           "compute_metrics", "get_task", "instruction_task", "language_model_metrics", "list_tasks", "prompt_task", "register_task"]
+           "chat_task", "compute_metrics", "get_task", "instruction_task", "language_model_metrics", "list_tasks", "prompt_task", "register_task"]
 
 #: The label column of every GLUE task (``nyu-mll/glue`` and local files alike).
 LABEL_COLUMN = "label"
@@ -136,10 +138,10 @@ class TaskSpec:
         if self.is_regression:
             raise RegistryError(f"task {self.name!r}: a causal task cannot be a regression (num_labels 1)")
         if not self.verbalizers:
-            if self.num_labels != 0 or len(self.text_fields) != 2 or self.prompt:
+            if self.num_labels != 0 or len(self.text_fields) not in (1, 2) or self.prompt:
                 raise RegistryError(f"task {self.name!r}: an instruction task (causal, no verbalizers) has "
-                                    f"num_labels 0, no prompt template and two text fields (prompt, response); "
-                                    f"use instruction_task()")
+                                    f"num_labels 0, no prompt template and two text fields (prompt, response) "
+                                    f"or one (messages); use instruction_task() or chat_task()")
             return
         if len(self.verbalizers) != self.num_labels or len(set(self.verbalizers)) != self.num_labels or not all(
                 v.strip() for v in self.verbalizers):
@@ -168,6 +170,11 @@ class TaskSpec:
         return self.kind == "causal" and not self.verbalizers
 
     @property
+    def is_chat(self) -> bool:
+        """Chat data: instruction data of one ``messages`` column (role/content turns)."""
+        return self.is_instruction and len(self.text_fields) == 1
+
+    @property
     def greater_is_better(self) -> bool:
         """Whether a higher ``main_metric`` is better (False for ``perplexity`` and ``loss``)."""
         return self.main_metric not in LOWER_IS_BETTER
@@ -178,33 +185,14 @@ class TaskSpec:
         return self.text_fields if self.is_instruction else (*self.text_fields, LABEL_COLUMN)
 
 
-def _task(
-    name: str,
-    text_fields: tuple[str, ...],
-    *,
-    num_labels: int = 2,
-    main_metric: str = "accuracy",
-    eval_splits: tuple[str, ...] = ("validation",),
-    label_names: tuple[str, ...] = (),
-    glue_columns: dict[str, str] | None = None,
-    glue_headerless: tuple[str, ...] = (),
-    metrics: tuple[str, ...] = (),
-    label_range: tuple[float, float] | None = None,
-) -> TaskSpec:
-    return TaskSpec(
-        name=name,
-        text_fields=text_fields,
-        num_labels=num_labels,
-        is_regression=num_labels == 1,
-        main_metric=main_metric,
-        eval_splits=eval_splits,
-        hub_path=(_HUB, name),
-        label_names=label_names,
-        glue_columns=tuple((glue_columns or {}).items()),
-        glue_headerless=glue_headerless,
-        metrics=metrics,
-        label_range=label_range,
-    )
+def _task(name: str, text_fields: tuple[str, ...], *, num_labels: int = 2, main_metric: str = "accuracy",
+          eval_splits: tuple[str, ...] = ("validation",), label_names: tuple[str, ...] = (),
+          glue_columns: dict[str, str] | None = None, glue_headerless: tuple[str, ...] = (),
+          metrics: tuple[str, ...] = (), label_range: tuple[float, float] | None = None) -> TaskSpec:
+    return TaskSpec(name=name, text_fields=text_fields, num_labels=num_labels, is_regression=num_labels == 1,
+                    main_metric=main_metric, eval_splits=eval_splits, hub_path=(_HUB, name), label_names=label_names,
+                    glue_columns=tuple((glue_columns or {}).items()), glue_headerless=glue_headerless,
+                    metrics=metrics, label_range=label_range)
 
 
 def _check(name: str, obj: object) -> None:
@@ -237,14 +225,10 @@ for _spec in (
               glue_columns={"score": LABEL_COLUMN}),
         _task("qqp", ("question1", "question2"), metrics=("accuracy", "f1"),
               glue_columns={"is_duplicate": LABEL_COLUMN}),
-        _task(
-            "mnli",
-            ("premise", "hypothesis"),
-            num_labels=3,
-            eval_splits=("validation_matched", "validation_mismatched"),
-            label_names=("entailment", "neutral", "contradiction"),
-            glue_columns={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": LABEL_COLUMN},
-        ),
+        _task("mnli", ("premise", "hypothesis"), num_labels=3,
+              eval_splits=("validation_matched", "validation_mismatched"),
+              label_names=("entailment", "neutral", "contradiction"),
+              glue_columns={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": LABEL_COLUMN}),
         _task("qnli", ("question", "sentence"), label_names=("entailment", "not_entailment")),
         _task("rte", ("sentence1", "sentence2"), label_names=("entailment", "not_entailment")),
 ):
@@ -286,9 +270,16 @@ def instruction_task(name: str, *, eval_splits: tuple[str, ...] = ("validation",
                     main_metric="perplexity", eval_splits=eval_splits, hub_path=hub_path, kind="causal")
 
 
+def chat_task(name: str, *, eval_splits: tuple[str, ...] = ("validation",)) -> TaskSpec:
+    """Chat data called ``name``: rows with ``messages`` (role/content turns, optional ``system``),
+    the loss on the assistant turns (:mod:`dora_lab.run.causal`), scored by perplexity."""
+    return dataclasses.replace(instruction_task(name, eval_splits=eval_splits), text_fields=("messages",))
+
+
 for _glue, (_prompt, _verbalizers) in PROMPT_TEMPLATES.items():
     register_task(prompt_task(TASKS.get(_glue), _prompt, _verbalizers))
 register_task(instruction_task("instruct"))
+register_task(chat_task("chat"))
 
 
 def get_task(name: str) -> TaskSpec:

@@ -36,10 +36,11 @@ from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
 from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, refuse
 from .config import ConfigError, RunConfig, build_controller, load_config
 from .data import load_splits, make_loader
-from .evaluate import evaluate
+from .evaluate import evaluate, generation_eval, initial_evaluation
 from .memory import peak_memory_mb, reset_peak
 from .models import check_model, load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
+from .packing import check_packing
 from .seeding import seed_everything
 from .tasks import get_task
 from .validation import ValidationLoss
@@ -115,6 +116,7 @@ def train_run(
     # a model that cannot train this task (a classifier for a causal task, a frozen new head) is
     # refused from its config alone, before the data is read
     check_model(cfg.model.name, task=spec, trainable=cfg.model.trainable, method=cfg.train.method)
+    generation_eval(cfg.eval, spec)  # eval.generate on a task without responses: refused before the data
 
     # -- data and model -------------------------------------------------------------------
     splits = load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
@@ -139,9 +141,11 @@ def train_run(
         # non-reentrant: works with a frozen embedding and under DDP (peft#1745's "marked ready twice")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     train_loader = make_loader(splits["train"], spec, tokenizer, batch_size=cfg.train.batch_size,
-                               max_length=cfg.task.max_length, shuffle=True,
-                               group_by_length=cfg.train.group_by_length, seed=cfg.seed,
-                               shards=shards, shard=shard, prompt_format=cfg.task.prompt_format)
+                               max_length=cfg.task.max_length, shuffle=True, group_by_length=cfg.train.group_by_length,
+                               seed=cfg.seed, shards=shards, shard=shard, prompt_format=cfg.task.prompt_format,
+                               packing=cfg.train.packing)
+    if cfg.train.packing:  # refused (exit 2) unless packed rows stay apart in this model
+        check_packing(model, train_loader, device)
     eval_loaders = {
         name: make_loader(splits[name], spec, tokenizer, batch_size=cfg.train.eval_batch_size,
                           max_length=cfg.task.max_length, shuffle=False, group_by_length=True, seed=cfg.seed,
@@ -174,6 +178,10 @@ def train_run(
                         for b in eval_loaders[spec.eval_splits[0]].spread_batches(rows)]
             controller.set_validation(ValidationLoss(
                 model, vbatches, _autocast("bf16" if bf16_weights else cfg.model.precision, device)))
+    generation = generation_eval(cfg.eval, spec, tokenizer, cfg.seed, cfg.train.eval_batch_size)
+    autocast = _autocast("bf16" if bf16_weights else cfg.model.precision, device)
+    initial = initial_evaluation(model, eval_loaders, spec, device, autocast, generation) \
+        if cfg.eval.at_start and rank0 else {}
     # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
     if rank0:
         claim_run_dir(run_dir, overwrite)
@@ -186,13 +194,12 @@ def train_run(
         config=cfg.resolved(), run_dir=run_dir, total_steps=total, steps_per_epoch=steps_per_epoch,
         trainable_parameters=counts.trainable, adapter_parameters=counts.adapter_active,
         budget_curve=controller.budget_curve() if controller else [],
-        budget_unit=controller.unit if controller else "none",
+        budget_unit=controller.unit if controller else "none", initial_metrics=initial,
     )
     for cb in callbacks:
         cb.on_train_begin(info)
 
     # -- the loop ----------------------------------------------------------------------------
-    autocast = _autocast("bf16" if bf16_weights else cfg.model.precision, device)
     # fp16 needs loss scaling or small gradients flush to zero; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16")
     history: list[dict[str, float]] = []
@@ -210,8 +217,8 @@ def train_run(
         loss_sum = 0.0
         for micro in range(cfg.train.grad_accum):
             epoch, batch = next(batches)
+            rows += len(batch["index"])  # rows, not packed sequences
             batch = {k: v.to(device) for k, v in batch.items() if k != "index"}
-            rows += len(batch["labels"])
             # DDP averages the gradients once, in the last micro-batch's backward
             with distributed.no_sync(ddp, micro + 1 < cfg.train.grad_accum):
                 with autocast:
@@ -244,7 +251,7 @@ def train_run(
             cb.on_step(step, logs)
         bar.update(1)
         if rank0 and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total):
-            metrics = evaluate(model, eval_loaders, spec, device, autocast)
+            metrics = evaluate(model, eval_loaders, spec, device, autocast, generation)
             metrics["step"] = float(step + 1)
             history.append(metrics)
             pruning_done = controller is None or controller.settled
@@ -270,6 +277,7 @@ def train_run(
         active_components_final=counts.active_components, steps=total, seconds=time.time() - t0,
         run_dir=run_dir, peak_memory_mb=peak[0], peak_memory_source=peak[1], data=data_counts,
         checks=convergence.checks(history, spec.main_metric, spec.greater_is_better, majority),
+        initial_metrics=initial,
     )
     if not rank0:
         return result

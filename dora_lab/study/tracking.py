@@ -337,6 +337,8 @@ class TrialLogger(TrainCallback):
                           if k.startswith("schedule.")})
         self._buffer += [Metric("trainable_parameters", info.trainable_parameters, _now(), 0),
                          Metric(_STEP_KEYS["active_parameters"], info.adapter_parameters, _now(), 0)]
+        self._buffer += [Metric(f"eval/{k}", float(v), _now(), 0)  # eval.at_start: the curves start at step 0
+                         for k, v in info.initial_metrics.items() if math.isfinite(float(v))]
 
     def on_step(self, step: int, logs: dict[str, float]) -> None:
         ts = _now()

@@ -33,7 +33,7 @@ from ..core.controller import PruningController
 from ..export.checkpoint import save_adapter
 from . import distributed
 from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
-from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, refuse
+from .cli import INPUT_ERRORS, check_writable_folder, failed, refuse, stop_code, stoppable
 from .config import ConfigError, RunConfig, build_controller, load_config
 from .data import load_splits, make_loader
 from .evaluate import evaluate
@@ -342,6 +342,7 @@ def _default_run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.output_dir) / "runs" / f"{stamp}-{cfg.task.name}-{method}{cfg.scorer.name}-{cfg.schedule.name}-s{cfg.seed}"
 
 
+@stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dora_lab.train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a YAML run config, e.g. configs/cola.yaml")
@@ -375,8 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train_run(cfg, run_dir, events, overwrite=args.overwrite)
     except INPUT_ERRORS as exc:  # train_run raises these before it makes the run folder
         return refuse(exc)
-    except KeyboardInterrupt as exc:
-        return failed(exc, run_dir, EXIT_INTERRUPTED)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (stoppable)
+        return failed(exc, run_dir, stop_code(exc))
     except Exception as exc:
         return failed(exc, run_dir)
     finally:

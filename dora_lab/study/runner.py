@@ -25,8 +25,8 @@ trial is one :func:`dora_lab.run.train.train_run` of the config with the trial's
   gives each worker its own N GPUs when the machine has W x N (else they share them).
 - Failures: a trial that raises (including :class:`~dora_lab.run.train.DivergenceError` and an invalid
   sampled config) is recorded FAIL with the reason (trial user attr ``fail_reason``, MLflow tag
-  ``fail_reason``) and the study goes on; Ctrl-C fails the running trial the same way and stops
-  the study cleanly (exit 130) after writing the summary.  Before any trial the base config's data
+  ``fail_reason``) and the study goes on; Ctrl-C (or SIGTERM) fails the running trial the same way
+  and stops the study cleanly (exit 130, or 143) after writing the summary.  Before any trial the base config's data
   and model are loaded once (:func:`preflight`): a missing data folder or an unreachable Hub is one
   error (exit 2) that stores nothing.  A trial that still fails to load its data or model stops
   the study (every later trial would fail alike); a run whose trials all failed exits with 1.
@@ -46,9 +46,9 @@ from typing import Any
 
 import optuna
 
-from ..run.cli import check_writable_folder, refuse
+from ..run.cli import check_writable_folder, refuse, stop_code, stop_reason, stoppable
 from ..run.config import ConfigError
-from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
+from .grid import STALE_REASON, claim_grid_point, fail_stale, heartbeat, trials_to_run
 from .locks import store_lock
 from .samplers import check_space_unchanged, make_pruner, make_sampler
 from .space import StudySetup, prepare
@@ -75,8 +75,7 @@ def open_study(setup: StudySetup, tracker: StudyTracker | None = None) -> optuna
         if "://" in storage and not storage.startswith(("redis", "grpc")):
             def stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 if tracker is not None:
-                    tracker.mark_failed(trial.user_attrs.get("mlflow_run_id"),
-                                        "worker stopped sending heartbeats (killed?); marked stale")
+                    tracker.mark_failed(trial.user_attrs.get("mlflow_run_id"), STALE_REASON)
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -200,26 +199,26 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
           f"{'until the timeout' if n_trials is None else n_trials} more"
           f"{f' on {workers} workers' if workers > 1 else ''}")
     print("\n".join(ui_lines(setup.tracking_uri, tracker, setup.study.direction == "maximize")), flush=True)
-    interrupted = worker_failed = False
+    stop: KeyboardInterrupt | None = None
+    worker_failed = False
     try:
         if workers == 1:
             optimize(setup, n_trials, parent_id, progress=sys.stderr.isatty(), tracker=tracker, study=study)
         elif n_trials != 0:
-            interrupted, worker_failed = run_workers(setup, n_trials, workers, parent_id)
-            left = 0 if interrupted else trials_to_run(setup.study, open_study(setup, tracker))
+            stop, worker_failed = run_workers(setup, n_trials, workers, parent_id)
+            left = 0 if stop else trials_to_run(setup.study, open_study(setup, tracker))
             if setup.study.sampler.name == "grid" and left:  # points a failed worker left
                 optimize(setup, left, parent_id, tracker=tracker, study=open_study(setup, tracker))
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (dora_lab.run.cli.stoppable)
+        stop = exc
     study = open_study(setup, tracker)  # fresh trials, from every worker
     rows = tracker.summarize(parent_id, study, setup.metric, study_folder(setup, study) / "summary",
-                             status="KILLED" if interrupted else "FINISHED")
+                             status="KILLED" if stop else "FINISHED")
     print_summary(setup, study, rows, study_folder(setup, study) / "summary", tracker)
-    if not interrupted:
-        make_report(setup)
-    if interrupted:
-        print("stopped by Ctrl-C; finished trials are kept. Run the same command again to continue.")
-        return 130
+    if stop is not None:
+        print(f"stopped: {stop_reason(stop)}; finished trials are kept. Run the same command again to continue.")
+        return stop_code(stop)
+    make_report(setup)
     if worker_failed:
         return 1
     ran = [t for t in study.trials if t.state.is_finished() and t.number not in finished_before]
@@ -247,6 +246,7 @@ def make_report(setup: StudySetup) -> int | None:
     return code
 
 
+@stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dora_lab.study", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a YAML config with a study: block, e.g. configs/cola.yaml")
@@ -271,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         optimize(setup, args.n_trials, args.parent_run_id, progress=False)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # its trial is recorded FAIL; the parent process writes the summary
+        return stop_code(exc)
     return 0
 
 

@@ -63,6 +63,7 @@ from mlflow.exceptions import MlflowException
 from ..run.callbacks import RunInfo, RunResult, TrainCallback
 from ..run.config import RunConfig, flatten
 from . import plots
+from .grid import STALE_REASON
 from .locks import store_lock
 from .tables import markdown_table, write_table
 
@@ -534,7 +535,7 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 def _reason(t: optuna.trial.FrozenTrial) -> str:
     if t.state == optuna.trial.TrialState.FAIL:
-        return str(t.user_attrs.get("fail_reason") or "worker stopped sending heartbeats (killed?); marked stale")
+        return str(t.user_attrs.get("fail_reason") or STALE_REASON)  # or a trial failed by an older dora_lab
     if t.state == optuna.trial.TrialState.PRUNED:
         return str(t.user_attrs.get("prune_reason", "pruned"))
     return ""

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..run.config import ConfigError, parse_assignment
+from ..study.stores import StoreError, check_sqlite_store
 from .html import write_html
 from .io import (
     Run,
@@ -273,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         sources = _sources(args)
+        for source in sources:  # a damaged optuna.db: one error naming it, not SQLAlchemy's traceback
+            check_sqlite_store(source.storage, "optuna", "study.storage" if source.path else "--storage")
         first = sources[0]
         reference = first.report.get("reference", {})
         if args.reference:
@@ -298,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reference = dict(zip(factors, first_group, strict=True))
         key = metric if metric != "objective" else str(runs[0].metrics.get("metric", ""))
         data = build(runs, factors, reference, args.value, key)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     folder = Path(runs[0].folder)  # <output_dir>/studies/<name>/trial-000

@@ -71,7 +71,10 @@ def heartbeat(trial: optuna.Trial) -> Iterator[None]:
 
     def beat() -> None:
         while True:
-            storage.record_heartbeat(trial_id)
+            # a store that cannot take the beat (full disk) fails the trial's own next write, which
+            # says so; here it would only print a thread's traceback
+            with contextlib.suppress(Exception):
+                storage.record_heartbeat(trial_id)
             if stop.wait(interval):
                 return
 

@@ -35,6 +35,7 @@ trial is one :func:`dora_lab.run.train.train_run` of the config with the trial's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -46,12 +47,13 @@ from typing import Any
 
 import optuna
 
-from ..run.cli import check_writable_folder, refuse, stop_code, stop_reason, stoppable
+from ..run.cli import EXIT_FAILED, check_writable_folder, refuse, stop_code, stop_reason, stoppable
 from ..run.config import ConfigError
 from .grid import STALE_REASON, claim_grid_point, fail_stale, heartbeat, trials_to_run
 from .locks import store_lock
 from .samplers import check_space_unchanged, make_pruner, make_sampler
 from .space import StudySetup, prepare
+from .stores import StoreError, check_sqlite_store, store_failure, store_message
 from .tracking import UID_TAG, StudyTracker, print_summary, safe_url, ui_lines
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
 from .workers import run_workers
@@ -127,6 +129,8 @@ def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[opt
                 raise
             except Exception as exc:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                if store_failure(exc):  # a full or damaged store: every next trial would fail too
+                    raise
                 if isinstance(exc, ENVIRONMENT_ERRORS):
                     return
             else:
@@ -181,14 +185,47 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     for key, url in (("study.storage", setup.storage), ("study.tracking_uri", setup.tracking_uri)):
         if url.startswith("sqlite:///"):
             check_writable_folder(Path(url.removeprefix("sqlite:///")).parent, key)
+    check_sqlite_store(setup.storage, "optuna")  # a damaged store file: refused before any work
+    check_sqlite_store(setup.tracking_uri, "mlflow")
     try:
         preflight(setup.base)
     except (*ENVIRONMENT_ERRORS, ConfigError) as exc:
         return refuse(exc)
-    tracker = _tracker(setup)
-    study = open_study(setup, tracker)
-    check_space_unchanged(setup.study, study)
-    parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
+    tracker: StudyTracker | None = None
+    parent_id: str | None = None
+    try:
+        tracker = _tracker(setup)
+        study = open_study(setup, tracker)
+        check_space_unchanged(setup.study, study)
+        parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
+        return _run_and_summarize(setup, workers, tracker, study, parent_id)
+    except Exception as exc:
+        failure = store_failure(exc)
+        if failure is None:
+            raise
+        return _store_failed(setup, *failure, tracker, parent_id)
+
+
+def _store_failed(setup: StudySetup, store: str, problem: str, tracker: StudyTracker | None,
+                  parent_id: str | None) -> int:
+    """A store failed during the study (a full disk, a file damaged under it): close the MLflow parent
+    run when MLflow is not the store that failed, say which store and what to do; exit 1."""
+    if tracker is not None and store != "mlflow":
+        with contextlib.suppress(Exception):
+            tracker.mark_failed(parent_id, f"the Optuna store failed: {problem}"[:2000])
+    left = {"optuna": "the trial it ran may be left RUNNING in Optuna (its store could not be written): the next "
+                      "start of this study marks it FAIL once its heartbeat is older than study.grace_period",
+            "mlflow": "its Optuna trials are recorded FAIL; its MLflow runs may be left RUNNING (their store "
+                      "could not be written)"}[store]
+    url = setup.storage if store == "optuna" else setup.tracking_uri
+    print(f"error: {store_message(store, url, problem)}.\nThe study stopped: {left}.",
+          file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _run_and_summarize(setup: StudySetup, workers: int, tracker: StudyTracker, study: optuna.Study,
+                       parent_id: str) -> int:
+    """Run this invocation's trials (here or on ``workers`` processes), write the summary; the exit code."""
     tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize")
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
@@ -262,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup = prepare(args.config, args.overrides)
         if not args.worker:
             return run_study(setup, args.workers)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         return refuse(exc)
     # a worker started by run_study
     if args.threads:
@@ -273,6 +310,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         optimize(setup, args.n_trials, args.parent_run_id, progress=False)
     except KeyboardInterrupt as exc:  # its trial is recorded FAIL; the parent process writes the summary
         return stop_code(exc)
+    except Exception as exc:
+        failure = store_failure(exc)
+        if failure is None:
+            raise
+        return _store_failed(setup, *failure, None, None)  # the parent process closes the parent run
     return 0
 
 

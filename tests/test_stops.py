@@ -73,6 +73,43 @@ def test_train_stops_on_sigterm_with_exit_143(tiny_dir: Path, tmp_path: Path) ->
     assert f"The run folder {run_dir} keeps config.yaml" in err
 
 
+def _processes_naming(text: str) -> list[int]:
+    """The pids of this machine's processes whose command line contains ``text``."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def test_train_with_two_processes_stops_every_rank_on_sigterm(tiny_dir: Path, tmp_path: Path) -> None:
+    """``train.processes: 2`` relaunches under torchrun: SIGTERM to the command reaches torchrun and
+    its ranks (before: the command died at once and the ranks trained on as orphans)."""
+    run_dir = tmp_path / "run2"
+    sets = [*tiny_overrides(tiny_dir, tmp_path / "out", train=64, evals=16), "train.epochs=500", "train.processes=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "dora_lab.train", COLA_YAML, *[x for s in sets for x in ("--set", s)],
+                             "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+    deadline = time.time() + 180
+    while not (run_dir / "config.yaml").is_file():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err
+    deadline = time.time() + 30
+    while _processes_naming(str(run_dir)) and time.time() < deadline:  # torchrun and both ranks end
+        time.sleep(0.5)
+    left = _processes_naming(str(run_dir))
+    for pid in left:  # this test's processes only: their command line names its run folder
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert left == []
+
+
 # -- damaged stores ------------------------------------------------------------------------------
 def test_a_damaged_optuna_db_is_refused_naming_it(tiny_dir: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -147,28 +184,38 @@ def _fill(folder: Path) -> None:
             f.flush()
 
 
-def test_a_full_disk_during_a_study_is_one_error(tiny_dir: Path, tmp_path: Path, small_disk: Path) -> None:
-    """optuna.db on a tmpfs that fills up while trial 0 trains: one error naming the Optuna store,
-    exit 1, the MLflow runs closed (before: StorageInternalError's traceback, the runs RUNNING)."""
-    out, db = tmp_path / "out", small_disk / "optuna.db"
+@pytest.mark.parametrize("store", ["optuna", "mlflow"])
+def test_a_full_disk_during_a_study_is_one_error(tiny_dir: Path, tmp_path: Path, small_disk: Path, store: str) -> None:
+    """The store's database on a tmpfs that fills up while trial 0 trains: one error naming that
+    store, exit 1 (before: StorageInternalError's traceback, trial and runs left RUNNING).  Optuna's
+    full: the MLflow runs are closed FAILED.  MLflow's full: the trial is FAIL in Optuna."""
+    out = tmp_path / "out"
+    optuna_db = small_disk / "optuna.db" if store == "optuna" else out / "optuna.db"
+    mlflow_db = small_disk / "mlflow.db" if store == "mlflow" else out / "mlflow.db"
     proc = subprocess.Popen([sys.executable, "-m", "dora_lab.study",
-                             *_study_args(tiny_dir, out, "train.epochs=200", storage=db)],
+                             *_study_args(tiny_dir, out, "train.epochs=200", f"study.tracking_uri=sqlite:///{mlflow_db}",
+                                          storage=optuna_db)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 180
-    while True:  # until trial 0 has reported an evaluation
+    # until trial 0 trains (its folder's config.yaml; polling a store from here could race its creation)
+    while not list((out / "studies" / "stops").glob("*/trial-000/config.yaml")):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        with contextlib.suppress(Exception):
-            trials = optuna.load_study(study_name="stops", storage=f"sqlite:///{db}").trials
-            if trials and trials[0].intermediate_values:
-                break
         time.sleep(0.2)
+    time.sleep(2.0)
     _fill(small_disk)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 1, err
     assert "Traceback" not in err and "Exception in thread" not in err
-    assert f"error: the Optuna store sqlite:///{db} (study.storage) cannot be used: " in err
+    name, key, db = ("Optuna", "study.storage", optuna_db) if store == "optuna" else ("MLflow", "study.tracking_uri", mlflow_db)
+    assert f"error: the {name} store sqlite:///{db} ({key}) cannot be used: " in err
     assert "If its disk is full, free space and run the same command again" in err
-    c = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    found = c.search_runs([c.get_experiment_by_name("stops").experiment_id])
-    assert sorted(r.data.tags["dora_lab.role"] for r in found) == ["study", "trial"]
-    assert all(r.info.status == "FAILED" and r.data.tags["fail_reason"] for r in found)
+    for filler in small_disk.glob("filler-*"):
+        filler.unlink()
+    if store == "optuna":
+        c = MlflowClient(f"sqlite:///{mlflow_db}")
+        found = c.search_runs([c.get_experiment_by_name("stops").experiment_id])
+        assert sorted(r.data.tags["dora_lab.role"] for r in found) == ["study", "trial"]
+        assert all(r.info.status == "FAILED" and r.data.tags["fail_reason"] for r in found)
+    else:
+        (trial,) = optuna.load_study(study_name="stops", storage=f"sqlite:///{optuna_db}").trials
+        assert trial.state == optuna.trial.TrialState.FAIL and "full" in trial.user_attrs["fail_reason"]

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -362,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return refuse(exc)
     if cfg.train.processes > 1 and not distributed.launched():  # relaunch this command under torchrun
         argv = list(sys.argv[1:] if argv is None else argv)
-        return subprocess.call(distributed.relaunch_command(cfg.train.processes, "dora_lab.train", argv))
+        return distributed.relaunch(cfg.train.processes, "dora_lab.train", argv)
     started = int(os.environ.get("WORLD_SIZE", "1"))
     if distributed.launched() and cfg.train.processes > 1 and started != cfg.train.processes:
         return refuse(ConfigError(f"train.processes is {cfg.train.processes} but torchrun started {started} "

@@ -30,6 +30,9 @@ trial is one :func:`dora_lab.run.train.train_run` of the config with the trial's
   and model are loaded once (:func:`preflight`): a missing data folder or an unreachable Hub is one
   error (exit 2) that stores nothing.  A trial that still fails to load its data or model stops
   the study (every later trial would fail alike); a run whose trials all failed exits with 1.
+- Stores (:mod:`dora_lab.study.stores`): a damaged SQLite ``optuna.db`` or ``mlflow.db`` is refused before
+  any work (exit 2); a store that fails during the study (a full disk) stops it with one error that
+  names the store, after closing the MLflow runs where MLflow still answers (exit 1).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from .grid import STALE_REASON, claim_grid_point, fail_stale, heartbeat, trials_
 from .locks import store_lock
 from .samplers import check_space_unchanged, make_pruner, make_sampler
 from .space import StudySetup, prepare
-from .stores import StoreError, check_sqlite_store, store_failure, store_message
+from .stores import StoreError, check_sqlite_store, hide_store_tracebacks, store_failure, store_message
 from .tracking import UID_TAG, StudyTracker, print_summary, safe_url, ui_lines
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
 from .workers import run_workers
@@ -295,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-trials", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    hide_store_tracebacks()  # a failing store is one error (_store_failed), not MLflow's logged traceback
     try:
         setup = prepare(args.config, args.overrides)
         if not args.worker:

@@ -16,6 +16,7 @@ so every call into either library is covered without wrapping each.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import traceback
@@ -24,7 +25,7 @@ from pathlib import Path
 import optuna
 import sqlalchemy.exc
 
-__all__ = ["StoreError", "check_sqlite_store", "store_failure", "store_message"]
+__all__ = ["StoreError", "check_sqlite_store", "hide_store_tracebacks", "store_failure", "store_message"]
 
 #: store -> (its name in messages, the config key that sets it)
 STORES = {"optuna": ("Optuna", "study.storage"), "mlflow": ("MLflow", "study.tracking_uri")}
@@ -90,3 +91,14 @@ def store_failure(exc: BaseException) -> tuple[str, str] | None:
                 if f"{os.sep}{store}{os.sep}" in frame.filename:
                     return store, problem
     return None
+
+
+def _no_database_errors(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+def hide_store_tracebacks() -> None:
+    """MLflow logs each database error it re-raises with the whole traceback (logger
+    ``mlflow.store.db.utils``); a study reports a failing store itself, in one error (or a trial's
+    ``fail_reason``), so those records are dropped.  Its INFO lines (creating a store) stay."""
+    logging.getLogger("mlflow.store.db.utils").addFilter(_no_database_errors)

@@ -54,20 +54,30 @@ def _garbage(path: Path) -> Path:
 
 
 # -- SIGTERM during training ---------------------------------------------------------------------
+def _sigterm_training(tiny_dir: Path, tmp_path: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
+    """``python -m dora_lab.train`` (a long run of the tiny BERT, ``extra`` more ``--set``s), SIGTERM
+    once it trains (its config.yaml is written); (exit code, stderr) as soon as it exits (its output
+    goes to a file: a pipe would also wait for any child process that outlives it)."""
+    sets = [*tiny_overrides(tiny_dir, tmp_path / "out", train=64, evals=16), "train.epochs=500", *extra]
+    log = tmp_path / f"{run_dir.name}.stderr"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "dora_lab.train", COLA_YAML,
+                                 *[x for s in sets for x in ("--set", s)], "--run-dir", str(run_dir)],
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=ENV)
+        deadline = time.time() + 180
+        while not (run_dir / "config.yaml").is_file():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    return code, log.read_text()
+
+
 def test_train_stops_on_sigterm_with_exit_143(tiny_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    sets = tiny_overrides(tiny_dir, tmp_path / "out", train=64, evals=16)
-    proc = subprocess.Popen([sys.executable, "-m", "dora_lab.train", COLA_YAML,
-                             *[x for s in [*sets, "train.epochs=500"] for x in ("--set", s)], "--run-dir", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 120
-    while not (run_dir / "config.yaml").is_file():  # written as training starts
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
+    code, err = _sigterm_training(tiny_dir, tmp_path, run_dir)
+    assert code == 143, err
     assert "Traceback" not in err
     assert "error: the run failed during training: terminated (SIGTERM)" in err
     assert f"The run folder {run_dir} keeps config.yaml" in err
@@ -87,19 +97,7 @@ def test_train_with_two_processes_stops_every_rank_on_sigterm(tiny_dir: Path, tm
     """``train.processes: 2`` relaunches under torchrun: SIGTERM to the command reaches torchrun and
     its ranks (before: the command died at once and the ranks trained on as orphans)."""
     run_dir = tmp_path / "run2"
-    sets = [*tiny_overrides(tiny_dir, tmp_path / "out", train=64, evals=16), "train.epochs=500", "train.processes=2"]
-    proc = subprocess.Popen([sys.executable, "-m", "dora_lab.train", COLA_YAML, *[x for s in sets for x in ("--set", s)],
-                             "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
-    deadline = time.time() + 180
-    while not (run_dir / "config.yaml").is_file():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.2)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "terminated (SIGTERM)" in err
+    code, err = _sigterm_training(tiny_dir, tmp_path, run_dir, "train.processes=2")
     deadline = time.time() + 30
     while _processes_naming(str(run_dir)) and time.time() < deadline:  # torchrun and both ranks end
         time.sleep(0.5)
@@ -108,6 +106,8 @@ def test_train_with_two_processes_stops_every_rank_on_sigterm(tiny_dir: Path, tm
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert left == []
+    assert code == 143, err
+    assert "terminated (SIGTERM)" in err
 
 
 # -- damaged stores ------------------------------------------------------------------------------

@@ -56,9 +56,11 @@ def check_sqlite_store(url: str, store: str, key: str | None = None) -> None:
     if not path.is_file():
         return
     try:
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)) as db:
             rows = db.execute("PRAGMA quick_check").fetchall()
     except sqlite3.Error as exc:
+        if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+            return  # another process is writing it (creating a store, say): busy, not damaged
         problem: str | None = f"{exc} (SQLite)"
     else:
         problem = None if rows == [("ok",)] else "; ".join(str(r[0]) for r in rows[:3]) + " (SQLite's quick_check)"

@@ -20,7 +20,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -372,10 +372,10 @@ def test_identical_studies_started_together(env: dict[str, Path], store: str) ->
                     optuna.delete_study(study_name=name, storage=storage)
 
 
-def _cli(env: dict[str, Path], name: str, *extra: str) -> subprocess.Popen[bytes]:
+def _cli(env: dict[str, Path], name: str, *extra: str, n: int = 1, flags: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     # SIGINT back to its default in the child: under a shell that ignores it (a background job, as
     # with nohup ... &) the child would inherit SIG_IGN and Python would never raise KeyboardInterrupt.
-    return subprocess.Popen([sys.executable, "-m", "dora_lab.study", *args(env, name, 1, *extra)],
+    return subprocess.Popen([sys.executable, "-m", "dora_lab.study", *args(env, name, n, *extra), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
@@ -407,6 +407,48 @@ def test_ctrl_c_fails_the_trial_and_stops_cleanly(env: dict[str, Path]) -> None:
     assert parent.info.status == "KILLED"
 
 
+def test_sigterm_fails_the_trial_and_stops_cleanly(env: dict[str, Path]) -> None:
+    """SIGTERM (timeout, Slurm, Kubernetes) as Ctrl-C: trial FAIL with reason terminated in Optuna and
+    MLflow, both runs closed, the summary written, exit 143 with one line (issue 28)."""
+    proc = _cli(env, "terminated", "train.epochs=200")
+    _wait_for_training(env, "terminated", proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 143, out
+    assert "stopped: terminated (SIGTERM); finished trials are kept" in out and "Traceback" not in out
+    (trial,) = load(env, "terminated").trials
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["fail_reason"] == "terminated (SIGTERM)"
+    parent, (child,) = runs(client(env), "terminated")
+    assert child.info.status == "KILLED" and child.data.tags["fail_reason"] == "terminated (SIGTERM)"
+    assert parent.info.status == "KILLED"
+    assert (Path(trial.user_attrs["run_dir"]).parent / "summary" / "trials.csv").is_file()
+
+
+def test_sigterm_stops_every_worker(env: dict[str, Path]) -> None:
+    """``--workers 2`` and SIGTERM to the study: both workers stop (no orphan goes on to the other
+    trials), their running trials FAIL with reason terminated, exit 143."""
+    proc = _cli(env, "terminated-workers", "train.epochs=200", n=6, flags=("--workers", "2"))
+    deadline = time.time() + 240
+    while True:  # until both workers are training
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode() if proc.stdout else ""
+        with contextlib.suppress(Exception):
+            if sum(bool(t.intermediate_values) for t in load(env, "terminated-workers").trials) == 2:
+                break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=180)[0].decode()
+    assert proc.returncode == 143, out
+    trials = load(env, "terminated-workers").trials
+    assert len(trials) == 2 and all(t.user_attrs["fail_reason"] == "terminated (SIGTERM)" for t in trials), out
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in trials)
+    parent, children = runs(client(env), "terminated-workers")
+    assert parent.info.status == "KILLED" and [c.info.status for c in children] == ["KILLED", "KILLED"]
+    for child in children:  # the worker processes are gone
+        pid = int(child.data.tags["dora_lab.worker"].rsplit(":", 1)[1])
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def test_a_killed_workers_trial_goes_stale_and_fails(env: dict[str, Path]) -> None:
     beat = ("study.heartbeat_interval=1", "study.grace_period=2")
     proc = _cli(env, "killed", "train.epochs=200", *beat)
@@ -418,6 +460,7 @@ def test_a_killed_workers_trial_goes_stale_and_fails(env: dict[str, Path]) -> No
     assert main(args(env, "killed", 1, *beat)) == 0  # resuming fails the stale trial, then runs one
     first, second = load(env, "killed").trials
     assert first.state == optuna.trial.TrialState.FAIL and second.state == optuna.trial.TrialState.COMPLETE
+    assert "heartbeat" in first.user_attrs["fail_reason"]  # in Optuna too, as in MLflow (issue 28)
     _, children = runs(client(env), "killed")
     assert children[0].info.status == "FAILED" and "heartbeat" in children[0].data.tags["fail_reason"]
 

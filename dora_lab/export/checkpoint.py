@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from ..core.adapter import (
 
 __all__ = [
     "ADAPTER_DIRNAME", "CONFIG_NAME", "FORMAT_VERSION", "MLFLOW_ADAPTER_TAG", "WEIGHTS_NAME",
-    "AdapterError", "AdapterFileError", "AdapterMismatchError", "BaseModelError",
+    "AdapterError", "AdapterFileError", "AdapterMismatchError", "AdapterSaveError", "BaseModelError",
     "base_fingerprint", "load_adapter", "read_adapter_config", "save_adapter",
 ]
 
@@ -64,6 +65,10 @@ _FINGERPRINT_SAMPLE = 4096  # strided elements hashed per tensor
 
 class AdapterError(ValueError):
     """Base class: an adapter could not be saved or loaded."""
+
+
+class AdapterSaveError(OSError):
+    """The adapter's files could not be written (full disk, file-size limit); nothing of it is left."""
 
 
 class AdapterFileError(AdapterError):
@@ -149,9 +154,17 @@ def save_adapter(
         "extra": json.loads(json.dumps(dict(extra or {}), default=str)),
     }
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, blob)
-    _atomic_write(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    new = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / WEIGHTS_NAME, blob)
+        _atomic_write(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    except OSError as exc:  # a full disk, a file-size limit: no half adapter is left to be mistaken for one
+        if new:
+            shutil.rmtree(out, ignore_errors=True)
+        raise AdapterSaveError(f"the adapter was NOT saved to {out}: {exc.strerror or exc}"
+                               f"{f' ({exc.filename})' if exc.filename else ''}; free space (or raise the "
+                               "file-size limit) and train again") from exc
     return out
 
 
@@ -408,6 +421,11 @@ def _version() -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: through a temporary file, removed if the write fails."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

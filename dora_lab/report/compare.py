@@ -32,6 +32,7 @@ from typing import Any
 from ..run.config import ConfigError, apply_overrides, parse_assignment, read_yaml
 from ..run.config_yaml import plugins_origin
 from ..run.names import check_name
+from ..study.stores import StoreError, check_sqlite_store
 from .block import parse_report
 from .conclusions import across_tasks, metric_of, planned_seeds, power_row, run_flags
 from .html import write_html
@@ -338,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         sources = _sources(args)
+        for source in sources:  # a damaged optuna.db: one error naming it, not SQLAlchemy's traceback
+            check_sqlite_store(source.storage, "optuna", "study.storage" if source.path else "--storage")
         first = sources[0]
         options = _options(first.report, args)  # its mistakes before any study is read
         reference = first.report.get("reference", {})
@@ -365,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reference = dict(zip(arm_factors, first_group, strict=True))
         key = metric if metric != "objective" else str(runs[0].metrics.get("metric", ""))
         data = build(runs, factors, reference, args.value, key, options)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     folder = Path(runs[0].folder)  # <output_dir>/studies/<name>/trial-000

@@ -12,7 +12,8 @@ Everything a training loop needs to run under ``torchrun --nproc-per-node N`` li
   adapter's parameters (DDP holds the old ones in its buckets).
 - :func:`check_consistent` compares masks, allocation and weights across ranks at the end of a
   run, so a desynchronised run fails loudly instead of saving rank 0's half of the truth.
-- :func:`relaunch_command` is the ``torchrun`` command that ``train.processes: N`` runs, and
+- :func:`relaunch_command` is the ``torchrun`` command that ``train.processes: N`` runs (:func:`relaunch`
+  runs it for ``python -m dora_lab.train``, passing SIGTERM on), and
   :func:`run_in_processes` runs a study trial that way while its callbacks (MLflow, the Optuna
   pruner) follow rank 0 live from the study's process.
 
@@ -217,6 +218,27 @@ def relaunch_command(processes: int, module: str, argv: Sequence[str]) -> list[s
     """``python -m torch.distributed.run --standalone --nproc-per-node N -m MODULE ARGV``."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
             "-m", module, *argv]
+
+
+def relaunch(processes: int, module: str, argv: Sequence[str]) -> int:
+    """Run this command again under ``torchrun`` (:func:`relaunch_command`) and wait; its exit code.
+    A SIGTERM here (:func:`~dora_lab.run.cli.stop_on_sigterm`) is passed on to ``torchrun``, which stops
+    its ranks, so that none outlives this process (Ctrl-C needs no passing on: the terminal sends
+    SIGINT to every process of the group)."""
+    from .cli import Terminated, stop_code
+
+    proc = subprocess.Popen(relaunch_command(processes, module, argv))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return stop_code(exc)
 
 
 def run_in_processes(cfg: RunConfig, run_dir: Path, callbacks: Sequence[TrainCallback] = (),

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -33,7 +32,7 @@ from ..core.controller import PruningController
 from ..export.checkpoint import save_adapter
 from . import convergence, distributed
 from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
-from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, refuse
+from .cli import INPUT_ERRORS, check_writable_folder, failed, refuse, stop_code, stoppable
 from .config import ConfigError, RunConfig, build_controller, load_config
 from .data import load_splits, make_loader
 from .evaluate import evaluate, generation_eval, initial_evaluation
@@ -353,6 +352,7 @@ def _default_run_dir(cfg: RunConfig) -> Path:
     return Path(cfg.output_dir) / "runs" / f"{stamp}-{cfg.task.name}-{method}{cfg.scorer.name}-{cfg.schedule.name}-s{cfg.seed}"
 
 
+@stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dora_lab.train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a YAML run config, e.g. configs/cola.yaml")
@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return refuse(exc)
     if cfg.train.processes > 1 and not distributed.launched():  # relaunch this command under torchrun
         argv = list(sys.argv[1:] if argv is None else argv)
-        return subprocess.call(distributed.relaunch_command(cfg.train.processes, "dora_lab.train", argv))
+        return distributed.relaunch(cfg.train.processes, "dora_lab.train", argv)
     started = int(os.environ.get("WORLD_SIZE", "1"))
     if distributed.launched() and cfg.train.processes > 1 and started != cfg.train.processes:
         return refuse(ConfigError(f"train.processes is {cfg.train.processes} but torchrun started {started} "
@@ -386,8 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train_run(cfg, run_dir, events, overwrite=args.overwrite)
     except INPUT_ERRORS as exc:  # train_run raises these before it makes the run folder
         return refuse(exc)
-    except KeyboardInterrupt as exc:
-        return failed(exc, run_dir, EXIT_INTERRUPTED)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (stoppable)
+        return failed(exc, run_dir, stop_code(exc))
     except Exception as exc:
         return failed(exc, run_dir)
     finally:

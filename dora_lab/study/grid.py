@@ -8,34 +8,53 @@ trial's ``fixed_params``) or on the storage's lock for grids:
   queued under the storage's lock (:func:`~dora_lab.study.locks.store_lock`), so no point runs twice
   and no trial exists that has no point to run;
 - :func:`trials_to_run`: how many trials this invocation runs (for a grid: the free points);
-- a point whose trial was interrupted or left RUNNING by a dead worker (marked FAIL by
-  :func:`fail_stale` once its heartbeat is older than ``study.grace_period``) is free again; its
-  new trial carries ``retry_of``;
+- a point whose trial was interrupted (Ctrl-C, SIGTERM) or left RUNNING by a dead worker (marked
+  FAIL by :func:`fail_stale`, with its ``fail_reason``, once its heartbeat is older than
+  ``study.grace_period``) is free again; its new trial carries ``retry_of``;
 - :func:`heartbeat`: the running trial's heartbeat, recorded as ``study.optimize`` would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 
 from .locks import store_lock
 from .space import StudyConfig
 
-__all__ = ["claim_grid_point", "fail_stale", "heartbeat", "trials_to_run"]
+__all__ = ["RETRYABLE_REASONS", "STALE_REASON", "claim_grid_point", "fail_stale", "heartbeat", "trials_to_run"]
+
+
+#: the ``fail_reason`` of a trial marked FAIL because its heartbeat stopped (its process was killed)
+STALE_REASON = "worker stopped sending heartbeats (killed?); marked stale"
+#: the ``fail_reason`` beginnings of trials that failed for no fault of their own: their grid points run again
+RETRYABLE_REASONS = ("interrupted", "terminated", STALE_REASON)
 
 
 def fail_stale(study: optuna.Study) -> None:
-    """Mark FAIL the RUNNING trials whose heartbeat is older than the grace period."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    """Mark FAIL the RUNNING trials whose heartbeat is older than the grace period, each with
+    ``fail_reason`` :data:`STALE_REASON` in Optuna (as its MLflow run gets from the storage's stale
+    callback, which runs after).  ``optuna.storages.fail_stale_trials`` does the same minus the
+    reason, and a finished trial's attrs can no longer be set: so the reason is set first, here."""
+    if not isinstance(study._storage, BaseHeartbeat) or not is_heartbeat_enabled(study._storage):
+        return
+    storage: Any = study._storage  # Optuna's storage API too (typed apart from BaseHeartbeat)
+    failed = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another process failed it first
+            storage.set_trial_user_attr(trial_id, "fail_reason", STALE_REASON)
+            if storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL):
+                failed.append(trial_id)
+    callback = storage.get_heartbeat_stale_trial_callback()
+    for trial_id in failed if callback is not None else []:
+        callback(study, copy.deepcopy(storage.get_trial(trial_id)))
 
 
 @contextlib.contextmanager
@@ -52,7 +71,10 @@ def heartbeat(trial: optuna.Trial) -> Iterator[None]:
 
     def beat() -> None:
         while True:
-            storage.record_heartbeat(trial_id)
+            # a store that cannot take the beat (full disk) fails the trial's own next write, which
+            # says so; here it would only print a thread's traceback
+            with contextlib.suppress(Exception):
+                storage.record_heartbeat(trial_id)
             if stop.wait(interval):
                 return
 
@@ -68,7 +90,7 @@ def heartbeat(trial: optuna.Trial) -> Iterator[None]:
 def _retryable(t: optuna.trial.FrozenTrial) -> bool:
     """A trial that failed for no fault of its own: interrupted, or left behind by a dead worker."""
     reason = str(t.user_attrs.get("fail_reason", ""))
-    return t.state == optuna.trial.TrialState.FAIL and (not reason or reason.startswith("interrupted"))
+    return t.state == optuna.trial.TrialState.FAIL and (not reason or reason.startswith(RETRYABLE_REASONS))
 
 
 def _point(t: optuna.trial.FrozenTrial, keys: Sequence[str]) -> tuple[Any, ...]:

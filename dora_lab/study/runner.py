@@ -25,16 +25,20 @@ trial is one :func:`dora_lab.run.train.train_run` of the config with the trial's
   gives each worker its own N GPUs when the machine has W x N (else they share them).
 - Failures: a trial that raises (including :class:`~dora_lab.run.train.DivergenceError` and an invalid
   sampled config) is recorded FAIL with the reason (trial user attr ``fail_reason``, MLflow tag
-  ``fail_reason``) and the study goes on; Ctrl-C fails the running trial the same way and stops
-  the study cleanly (exit 130) after writing the summary.  Before any trial the base config's data
+  ``fail_reason``) and the study goes on; Ctrl-C (or SIGTERM) fails the running trial the same way
+  and stops the study cleanly (exit 130, or 143) after writing the summary.  Before any trial the base config's data
   and model are loaded once (:func:`preflight`): a missing data folder or an unreachable Hub is one
   error (exit 2) that stores nothing.  A trial that still fails to load its data or model stops
   the study (every later trial would fail alike); a run whose trials all failed exits with 1.
+- Stores (:mod:`dora_lab.study.stores`): a damaged SQLite ``optuna.db`` or ``mlflow.db`` is refused before
+  any work (exit 2); a store that fails during the study (a full disk) stops it with one error that
+  names the store, after closing the MLflow runs where MLflow still answers (exit 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -46,14 +50,15 @@ from typing import Any
 
 import optuna
 
-from ..run.cli import check_writable_folder, refuse
+from ..run.cli import EXIT_FAILED, check_writable_folder, refuse, stop_code, stop_reason, stoppable
 from ..run.config import ConfigError
 from .front import FRONT_TAG
-from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
+from .grid import STALE_REASON, claim_grid_point, fail_stale, heartbeat, trials_to_run
 from .locks import store_lock
 from .objectives import is_multi
 from .samplers import check_directions, check_space_unchanged, make_pruner, make_sampler
 from .space import StudySetup, prepare
+from .stores import StoreError, check_sqlite_store, hide_store_tracebacks, store_failure, store_message
 from .tracking import UID_TAG, StudyTracker, print_summary, safe_url, ui_lines
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
 from .workers import run_workers
@@ -77,8 +82,7 @@ def open_study(setup: StudySetup, tracker: StudyTracker | None = None) -> optuna
         if "://" in storage and not storage.startswith(("redis", "grpc")):
             def stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 if tracker is not None:
-                    tracker.mark_failed(trial.user_attrs.get("mlflow_run_id"),
-                                        "worker stopped sending heartbeats (killed?); marked stale")
+                    tracker.mark_failed(trial.user_attrs.get("mlflow_run_id"), STALE_REASON)
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -136,6 +140,8 @@ def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[opt
                 raise
             except Exception as exc:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                if store_failure(exc):  # a full or damaged store: every next trial would fail too
+                    raise
                 if isinstance(exc, ENVIRONMENT_ERRORS):
                     return
             else:
@@ -192,6 +198,8 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     for key, url in (("study.storage", setup.storage), ("study.tracking_uri", setup.tracking_uri)):
         if url.startswith("sqlite:///"):
             check_writable_folder(Path(url.removeprefix("sqlite:///")).parent, key)
+    check_sqlite_store(setup.storage, "optuna")  # a damaged store file: refused before any work
+    check_sqlite_store(setup.tracking_uri, "mlflow")
     try:
         if setup.data.get("report") is not None:  # its mistakes now, not after the last trial
             from ..report.block import parse_report
@@ -200,10 +208,41 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
         preflight(setup.base)
     except (*ENVIRONMENT_ERRORS, ConfigError) as exc:
         return refuse(exc)
-    tracker = _tracker(setup)
-    study = open_study(setup, tracker)
-    check_space_unchanged(setup.study, study)
-    parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
+    tracker: StudyTracker | None = None
+    parent_id: str | None = None
+    try:
+        tracker = _tracker(setup)
+        study = open_study(setup, tracker)
+        check_space_unchanged(setup.study, study)
+        parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
+        return _run_and_summarize(setup, workers, tracker, study, parent_id)
+    except Exception as exc:
+        failure = store_failure(exc)
+        if failure is None:
+            raise
+        return _store_failed(setup, *failure, tracker, parent_id)
+
+
+def _store_failed(setup: StudySetup, store: str, problem: str, tracker: StudyTracker | None,
+                  parent_id: str | None) -> int:
+    """A store failed during the study (a full disk, a file damaged under it): close the MLflow parent
+    run when MLflow is not the store that failed, say which store and what to do; exit 1."""
+    if tracker is not None and store != "mlflow":
+        with contextlib.suppress(Exception):
+            tracker.mark_failed(parent_id, f"the Optuna store failed: {problem}"[:2000])
+    left = {"optuna": "the trial it ran may be left RUNNING in Optuna (its store could not be written): the next "
+                      "start of this study marks it FAIL once its heartbeat is older than study.grace_period",
+            "mlflow": "its Optuna trials are recorded FAIL; its MLflow runs may be left RUNNING (their store "
+                      "could not be written)"}[store]
+    url = setup.storage if store == "optuna" else setup.tracking_uri
+    print(f"error: {store_message(store, url, problem)}.\nThe study stopped: {left}.",
+          file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _run_and_summarize(setup: StudySetup, workers: int, tracker: StudyTracker, study: optuna.Study,
+                       parent_id: str) -> int:
+    """Run this invocation's trials (here or on ``workers`` processes), write the summary; the exit code."""
     tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize",
                       [f"tags.`{FRONT_TAG}`"] if is_multi(setup.goals) else [])
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
@@ -215,26 +254,26 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
           f"{'until the timeout' if n_trials is None else n_trials} more"
           f"{f' on {workers} workers' if workers > 1 else ''}")
     print("\n".join(ui_lines(setup.tracking_uri, tracker, setup.study.direction == "maximize")), flush=True)
-    interrupted = worker_failed = False
+    stop: KeyboardInterrupt | None = None
+    worker_failed = False
     try:
         if workers == 1:
             optimize(setup, n_trials, parent_id, progress=sys.stderr.isatty(), tracker=tracker, study=study)
         elif n_trials != 0:
-            interrupted, worker_failed = run_workers(setup, n_trials, workers, parent_id)
-            left = 0 if interrupted else trials_to_run(setup.study, open_study(setup, tracker))
+            stop, worker_failed = run_workers(setup, n_trials, workers, parent_id)
+            left = 0 if stop else trials_to_run(setup.study, open_study(setup, tracker))
             if setup.study.sampler.name == "grid" and left:  # points a failed worker left
                 optimize(setup, left, parent_id, tracker=tracker, study=open_study(setup, tracker))
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (dora_lab.run.cli.stoppable)
+        stop = exc
     study = open_study(setup, tracker)  # fresh trials, from every worker
     rows = tracker.summarize(parent_id, study, setup.metric, study_folder(setup, study) / "summary",
-                             status="KILLED" if interrupted else "FINISHED")
+                             status="KILLED" if stop else "FINISHED")
     print_summary(setup, study, rows, study_folder(setup, study) / "summary", tracker)
-    if not interrupted:
-        make_report(setup)
-    if interrupted:
-        print("stopped by Ctrl-C; finished trials are kept. Run the same command again to continue.")
-        return 130
+    if stop is not None:
+        print(f"stopped: {stop_reason(stop)}; finished trials are kept. Run the same command again to continue.")
+        return stop_code(stop)
+    make_report(setup)
     if worker_failed:
         return 1
     ran = [t for t in study.trials if t.state.is_finished() and t.number not in finished_before]
@@ -262,6 +301,7 @@ def make_report(setup: StudySetup) -> int | None:
     return code
 
 
+@stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dora_lab.study", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a YAML config with a study: block, e.g. configs/cola.yaml")
@@ -273,11 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-trials", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    hide_store_tracebacks()  # a failing store is one error (_store_failed), not MLflow's logged traceback
     try:
         setup = prepare(args.config, args.overrides)
         if not args.worker:
             return run_study(setup, args.workers)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         return refuse(exc)
     # a worker started by run_study
     if args.threads:
@@ -286,8 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         optimize(setup, args.n_trials, args.parent_run_id, progress=False)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # its trial is recorded FAIL; the parent process writes the summary
+        return stop_code(exc)
+    except Exception as exc:
+        failure = store_failure(exc)
+        if failure is None:
+            raise
+        return _store_failed(setup, *failure, None, None)  # the parent process closes the parent run
     return 0
 
 

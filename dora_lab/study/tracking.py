@@ -64,6 +64,7 @@ from mlflow.exceptions import MlflowException
 from ..run.callbacks import RunInfo, RunResult, TrainCallback
 from ..run.config import RunConfig, flatten
 from . import front, plots
+from .grid import STALE_REASON
 from .locks import store_lock
 from .tables import markdown_table, write_table
 
@@ -550,7 +551,7 @@ class StudyTracker:
 
 def _reason(t: optuna.trial.FrozenTrial) -> str:
     if t.state == optuna.trial.TrialState.FAIL:
-        return str(t.user_attrs.get("fail_reason") or "worker stopped sending heartbeats (killed?); marked stale")
+        return str(t.user_attrs.get("fail_reason") or STALE_REASON)  # or a trial failed by an older dora_lab
     if t.state == optuna.trial.TrialState.PRUNED:
         return str(t.user_attrs.get("prune_reason", "pruned"))
     return ""

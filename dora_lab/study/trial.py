@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import optuna
 
 from ..run.callbacks import RunInfo, TrainCallback
+from ..run.cli import stop_reason
 from ..run.config import ConfigError, RunConfig
 from ..run.data import DataError, load_splits
 from ..run.distributed import run_in_processes
@@ -127,18 +128,23 @@ def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, paren
             if logger is not None:
                 logger.finish("PRUNED", reason=str(exc))
             raise
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (KeyboardInterrupt / Ctrl-C)")
-            _child(logger, trial).finish("INTERRUPTED", reason="interrupted (KeyboardInterrupt / Ctrl-C)")
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (dora_lab.run.cli.stoppable)
+            _fail(trial, logger, "INTERRUPTED", stop_reason(exc))
             raise
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:2000]
-            trial.set_user_attr("fail_reason", reason)
-            _child(logger, trial).finish("FAIL", reason=reason)
+            _fail(trial, logger, "FAIL", f"{type(exc).__name__}: {exc}"[:2000])
             if isinstance(exc, ENVIRONMENT_ERRORS):  # not the trial's values: every next trial would fail too
                 print(f"error: trial {trial.number} could not load its data or model; stopping the study.\n"
                       f"{exc}", file=sys.stderr)
             raise
+
+    def _fail(trial: optuna.Trial, logger: TrialLogger | None, state: str, reason: str) -> None:
+        """Record why the trial failed in Optuna and close its MLflow run, the run even when Optuna's
+        store cannot take the reason (a full disk): the caller re-raises what stopped the trial."""
+        try:
+            trial.set_user_attr("fail_reason", reason)
+        finally:
+            _child(logger, trial).finish(state, reason=reason)
 
     def _child(logger: TrialLogger | None, trial: optuna.Trial) -> TrialLogger:
         """The trial's MLflow run; created now if the trial failed before it had one (its values did

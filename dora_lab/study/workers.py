@@ -5,8 +5,8 @@ on the shared storage, so grid points are claimed once (:mod:`dora_lab.study.gri
 trial logs under the one MLflow parent run passed to it.  Each worker gets its share of the CPU
 threads (:func:`~dora_lab.run.threads.worker_threads`) and, with ``train.processes: N`` per trial, its
 own N GPUs when the machine has W x N (:func:`~dora_lab.run.distributed.gpu_groups`; else they share
-them).  Ctrl-C stops every worker exactly once (they run in their own sessions); their running
-trials are recorded FAIL.
+them).  Ctrl-C or SIGTERM stops every worker exactly once, with the same signal (they run in their
+own sessions); their running trials are recorded FAIL.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
+from ..run.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, Terminated, stop_reason
 from ..run.distributed import gpu_groups, visible_gpus
 from ..run.threads import worker_env, worker_threads
 
@@ -34,8 +35,9 @@ def worker_command(setup: StudySetup, n: int | None, parent_id: str, threads: in
     return cmd + (["--n-trials", str(n)] if n is not None else [])
 
 
-def run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_id: str) -> tuple[bool, bool]:
-    """Start the workers, wait for them; ``(Ctrl-C stopped them, a worker failed)``."""
+def run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_id: str
+                ) -> tuple[KeyboardInterrupt | None, bool]:
+    """Start the workers, wait for them; ``(what stopped them: Ctrl-C or SIGTERM, or None; a worker failed)``."""
     shares: list[int | None] = [None] * workers if n_trials is None else [
         n_trials // workers + (i < n_trials % workers) for i in range(workers)]
     shares = [s for s in shares if s != 0]
@@ -47,23 +49,26 @@ def run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_id
     procs = [subprocess.Popen(worker_command(setup, n, parent_id, threads, i), start_new_session=True,
                               env=env if g is None else {**env, "CUDA_VISIBLE_DEVICES": g})
              for i, (n, g) in enumerate(zip(shares, gpus, strict=True))]
-    interrupted = False
+    stop: KeyboardInterrupt | None = None
     try:
         for p in procs:
             p.wait()
-    except KeyboardInterrupt:
-        interrupted = True
-        print("\ninterrupted: stopping the workers (their running trials are recorded as FAIL) ...",
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (dora_lab.run.cli.stoppable): passed on as it came
+        stop = exc
+        sig = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        print(f"\n{stop_reason(exc)}: stopping the workers (their running trials are recorded as FAIL) ...",
               file=sys.stderr)
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+                p.send_signal(sig)
         for p in procs:
             try:
                 p.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 p.kill()
-    bad = [p.returncode for p in procs if p.returncode not in (0, 130, -signal.SIGINT)]
+                p.wait()
+    stopped = (0, EXIT_INTERRUPTED, EXIT_TERMINATED, -signal.SIGINT, -signal.SIGTERM)
+    bad = [p.returncode for p in procs if p.returncode not in stopped]
     if bad:
         print(f"error: {len(bad)} worker(s) exited with codes {bad}; their output is above", file=sys.stderr)
-    return interrupted, bool(bad)
+    return stop, bool(bad)

@@ -1,0 +1,221 @@
+"""Signals and damaged stores (issue 28): SIGTERM stops training cleanly; a damaged or full store is
+one ``error:`` naming it and the fix, never a traceback; an adapter that cannot be written leaves
+nothing half-written.  (The study's SIGTERM cases, one process and ``--workers 2``, are in
+tests/test_study.py next to Ctrl-C's.)
+
+Everything for real: subprocesses and ``os.kill``, SQLite files overwritten with garbage or cut in
+half, a file-size limit (``RLIMIT_FSIZE``) in the child, and a small tmpfs filled up (as root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from dora_lab.report.compare import main as report_main
+from dora_lab.study.runner import main as study_main
+from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
+
+pytestmark = pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")
+COLA_YAML = str(REPO / "configs" / "cola.yaml")
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+def _study_args(tiny_dir: Path, out: Path, *extra: str, storage: Path | None = None) -> list[str]:
+    """A one-trial study of the tiny BERT (``extra``: more ``--set``s), both stores named."""
+    sets = [*[s for s in tiny_overrides(tiny_dir, out, train=64, evals=64) if not s.startswith("schedule.interval=")],
+            "train.eval_every=4", "study.name=stops", "study.n_trials=1",
+            f"study.storage=sqlite:///{storage or out / 'optuna.db'}", f"study.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+            *extra]
+    return [COLA_YAML, *[x for s in sets for x in ("--set", s)]]
+
+
+def _garbage(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"this is not a SQLite database\n" * 700)
+    return path
+
+
+# -- SIGTERM during training ---------------------------------------------------------------------
+def _sigterm_training(tiny_dir: Path, tmp_path: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
+    """``python -m dora_lab.train`` (a long run of the tiny BERT, ``extra`` more ``--set``s), SIGTERM
+    once it trains (its config.yaml is written); (exit code, stderr) as soon as it exits (its output
+    goes to a file: a pipe would also wait for any child process that outlives it)."""
+    sets = [*tiny_overrides(tiny_dir, tmp_path / "out", train=64, evals=16), "train.epochs=500", *extra]
+    log = tmp_path / f"{run_dir.name}.stderr"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "dora_lab.train", COLA_YAML,
+                                 *[x for s in sets for x in ("--set", s)], "--run-dir", str(run_dir)],
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=ENV)
+        deadline = time.time() + 180
+        while not (run_dir / "config.yaml").is_file():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+    return code, log.read_text()
+
+
+def test_train_stops_on_sigterm_with_exit_143(tiny_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, err = _sigterm_training(tiny_dir, tmp_path, run_dir)
+    assert code == 143, err
+    assert "Traceback" not in err
+    assert "error: the run failed during training: terminated (SIGTERM)" in err
+    assert f"The run folder {run_dir} keeps config.yaml" in err
+
+
+def _processes_naming(text: str) -> list[int]:
+    """The pids of this machine's processes whose command line contains ``text``."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def test_train_with_two_processes_stops_every_rank_on_sigterm(tiny_dir: Path, tmp_path: Path) -> None:
+    """``train.processes: 2`` relaunches under torchrun: SIGTERM to the command reaches torchrun and
+    its ranks (before: the command died at once and the ranks trained on as orphans)."""
+    run_dir = tmp_path / "run2"
+    code, err = _sigterm_training(tiny_dir, tmp_path, run_dir, "train.processes=2")
+    deadline = time.time() + 30
+    while _processes_naming(str(run_dir)) and time.time() < deadline:  # torchrun and both ranks end
+        time.sleep(0.5)
+    left = _processes_naming(str(run_dir))
+    for pid in left:  # this test's processes only: their command line names its run folder
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert left == []
+    assert code == 143, err
+    assert "terminated (SIGTERM)" in err
+
+
+# -- damaged stores ------------------------------------------------------------------------------
+def test_a_damaged_optuna_db_is_refused_naming_it(tiny_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    db = _garbage(out / "optuna.db")
+    assert study_main(_study_args(tiny_dir, out)) == 2
+    err = capsys.readouterr().err
+    assert f"error: the Optuna store sqlite:///{db} (study.storage) cannot be used: {db} is damaged" in err
+    assert "restore it from a backup, or set study.storage to a new database" in err
+    assert "Nothing was started or stored." in err
+    assert not (out / "mlflow.db").exists()  # refused before either store was opened
+
+
+def test_a_truncated_mlflow_db_is_refused_naming_it(tiny_dir: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    db = out / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").create_experiment("made-before")  # a real store, then cut in half
+    os.truncate(db, db.stat().st_size // 2)
+    assert study_main(_study_args(tiny_dir, out)) == 2
+    err = capsys.readouterr().err
+    assert f"error: the MLflow store sqlite:///{db} (study.tracking_uri) cannot be used: {db} is damaged" in err
+    assert "set study.tracking_uri to a new database" in err
+    assert not (out / "optuna.db").exists()
+
+
+def test_report_on_a_damaged_optuna_db_names_it(tiny_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    db = _garbage(out / "optuna.db")
+    assert report_main([COLA_YAML, "--set", f"output_dir={out}", "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: the Optuna store sqlite:///{db} (study.storage) cannot be used: {db} is damaged" in err
+
+
+# -- full disks ----------------------------------------------------------------------------------
+def test_an_adapter_that_cannot_be_written_leaves_nothing(tiny_dir: Path, tmp_path: Path) -> None:
+    """A 12 kB file-size limit: every run file fits, the 18 kB adapter weights do not."""
+    run_dir = tmp_path / "run"
+    sets = [*tiny_overrides(tiny_dir, tmp_path / "out", train=32, evals=16), "train.max_steps=4",
+            "train.eval_every=2", "schedule.warmup=1", "schedule.final=1", "schedule.interval=1"]
+    limit = 12_000
+    proc = subprocess.run([sys.executable, "-m", "dora_lab.train", COLA_YAML, *[x for s in sets for x in ("--set", s)],
+                           "--run-dir", str(run_dir)], capture_output=True, text=True, env=ENV, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"the adapter was NOT saved to {run_dir / 'adapter'}: File too large" in proc.stderr
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["allocation.json", "budget.json", "config.yaml",
+                                                          "metrics.json", "scores.json"]  # no adapter/, no .tmp
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB tmpfs (as root; skipped where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path) -> None:
+    with contextlib.suppress(OSError), (folder / f"filler-{uuid.uuid4().hex}").open("wb") as f:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+
+
+@pytest.mark.parametrize("store", ["optuna", "mlflow"])
+def test_a_full_disk_during_a_study_is_one_error(tiny_dir: Path, tmp_path: Path, small_disk: Path, store: str) -> None:
+    """The store's database on a tmpfs that fills up while trial 0 trains: one error naming that
+    store, exit 1 (before: StorageInternalError's traceback, trial and runs left RUNNING).  Optuna's
+    full: the MLflow runs are closed FAILED.  MLflow's full: the trial is FAIL in Optuna."""
+    out = tmp_path / "out"
+    optuna_db = small_disk / "optuna.db" if store == "optuna" else out / "optuna.db"
+    mlflow_db = small_disk / "mlflow.db" if store == "mlflow" else out / "mlflow.db"
+    proc = subprocess.Popen([sys.executable, "-m", "dora_lab.study",
+                             *_study_args(tiny_dir, out, "train.epochs=200", f"study.tracking_uri=sqlite:///{mlflow_db}",
+                                          storage=optuna_db)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 180
+    # until trial 0 trains (its folder's config.yaml; polling a store from here could race its creation)
+    while not list((out / "studies" / "stops").glob("*/trial-000/config.yaml")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(2.0)
+    _fill(small_disk)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err and "Exception in thread" not in err
+    name, key, db = ("Optuna", "study.storage", optuna_db) if store == "optuna" else ("MLflow", "study.tracking_uri", mlflow_db)
+    assert f"error: the {name} store sqlite:///{db} ({key}) cannot be used: " in err
+    assert "If its disk is full, free space and run the same command again" in err
+    for filler in small_disk.glob("filler-*"):
+        filler.unlink()
+    if store == "optuna":
+        c = MlflowClient(f"sqlite:///{mlflow_db}")
+        found = c.search_runs([c.get_experiment_by_name("stops").experiment_id])
+        assert sorted(r.data.tags["dora_lab.role"] for r in found) == ["study", "trial"]
+        assert all(r.info.status == "FAILED" and r.data.tags["fail_reason"] for r in found)
+    else:
+        (trial,) = optuna.load_study(study_name="stops", storage=f"sqlite:///{optuna_db}").trials
+        assert trial.state == optuna.trial.TrialState.FAIL and "full" in trial.user_attrs["fail_reason"]

@@ -21,8 +21,8 @@ import yaml
 from scipy import stats as sps
 
 from ..run.config import ConfigError, flatten, parse_report, read_yaml
-from ..study.tables import markdown_table, write_csv
-from ..study.tracking import safe_url
+from ..track.links import safe_url
+from ..track.tables import markdown_table, write_csv
 from . import plots as report_plots
 from .stats import Summary
 
@@ -328,7 +328,7 @@ def mlflow_parent(source: Any) -> tuple[Any, str, dict[str, str]] | str:
     try:
         from mlflow import MlflowClient
 
-        from ..study.tracking import UID_TAG, find_parent_runs
+        from ..track.tracker import UID_TAG, find_parent_runs
 
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(source.experiment or source.name)
@@ -347,7 +347,7 @@ def log_to_mlflow(parents: Mapping[str, Any], out: Path, tracking_uris: Mapping[
                   ) -> dict[str, str]:
     """Log the report's files (``report.md``, the self-contained ``report.html``, tables, pictures) to
     every study's parent run, under ``report/``; returns ``{study: link to the parent's report.html}``."""
-    from ..study.tracking import run_url, ui_address
+    from ..track.links import run_url, ui_address
 
     links = {}
     for name, parent in parents.items():

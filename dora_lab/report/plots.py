@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from ..study.plots import allocation_grid, plt, save_figure
+from ..track.plots import allocation_grid, plt, save_figure
 from .stats import Summary
 
 __all__ = ["allocation_panels", "budget_curves", "metric_by_group"]

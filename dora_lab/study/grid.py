@@ -5,7 +5,7 @@ module is the runner's only code on Optuna's private API (a trial's ``_trial_id`
 trial's ``fixed_params``) or on the storage's lock for grids:
 
 - :func:`claim_grid_point`: a grid trial is created only together with its point, chosen and
-  queued under the storage's lock (:func:`~dora_lab.study.locks.store_lock`), so no point runs twice
+  queued under the storage's lock (:func:`~dora_lab.track.locks.store_lock`), so no point runs twice
   and no trial exists that has no point to run;
 - :func:`trials_to_run`: how many trials this invocation runs (for a grid: the free points);
 - a point whose trial was interrupted or left RUNNING by a dead worker (marked FAIL by
@@ -25,7 +25,7 @@ from typing import Any
 
 import optuna
 
-from .locks import store_lock
+from ..track.locks import store_lock
 from .space import StudyConfig
 
 __all__ = ["claim_grid_point", "fail_stale", "heartbeat", "trials_to_run"]

@@ -48,11 +48,12 @@ import optuna
 
 from ..run.cli import check_writable_folder, refuse
 from ..run.config import ConfigError
+from ..track.links import safe_url, ui_lines
+from ..track.locks import store_lock
+from ..track.tracker import UID_TAG, StudyTracker, print_summary
 from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
-from .locks import store_lock
 from .samplers import check_space_unchanged, make_pruner, make_sampler
 from .space import StudySetup, prepare
-from .tracking import UID_TAG, StudyTracker, print_summary, safe_url, ui_lines
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
 from .workers import run_workers
 
@@ -64,9 +65,9 @@ __all__ = ["OptunaReporter", "StudySetup", "main", "make_report", "optimize", "o
 def open_study(setup: StudySetup, tracker: StudyTracker | None = None) -> optuna.Study:
     """Create or load the study; RDB storages get a heartbeat so dead workers' trials go stale.
 
-    Creating happens under the storage's lock (:func:`~dora_lab.study.locks.store_lock`): processes that
+    Creating happens under the storage's lock (:func:`~dora_lab.track.locks.store_lock`): processes that
     start together on a fresh storage neither race through its tables nor give one study two
-    identities.  A new study gets its identity (:data:`~dora_lab.study.tracking.UID_TAG`: creation time and
+    identities.  A new study gets its identity (:data:`~dora_lab.track.tracker.UID_TAG`: creation time and
     a random part) as a user attr; its MLflow parent run and its trial folders are named for it, so a
     new study of an old name (its ``optuna.db`` deleted) never takes over the old one's."""
     s = setup.study

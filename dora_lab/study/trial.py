@@ -27,9 +27,10 @@ from ..run.data import DataError, load_splits
 from ..run.distributed import run_in_processes
 from ..run.models import ModelLoadError, check_model
 from ..run.tasks import get_task
+from ..track.logger import TrialLogger
+from ..track.tracker import StudyTracker
 from .samplers import suggest
 from .space import trial_config
-from .tracking import StudyTracker, TrialLogger
 
 if TYPE_CHECKING:
     from .space import StudySetup

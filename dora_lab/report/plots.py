@@ -61,8 +61,10 @@ def metric_by_group(labels: Sequence[str], summaries: Sequence[Summary], points:
 
 @_plain
 def allocation_panels(panels: Sequence[tuple[str, Mapping[str, float]]], path: str | Path,
-                      vmax: float | None = None, per_row: int = 3) -> Path:
-    """``panels``: (group label, mean final rank per matrix name)."""
+                      vmax: float | None = None, per_row: int = 3,
+                      label: str = "final rank (mean over runs)") -> Path:
+    """``panels``: (group label, or a trial's name; mean final rank per matrix name), side by side on one
+    colour scale (``vmax``, default the largest rank shown), ``per_row`` to a row."""
     n = max(1, len(panels))
     cols = min(per_row, n)
     rows = math.ceil(n / cols)
@@ -88,7 +90,7 @@ def allocation_panels(panels: Sequence[tuple[str, Mapping[str, float]]], path: s
         ax.set_yticks(range(len(layer_names)), [f"layer {r}" for r in layer_names], fontsize=7)
         ax.set_title(f"{label} ({sum(v for row in grid for v in row if v == v):.0f} comp.)", fontsize=8)
     if image is not None:
-        fig.colorbar(image, ax=axes, label="final rank (mean over runs)", shrink=0.8)
+        fig.colorbar(image, ax=axes, label=label, shrink=0.8)
     return cast(Path, save_figure(fig, path))
 
 

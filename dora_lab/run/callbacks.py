@@ -50,6 +50,12 @@ class RunResult:
     peak_memory_source: str = ""
     data: dict[str, dict[str, int]] = field(default_factory=dict)  # causal tasks: per split, prompts cut...
 
+    @property
+    def minutes(self) -> float:
+        """The run's one duration (training, evaluations included; model loading not), in minutes to
+        2 decimals: metrics.json, the MLflow metric ``minutes``, the study's table and the report say this."""
+        return round(self.seconds / 60, 2)
+
     def summary(self) -> dict[str, Any]:
         out = {
             "metric": self.metric_name,
@@ -60,7 +66,7 @@ class RunResult:
             "adapter_parameters_final": self.adapter_parameters_final,
             "active_components_final": self.active_components_final,
             "steps": self.steps,
-            "minutes": round(self.seconds / 60, 3),
+            "minutes": self.minutes,
             "peak_memory_mb": round(self.peak_memory_mb, 1),
             "peak_memory_source": self.peak_memory_source,
             "run_dir": str(self.run_dir) if self.run_dir else None,

@@ -35,6 +35,7 @@ trial is one :func:`dora_lab.run.train.train_run` of the config with the trial's
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -104,7 +105,7 @@ def study_folder(setup: StudySetup, study: optuna.Study) -> Path:
 
 
 def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[optuna.Trial], float],
-                n_trials: int | None) -> None:
+                n_trials: int | None, after: Callable[[], None] = lambda: None) -> None:
     """Ask, run and tell up to ``n_trials`` trials (``None``: no limit) until ``study.timeout``; a grid
     also stops when no point is left.  A failed trial is recorded FAIL and the next one runs, except
     after a data or model error (every next trial would fail too); Ctrl-C records FAIL and stops."""
@@ -133,6 +134,7 @@ def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[opt
                     return
             else:
                 study.tell(trial, value)
+        after()
 
 
 def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = None, progress: bool = False,
@@ -141,8 +143,40 @@ def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = No
     tracker = tracker or _tracker(setup)
     study = study or open_study(setup, tracker)
     parent_id = parent_id or tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
+    tracker.parent_id = parent_id
     if n_trials is None or n_trials > 0:
-        _run_trials(setup, study, make_objective(setup, study_folder(setup, study), tracker, parent_id, progress), n_trials)
+        _run_trials(setup, study, make_objective(setup, study_folder(setup, study), tracker, parent_id, progress), n_trials,
+                    after=lambda: post_answer(setup, tracker, study))
+
+
+def _groups(setup: StudySetup) -> tuple[list[str], list[tuple[str, ...]]]:
+    """The study's factors (``report.factors`` where they are searched params, else every searched key
+    but ``seed``) and, where all are categorical, their groups in grid order (their colours)."""
+    space = setup.study.space
+    named = [k for k in (setup.data.get("report") or {}).get("factors") or [] if k in space]
+    factors = named or [k for k in space if k != "seed"]
+    grid = setup.study.grid()
+    if not all(k in grid for k in factors):
+        return factors, []
+    return factors, [tuple(map(str, g)) for g in itertools.product(*(grid[k] for k in factors))]
+
+
+def post_answer(setup: StudySetup, tracker: StudyTracker, study: optuna.Study) -> None:
+    """Post the answer so far to the parent run's and the experiment's descriptions, and every
+    trial's allocation side by side (:func:`dora_lab.report.brief.post_answer`).  A failure is a
+    note on stderr: the answer in MLflow must never stop a study."""
+    from ..report.brief import post_answer as post
+    from ..report.io import source_of
+
+    if tracker.parent_id is None:
+        return
+    try:
+        post(source_of(setup), tracker.client, tracker.experiment_id, tracker.parent_id,
+             study_folder(setup, study) / "summary", setup.study.direction == "maximize",
+             reported=setup.data.get("report") is not None)
+    except Exception as exc:
+        print(f"note: the answer in MLflow's description was not updated: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
 
 
 def _tracker(setup: StudySetup) -> StudyTracker:
@@ -191,7 +225,7 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     study = open_study(setup, tracker)
     check_space_unchanged(setup.study, study)
     parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
-    tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize")
+    tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize", *_groups(setup))
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
         study.set_user_attr(key, value)
@@ -215,9 +249,10 @@ def run_study(setup: StudySetup, workers: int = 1) -> int:
     study = open_study(setup, tracker)  # fresh trials, from every worker
     rows = tracker.summarize(parent_id, study, setup.metric, study_folder(setup, study) / "summary",
                              status="KILLED" if interrupted else "FINISHED")
-    print_summary(setup, study, rows, study_folder(setup, study) / "summary", tracker)
     if not interrupted:
         make_report(setup)
+    post_answer(setup, tracker, study)  # with the report's link, now that it is made
+    print_summary(setup, study, rows, study_folder(setup, study) / "summary", tracker)
     if interrupted:
         print("stopped by Ctrl-C; finished trials are kept. Run the same command again to continue.")
         return 130
@@ -240,11 +275,13 @@ def make_report(setup: StudySetup) -> int | None:
     if setup.data.get("report") is None:
         return None
     from ..report.compare import main as report_main
+    from ..report.io import report_command
 
-    print(f"\nreport (the config's report: block): python -m dora_lab.report {setup.config_path}", flush=True)
-    code = report_main([str(setup.config_path), *(x for s in setup.overrides for x in ("--set", s))])
+    args = [str(setup.config_path), *(x for s in setup.overrides for x in ("--set", s))]
+    print(f"\nreport (the config's report: block): {report_command(args)}", flush=True)
+    code = report_main(args)
     if code:
-        print(f"note: no report (see above); once that is fixed: python -m dora_lab.report {setup.config_path}")
+        print(f"note: no report (see above); once that is fixed: {report_command(args)}")
     return code
 
 

@@ -7,6 +7,7 @@ The runs table's saved view (:func:`study_view`) is an experiment tag read by th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import sys
@@ -17,12 +18,16 @@ from urllib.parse import quote, urlencode
 if TYPE_CHECKING:
     from .tracker import StudyTracker
 
-__all__ = ["ROLE_TAG", "STUDY_TAG", "UI_PORT", "compare_url", "experiment_url", "run_url", "safe_url", "study_view",
-           "ui_address", "ui_lines"]
+__all__ = ["GROUP_COLORS", "ROLE_TAG", "STUDY_TAG", "UI_PORT", "compare_url", "experiment_url", "group_color", "run_url",
+           "safe_url", "study_view", "ui_address", "ui_lines"]
 
 STUDY_TAG = "dora_lab.study"
 ROLE_TAG = "dora_lab.role"
 UI_PORT = 5000  # the port of the printed mlflow ui command
+VIEW_SECTION = "dora_lab-study"  # the saved view's chart section
+# well-separated colours from MLflow's own run palette: blue, coral, green, brown, purple, teal, orange, ...
+GROUP_COLORS = ("#2272b4", "#c83243", "#308613", "#a6630c", "#8a63bf", "#04867d", "#de7921", "#b45091",
+                "#434a93", "#1f272d", "#8acaff", "#facb66")
 
 
 def safe_url(url: str) -> str:
@@ -75,17 +80,55 @@ def run_url(ui: str, experiment_id: str, run_id: str, artifact: str = "") -> str
         f"{page}?workflowType=machine_learning"
 
 
-def study_view(study: str, metric: str, searched: Sequence[str], maximize: bool = True) -> dict[str, Any]:
+def study_view(study: str, metric: str, searched: Sequence[str], maximize: bool = True,
+               factors: Sequence[str] = ()) -> dict[str, Any]:
     """The runs table as a study wants it, as MLflow's UI keeps a shared view (``Views`` > share: an
     experiment tag ``mlflow.sharedViewState.<key>`` holding this JSON, opened by the URL parameter
-    ``viewStateShareKey=<key>``): the study's trials flat, best ``objective`` first, and as columns
+    ``viewStateShareKey=<key>``): the study's trials, best ``objective`` first, and as columns
     the datasets, ``objective``, ``best_<metric>``, the final adapter size, the minutes and every
-    searched key, instead of MLflow's default Source / Models / Dataset."""
-    return {"searchFilter": f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}'",
-            "orderByKey": "metrics.`objective`", "orderByAsc": not maximize,
-            "selectedColumns": ["attributes.`Dataset`", "metrics.`objective`", f"metrics.`best_{metric}`",
-                                "metrics.`adapter_parameters_final`", "metrics.`minutes`",
-                                *(f"params.`{k}`" for k in searched)]}
+    searched key, instead of MLflow's default Source / Models / Dataset.
+
+    With ``factors`` (params: the study's groups), the table is grouped by them (``groupBy``: the
+    group rows show the group's mean) and the charts of the view (``compareRunCharts`` in the section
+    ``compareRunSections``) are a bar chart of ``objective`` and a scatter of ``objective`` against
+    ``adapter_parameters_final``, one point per run (``useGroupedValuesInCharts`` off) in its group's
+    colour (each trial run's ``mlflow.runColor`` tag, :func:`group_color`).  The keys and card
+    fields are those MLflow 3.17's UI restores from a shared view (its bundle's list of persisted UI
+    state keys and its chart card classes)."""
+    state: dict[str, Any] = {
+        "searchFilter": f"tags.`{ROLE_TAG}` = 'trial' and tags.`{STUDY_TAG}` = '{study}'",
+        "orderByKey": "metrics.`objective`", "orderByAsc": not maximize,
+        "selectedColumns": ["attributes.`Dataset`", "metrics.`objective`", f"metrics.`best_{metric}`",
+                            "metrics.`adapter_parameters_final`", "metrics.`minutes`",
+                            *(f"params.`{k}`" for k in searched)]}
+    if not factors:
+        return state
+    card = {"runsCountToCompare": 100, "metricSectionId": VIEW_SECTION, "deleted": False, "isGenerated": False}
+    return state | {
+        "groupBy": {"aggregateFunction": "average",
+                    "groupByKeys": [{"mode": "param", "groupByData": k} for k in factors]},
+        "groupsExpanded": {}, "useGroupedValuesInCharts": False, "isAccordionReordered": True,
+        "compareRunSections": [{"uuid": VIEW_SECTION, "name": f"{study}: objective by group",
+                                "display": True, "isReordered": True}],
+        "compareRunCharts": [
+            {**card, "uuid": f"{VIEW_SECTION}-bar", "type": "BAR", "metricKey": "objective",
+             "displayName": f"objective ({metric}) per run, coloured by {', '.join(factors)}"},
+            {**card, "uuid": f"{VIEW_SECTION}-size", "type": "SCATTER",
+             "xaxis": {"key": "adapter_parameters_final", "type": "METRIC"},
+             "yaxis": {"key": "objective", "type": "METRIC"},
+             "displayName": f"objective ({metric}) against the final adapter parameters"}]}
+
+
+def group_color(group: Sequence[str], order: Sequence[Sequence[str]] = ()) -> str:
+    """A group's colour for its runs' ``mlflow.runColor`` tag: the ``order``-th colour of
+    :data:`GROUP_COLORS` (``order``: the study's groups in grid order), else one picked by a stable
+    hash of the group's values.  MLflow colours a group row by a hash of its id, which gives two
+    groups the same colour often enough; a run's colour tag it shows as set."""
+    groups = [tuple(g) for g in order]
+    if tuple(group) in groups:
+        return GROUP_COLORS[groups.index(tuple(group)) % len(GROUP_COLORS)]
+    digest = int(hashlib.sha1("\x1f".join(group).encode()).hexdigest(), 16)
+    return GROUP_COLORS[digest % len(GROUP_COLORS)]
 
 
 def compare_url(ui: str, experiment_id: str, run_ids: Sequence[str]) -> str:
@@ -95,17 +138,28 @@ def compare_url(ui: str, experiment_id: str, run_ids: Sequence[str]) -> str:
 
 
 
-def ui_lines(tracking_uri: str, tracker: StudyTracker, maximize: bool = True, compare: Sequence[str] = ()) -> list[str]:
-    """How to see the study in MLflow: for a local store the ``mlflow ui`` command (with this
-    interpreter, so it works as printed without an activated virtualenv), the link to the runs table
-    in the model-training view and, given run ids ``compare``, to their compare page."""
+def ui_lines(tracking_uri: str, tracker: StudyTracker, maximize: bool = True, compare: Sequence[str] = (),
+             report: str | None = None) -> list[str]:
+    """How to see the study in MLflow, the answer first: for a local store the ``mlflow ui`` command
+    (with this interpreter, so it works as printed without an activated virtualenv); the report
+    (``report``: its artifact path on the parent run, once made); the parent run, whose description
+    holds the answer so far; the runs table (grouped, in the model-training view) and its charts;
+    given run ids ``compare``, their compare page."""
     lines = []
     if not tracking_uri.startswith(("http://", "https://")):
         command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
                    "--host", "127.0.0.1", "--port", str(UI_PORT)]
         lines += ["open the MLflow UI on this study:", f"  {shlex.join(command)}", "then"]
     ui = ui_address(tracking_uri)
-    lines.append(f"MLflow runs of this study: {tracker.runs_url(maximize, ui)}")
+    if tracker.parent_id and report:
+        lines.append(f"MLflow report of this study: {run_url(ui, tracker.experiment_id, tracker.parent_id, report)}")
+    if tracker.parent_id:
+        lines.append("MLflow answer (per-group mean, sd, CI; paired tests; best trial; updated as trials finish): "
+                     f"{run_url(ui, tracker.experiment_id, tracker.parent_id)}")
+    runs = tracker.runs_url(maximize, ui)
+    lines.append(f"MLflow runs of this study: {runs}")
+    if tracker.view_key:
+        lines.append(f"MLflow charts (objective by group, against adapter size): {runs}&compareRunsMode=CHART")
     if len(compare) > 1:
         lines.append(f"MLflow compare ({len(compare)} complete trials): {compare_url(ui, tracker.experiment_id, compare)}")
     return lines

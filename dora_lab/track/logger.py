@@ -211,7 +211,7 @@ class TrialLogger(TrainCallback):
         self._buffer += [Metric(k, float(v), ts, 0) for k, v in (
             (f"best_{result.metric_name}", result.best_metric), ("best_step", result.best_step),
             ("active_components_final", result.active_components_final),
-            ("adapter_parameters_final", result.adapter_parameters_final), ("minutes", result.seconds / 60),
+            ("adapter_parameters_final", result.adapter_parameters_final), ("minutes", result.minutes),
             ("peak_memory_mb", result.peak_memory_mb))]
         self.flush()
 

@@ -18,9 +18,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
-from ..run.config import RunConfig
+from ..run.config import RunConfig, flatten
 from . import plots
-from .links import ROLE_TAG, STUDY_TAG, experiment_url, study_view, ui_address, ui_lines
+from .links import ROLE_TAG, STUDY_TAG, experiment_url, group_color, study_view, ui_address, ui_lines
 from .locks import store_lock
 from .logger import TrialLogger, context_tags, figure_title, log_params, now_ms, run_name, run_tags
 from .tables import markdown_table, write_table
@@ -34,6 +34,7 @@ __all__ = ["EXPERIMENT_TAGS", "KIND_TAG", "UID_TAG", "VIEW_TAG", "StudyTracker",
 UID_TAG = "dora_lab.study_uid"
 KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {KIND_TAG: "custom_model_development"}  # MLflow 3: a model-training experiment
+RUN_COLOR_TAG = "mlflow.runColor"  # a run's colour in MLflow's charts and table
 VIEW_TAG = "mlflow.sharedViewState."  # + key: a saved view of the runs table (study_view)
 
 
@@ -58,6 +59,9 @@ class StudyTracker:
         self.uri = tracking_uri
         self.study_name = study_name
         self.view_key: str | None = None  # the saved view of the runs table (save_view)
+        self.factors: list[str] = []  # the params that make a trial's group (save_view), and the
+        self.groups: list[tuple[str, ...]] = []  # groups in grid order: their colours (group_color)
+        self.parent_id: str | None = None  # the study's parent run (parent_run)
         with store_lock(tracking_uri, "mlflow"):  # the first access creates (migrates) a new store
             self.client = MlflowClient(tracking_uri)
             self.experiment_id = self._experiment(experiment, artifact_root)
@@ -80,15 +84,18 @@ class StudyTracker:
                 self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, EXPERIMENT_TAGS[KIND_TAG])
         return str(exp.experiment_id)
 
-    def save_view(self, metric: str, searched: Sequence[str], maximize: bool = True) -> str:
-        """Save the study's view of the runs table (:func:`study_view`) as a shared view of the
-        experiment; :meth:`runs_url` links to it from now on.  Returns its key."""
+    def save_view(self, metric: str, searched: Sequence[str], maximize: bool = True, factors: Sequence[str] = (),
+                  groups: Sequence[Sequence[str]] = ()) -> str:
+        """Save the study's view of the runs table (:func:`study_view`, grouped by ``factors`` with its
+        charts) as a shared view of the experiment; :meth:`runs_url` links to it from now on, and
+        trials started from now on get their group's colour (``groups``: the groups in grid order,
+        :func:`group_color`).  Returns its key."""
         import hashlib
 
         key = f"dora_lab-{hashlib.sha1(self.study_name.encode()).hexdigest()[:12]}"
         self.client.set_experiment_tag(self.experiment_id, VIEW_TAG + key,
-                                       json.dumps(study_view(self.study_name, metric, searched, maximize)))
-        self.view_key = key
+                                       json.dumps(study_view(self.study_name, metric, searched, maximize, factors)))
+        self.view_key, self.factors, self.groups = key, list(factors), [tuple(g) for g in groups]
         return key
 
     def runs_url(self, maximize: bool = True, ui: str | None = None) -> str:
@@ -114,7 +121,7 @@ class StudyTracker:
             found = self._parents(uid) or [run]
             if found[0].info.run_id != run.info.run_id:
                 self.client.delete_run(run.info.run_id)
-        run_id = str(found[0].info.run_id)
+        run_id = self.parent_id = str(found[0].info.run_id)
         # the settings the study started with (a param cannot change: a resume adds new keys only;
         # a process started together may have logged them first)
         with contextlib.suppress(MlflowException):
@@ -128,6 +135,9 @@ class StudyTracker:
         tags = {**context_tags(), "mlflow.parentRunId": parent_id, STUDY_TAG: self.study_name, ROLE_TAG: "trial",
                 "state": "RUNNING", "dora_lab.worker": f"{socket.gethostname()}:{os.getpid()}",
                 **run_tags(cfg, number, run_dir)}
+        if self.factors:  # its group's colour in the charts (MLflow reads a run's colour from this tag)
+            group = [str(params.get(k, flatten(cfg.resolved()).get(k))) for k in self.factors]
+            tags[RUN_COLOR_TAG] = group_color(group, self.groups)
         name = run_name(params, number)
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return TrialLogger(self.client, str(run.info.run_id), run_dir, r0=cfg.adapter.r0,
@@ -188,18 +198,33 @@ def _reason(t: optuna.trial.FrozenTrial) -> str:
     return ""
 
 
+def trial_minutes(t: optuna.trial.FrozenTrial) -> float | None:
+    """The trial's one duration: its run's ``minutes`` (metrics.json,
+    :attr:`~dora_lab.run.callbacks.RunResult.minutes`, also the MLflow metric), else (a trial that stopped before its run ended) Optuna's start to end, both
+    in minutes to 2 decimals.  MLflow's own Duration column counts the whole trial (loading the
+    model, logging), so it reads a little longer."""
+    run_dir = t.user_attrs.get("run_dir")
+    metrics = Path(str(run_dir)) / "metrics.json" if run_dir else None
+    if metrics is not None and metrics.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            minutes = json.loads(metrics.read_text()).get("minutes")
+            if minutes is not None:
+                return round(float(minutes), 2)
+    if t.datetime_complete and t.datetime_start:
+        return round((t.datetime_complete - t.datetime_start).total_seconds() / 60, 2)
+    return None
+
+
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """One row per trial: number, state, value, the searched values, size, minutes, reason."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
-            if t.datetime_complete and t.datetime_start else None
         rows.append({
             "trial": t.number, "state": t.state.name, "value": t.value,
             **{k: v for k, v in t.params.items()},
             "components": t.user_attrs.get("active_components"),
             "adapter_params": t.user_attrs.get("adapter_parameters"),
-            "minutes": round(seconds / 60, 2) if seconds is not None else None,
+            "minutes": trial_minutes(t),
             "reason": _reason(t), "mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""),
         })
     return rows
@@ -223,6 +248,10 @@ def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, A
     print(f"summary (table, plots): {folder}")
     if tracker is not None:
         ids = [str(r["mlflow_run_id"]) for r in rows if r["state"] == "COMPLETE" and r["mlflow_run_id"]]
-        print("\n".join(ui_lines(setup.tracking_uri, tracker, setup.study.direction == "maximize", ids)))
+        report = None
+        if tracker.parent_id:  # the report's file on the parent run, once the study's report is made
+            with contextlib.suppress(MlflowException):
+                report = tracker.client.get_run(tracker.parent_id).data.tags.get("dora_lab.report_html")
+        print("\n".join(ui_lines(setup.tracking_uri, tracker, setup.study.direction == "maximize", ids, report)))
 
 

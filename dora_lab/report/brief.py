@@ -7,7 +7,8 @@ t-interval, numbers to 4 decimals), the paired comparisons against the reference
 the best trial with its link, the link to ``report.html`` once the report is made, a warning where
 runs did not learn; and the parent gets ``allocations.png`` (:data:`ALLOCATIONS`): every complete
 trial's final rank allocation side by side, one heatmap per trial on one colour scale, since
-MLflow's compare page shows them only as thumbnails.  The study runner calls :func:`post_answer`
+MLflow's compare page shows them only as thumbnails.  Links in the description are relative to the
+page (``#/experiments/...``; MLflow opens them in a new tab), so they hold on any host and port.  The study runner calls :func:`post_answer`
 after every trial and at the end; the numbers are :func:`dora_lab.report.compare.build`'s, the
 full report's.
 """
@@ -19,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..track.links import run_url, ui_address
+from ..track.links import run_url
 from ..track.tables import markdown_table
 from .compare import build, default_reference, detect_factors, drop_repeats, majority_notes
 from .io import Run, Source, _ci, _num, _p, load_runs
@@ -49,8 +50,7 @@ def answer_markdown(source: Source, data: Mapping[str, Any], reference: Mapping[
     md = [f"### {source.name}: the answer so far", "",
           f"{len(runs)} complete run(s) of {n_trials} trial(s); value: **{metric}** "
           f"({'higher' if maximize else 'lower'} is better). Full report: {report}.", ""]
-    md += [f"> **Warning: {note}**" for note in majority_notes(data, str(data.get("metric_key") or metric))]
-    md += ["", "**Per group** (mean, sample sd, 95% t-interval of the mean):", "",
+    md += ["**Per group** (mean, sample sd, 95% t-interval of the mean):", "",
            markdown_table([{"group": g["group"], "n": g["n"], "mean": _num(g["mean"]), "sd": _num(g["sd"]),
                             "95% CI": _ci(g["ci_low"], g["ci_high"]),
                             "adapter params": _num(g["adapter_parameters_final"], 0),
@@ -63,6 +63,7 @@ def answer_markdown(source: Source, data: Mapping[str, Any], reference: Mapping[
                                 "p (Holm)": _p(c["p_holm"])} for c in data["comparisons"]])]
     else:
         md += ["No paired comparison yet (it needs two groups with a seed in common).", ""]
+    md += [f"> **Warning: {note}**\n" for note in majority_notes(data, str(data.get("metric_key") or metric))]
     best = _best(runs, maximize)
     if best is not None:
         name = f"[trial {best.trial}]({links['best']})" if "best" in links else f"trial {best.trial}"
@@ -85,6 +86,10 @@ def _allocations(members: Mapping[str, Sequence[Run]], path: Path) -> Path | Non
                              label="final rank")
 
 
+def _link(url: str) -> str:
+    return url.lstrip("/")
+
+
 def post_answer(source: Source, client: Any, experiment_id: str, parent_id: str, folder: Path,
                 maximize: bool = True, reported: bool = False) -> str | None:
     """Compute the answer from the study's storage and run folders and post it: the description of
@@ -100,18 +105,18 @@ def post_answer(source: Source, client: Any, experiment_id: str, parent_id: str,
     metric_key = str(runs[0].metrics.get("metric", "")) if not source.metric or source.metric == "objective" \
         else source.metric
     data = build(runs, factors, reference, "objective", metric_key)
-    ui = ui_address(source.tracking_uri or client.tracking_uri)
+    ui = ""  # links relative to the page ("#/experiments/..."): right whatever host and port the UI runs on
     links = {}
     tags = client.get_run(parent_id).data.tags
     if tags.get("dora_lab.report_html"):
-        links["report"] = run_url(ui, experiment_id, parent_id, tags["dora_lab.report_html"])
+        links["report"] = _link(run_url(ui, experiment_id, parent_id, tags["dora_lab.report_html"]))
     best = _best(runs, maximize)
     if best is not None and best.mlflow_run_id:
-        links["best"] = run_url(ui, experiment_id, best.mlflow_run_id)
+        links["best"] = _link(run_url(ui, experiment_id, best.mlflow_run_id))
     figure = _allocations(data["members"], folder / ALLOCATIONS)
     if figure is not None:
         client.log_artifact(parent_id, str(figure))
-        links["allocations"] = run_url(ui, experiment_id, parent_id, ALLOCATIONS)
+        links["allocations"] = _link(run_url(ui, experiment_id, parent_id, ALLOCATIONS))
     text = answer_markdown(source, data, reference, links, len(runs) + len(skipped), maximize, reported)
     client.set_tag(parent_id, DESCRIPTION_TAG, text)
     client.set_experiment_tag(experiment_id, DESCRIPTION_TAG, text)

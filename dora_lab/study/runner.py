@@ -144,6 +144,8 @@ def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = No
     study = study or open_study(setup, tracker)
     parent_id = parent_id or tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
     tracker.parent_id = parent_id
+    if not tracker.factors:  # a worker process: its trials get their group's colour too
+        tracker.factors, tracker.groups = _groups(setup)
     if n_trials is None or n_trials > 0:
         _run_trials(setup, study, make_objective(setup, study_folder(setup, study), tracker, parent_id, progress), n_trials,
                     after=lambda: post_answer(setup, tracker, study))

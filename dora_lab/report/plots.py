@@ -79,7 +79,7 @@ def allocation_panels(panels: Sequence[tuple[str, Mapping[str, float]]], path: s
         if k >= len(panels):
             ax.axis("off")
             continue
-        label, (layer_names, modules, grid) = panels[k][0], grids[k]
+        title, (layer_names, modules, grid) = panels[k][0], grids[k]
         image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=top, aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
@@ -88,7 +88,7 @@ def allocation_panels(panels: Sequence[tuple[str, Mapping[str, float]]], path: s
                             color="white" if v < 0.6 * top else "black")
         ax.set_xticks(range(len(modules)), [_short(m) for m in modules], rotation=40, ha="right", fontsize=7)
         ax.set_yticks(range(len(layer_names)), [f"layer {r}" for r in layer_names], fontsize=7)
-        ax.set_title(f"{label} ({sum(v for row in grid for v in row if v == v):.0f} comp.)", fontsize=8)
+        ax.set_title(f"{title} ({sum(v for row in grid for v in row if v == v):.0f} comp.)", fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=axes, label=label, shrink=0.8)
     return cast(Path, save_figure(fig, path))

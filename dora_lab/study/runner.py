@@ -51,10 +51,11 @@ from ..run.cli import check_writable_folder, refuse
 from ..run.config import ConfigError
 from ..track.links import safe_url, ui_lines
 from ..track.locks import store_lock
-from ..track.tracker import UID_TAG, StudyTracker, print_summary
+from ..track.tracker import UID_TAG, StudyTracker
 from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
 from .samplers import check_space_unchanged, make_pruner, make_sampler
 from .space import StudySetup, prepare
+from .summary import print_summary
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
 from .workers import run_workers
 

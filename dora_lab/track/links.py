@@ -44,7 +44,7 @@ def safe_url(url: str) -> str:
 
 def ui_address(tracking_uri: str) -> str:
     """Where the MLflow UI of ``tracking_uri`` is: the server itself, or for a local store the
-    address of the ``mlflow ui`` command :func:`print_summary` prints."""
+    address of the ``mlflow ui`` command :func:`ui_lines` prints."""
     if tracking_uri.startswith(("http://", "https://")):
         return safe_url(tracking_uri).rstrip("/")
     return f"http://127.0.0.1:{UI_PORT}"

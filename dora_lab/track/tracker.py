@@ -11,7 +11,7 @@ import os
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 from mlflow import MlflowClient
@@ -20,15 +20,12 @@ from mlflow.exceptions import MlflowException
 
 from ..run.config import RunConfig, flatten
 from . import plots
-from .links import ROLE_TAG, STUDY_TAG, experiment_url, group_color, study_view, ui_address, ui_lines
+from .links import ROLE_TAG, STUDY_TAG, experiment_url, group_color, study_view, ui_address
 from .locks import store_lock
 from .logger import TrialLogger, context_tags, figure_title, log_params, now_ms, run_name, run_tags
-from .tables import markdown_table, write_table
+from .tables import write_table
 
-if TYPE_CHECKING:
-    from ..study.space import StudySetup
-
-__all__ = ["EXPERIMENT_TAGS", "KIND_TAG", "UID_TAG", "VIEW_TAG", "StudyTracker", "find_parent_runs", "print_summary",
+__all__ = ["EXPERIMENT_TAGS", "KIND_TAG", "UID_TAG", "VIEW_TAG", "StudyTracker", "find_parent_runs",
            "trial_rows"]
 
 UID_TAG = "dora_lab.study_uid"
@@ -228,30 +225,3 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "reason": _reason(t), "mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""),
         })
     return rows
-
-
-def print_summary(setup: StudySetup, study: optuna.Study, rows: list[dict[str, Any]], folder: Path,
-                  tracker: StudyTracker | None = None) -> None:
-    """The study's summary on the terminal: the trials (``rows`` from :meth:`StudyTracker.summarize`),
-    the best one, where the summary ``folder`` is and how to open the MLflow UI on the study (with
-    ``tracker``: the link to its runs table and to the compare page of its complete trials)."""
-    keys = list(setup.study.space)
-    columns = ["trial", "state", "value", *keys, "components", "minutes", "reason"]
-    short = [{c: r.get(c) for c in columns} for r in rows]
-    print(f"\nstudy {setup.name!r} ({setup.study.direction} {setup.metric}): {len(rows)} trial(s)")
-    print(markdown_table(short, columns, width=48))
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if complete:
-        best = study.best_trial
-        print(f"best: trial {best.number}, {setup.metric} = {best.value:.4f}, "
-              f"{', '.join(f'{k}={v}' for k, v in best.params.items())}\n      run folder {best.user_attrs.get('run_dir')}")
-    print(f"summary (table, plots): {folder}")
-    if tracker is not None:
-        ids = [str(r["mlflow_run_id"]) for r in rows if r["state"] == "COMPLETE" and r["mlflow_run_id"]]
-        report = None
-        if tracker.parent_id:  # the report's file on the parent run, once the study's report is made
-            with contextlib.suppress(MlflowException):
-                report = tracker.client.get_run(tracker.parent_id).data.tags.get("dora_lab.report_html")
-        print("\n".join(ui_lines(setup.tracking_uri, tracker, setup.study.direction == "maximize", ids, report)))
-
-

@@ -2,10 +2,18 @@
 
 Runs a tiny scorer ablation (``studies/ablation_scorer.yaml``: 2 scorers x 2 seeds on a tiny BERT and
 64 CoLA sentences), starts the MLflow UI over its store exactly as the study prints it (on a free
-port), opens in headless Chromium (driven by selenium) the links the study printed: the runs table
-(model-training view, the study's saved view), the compare page of its trials and the parent run's
-report.html; asserts that the run names, the columns objective / scorer.name / seed and the four
-rank heatmaps side by side are on those pages.  Saves the pages' screenshots (``--shots``, default ``docs/mlflow_ui``).
+port), opens in headless Chromium (driven by selenium) the links the study printed and clicks as a
+person would (``element.click()``, never a click through JavaScript):
+
+1. the answer link (the parent run): its description shows the per-group table with sd and 95% CI and
+   the paired comparison on the first page;
+2. one click on ``allocations.png`` in that description: every trial's allocation side by side, each
+   heatmap at least :data:`MIN_PANEL` pixels on screen;
+3. back, one click on ``report.html``: the report in the page;
+4. the runs link: the saved view, grouped by scorer (a row per group), the columns objective /
+   scorer.name / seed; its charts (``compareRunsMode=CHART``): the bar and scatter chart of the view.
+
+Saves the pages' screenshots (``--shots``, default ``docs/mlflow_ui``).
 
     .venv/bin/python scripts/check_mlflow_ui.py [--out DIR] [--shots DIR] [--chromium PATH]
 
@@ -38,6 +46,7 @@ from tiny import COLA, make_tiny_model_dir  # noqa: E402
 
 SCORERS = ("magnitude", "sensitivity")
 SEEDS = (0, 1)
+MIN_PANEL = (200, 100)  # the least width and height on screen, in CSS pixels, of one trial's heatmap
 
 
 def tiny_model(path: Path) -> Path:
@@ -118,6 +127,131 @@ def shrink(png: Path, box: tuple[int, int, int, int] | None = None) -> None:
     rgb.quantize(256).save(png, optimize=True)
 
 
+def text_of(page: Any) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(page.find_element(By.TAG_NAME, "body").text)
+
+
+def click_link(page: Any, text: str) -> bool:
+    """Click (as a person: the element's own click) the first visible link whose text is ``text``; the
+    description's links open in a new tab (MLflow's ``target=_blank``): continue in it."""
+    from selenium.webdriver.common.by import By
+
+    link = wait_for(lambda: next(a for a in page.find_elements(By.LINK_TEXT, text) if a.is_displayed()), 30)
+    if link is None:
+        return False
+    before = set(page.window_handles)
+    link.click()
+    opened = wait_for(lambda: set(page.window_handles) - before, 10)
+    if opened:
+        page.switch_to.window(opened.pop())
+    return True
+
+
+def close_tab(page: Any) -> None:
+    """Close a tab a link opened and go back to the first one (else: the browser's back button)."""
+    if len(page.window_handles) > 1:
+        page.close()
+        page.switch_to.window(page.window_handles[0])
+    else:
+        page.back()
+
+
+def answer_page(page: Any, url: str, shots: Path) -> list[str]:
+    """The printed answer link: the table with spread and the comparison on the page, then one click
+    to the allocation figure, back, one click to report.html."""
+    from selenium.webdriver.common.by import By
+
+    problems = []
+    page.set_window_size(1440, 900)  # a laptop's window
+    page.get(url)
+    wait_for(lambda: "the answer so far" in text_of(page), 60)
+    time.sleep(2)  # the page settles (it fetches the run's details in several requests)
+    toggle = wait_for(lambda: page.find_element(By.CSS_SELECTOR, "[data-testid=show-comment-toggle]"), 10)
+    if toggle is None:  # MLflow folds a long description: one click ("Show more") unfolds it
+        problems.append("answer page: no 'Show more' on the description")
+    else:
+        toggle.click()
+        time.sleep(1)
+    wanted = ("the answer so far", "sd", "95% CI", "Paired by seed against the reference", "p (Holm)", "Best trial")
+    if not wait_for(lambda: all(w in text_of(page) for w in wanted), 60):
+        problems.append(f"answer page: not all of {wanted} shown")
+    close_assistant(page)
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    heading = wait_for(lambda: page.find_element(By.XPATH, "//*[normalize-space(text())='Description']"), 5)
+    if heading is not None:  # the unfolded description from its top, as a person scrolls back to it
+        ActionChains(page).scroll_to_element(heading).perform()
+        ActionChains(page).scroll_by_amount(0, -400).perform()
+        time.sleep(1)
+    page.save_screenshot(str(shots / "answer.png"))
+    if not click_link(page, "allocations.png"):
+        problems.append("answer page: no allocations.png link")
+        return problems
+    else:
+        def figure() -> Any:
+            img = next(i for i in page.find_elements(By.TAG_NAME, "img") if "allocations" in (i.get_attribute("alt") or "")
+                       or (i.size["width"] > 400 and i.is_displayed()))
+            return img if img.size["width"] > 0 else None
+
+        img = wait_for(figure, 30)
+        if img is None:
+            problems.append("allocation figure: not shown")
+        else:
+            columns = max(2, round((len(SCORERS) * len(SEEDS)) ** 0.5))
+            rows = -(-len(SCORERS) * len(SEEDS) // columns)
+            panel = (img.size["width"] / columns, img.size["height"] / rows)
+            if panel[0] < MIN_PANEL[0] or panel[1] < MIN_PANEL[1]:
+                problems.append(f"allocation figure: a heatmap is {panel[0]:.0f} x {panel[1]:.0f} px on screen, "
+                                f"less than {MIN_PANEL}")
+            close_assistant(page)
+            page.save_screenshot(str(shots / "allocations.png"))
+    close_tab(page)
+    if not click_link(page, "report.html"):  # in the description's first line: no need to unfold
+        problems.append("answer page: no report.html link")
+    elif wait_for(lambda: page.find_element(By.TAG_NAME, "iframe"), 30) is None:
+        problems.append("report: the parent run's report.html is not shown")
+    else:
+        close_assistant(page)
+        time.sleep(2)
+        page.save_screenshot(str(shots / "report.png"))
+    return problems
+
+
+def runs_pages(page: Any, url: str, names: list[str], shots: Path) -> list[str]:
+    """The printed runs link: grouped by scorer, the study's columns; and its charts."""
+    from selenium.webdriver.common.by import By
+
+    problems = []
+    page.set_window_size(2200, 900)  # wide: the table draws only the columns in view
+    page.get(url)
+    if not wait_for(lambda: all(s in text_of(page) for s in SCORERS), 60):
+        problems.append("runs page: the scorer groups are not shown")
+    if "Model training" not in page.page_source:
+        problems.append("runs page: not the model-training view")
+
+    def column_names() -> set[str]:
+        return {h.text.strip() for h in page.find_elements(By.CSS_SELECTOR, "[role=columnheader]")}
+
+    wanted = {"objective", "scorer.name", "seed"}  # the study's saved view of the table
+    wait_for(lambda: wanted <= column_names(), 20)
+    if not wanted <= column_names():
+        problems.append(f"runs page: the columns objective, scorer.name, seed not all shown ({column_names()})")
+    close_assistant(page)
+    page.set_window_size(1600, 800)
+    page.save_screenshot(str(shots / "runs.png"))
+    page.set_window_size(1600, 1000)
+    page.get(f"{url}&compareRunsMode=CHART")
+    charts = ("objective by group", "adapter_parameters_final")  # the view's section and its scatter
+    if not wait_for(lambda: all(c in text_of(page) for c in charts), 60):
+        problems.append(f"charts page: the view's charts {charts} not shown")
+    close_assistant(page)
+    time.sleep(2)
+    page.save_screenshot(str(shots / "charts.png"))
+    return problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="the study's output folder (default: a temporary one)")
@@ -133,9 +267,8 @@ def main() -> int:
     printed = run_study(out)
     command = next(line.strip() for line in printed.splitlines() if " -m mlflow ui " in line)
     runs_link = re.search(r"MLflow runs of this study: (\S+)", printed)
-    compare_link = re.search(r"MLflow compare \(\d+ complete trials\): (\S+)", printed)
-    report_link = re.search(r"logged to the MLflow parent run of '[^']+': (\S+)", printed)
-    if not runs_link or not compare_link:
+    answer_link = re.search(r"MLflow answer [^:]*: (\S+)", printed)
+    if not runs_link or not answer_link:
         print("error: the study printed no MLflow links", file=sys.stderr)
         return 1
 
@@ -150,77 +283,18 @@ def main() -> int:
     args.shots.mkdir(parents=True, exist_ok=True)
     problems = []
     port = free_port()
-    from selenium.webdriver.common.by import By
 
     with mlflow_ui(command.split(), port):
         here = f"127.0.0.1:{port}"  # the printed links name port 5000; this check's server has its own
         page = browser(args.chromium, args.driver)
         try:
-            # 1. the printed link: the runs table (model-training view), the trials named, best first
-            page.set_window_size(2600, 900)  # wide: the table draws only the columns in view
-            page.get(runs_link.group(1).replace("127.0.0.1:5000", here))
-            shown = wait_for(lambda: all(n in page.page_source.replace("&nbsp;", " ") for n in names))
-            if not shown:
-                problems.append(f"runs page: run names not all shown ({names})")
-            if "Model training" not in page.page_source:
-                problems.append("runs page: not the model-training view")
-
-            def column_names() -> set[str]:
-                return {h.text.strip() for h in page.find_elements(By.CSS_SELECTOR, "[role=columnheader]")}
-
-            wanted = {"objective", "scorer.name", "seed"}  # the study's saved view of the table
-            wait_for(lambda: wanted <= column_names(), 20)
-            headers = column_names()
-            if not wanted <= headers:
-                problems.append(f"runs page: the columns objective, scorer.name, seed not all shown ({headers})")
-            close_assistant(page)
-            page.set_window_size(1900, 720)
-            page.save_screenshot(str(args.shots / "runs.png"))
-            # 2. the compare page: the rank heatmaps side by side (MLflow lists the top-level artifacts)
-            page.set_window_size(1700, 900)
-            page.get(compare_link.group(1).replace("127.0.0.1:5000", here))
-            entry = wait_for(lambda: page.find_element(By.XPATH, "//*[@aria-label='rank_heatmap.png']"))
-            if entry is None:
-                problems.append("compare page: no rank_heatmap.png among the artifacts")
-            else:
-                page.execute_script("arguments[0].scrollIntoView({block: 'start'}); arguments[0].click()", entry)
-                def heatmaps() -> set[str] | None:  # the pictures, fetched by the page as blobs
-                    srcs = {i.get_attribute("src") or "" for i in page.find_elements(By.TAG_NAME, "img")}
-                    blobs = {src for src in srcs if src.startswith("blob:")}
-                    return blobs if len(blobs) >= len(names) else None
-
-                images = wait_for(heatmaps, 30)
-                if not images or len(images) < len(names):
-                    problems.append(f"compare page: {len(images or ())} rank heatmap(s) shown, expected {len(names)}")
-                if not all(n in page.page_source.replace("&nbsp;", " ") for n in names):
-                    problems.append("compare page: run names not all shown")
-                close_assistant(page)
-                page.execute_script("arguments[0].scrollIntoView({block: 'start'})", entry)
-                time.sleep(1)
-                page.save_screenshot(str(args.shots / "compare_heatmaps.png"))
-                # the part of the page with the pictures (the page is drawn at one pixel per CSS pixel)
-                crop = [round(v) for v in page.execute_script(
-                    "const r = [...document.images].filter(i => i.src.startsWith('blob:'))"
-                    ".map(i => i.getBoundingClientRect()).filter(b => b.width > 50);"  # not the hidden previews
-                    "return [Math.min(...r.map(b => b.left)) - 10, Math.min(...r.map(b => b.top)) - 10,"
-                    " Math.max(...r.map(b => b.right)) + 10, Math.max(...r.map(b => b.bottom)) + 10];")]
-                shrink(args.shots / "compare_heatmaps.png", (max(0, crop[0]), max(0, crop[1]), crop[2], crop[3]))
-            # 3. the parent run's report.html (MLflow shows an HTML artifact in the page)
-            if report_link:
-                page.get(report_link.group(1).replace("127.0.0.1:5000", here))
-                frame = wait_for(lambda: page.find_element(By.TAG_NAME, "iframe"))
-                if frame is None:
-                    problems.append("report: the parent run's report.html is not shown")
-                else:
-                    close_assistant(page)
-                    time.sleep(2)
-                    page.save_screenshot(str(args.shots / "report.png"))
+            problems += answer_page(page, answer_link.group(1).replace("127.0.0.1:5000", here), args.shots)
+            problems += runs_pages(page, runs_link.group(1).replace("127.0.0.1:5000", here), names, args.shots)
             (out / "last_page.html").write_text(page.page_source)
         finally:
             page.quit()
     for shot in sorted(args.shots.glob("*.png")):
-        if shot.name != "compare_heatmaps.png":  # cropped above
-            shrink(shot)
+        shrink(shot)
         print(f"screenshot {shot} ({shot.stat().st_size // 1024} KB)")
     for p in problems:
         print(f"FAIL {p}", file=sys.stderr)

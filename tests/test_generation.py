@@ -22,7 +22,7 @@ from dora_lab.run.evaluate import GenerationEval, evaluate, response_nll
 from dora_lab.run.generation import Sampling, answer_score, generate_ids, last_number, stop_ids
 from dora_lab.run.tasks import get_task, language_model_metrics
 from dora_lab.run.train import train_run
-from dora_lab.study.tracking import StudyTracker
+from dora_lab.track.tracker import StudyTracker
 from tests.tiny import INSTRUCT, REPO, make_tiny_decoder_dir, make_tiny_llama_dir
 
 CPU = torch.device("cpu")

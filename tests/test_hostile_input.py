@@ -24,7 +24,7 @@ from dora_lab.export.checkpoint import CONFIG_NAME, save_adapter
 from dora_lab.run.config import ConfigError, load_config, read_yaml
 from dora_lab.run.config_yaml import MAX_BYTES, MAX_NODES, parse_assignment
 from dora_lab.study.space import prepare
-from dora_lab.study.tracking import filter_value
+from dora_lab.track.links import filter_value
 
 REPO = Path(__file__).resolve().parents[1]
 COLA_YAML = str(REPO / "configs" / "cola.yaml")

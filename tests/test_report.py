@@ -13,6 +13,7 @@ import html
 import itertools
 import json
 import math
+import os
 import re
 import statistics
 import urllib.parse
@@ -321,3 +322,94 @@ def test_repeats_are_whole_configurations_not_groups() -> None:
     assert [(r["trial"], r["reason"]) for r in repeats] == [
         (1, "repeats trial 0 (same configuration and seed); left out")]
 
+
+
+def test_mlflow_shows_the_answer_from_the_printed_link(env: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """Through a real MLflow server (REST): the parent run's and the experiment's descriptions hold the
+    per-group table (n, mean, sd, 95% CI: recomputed here from the Optuna trials), the paired comparison
+    and the report's link; the saved view groups by the study's factor with a bar and a scatter chart;
+    each group's runs share a colour no other group has; one duration per trial (metric, metrics.json,
+    trials.csv); the per-trial peak memory; allocations.png on the parent; the report link printed
+    first; the printed report command reproduces the report as typed."""
+    name = "ablation_schedule"
+    sets = ["study.space.seed={type: categorical, choices: [0, 1]}",
+            "study.space.schedule.name={type: categorical, choices: [dora, linear]}", "study.name=answer"]
+    with serve_mlflow(f"sqlite:///{env['root'] / 'answer.db'}", env["root"] / "answer-artifacts") as server:
+        run_study(env, name, *sets, f"study.tracking_uri={server}")
+        printed = capsys.readouterr().out
+        api = f"{server}/api/2.0/mlflow"
+        exp = get(f"{api}/experiments/get-by-name?experiment_name=answer")["experiment"]
+        runs = post(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+    tags_of = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    (parent,) = [t for t in tags_of if t.get("dora_lab.role") == "study"]
+    children = [(r, t) for r, t in zip(runs, tags_of, strict=True) if t.get("dora_lab.role") == "trial"]
+    study = optuna.load_study(study_name="answer", storage=f"sqlite:///{env['out'] / 'optuna.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 4 and len(children) == 4
+
+    # the descriptions: the numbers, recomputed from the trials
+    note = parent["mlflow.note.content"]
+    assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.note.content"] == note
+    for schedule in ("dora", "linear"):
+        values = [t.value for t in done if t.params["schedule.name"] == schedule]
+        mean, sd = statistics.mean(values), statistics.stdev(values)
+        half = sps.t.ppf(0.975, 1) * sd / math.sqrt(2)
+        row = f"| {schedule} | 2 | {mean:.4f} | {sd:.4f} | [{mean - half:.4f}, {mean + half:.4f}] |"
+        assert row in note, (row, note)
+    diffs = [next(t.value for t in done if t.params == {"schedule.name": "linear", "seed": s}) -
+             next(t.value for t in done if t.params == {"schedule.name": "dora", "seed": s}) for s in (0, 1)]
+    p = sps.ttest_rel([d for d in diffs], [0.0, 0.0]).pvalue
+    assert f"| linear | 2 | {statistics.mean(diffs):.4f} |" in note and f"| {p:.4f} | {p:.4f} |" in note
+    stuck = all(t.value <= 0 for t in done)  # tiny runs often sit at the majority class: then it says so
+    assert ("**Warning: did not learn: every run sat at the majority class" in note) == stuck
+    parent_id = next(r["info"]["run_id"] for r, t in zip(runs, tags_of, strict=True) if t is parent)
+    report_link = (f"#/experiments/{exp['experiment_id']}/runs/{parent_id}/artifactPath/report/report.html"
+                   "?workflowType=machine_learning")
+    assert f"[report.html]({report_link})" in note and "**Best trial:** [trial " in note
+
+    # the saved view: grouped by the factor, a bar and a scatter chart; a colour per group
+    (view,) = [json.loads(v) for k, v in ((t["key"], t["value"]) for t in exp["tags"])
+               if k.startswith("mlflow.sharedViewState.")]
+    assert view["groupBy"] == {"aggregateFunction": "average",
+                               "groupByKeys": [{"mode": "param", "groupByData": "schedule.name"}]}
+    charts = {c["type"]: c for c in view["compareRunCharts"]}
+    assert charts["BAR"]["metricKey"] == "objective" and view["useGroupedValuesInCharts"] is False
+    assert (charts["SCATTER"]["xaxis"]["key"], charts["SCATTER"]["yaxis"]["key"]) == ("adapter_parameters_final",
+                                                                                       "objective")
+    assert {c["metricSectionId"] for c in charts.values()} == {s["uuid"] for s in view["compareRunSections"]}
+    colour = {t["schedule"]: set() for _, t in children}
+    for run, t in children:
+        colour[t["schedule"]].add(t["mlflow.runColor"])
+        assert {p["key"]: p["value"] for p in run["data"]["params"]}["schedule.name"] == t["schedule"]
+    assert all(len(c) == 1 for c in colour.values()) and colour["dora"] != colour["linear"]
+
+    # one duration per trial, and its own peak memory
+    summary = {r["trial"]: r for r in csv.DictReader((Path(str(done[0].user_attrs["run_dir"])).parent / "summary"
+                                                      / "trials.csv").open())}
+    for run, t in children:
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        folder = json.loads((Path(t["dora_lab.run_dir"]) / "metrics.json").read_text())
+        assert metrics["minutes"] == folder["minutes"] == float(summary[t["trial"]]["minutes"])
+        assert folder["minutes"] == round(folder["minutes"], 2)
+        assert folder["peak_memory_source"] == "process_peak_rss_since_reset"
+        assert metrics["peak_memory_mb"] == pytest.approx(folder["peak_memory_mb"], abs=0.1)
+
+    # every trial's allocation side by side on the parent, each heatmap at least 250 x 120 px
+    figure = Path(str(done[0].user_attrs["run_dir"])).parent / "summary" / "allocations.png"
+    width, height = _png_size(figure.read_bytes())
+    assert width / 2 >= 250 and height / 2 >= 120  # 4 panels: 2 x 2
+
+    # printed: the report first, then the answer, then the runs; the report command as typed
+    links = [line.split(":", 1)[0] for line in printed.splitlines() if line.startswith("MLflow ")]
+    assert links[-5:] == ["MLflow report of this study", "MLflow answer (per-group mean, sd, CI; paired tests; best "
+                          "trial; updated as trials finish)", "MLflow runs of this study", "MLflow charts (objective "
+                          "by group, against adapter size)", "MLflow compare (4 complete trials)"]
+    command = next(line for line in printed.splitlines() if line.startswith("report (the config's report: block): "))
+    command = command.removeprefix("report (the config's report: block): ")
+    assert command.startswith(f"cd {os.getcwd()} && python -m dora_lab.report ") and "--set study.name=answer" in command
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG, from its IHDR chunk."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")

@@ -16,20 +16,13 @@ from mlflow import MlflowClient
 
 from dora_lab.run.callbacks import RunInfo, RunResult
 from dora_lab.run.config import ConfigError, RunConfig
-from dora_lab.study.plots import allocation_grid
 from dora_lab.study.runner import prepare
-from dora_lab.study.tables import markdown_table, write_table
-from dora_lab.study.tracking import (
-    ROLE_TAG,
-    STUDY_TAG,
-    UID_TAG,
-    StudyTracker,
-    compare_url,
-    experiment_url,
-    run_name,
-    safe_url,
-)
 from dora_lab.study.trial import OptunaReporter, objective_value
+from dora_lab.track.links import ROLE_TAG, STUDY_TAG, compare_url, experiment_url, safe_url
+from dora_lab.track.logger import run_name
+from dora_lab.track.plots import allocation_grid
+from dora_lab.track.tables import markdown_table, write_table
+from dora_lab.track.tracker import UID_TAG, StudyTracker
 
 UID = "20260101-000000-00000001"  # a study identity, as dora_lab.study.open_study makes them
 ALLOCATION = {f"bert.encoder.layer.{i}.{m}": (i + j) % 4 for i in range(2)

@@ -45,9 +45,12 @@ from .io import (
     mlflow_parent,
     read_report_block,
     render,
+    report_command,
     source_from_config,
 )
 from .stats import describe, holm, kendall_tau, paired_test, top_k_overlap
+
+_MCC = ("matthews", "mcc")  # metric names of the Matthews correlation (majority_notes)
 
 __all__ = ["Run", "Source", "build", "detect_factors", "load_runs", "main", "read_report_block", "references",
            "source_from_config"]
@@ -123,6 +126,14 @@ def references(groups: Sequence[tuple[str, ...]], factors: Sequence[str],
 
 
 # -- the numbers --------------------------------------------------------------------------------
+def default_reference(runs: Sequence[Run], factors: Sequence[str]) -> dict[str, str]:
+    """The reference when none is named: the first group in sort order (``{}`` without factors)."""
+    if not factors:
+        return {}
+    first_group = min({tuple(r.factor(f) for f in factors) for r in runs}, key=_sort_key)
+    return dict(zip(factors, first_group, strict=True))
+
+
 def _value(run: Run, value: str, metric: str) -> float:
     if value != "final":
         return run.value
@@ -235,6 +246,20 @@ def _agreement(groups: dict[tuple[str, ...], list[Run]], keys: Sequence[tuple[st
     if not rows:
         notes.append("agreement between scorers: no pair of runs with recorded scores (scores.json)")
     return rows
+
+
+def majority_notes(data: Mapping[str, Any], metric_key: str) -> list[str]:
+    """Warnings for groups whose every run sat at the majority class (Matthews correlation <= 0: a
+    constant prediction scores exactly 0; the same rule as the run's ``at_majority`` flag): they did
+    not learn, and a comparison between such groups (p = 1.0) says nothing about the methods."""
+    if not any(m in metric_key.lower() for m in _MCC):
+        return []
+    stuck = [g["group"] for g in data["groups"] if g["values"] and all(v <= 0 for v in g["values"])]
+    if stuck and len(stuck) == len(data["groups"]):
+        return [f"did not learn: every run sat at the majority class ({metric_key} <= 0 in all "
+                f"{sum(len(g['values']) for g in data['groups'])} runs); the comparisons say nothing about the "
+                "methods. Train longer, raise the learning rate or use more data."]
+    return [f"did not learn: {g} (every run at the majority class, {metric_key} <= 0)" for g in stuck]
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -366,15 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             arm_factors = [f for f in factors if f != TASK]
             first_group = min({tuple(r.factor(f) for f in arm_factors) for r in runs}, key=_sort_key)
             reference = dict(zip(arm_factors, first_group, strict=True))
+        reference = reference or default_reference(runs, factors)
         key = metric if metric != "objective" else str(runs[0].metrics.get("metric", ""))
         data = build(runs, factors, reference, args.value, key, options)
+        data["notes"] = [*majority_notes(data, key), *data["notes"]]
     except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     folder = Path(runs[0].folder)  # <output_dir>/studies/<name>/trial-000
     root = first.output_dir or (folder.parents[2] if len(folder.parents) > 2 else Path.cwd())
     out = args.out or root / "report" / first.name
-    command = "python -m dora_lab.report " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = report_command(list(argv if argv is not None else sys.argv[1:]))
     markdown = render(data, out, sources=sources, factors=factors, derived=derived, mixed=mixed, reference=reference,
                       skipped=skipped, metric=metric, value=args.value, parents=parents, command=command)
     page = write_html(markdown)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,8 +23,8 @@ import yaml
 from scipy import stats as sps
 
 from ..run.config import ConfigError, flatten, read_yaml
-from ..study.tables import markdown_table, write_csv
-from ..study.tracking import safe_url
+from ..track.links import safe_url
+from ..track.tables import markdown_table, write_csv
 from . import pareto, sections
 from . import plots as report_plots
 from .block import parse_report
@@ -83,6 +84,13 @@ def fmt(value: Any) -> str:
     return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
+def report_command(args: Sequence[str], cwd: Path | None = None) -> str:
+    """The shell command that makes this report again, as typed: ``cd`` to the folder it ran in (a
+    config's relative ``output_dir`` and paths are read from there), then ``python -m dora_lab.report``
+    with every argument (``--set`` overrides included), each quoted for the shell."""
+    return f"cd {shlex.quote(str(cwd or Path.cwd()))} && {shlex.join(['python', '-m', 'dora_lab.report', *args])}"
+
+
 # -- in: studies and run folders ----------------------------------------------------------------
 def read_report_block(path: str | Path) -> dict[str, Any]:
     """The validated ``report:`` block of a config (following ``base:``), its defaults filled in."""
@@ -93,11 +101,16 @@ def source_from_config(path: str | Path, overrides: Sequence[str] = ()) -> Sourc
     """Resolve a study config exactly as the study CLI does (``--set`` included), plus its report block."""
     from ..study.space import prepare  # the study block without the runner (or Optuna)
 
-    setup = prepare(path, overrides)
+    return source_of(prepare(path, overrides))
+
+
+def source_of(setup: Any) -> Source:
+    """Where the study of a resolved config is (``setup``: a :class:`dora_lab.study.space.StudySetup`,
+    which the study runner holds already)."""
     return Source(name=setup.name, storage=setup.storage, tracking_uri=setup.tracking_uri,
                   experiment=setup.study.experiment or setup.name, output_dir=setup.output_dir,
-                  report=parse_report(setup.data.get("report"), str(path)).model_dump(), path=Path(path),
-                  metric=setup.metric, objective=setup.study.objective)
+                  report=parse_report(setup.data.get("report"), str(setup.config_path)).model_dump(),
+                  path=Path(setup.config_path), metric=setup.metric, objective=setup.study.objective)
 
 
 def _read(folder: Path | None, name: str, trial: int | None = None) -> Any:
@@ -114,6 +127,8 @@ def _read(folder: Path | None, name: str, trial: int | None = None) -> Any:
 
 def load_runs(source: Source) -> tuple[list[Run], list[dict[str, Any]], set[str]]:
     """(COMPLETE runs, the other trials with their reasons, the searched keys)."""
+    from ..track.tracker import trial_minutes  # MLflow is imported only where it is needed
+
     if source.storage.startswith("sqlite:///") and not Path(source.storage.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"no Optuna storage at {source.storage}; run the study first (or give --storage)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -133,14 +148,13 @@ def load_runs(source: Source) -> tuple[list[Run], list[dict[str, Any]], set[str]
             continue
         folder = Path(str(t.user_attrs["run_dir"])) if t.user_attrs.get("run_dir") else None
         config = flatten(_read(folder, "config.yaml", t.number)) or {**t.params}
-        minutes = ((t.datetime_complete - t.datetime_start).total_seconds() / 60
-                   if t.datetime_complete and t.datetime_start else math.nan)
+        minutes = trial_minutes(t)
         metrics = _read(folder, "metrics.json", t.number)
         scores = _read(folder, "scores.json")
         runs.append(Run(study=source.name, trial=t.number, seed=int(config.get("seed", t.params.get("seed", 0))),
                         value=float(t.values[0]), config=config, metrics=metrics,
                         allocation=_read(folder, "allocation.json"), scores=scores.get("scores") or {},
-                        budget=_read(folder, "budget.json"), minutes=float(metrics.get("minutes", minutes)),
+                        budget=_read(folder, "budget.json"), minutes=math.nan if minutes is None else minutes,
                         mlflow_run_id=str(t.user_attrs.get("mlflow_run_id", "")), folder=str(folder or ""),
                         front=None if front is None else t.number in front))
     return runs, skipped, searched
@@ -219,14 +233,14 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
     t_note = f"; with n = {n_min}, t(0.975, {n_min - 1}) = {sps.t.ppf(0.975, n_min - 1):.2f}" if n_min else ""
     pairs = min([c["n"] for c in comparisons] or [0])
     seeds = sorted({r.seed for r in runs})
-    here = f"{Path.cwd()}/"  # sqlite:////repo/outputs/x.db -> sqlite:///outputs/x.db, from the repo
-    study_list = ", ".join(f"`{s.name}` ({safe_url(s.storage).replace(here, '')})" for s in sources)
+    study_list = ", ".join(f"`{s.name}` ({safe_url(s.storage)})" for s in sources)  # absolute: copyable
     md = [f"# Ablation report: {' + '.join(s.name for s in sources)}", "",
           f"Generated by `{command}` (scipy {scipy.__version__}, Python {platform.python_version()}).", "",
           f"**What is compared.** {len(runs)} complete runs from {study_list}, grouped by "
           f"{', '.join(f'`{f}`' for f in factors) or '(nothing varies)'} into {len(groups)} groups; seeds "
           f"{', '.join(map(str, seeds))}. The value is **{metric}**, {what}. "
           f"{len(skipped)} trial(s) are left out (not COMPLETE, or repeating a group and seed; listed under Notes).", ""]
+    md += [f"> **Warning: {n}**\n" for n in data["notes"] if n.startswith("did not learn")]
     if derived:
         keys = ", ".join(f"`{k}`" for k in derived)
         md += [f"Keys that also differ between runs but follow from the factors: {keys}.", ""]
@@ -329,7 +343,7 @@ def mlflow_parent(source: Any) -> tuple[Any, str, dict[str, str]] | str:
     try:
         from mlflow import MlflowClient
 
-        from ..study.tracking import UID_TAG, find_parent_runs
+        from ..track.tracker import UID_TAG, find_parent_runs
 
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(source.experiment or source.name)
@@ -348,7 +362,7 @@ def log_to_mlflow(parents: Mapping[str, Any], out: Path, tracking_uris: Mapping[
                   ) -> dict[str, str]:
     """Log the report's files (``report.md``, the self-contained ``report.html``, tables, pictures) to
     every study's parent run, under ``report/``; returns ``{study: link to the parent's report.html}``."""
-    from ..study.tracking import run_url, ui_address
+    from ..track.links import run_url, ui_address
 
     links = {}
     for name, parent in parents.items():

@@ -26,8 +26,8 @@ from typing import Any
 
 from ..run.tasks import LOWER_IS_BETTER
 from ..study.objectives import pareto_front
-from ..study.plots import pareto_plot
-from ..study.tables import markdown_table, write_csv
+from ..track.plots import pareto_plot
+from ..track.tables import markdown_table, write_csv
 from . import plots as report_plots
 from .stats import holm, paired_test
 

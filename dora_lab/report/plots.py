@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from ..study.plots import allocation_grid, plt, save_figure
+from ..track.plots import allocation_grid, plt, save_figure
 from .stats import Summary
 
 __all__ = ["allocation_panels", "budget_curves", "metric_by_group", "quality_curves"]
@@ -62,8 +62,10 @@ def metric_by_group(labels: Sequence[str], summaries: Sequence[Summary], points:
 
 @_plain
 def allocation_panels(panels: Sequence[tuple[str, Mapping[str, float]]], path: str | Path,
-                      vmax: float | None = None, per_row: int = 3) -> Path:
-    """``panels``: (group label, mean final rank per matrix name)."""
+                      vmax: float | None = None, per_row: int = 3,
+                      label: str = "final rank (mean over runs)") -> Path:
+    """``panels``: (group label, or a trial's name; mean final rank per matrix name), side by side on one
+    colour scale (``vmax``, default the largest rank shown), ``per_row`` to a row."""
     n = max(1, len(panels))
     cols = min(per_row, n)
     rows = math.ceil(n / cols)
@@ -78,7 +80,7 @@ def allocation_panels(panels: Sequence[tuple[str, Mapping[str, float]]], path: s
         if k >= len(panels):
             ax.axis("off")
             continue
-        label, (layer_names, modules, grid) = panels[k][0], grids[k]
+        title, (layer_names, modules, grid) = panels[k][0], grids[k]
         image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=top, aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
@@ -87,9 +89,9 @@ def allocation_panels(panels: Sequence[tuple[str, Mapping[str, float]]], path: s
                             color="white" if v < 0.6 * top else "black")
         ax.set_xticks(range(len(modules)), [_short(m) for m in modules], rotation=40, ha="right", fontsize=7)
         ax.set_yticks(range(len(layer_names)), [f"layer {r}" for r in layer_names], fontsize=7)
-        ax.set_title(f"{label} ({sum(v for row in grid for v in row if v == v):.0f} comp.)", fontsize=8)
+        ax.set_title(f"{title} ({sum(v for row in grid for v in row if v == v):.0f} comp.)", fontsize=8)
     if image is not None:
-        fig.colorbar(image, ax=axes, label="final rank (mean over runs)", shrink=0.8)
+        fig.colorbar(image, ax=axes, label=label, shrink=0.8)
     return cast(Path, save_figure(fig, path))
 
 

@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..study.tables import markdown_table
+from ..track.tables import markdown_table
 from .text import fmt_ci, fmt_num, fmt_p
 
 __all__ = ["comparison_cells", "conclusion_notes", "flags_section", "tasks_section"]

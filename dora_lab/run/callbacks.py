@@ -53,6 +53,12 @@ class RunResult:
     checks: dict[str, Any] = field(default_factory=dict)  # dora_lab.run.convergence: still rising, at majority
     initial_metrics: dict[str, float] = field(default_factory=dict)  # eval.at_start: before the first step
 
+    @property
+    def minutes(self) -> float:
+        """The run's one duration (training, evaluations included; model loading not), in minutes to
+        2 decimals: metrics.json, the MLflow metric ``minutes``, the study's table and the report say this."""
+        return round(self.seconds / 60, 2)
+
     def summary(self) -> dict[str, Any]:
         out = {
             "metric": self.metric_name,
@@ -63,7 +69,7 @@ class RunResult:
             "adapter_parameters_final": self.adapter_parameters_final,
             "active_components_final": self.active_components_final,
             "steps": self.steps,
-            "minutes": round(self.seconds / 60, 3),
+            "minutes": self.minutes,
             "peak_memory_mb": round(self.peak_memory_mb, 1),
             "peak_memory_source": self.peak_memory_source,
             "run_dir": str(self.run_dir) if self.run_dir else None,

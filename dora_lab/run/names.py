@@ -6,7 +6,7 @@ A name with ``/`` or ``..`` would put those folders outside ``output_dir``, an a
 and a 300-character one fails with ``File name too long`` after the stores exist.  So a name is one
 path component of at most :data:`MAX_NAME` characters from a small set: ASCII letters, digits, and
 ``_ . - + '`` and spaces inside (``o'brien's study`` is fine: MLflow filters quote it, see
-:func:`dora_lab.study.tracking.filter_value`).
+:func:`dora_lab.track.links.filter_value`).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 The runner (:mod:`.runner`) reads top to bottom; beside it the ``study:`` block without Optuna
 (:mod:`.space`), its samplers and pruners (:mod:`.samplers`), one trial (:mod:`.trial`), grid
-recovery (:mod:`.grid`), the worker processes (:mod:`.workers`), MLflow tracking
-(:mod:`.tracking`, :mod:`.plots`, :mod:`.tables`) and store locks (:mod:`.locks`).
+recovery (:mod:`.grid`) and the worker processes (:mod:`.workers`); MLflow tracking, pictures, tables
+and store locks in :mod:`dora_lab.track`.
 
 The runner's names are re-exported here lazily, so that reading a study's block
 (``dora_lab.study.space``, as the reports do) imports neither the runner nor Optuna.

@@ -5,7 +5,7 @@ module is the runner's only code on Optuna's private API (a trial's ``_trial_id`
 trial's ``fixed_params``) or on the storage's lock for grids:
 
 - :func:`claim_grid_point`: a grid trial is created only together with its point, chosen and
-  queued under the storage's lock (:func:`~dora_lab.study.locks.store_lock`), so no point runs twice
+  queued under the storage's lock (:func:`~dora_lab.track.locks.store_lock`), so no point runs twice
   and no trial exists that has no point to run;
 - :func:`trials_to_run`: how many trials this invocation runs (for a grid: the free points);
 - a point whose trial was interrupted (Ctrl-C, SIGTERM) or left RUNNING by a dead worker (marked
@@ -26,14 +26,14 @@ from typing import Any
 import optuna
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 
-from .locks import store_lock
+from ..track.locks import store_lock
+from ..track.tracker import STALE_REASON
 from .space import StudyConfig
 
 __all__ = ["RETRYABLE_REASONS", "STALE_REASON", "claim_grid_point", "fail_stale", "heartbeat", "trials_to_run"]
 
 
 #: the ``fail_reason`` of a trial marked FAIL because its heartbeat stopped (its process was killed)
-STALE_REASON = "worker stopped sending heartbeats (killed?); marked stale"
 #: the ``fail_reason`` beginnings of trials that failed for no fault of their own: their grid points run again
 RETRYABLE_REASONS = ("interrupted", "terminated", STALE_REASON)
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import sys
 import time
@@ -52,14 +53,16 @@ import optuna
 
 from ..run.cli import EXIT_FAILED, check_writable_folder, refuse, stop_code, stop_reason, stoppable
 from ..run.config import ConfigError
-from .front import FRONT_TAG
-from .grid import STALE_REASON, claim_grid_point, fail_stale, heartbeat, trials_to_run
-from .locks import store_lock
+from ..track.front import FRONT_TAG
+from ..track.links import safe_url, ui_lines
+from ..track.locks import store_lock
+from ..track.tracker import STALE_REASON, UID_TAG, StudyTracker
+from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
 from .objectives import is_multi
 from .samplers import check_directions, check_space_unchanged, make_pruner, make_sampler
 from .space import StudySetup, prepare
 from .stores import StoreError, check_sqlite_store, hide_store_tracebacks, store_failure, store_message
-from .tracking import UID_TAG, StudyTracker, print_summary, safe_url, ui_lines
+from .summary import print_summary
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
 from .workers import run_workers
 
@@ -71,9 +74,9 @@ __all__ = ["OptunaReporter", "StudySetup", "main", "make_report", "optimize", "o
 def open_study(setup: StudySetup, tracker: StudyTracker | None = None) -> optuna.Study:
     """Create or load the study; RDB storages get a heartbeat so dead workers' trials go stale.
 
-    Creating happens under the storage's lock (:func:`~dora_lab.study.locks.store_lock`): processes that
+    Creating happens under the storage's lock (:func:`~dora_lab.track.locks.store_lock`): processes that
     start together on a fresh storage neither race through its tables nor give one study two
-    identities.  A new study gets its identity (:data:`~dora_lab.study.tracking.UID_TAG`: creation time and
+    identities.  A new study gets its identity (:data:`~dora_lab.track.tracker.UID_TAG`: creation time and
     a random part) as a user attr; its MLflow parent run and its trial folders are named for it, so a
     new study of an old name (its ``optuna.db`` deleted) never takes over the old one's."""
     s = setup.study
@@ -115,7 +118,7 @@ def study_folder(setup: StudySetup, study: optuna.Study) -> Path:
 
 
 def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[optuna.Trial], float | list[float]],
-                n_trials: int | None) -> None:
+                n_trials: int | None, after: Callable[[], None] = lambda: None) -> None:
     """Ask, run and tell up to ``n_trials`` trials (``None``: no limit) until ``study.timeout``; a grid
     also stops when no point is left.  A failed trial is recorded FAIL and the next one runs, except
     after a data or model error (every next trial would fail too); Ctrl-C records FAIL and stops."""
@@ -146,6 +149,7 @@ def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[opt
                     return
             else:
                 study.tell(trial, value)
+        after()
 
 
 def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = None, progress: bool = False,
@@ -154,8 +158,42 @@ def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = No
     tracker = tracker or _tracker(setup)
     study = study or open_study(setup, tracker)
     parent_id = parent_id or tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
+    tracker.parent_id = parent_id
+    if not tracker.factors:  # a worker process: its trials get their group's colour too
+        tracker.factors, tracker.groups = _groups(setup)
     if n_trials is None or n_trials > 0:
-        _run_trials(setup, study, make_objective(setup, study_folder(setup, study), tracker, parent_id, progress), n_trials)
+        _run_trials(setup, study, make_objective(setup, study_folder(setup, study), tracker, parent_id, progress), n_trials,
+                    after=lambda: post_answer(setup, tracker, study))
+
+
+def _groups(setup: StudySetup) -> tuple[list[str], list[tuple[str, ...]]]:
+    """The study's factors (``report.factors`` where they are searched params, else every searched key
+    but ``seed``) and, where all are categorical, their groups in grid order (their colours)."""
+    space = setup.study.space
+    named = [k for k in (setup.data.get("report") or {}).get("factors") or [] if k in space]
+    factors = named or [k for k in space if k != "seed"]
+    grid = setup.study.grid()
+    if not all(k in grid for k in factors):
+        return factors, []
+    return factors, [tuple(map(str, g)) for g in itertools.product(*(grid[k] for k in factors))]
+
+
+def post_answer(setup: StudySetup, tracker: StudyTracker, study: optuna.Study) -> None:
+    """Post the answer so far to the parent run's and the experiment's descriptions, and every
+    trial's allocation side by side (:func:`dora_lab.report.brief.post_answer`).  A failure is a
+    note on stderr: the answer in MLflow must never stop a study."""
+    from ..report.brief import post_answer as post
+    from ..report.io import source_of
+
+    if tracker.parent_id is None:
+        return
+    try:
+        post(source_of(setup), tracker.client, tracker.experiment_id, tracker.parent_id,
+             study_folder(setup, study) / "summary", setup.study.direction == "maximize",
+             reported=setup.data.get("report") is not None)
+    except Exception as exc:
+        print(f"note: the answer in MLflow's description was not updated: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
 
 
 def _tracker(setup: StudySetup) -> StudyTracker:
@@ -243,8 +281,8 @@ def _store_failed(setup: StudySetup, store: str, problem: str, tracker: StudyTra
 def _run_and_summarize(setup: StudySetup, workers: int, tracker: StudyTracker, study: optuna.Study,
                        parent_id: str) -> int:
     """Run this invocation's trials (here or on ``workers`` processes), write the summary; the exit code."""
-    tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize",
-                      [f"tags.`{FRONT_TAG}`"] if is_multi(setup.goals) else [])
+    tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize", *_groups(setup),
+                      extra=[f"tags.`{FRONT_TAG}`"] if is_multi(setup.goals) else [])
     for key, value in (("mlflow_parent_run_id", parent_id), ("mlflow_tracking_uri", safe_url(setup.tracking_uri)),
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
         study.set_user_attr(key, value)
@@ -269,11 +307,13 @@ def _run_and_summarize(setup: StudySetup, workers: int, tracker: StudyTracker, s
     study = open_study(setup, tracker)  # fresh trials, from every worker
     rows = tracker.summarize(parent_id, study, setup.metric, study_folder(setup, study) / "summary",
                              status="KILLED" if stop else "FINISHED")
+    if stop is None:
+        make_report(setup)
+    post_answer(setup, tracker, study)  # with the report's link, now that it is made
     print_summary(setup, study, rows, study_folder(setup, study) / "summary", tracker)
     if stop is not None:
         print(f"stopped: {stop_reason(stop)}; finished trials are kept. Run the same command again to continue.")
         return stop_code(stop)
-    make_report(setup)
     if worker_failed:
         return 1
     ran = [t for t in study.trials if t.state.is_finished() and t.number not in finished_before]
@@ -293,11 +333,13 @@ def make_report(setup: StudySetup) -> int | None:
     if setup.data.get("report") is None:
         return None
     from ..report.compare import main as report_main
+    from ..report.io import report_command
 
-    print(f"\nreport (the config's report: block): python -m dora_lab.report {setup.config_path}", flush=True)
-    code = report_main([str(setup.config_path), *(x for s in setup.overrides for x in ("--set", s))])
+    args = [str(setup.config_path), *(x for s in setup.overrides for x in ("--set", s))]
+    print(f"\nreport (the config's report: block): {report_command(args)}", flush=True)
+    code = report_main(args)
     if code:
-        print(f"note: no report (see above); once that is fixed: python -m dora_lab.report {setup.config_path}")
+        print(f"note: no report (see above); once that is fixed: {report_command(args)}")
     return code
 
 

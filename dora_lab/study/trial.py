@@ -28,10 +28,11 @@ from ..run.data import DataError, load_splits
 from ..run.distributed import run_in_processes
 from ..run.models import ModelLoadError, check_model
 from ..run.tasks import get_task
+from ..track.logger import TrialLogger
+from ..track.tracker import StudyTracker
 from .objectives import is_multi, run_quantities, trial_values
 from .samplers import suggest
 from .space import trial_config
-from .tracking import StudyTracker, TrialLogger
 
 if TYPE_CHECKING:
     from .space import StudySetup

@@ -1,6 +1,6 @@
 """Tables out: CSV files and Markdown tables from rows (one dict per row).
 
-One home for the study summary's ``trials.csv``/``trials.md`` (:mod:`dora_lab.study.tracking`), the
+One home for the study summary's ``trials.csv``/``trials.md`` (:mod:`dora_lab.track.tracker`), the
 study's terminal summary and the report's tables (:mod:`dora_lab.report.io`).  The columns are
 the rows' keys in first-seen order unless given.
 """

@@ -6,7 +6,7 @@
   parent run, and the report).
 
 A trial's two figures are titled with the run they show (its name, scorer, schedule, seed, trial;
-:func:`dora_lab.study.tracking.figure_title`), the title wrapped to the figure's width.
+:func:`dora_lab.track.logger.figure_title`), the title wrapped to the figure's width.
 - :func:`study_plots`: Optuna's optimization history, parameter importances and parallel
   coordinates (``optuna.visualization.matplotlib``).
 """

@@ -32,16 +32,17 @@ from ..core.adapter import count_parameters, inject_adapters
 from ..core.controller import PruningController
 from ..export.checkpoint import save_adapter
 from . import distributed
+from .batching import loader_of
 from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
 from .cli import EXIT_INTERRUPTED, INPUT_ERRORS, check_writable_folder, failed, refuse
 from .config import ConfigError, RunConfig, build_controller, load_config
-from .data import load_splits, make_loader
 from .evaluate import evaluate
 from .memory import peak_memory_mb, reset_peak
 from .models import check_model, load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
 from .seeding import seed_everything
 from .tasks import get_task
+from .token_cache import encoded_splits, load_rows
 from .validation import ValidationLoss
 
 __all__ = ["RUN_FILES", "DivergenceError", "RunDirExists", "claim_run_dir", "main", "train_run"]
@@ -99,10 +100,12 @@ def train_run(
     callbacks: Sequence[TrainCallback] = (),
     progress: bool = True,
     overwrite: bool = False,
+    data_cache: str | Path | None = None,
 ) -> RunResult:
     """Train one model as ``cfg`` says; write its files to ``run_dir``; return what it measured.
     A ``run_dir`` that already holds a run is refused (:class:`RunDirExists`) before any work, unless
-    ``overwrite``, which first removes that run's files."""
+    ``overwrite``, which first removes that run's files.  ``data_cache``: a folder of tokenised
+    splits shared by a study's trials (:mod:`dora_lab.run.token_cache`), read or filled."""
     t0 = time.time()
     device = distributed.init_from_env(resolve_device(cfg.model.device))  # one process: unchanged
     rank0, shards, shard = distributed.is_main(), distributed.world_size(), distributed.rank()
@@ -117,8 +120,8 @@ def train_run(
     check_model(cfg.model.name, task=spec, trainable=cfg.model.trainable, method=cfg.train.method)
 
     # -- data and model -------------------------------------------------------------------
-    splits = load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
-                         max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed, columns=cfg.task.columns)
+    # read before the model (bad data fails first), unless a study's cache may hold the token rows
+    task_rows = load_rows(cfg, spec) if data_cache is None else None
     bf16_weights = cfg.model.dtype == "bfloat16"  # frozen weights in bf16; what trains stays float32
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels, max_length=cfg.task.max_length,
                                                 causal=spec.is_causal,
@@ -138,14 +141,12 @@ def train_run(
     if cfg.train.gradient_checkpointing:
         # non-reentrant: works with a frozen embedding and under DDP (peft#1745's "marked ready twice")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    train_loader = make_loader(splits["train"], spec, tokenizer, batch_size=cfg.train.batch_size,
-                               max_length=cfg.task.max_length, shuffle=True,
-                               group_by_length=cfg.train.group_by_length, seed=cfg.seed,
-                               shards=shards, shard=shard, prompt_format=cfg.task.prompt_format)
-    eval_loaders = {
-        name: make_loader(splits[name], spec, tokenizer, batch_size=cfg.train.eval_batch_size,
-                          max_length=cfg.task.max_length, shuffle=False, group_by_length=True, seed=cfg.seed,
-                          prompt_format=cfg.task.prompt_format, score_labels=True)
+    encoded = encoded_splits(cfg, spec, tokenizer, data_cache, task_rows)
+    train_loader = loader_of(encoded["train"], spec, tokenizer, batch_size=cfg.train.batch_size, shuffle=True,
+                             group_by_length=cfg.train.group_by_length, seed=cfg.seed, shards=shards, shard=shard)
+    eval_loaders = {  # sorted by length, longest first: least padding
+        name: loader_of(encoded[name], spec, tokenizer, batch_size=cfg.train.eval_batch_size, shuffle=False,
+                        group_by_length=True, seed=cfg.seed)
         for name in spec.eval_splits
     }
     data_counts = _truncation_counts({"train": train_loader, **eval_loaders}, cfg.task.max_length, rank0)

@@ -515,3 +515,9 @@ def test_a_studys_trials_tokenise_once(env: dict[str, Path], monkeypatch: pytest
     assert calls == ["cola", "cola"]  # train and validation, once for both trials
     cache = Path(study.trials[0].user_attrs["run_dir"]).parent / "cache"
     assert [p.name.startswith("tokens-cola-") for p in cache.iterdir()] == [True]
+
+
+def test_workers_auto_runs_one_trial_in_this_process(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*args(env, "auto", 1), "--workers", "auto"]) == 0
+    assert "--workers auto: 1 worker(s)" in capsys.readouterr().out  # capped at the one trial to run
+    assert [t.state for t in load(env, "auto").trials] == [optuna.trial.TrialState.COMPLETE]

@@ -542,3 +542,25 @@ def test_postgres_storage_two_workers(env: dict[str, Path]) -> None:
         assert len({r.data.tags["dora_lab.worker"] for r in children}) == 2
     finally:
         optuna.delete_study(study_name=name, storage=url)
+
+
+def test_a_studys_trials_tokenise_once(env: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two trials: the first tokenises train and validation into <study folder>/cache, the second reads them."""
+    from dora_lab.run import token_cache
+
+    calls: list[str] = []
+    real = token_cache.encode_rows
+    monkeypatch.setattr(token_cache, "encode_rows", lambda rows, spec, tok, **kw: calls.append(spec.name) or
+                        real(rows, spec, tok, **kw))
+    assert main(args(env, "cached", 2)) == 0
+    study = load(env, "cached")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert calls == ["cola", "cola"]  # train and validation, once for both trials
+    cache = Path(study.trials[0].user_attrs["run_dir"]).parent / "cache"
+    assert [p.name.startswith("tokens-cola-") for p in cache.iterdir()] == [True]
+
+
+def test_workers_auto_runs_one_trial_in_this_process(env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*args(env, "auto", 1), "--workers", "auto"]) == 0
+    assert "--workers auto: 1 worker(s)" in capsys.readouterr().out  # capped at the one trial to run
+    assert [t.state for t in load(env, "auto").trials] == [optuna.trial.TrialState.COMPLETE]

@@ -40,7 +40,7 @@ from .config_yaml import ConfigError
 from .packing import PackCollator
 from .tasks import LABEL_COLUMN, TaskSpec
 
-__all__ = ["LengthGroupedBatchSampler", "TaskLoader", "make_loader", "padding_stats", "restore_order"]
+__all__ = ["Encoded", "LengthGroupedBatchSampler", "TaskLoader", "encode_rows", "loader_of", "make_loader", "padding_stats", "restore_order"]
 
 Batch = dict[str, torch.Tensor]
 
@@ -133,7 +133,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return full + int(not self.drop_last and rest >= self.shards)
 
 
-class _Encoded(Dataset[dict[str, Any]]):
+class Encoded(Dataset[dict[str, Any]]):
     """Token ids computed once; an item is one row's ids, label and position.
 
     A causal task's labels are token lists (``-100`` on the prompt); ``extras`` are more integer
@@ -202,7 +202,7 @@ class _PadCollator:
 class TaskLoader(DataLoader[dict[str, Any]]):
     """A DataLoader over a task's tokenised rows; :meth:`set_epoch` reshuffles."""
 
-    def __init__(self, dataset: _Encoded, sampler: LengthGroupedBatchSampler, collate: _PadCollator) -> None:
+    def __init__(self, dataset: Encoded, sampler: LengthGroupedBatchSampler, collate: _PadCollator) -> None:
         super().__init__(dataset, batch_sampler=sampler, collate_fn=collate)
         self.length_sampler = sampler
 
@@ -253,24 +253,41 @@ def make_loader(
     row per (example, label) and two more keys, ``example`` and ``choice``.  With ``packing`` (a
     causal task's training rows) each batch's rows are packed (:class:`~dora_lab.run.packing.PackCollator`).
     """
+    return loader_of(encode_rows(rows, spec, tokenizer, max_length=max_length, prompt_format=prompt_format,
+                                 score_labels=score_labels),
+                     spec, tokenizer, batch_size=batch_size, shuffle=shuffle, group_by_length=group_by_length,
+                     seed=seed, drop_last=drop_last, shards=shards, shard=shard, packing=packing and not score_labels,
+                     max_length=max_length)
+
+
+def encode_rows(rows: Sequence[dict[str, Any]], spec: TaskSpec, tokenizer: Any, *, max_length: int = 128,
+                prompt_format: str = "auto", score_labels: bool = False) -> Encoded:
+    """The token rows of ``rows`` (what :func:`make_loader` batches): the one place a task's rows are
+    tokenised, so a study can cache its result (:mod:`dora_lab.run.token_cache`)."""
     if not rows:
         raise ValueError(f"no rows to batch for {spec.name}")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+    _check_pad(tokenizer)
     if spec.is_causal:
         causal = encode_causal(rows, spec, tokenizer, max_length=max_length, prompt_format=prompt_format,
                                score_labels=score_labels)
         extras = {"example": causal.example, "choice": causal.choice} if score_labels and not spec.is_instruction \
             else {}
-        dataset = _Encoded({"input_ids": causal.input_ids,
-                            "attention_mask": [[1] * len(ids) for ids in causal.input_ids]},
-                           causal.labels, extras, causal)
-    else:
-        columns = [[row[field] for row in rows] for field in spec.text_fields]
-        enc = tokenizer(*columns, truncation=True, max_length=max_length)
-        keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in enc else [])
-        encodings = {key: list(enc[key]) for key in keys}
-        dataset = _Encoded(encodings, [row[LABEL_COLUMN] for row in rows])
+        return Encoded({"input_ids": causal.input_ids,
+                        "attention_mask": [[1] * len(ids) for ids in causal.input_ids]},
+                       causal.labels, extras, causal)
+    columns = [[row[field] for row in rows] for field in spec.text_fields]
+    enc = tokenizer(*columns, truncation=True, max_length=max_length)
+    keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in enc else [])
+    encodings = {key: list(enc[key]) for key in keys}
+    return Encoded(encodings, [row[LABEL_COLUMN] for row in rows])
+
+
+def loader_of(dataset: Encoded, spec: TaskSpec, tokenizer: Any, *, batch_size: int, shuffle: bool,
+              group_by_length: bool = True, seed: int = 0, drop_last: bool = False, shards: int = 1,
+              shard: int = 0, packing: bool = False, max_length: int = 128) -> TaskLoader:
+    """A loader of padded batches of ``dataset`` (from :func:`encode_rows`); see :func:`make_loader`
+    (``packing``: a causal task's training rows packed into sequences of at most ``max_length``)."""
+    _check_pad(tokenizer)
     sampler = LengthGroupedBatchSampler(
         dataset.lengths,
         batch_size,
@@ -282,7 +299,7 @@ def make_loader(
         shard=shard,
     )
     if packing:
-        if not spec.is_causal or score_labels:
+        if not spec.is_causal or "example" in dataset.extras:
             raise ConfigError(f"train.packing joins a causal task's training rows, but {spec.name} is not a causal "
                               f"task; set train.packing: false")
         return TaskLoader(dataset, sampler, PackCollator(tokenizer.pad_token_id, max_length))  # type: ignore[arg-type]
@@ -295,6 +312,11 @@ def make_loader(
     return TaskLoader(dataset, sampler, collate)
 
 
+def _check_pad(tokenizer: Any) -> None:
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+
+
 def padding_stats(loader: DataLoader[Any]) -> dict[str, float]:
     """Real vs padded tokens over one pass of ``loader`` (its current epoch).
 
@@ -304,7 +326,7 @@ def padding_stats(loader: DataLoader[Any]) -> dict[str, float]:
     """
     real = padded = batches = examples = 0
     dataset = loader.dataset
-    if isinstance(loader, TaskLoader) and isinstance(dataset, _Encoded):
+    if isinstance(loader, TaskLoader) and isinstance(dataset, Encoded):
         for batch in loader.length_sampler.batches():
             lengths = [dataset.lengths[i] for i in batch]
             real += sum(lengths)

@@ -67,14 +67,14 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def worker_threads(workers: int, environ: Mapping[str, str] | None = None) -> int:
+def worker_threads(workers: int, environ: Mapping[str, str] | None = None, cpus: int | None = None) -> int:
     """Threads for each of ``workers`` processes on this machine: the user's ``OMP_NUM_THREADS``
-    where set to a positive integer, else the usable CPUs split evenly (at least one)."""
+    where set to a positive integer, else the usable CPUs (or ``cpus``) split evenly (at least one)."""
     environ = os.environ if environ is None else environ
     user = environ.get("OMP_NUM_THREADS", "").strip()
     if user.isdigit() and int(user) > 0:
         return int(user)
-    return max(1, usable_cpus() // max(1, workers))
+    return max(1, (cpus or usable_cpus()) // max(1, workers))
 
 
 def worker_env(threads: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:

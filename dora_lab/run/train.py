@@ -31,10 +31,10 @@ from ..core.adapter import count_parameters, inject_adapters
 from ..core.controller import PruningController
 from ..export.checkpoint import save_adapter
 from . import convergence, distributed
+from .batching import loader_of
 from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
 from .cli import INPUT_ERRORS, check_writable_folder, failed, refuse, stop_code, stoppable
 from .config import ConfigError, RunConfig, build_controller, load_config
-from .data import load_splits, make_loader
 from .evaluate import evaluate, generation_eval, initial_evaluation
 from .memory import peak_memory_mb, reset_peak
 from .models import check_model, load_model_and_tokenizer, resolve_device
@@ -42,6 +42,7 @@ from .optim import build_optimizer, lr_factor
 from .packing import check_packing
 from .seeding import seed_everything
 from .tasks import get_task
+from .token_cache import encoded_splits, load_rows
 from .validation import ValidationLoss
 
 __all__ = ["RUN_FILES", "DivergenceError", "RunDirExists", "claim_run_dir", "main", "train_run"]
@@ -99,10 +100,12 @@ def train_run(
     callbacks: Sequence[TrainCallback] = (),
     progress: bool = True,
     overwrite: bool = False,
+    data_cache: str | Path | None = None,
 ) -> RunResult:
     """Train one model as ``cfg`` says; write its files to ``run_dir``; return what it measured.
     A ``run_dir`` that already holds a run is refused (:class:`RunDirExists`) before any work, unless
-    ``overwrite``, which first removes that run's files."""
+    ``overwrite``, which first removes that run's files.  ``data_cache``: a folder of tokenised
+    splits shared by a study's trials (:mod:`dora_lab.run.token_cache`), read or filled."""
     t0 = time.time()
     device = distributed.init_from_env(resolve_device(cfg.model.device))  # one process: unchanged
     rank0, shards, shard = distributed.is_main(), distributed.world_size(), distributed.rank()
@@ -118,8 +121,8 @@ def train_run(
     generation_eval(cfg.eval, spec)  # eval.generate on a task without responses: refused before the data
 
     # -- data and model -------------------------------------------------------------------
-    splits = load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
-                         max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed, columns=cfg.task.columns)
+    # read before the model (bad data fails first), unless a study's cache may hold the token rows
+    task_rows = load_rows(cfg, spec) if data_cache is None else None
     bf16_weights = cfg.model.dtype == "bfloat16"  # frozen weights in bf16; what trains stays float32
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels, max_length=cfg.task.max_length,
                                                 causal=spec.is_causal,
@@ -139,20 +142,19 @@ def train_run(
     if cfg.train.gradient_checkpointing:
         # non-reentrant: works with a frozen embedding and under DDP (peft#1745's "marked ready twice")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    train_loader = make_loader(splits["train"], spec, tokenizer, batch_size=cfg.train.batch_size,
-                               max_length=cfg.task.max_length, shuffle=True, group_by_length=cfg.train.group_by_length,
-                               seed=cfg.seed, shards=shards, shard=shard, prompt_format=cfg.task.prompt_format,
-                               packing=cfg.train.packing)
+    encoded = encoded_splits(cfg, spec, tokenizer, data_cache, task_rows)
+    train_loader = loader_of(encoded["train"], spec, tokenizer, batch_size=cfg.train.batch_size, shuffle=True,
+                             group_by_length=cfg.train.group_by_length, seed=cfg.seed, shards=shards, shard=shard,
+                             packing=cfg.train.packing, max_length=cfg.task.max_length)
     if cfg.train.packing:  # refused (exit 2) unless packed rows stay apart in this model
         check_packing(model, train_loader, device)
-    eval_loaders = {
-        name: make_loader(splits[name], spec, tokenizer, batch_size=cfg.train.eval_batch_size,
-                          max_length=cfg.task.max_length, shuffle=False, group_by_length=True, seed=cfg.seed,
-                          prompt_format=cfg.task.prompt_format, score_labels=True)
+    eval_loaders = {  # sorted by length, longest first: least padding
+        name: loader_of(encoded[name], spec, tokenizer, batch_size=cfg.train.eval_batch_size, shuffle=False,
+                        group_by_length=True, seed=cfg.seed)
         for name in spec.eval_splits
     }
     majority = None if spec.is_regression or spec.is_instruction else convergence.majority_share(
-        [r["label"] for r in splits[spec.eval_splits[0]] if "label" in r])  # of the split the metric is on
+        _eval_labels(encoded[spec.eval_splits[0]], task_rows, spec.eval_splits[0]))  # of the split the metric is on
     data_counts = _truncation_counts({"train": train_loader, **eval_loaders}, cfg.task.max_length, rank0)
     micro_per_epoch = len(train_loader)
     steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
@@ -399,3 +401,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _eval_labels(encoded: Any, rows: dict[str, list[dict[str, Any]]] | None, split: str) -> list[Any]:
+    """The gold labels of an evaluation split: a classifier's from its token rows, a prompt task's from
+    its data rows (not at hand when a study's token cache served them: then none, and the majority-class
+    check reads MCC alone)."""
+    if encoded.causal is None:
+        return list(encoded.labels)
+    return [r["label"] for r in (rows or {}).get(split, []) if "label" in r]

@@ -64,7 +64,7 @@ from .space import StudySetup, prepare
 from .stores import StoreError, check_sqlite_store, hide_store_tracebacks, store_failure, store_message
 from .summary import print_summary
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
-from .workers import run_workers
+from .workers import resolve_workers, run_workers
 
 __all__ = ["OptunaReporter", "StudySetup", "main", "make_report", "optimize", "open_study", "prepare", "preflight", "run_study",
            "study_folder"]
@@ -228,10 +228,11 @@ def _parent_params(setup: StudySetup) -> dict[str, str]:
 
 
 # -- the whole study ------------------------------------------------------------------------------
-def run_study(setup: StudySetup, workers: int = 1) -> int:
-    """The CLI's main path: open the study and its parent run, run the trials, summarize."""
-    if workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {workers}")
+def run_study(setup: StudySetup, workers: int | str = 1) -> int:
+    """The CLI's main path: open the study and its parent run, run the trials, summarize.
+    ``workers``: a count, or ``"auto"`` (:func:`~dora_lab.study.workers.resolve_workers`)."""
+    if workers != "auto" and (not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"--workers must be a whole number of at least 1 or 'auto', got {workers!r}")
     check_writable_folder(setup.output_dir, "output_dir")
     for key, url in (("study.storage", setup.storage), ("study.tracking_uri", setup.tracking_uri)):
         if url.startswith("sqlite:///"):
@@ -288,6 +289,7 @@ def _run_and_summarize(setup: StudySetup, workers: int, tracker: StudyTracker, s
         study.set_user_attr(key, value)
     finished_before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     n_trials = trials_to_run(setup.study, study)  # a grid queues its missing points here (WAITING trials)
+    workers = resolve_workers(workers, n_trials, setup.base.train.processes)
     print(f"study {setup.name!r}: {len(finished_before)} finished trial(s) so far in {safe_url(setup.storage)}; running "
           f"{'until the timeout' if n_trials is None else n_trials} more"
           f"{f' on {workers} workers' if workers > 1 else ''}")
@@ -343,13 +345,26 @@ def make_report(setup: StudySetup) -> int | None:
     return code
 
 
+def _workers_arg(value: str) -> int | str:
+    """``--workers``: ``auto`` or a whole number (checked by :func:`run_study`)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a whole number nor 'auto'; "
+                                         "write e.g. --workers 2 or --workers auto") from None
+
+
 @stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dora_lab.study", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a YAML config with a study: block, e.g. configs/cola.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted path), e.g. --set study.n_trials=3")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes on one storage (default 1)")
+    parser.add_argument("--workers", type=_workers_arg, default=1,
+                        help="worker processes on one storage (default 1), or auto: one per CPU on the CPU "
+                             "(docs/throughput.md)")
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # 1, 2, ...: a worker
     parser.add_argument("--parent-run-id", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--n-trials", type=int, default=None, help=argparse.SUPPRESS)

@@ -3,7 +3,8 @@
 - :func:`make_objective` builds the function the runner calls per trial: the trial's values are
   sampled (:func:`~dora_lab.study.samplers.suggest`) and set into the config, the trial gets its
   MLflow child run (always one per trial, even when it fails before training) and its run folder
-  ``<study folder>/trial-NNN``, and it trains, in this process or as a ``torchrun`` of
+  ``<study folder>/trial-NNN``, and it trains (its token rows read from, or written once to,
+  ``<study folder>/cache``: :mod:`dora_lab.run.token_cache`), in this process or as a ``torchrun`` of
   ``train.processes`` ranks followed live.
 - :class:`OptunaReporter` reports the study metric at every evaluation and prunes.
 - :func:`objective_value`: ``study.objective: best`` is the best evaluation once pruning has ended
@@ -117,7 +118,7 @@ def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, paren
             if cfg.train.processes > 1:  # torchrun in other processes; the hooks follow rank 0 here
                 result = run_in_processes(cfg, run_dir, [logger, reporter])
             else:
-                result = train_run(cfg, run_dir, [logger, reporter], progress=progress)
+                result = train_run(cfg, run_dir, [logger, reporter], progress=progress, data_cache=folder / "cache")
             values = objective_value(setup, result.history, reporter.eligible_from, run_quantities(result))
             for key, v in (("active_components", result.active_components_final),
                            ("adapter_parameters", result.adapter_parameters_final), ("best_step", result.best_step)):

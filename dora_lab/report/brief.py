@@ -23,8 +23,11 @@ from typing import Any
 from ..track.links import run_url
 from ..track.tables import markdown_table
 from .compare import build, default_reference, detect_factors, drop_repeats, majority_notes
-from .io import Run, Source, _ci, _num, _p, load_runs
+from .io import Run, Source, load_runs
 from .plots import allocation_panels
+from .text import fmt_ci as _ci
+from .text import fmt_num as _num
+from .text import fmt_p as _p
 
 __all__ = ["ALLOCATIONS", "DESCRIPTION_TAG", "MAX_DESCRIPTION", "answer_markdown", "post_answer"]
 

@@ -279,7 +279,7 @@ def _store_failed(setup: StudySetup, store: str, problem: str, tracker: StudyTra
     return EXIT_FAILED
 
 
-def _run_and_summarize(setup: StudySetup, workers: int, tracker: StudyTracker, study: optuna.Study,
+def _run_and_summarize(setup: StudySetup, workers: int | str, tracker: StudyTracker, study: optuna.Study,
                        parent_id: str) -> int:
     """Run this invocation's trials (here or on ``workers`` processes), write the summary; the exit code."""
     tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize", *_groups(setup),

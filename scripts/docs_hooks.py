@@ -99,7 +99,8 @@ def rows(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, FieldInfo]]
 
 def blocks() -> list[tuple[str, str, type[BaseModel], str]]:
     """(title, key prefix, model, what it is) of each part of a config file."""
-    from dora_lab.run.config import ReportConfig, RunConfig
+    from dora_lab.report.block import ReportConfig
+    from dora_lab.run.config import RunConfig
     from dora_lab.study.space import CategoricalParam, FloatParam, IntParam, StudyConfig
 
     return [
@@ -116,7 +117,7 @@ def reference() -> tuple[str, list[str]]:
     """The reference page's Markdown, and the keys that have no description yet."""
     missing: list[str] = []
     out = ["# Config reference", "",
-           "Generated from the pydantic models that validate a config (`dora_lab/run/config.py`,",
+           "Generated from the pydantic models that validate a config (`dora_lab/run/config.py`, `dora_lab/report/block.py`,",
            "`dora_lab/study/space.py`) when the site is built, so it always matches the code. How a config",
            "file is written, `base:` chains and `--set`: [configuration.md](configuration.md).", ""]
     for title, prefix, model, what in blocks():

@@ -42,7 +42,7 @@ def test_shipped_config_loads_and_matches_the_issue() -> None:
         (["regularizer.name=l3"], "unknown regularizer 'l3'"),
         (["task.name=glue"], "task.name: unknown task 'glue'; choose one of: cola, sst2, mrpc, stsb, qqp, "
                              "mnli, qnli, rte, cola_prompt, sst2_prompt, mrpc_prompt, qqp_prompt, mnli_prompt, "
-                             "qnli_prompt, rte_prompt, instruct (the registered tasks)"),
+                             "qnli_prompt, rte_prompt, instruct, chat (the registered tasks)"),
         (["model.precision=fp8"], "model.precision: Input should be 'fp32', 'bf16' or 'fp16'"),
         (["plugins=[missing_plugin.py]"], "plugin file 'missing_plugin.py' does not exist"),
     ],

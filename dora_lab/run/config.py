@@ -46,11 +46,15 @@ class _Strict(BaseModel):
 
 
 class TaskConfig(_Strict):
-    name: str = "cola"
+    name: str = Field(
+        "cola", description="a registered task (cola, sst2, ..., instruct; docs/configuration.md)")
     data_dir: str | None = Field(None, description="folder with train/validation .jsonl/.csv/.tsv; null = Hub")
-    max_length: int = Field(128, ge=8)
-    max_train_samples: int | None = Field(None, ge=1)
-    max_eval_samples: int | None = Field(None, ge=1)
+    max_length: int = Field(
+        128, ge=8, description="tokens per row; longer rows are truncated (at most the model's)")
+    max_train_samples: int | None = Field(
+        None, ge=1, description="keep a random subset of this many training rows (same per seed); null: all")
+    max_eval_samples: int | None = Field(
+        None, ge=1, description="keep a random subset of this many rows of each evaluation split; null: all")
     columns: dict[str, str] = Field(default_factory=dict,
                                     description="rename the data's columns to the task's: {instruction: prompt}")
     prompt_format: Literal["auto", "chat", "plain"] = Field(
@@ -58,10 +62,15 @@ class TaskConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: str = "sentence-transformers/all-MiniLM-L6-v2"
-    trainable: list[str] = Field(default_factory=lambda: ["classifier", "pooler"])
-    device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    name: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2", description="a Hub model id or a local folder")
+    trainable: list[str] = Field(default_factory=lambda: ["classifier", "pooler"],
+                                 description="modules trained in full beside the adapters (the task head), "
+                                             "by a part of their dotted name")
+    device: str = Field(
+        "auto", description="a torch device (cpu, cuda, cuda:1); auto: the GPU if any, else cpu")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast of the forward pass: fp32 (off), bf16, or fp16 (gradient scaler)")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="of the frozen base weights; bfloat16 keeps adapters and head in float32 "
                                "and runs the forward pass under bf16 autocast")
@@ -75,11 +84,14 @@ class ModelConfig(_Strict):
 
 
 class AdapterConfig(_Strict):
-    targets: list[str] | str | None = None
-    r0: int = Field(3, ge=1)
-    alpha: float = Field(8.0, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    init: Literal["dora", "adalora"] = "dora"
+    targets: list[str] | str | None = Field(
+        None, description="linears to adapt: name suffixes, one regex, or all-linear; null: the model "
+                          "family's")
+    r0: int = Field(3, ge=1, description="start rank: rank-1 components per adapted matrix before pruning")
+    alpha: float = Field(8.0, gt=0, description="the update is scaled by alpha / r0")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout probability on an adapter's input")
+    init: Literal["dora", "adalora"] = Field(
+        "dora", description="A, B init: dora (kaiming uniform) or adalora (normal, std 0.02); c starts at 0")
 
 
 class BudgetConfig(_Strict):
@@ -109,13 +121,17 @@ class BudgetConfig(_Strict):
 
 
 class ScorerConfig(_Strict):
-    name: str = "magnitude"
-    params: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field("magnitude", description="the registered importance scorer (magnitude, sensitivity, "
+                                               "smoothed_uncertainty, or a plugin's)")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="the scorer's hyper-parameters, e.g. {beta: 0.9}")
 
 
 class MethodConfig(_Strict):
     name: str = Field("dora", description="the allocation method (docs/methods.md); dora = scorer x schedule")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="the method's own parameters, e.g. {start_rank: 1} "
+                                               "(docs/methods.md)")
 
 
 def _fraction_or_steps(value: float) -> float:
@@ -131,11 +147,14 @@ FractionOrSteps = Annotated[float, AfterValidator(_fraction_or_steps)]
 
 
 class ScheduleConfig(_Strict):
-    name: str = "dora"
+    name: str = Field(
+        "dora", description="the budget schedule: dora, adalora, linear, or constant (no pruning)")
     warmup: FractionOrSteps = Field(0.15, ge=0, description="t_i: a fraction of the steps if < 1, else steps")
     final: FractionOrSteps = Field(0.5, ge=0, description="t_f: a fraction of the steps if < 1, else steps")
-    interval: int = Field(100, ge=1)
-    compact: bool = True
+    interval: int = Field(
+        100, ge=1, description="optimizer steps between pruning decisions, counted from t_i")
+    compact: bool = Field(True, description="when pruning ends, drop pruned components from the weights and "
+                                            "the optimizer state")
 
     @model_validator(mode="after")
     def _phases_fit(self) -> ScheduleConfig:
@@ -148,37 +167,50 @@ class ScheduleConfig(_Strict):
 
 
 class RegularizerConfig(_Strict):
-    name: str | None = "dem"
-    weight: float = Field(0.1, ge=0)
+    name: str | None = Field(
+        "dem", description="the regularizer added to the loss: dem, orthogonal; null: none")
+    weight: float = Field(0.1, ge=0, description="its coefficient in the training loss")
 
 
 class TrainConfig(_Strict):
-    method: Literal["adapter", "full"] = "adapter"
-    epochs: float = Field(3.0, gt=0)
+    method: Literal["adapter", "full"] = Field(
+        "adapter", description="adapter: train adapters and the head; full: fine-tune every weight "
+                               "(no adapters)")
+    epochs: float = Field(3.0, gt=0, description="passes over the training rows (may be fractional)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
-    batch_size: int = Field(32, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    head_lr: float | None = Field(None, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    batch_size: int = Field(32, ge=1, description="training rows per micro-batch, per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated into one optimizer step")
+    eval_batch_size: int = Field(128, ge=1, description="rows per evaluation (and generation) batch")
+    lr: float = Field(5e-4, gt=0, description="peak AdamW learning rate")
+    head_lr: float | None = Field(None, gt=0, description="peak learning rate of the head (model.trainable) "
+                                                          "in adapter runs; null: lr")
+    weight_decay: float = Field(
+        0.01, ge=0, description="AdamW weight decay (none on biases and LayerNorm weights)")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="fraction of the optimizer steps of linear "
+                                                              "learning-rate warm-up, then linear decay to 0")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradients' global norm to this; "
+                                                               "null: no clipping")
     eval_every: int = Field(100, ge=1, description="evaluate every N optimizer steps (and at the end)")
-    group_by_length: bool = True
+    group_by_length: bool = Field(
+        True, description="training batches of rows of similar length (less padding)")
     divergence_loss: float = Field(1e4, gt=0, description="stop a run whose loss exceeds this or is NaN")
-    save_adapter: bool = True
+    save_adapter: bool = Field(
+        True, description="write the best evaluation's adapter to the run folder's adapter/")
     processes: int = Field(1, ge=1, description="data-parallel processes; > 1 relaunches under torchrun")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: "
+                                                            "less memory, slower steps")
     packing: bool = Field(False, description="causal tasks: pack each batch's rows into few sequences (docs/decoders.md)")
 
 
 class RunConfig(_Strict):
     """One training run, fully resolved."""
 
-    seed: int = 0
-    output_dir: str = "runs"
-    plugins: list[str] = Field(default_factory=list)
+    seed: int = Field(0, description="seeds adapter init, dropout, batch order and row subsets")
+    output_dir: str = Field("runs", description="folder (from the current one) for runs, studies, reports, "
+                                                "optuna.db and mlflow.db")
+    plugins: list[str] = Field(default_factory=list,
+                               description="modules or .py files (relative to the config) imported first; "
+                                           "they register tasks, scorers, schedules")
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)

@@ -29,10 +29,10 @@ class EvalConfig(BaseModel):
     generate: bool = Field(False, description="instruction data: score generated answers (gen_accuracy)")
     answer: Literal["exact", "last_number"] = Field("exact", description="how an answer is compared")
     rows: int | None = Field(None, ge=1, description="validation rows answered (null: all)")
-    max_new_tokens: int = Field(32, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1, description="the longest generated answer, in tokens")
+    do_sample: bool = Field(False, description="sample the answer (seeded) instead of greedy decoding")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (do_sample only)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling's probability mass (do_sample only)")
     seed: int | None = Field(None, description="the sampling seed (null: the run's seed)")
 
     def sampling(self, run_seed: int) -> Sampling:

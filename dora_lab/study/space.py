@@ -70,11 +70,11 @@ class _Strict(BaseModel):
 
 # -- the search space ---------------------------------------------------------------------------
 class FloatParam(_Strict):
-    type: Literal["float"]
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = Field(None, gt=0)
+    type: Literal["float"] = Field(description="float: a real number between low and high")
+    low: float = Field(description="the smallest value (included)")
+    high: float = Field(description="the largest value (included)")
+    log: bool = Field(False, description="sample on a log scale (low > 0; not with step)")
+    step: float | None = Field(None, gt=0, description="sample only low + k * step; null: any value")
 
     @model_validator(mode="after")
     def _check(self) -> FloatParam:
@@ -83,11 +83,11 @@ class FloatParam(_Strict):
 
 
 class IntParam(_Strict):
-    type: Literal["int"]
-    low: int
-    high: int
-    log: bool = False
-    step: int = Field(1, ge=1)
+    type: Literal["int"] = Field(description="int: a whole number between low and high")
+    low: int = Field(description="the smallest value (included)")
+    high: int = Field(description="the largest value (included)")
+    log: bool = Field(False, description="sample on a log scale (low > 0; step must stay 1)")
+    step: int = Field(1, ge=1, description="sample only low + k * step")
 
     @model_validator(mode="after")
     def _check(self) -> IntParam:
@@ -96,8 +96,9 @@ class IntParam(_Strict):
 
 
 class CategoricalParam(_Strict):
-    type: Literal["categorical"]
-    choices: list[Any] = Field(min_length=1)
+    type: Literal["categorical"] = Field(description="categorical: one of the listed choices")
+    choices: list[Any] = Field(
+        min_length=1, description="the values tried: numbers, strings, booleans or null")
 
     @model_validator(mode="after")
     def _check(self) -> CategoricalParam:
@@ -121,13 +122,16 @@ def _check_range(low: float, high: float, log: bool, step: float | None) -> None
 
 # -- sampler and pruner ---------------------------------------------------------------------------
 class _Seeded(_Strict):
-    seed: int | None = 0
+    seed: int | None = Field(
+        0, description="tpe, random: trial n samples with seed + n, null: unseeded; grid: unused (points "
+                       "run in order)")
 
 
 class TPESampler(_Seeded):
     name: Literal["tpe"]
     n_startup_trials: int = Field(3, ge=0, description="random trials before TPE models the results")
-    multivariate: bool = True
+    multivariate: bool = Field(
+        True, description="TPE models the searched keys jointly (Optuna's multivariate)")
 
 
 class RandomSampler(_Seeded):
@@ -147,8 +151,10 @@ class MedianPruner(_Strict):
 class HyperbandPruner(_Strict):
     name: Literal["hyperband"]
     min_resource: int = Field(1, ge=1, description="optimizer steps")
-    max_resource: int | Literal["auto"] = "auto"
-    reduction_factor: int = Field(3, ge=2)
+    max_resource: int | Literal["auto"] = Field(
+        "auto", description="optimizer steps of a full trial; auto: the largest step the first finished "
+                            "trial reported")
+    reduction_factor: int = Field(3, ge=2, description="each rung promotes the best 1/reduction_factor")
 
 
 class NoPruner(_Strict):
@@ -162,22 +168,34 @@ Pruner = Annotated[MedianPruner | HyperbandPruner | NoPruner, Field(discriminato
 class StudyConfig(_Strict):
     """The validated ``study:`` block (see the module docstring for every key)."""
 
-    name: str | None = None
-    metric: str | None = None
-    direction: Literal["maximize", "minimize"] = "maximize"
-    objective: Literal["best", "final"] = "best"
+    name: str | None = Field(
+        None, description="the Optuna study (and folder) name; null: the config file's name")
+    metric: str | None = Field(
+        None, description="the evaluation metric optimized; null: the task's main metric")
+    direction: Literal["maximize", "minimize"] = Field(
+        "maximize", description="whether a larger metric is better")
+    objective: Literal["best", "final"] = Field(
+        "best", description="a trial's value: its best evaluation once pruning has ended, or its last one")
     objectives: list[Objective] = Field(default_factory=list, description="several: a multi-objective study")
-    n_trials: int | None = Field(10, ge=1)
+    n_trials: int | None = Field(
+        10, ge=1, description="trials per invocation, split over --workers (a grid: at most its free "
+                              "points); null: until study.timeout")
     timeout: float | None = Field(None, gt=0, description="seconds")
     sampler: Sampler = Field(default_factory=lambda: TPESampler(name="tpe"))
     pruner: Pruner = Field(default_factory=lambda: MedianPruner(name="median"))
-    storage: str | None = None
-    tracking_uri: str | None = None
-    experiment: str | None = None
+    storage: str | None = Field(
+        None, description="Optuna storage URL; null: a SQLite optuna.db in output_dir")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else a SQLite mlflow.db in "
+                          "output_dir")
+    experiment: str | None = Field(None, description="MLflow experiment; null: the study's name")
     heartbeat_interval: int | None = Field(10, ge=1, description="seconds; RDB storages only")
     grace_period: int | None = Field(None, ge=1, description="seconds; default 2 x heartbeat_interval")
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    space: dict[str, Param] = Field(default_factory=dict)
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="dotted key -> value set in every trial (like --set; the CLI's "
+                                          "--set wins)")
+    space: dict[str, Param] = Field(
+        default_factory=dict, description="dotted config key -> the distribution searched (KEY below)")
 
     @model_validator(mode="before")
     @classmethod

@@ -39,11 +39,10 @@ ALLOWED_ARROWS = {
     # the study <-> report loop (issue 26: MLflow logging, plots, tables in a home of their own)
     ("dora_lab.study.runner", "dora_lab.report.compare"),
     # (the logging, plots and tables are now dora_lab/track/; what is left:) report reads a study's
-    # config as the study CLI does (study.space.prepare), its Pareto rule (study.objectives.pareto_front)
-    # and checks a damaged store as the study does (study.stores): their home belongs below both
+    # config as the study CLI does (study.space.prepare) and its Pareto rule (study.objectives.pareto_front):
+    # their home belongs below both
     ("dora_lab.report.io", "dora_lab.study.space"),
     ("dora_lab.report.pareto", "dora_lab.study.objectives"),
-    ("dora_lab.report.compare", "dora_lab.study.stores"),
     # the study reads the report: block's schema before its first trial (report/block.py)
     ("dora_lab.study.runner", "dora_lab.report.block"),
     ("dora_lab.study.runner", "dora_lab.report.brief"),

@@ -153,13 +153,19 @@ def save_adapter(
         },
         "extra": json.loads(json.dumps(dict(extra or {}), default=str)),
     }
-    out = Path(folder)
+    return _write_adapter(Path(folder), blob, config)
+
+
+def _write_adapter(out: Path, blob: bytes, config: Mapping[str, Any]) -> Path:
+    """Write the weights ``blob`` and ``config`` into ``out``, each file atomically; on a failure (a full
+    disk, a file-size limit) a folder this call made is removed, so no half adapter is left to be
+    mistaken for one, and :class:`AdapterSaveError` says the adapter was not saved."""
     new = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write(out / WEIGHTS_NAME, blob)
         _atomic_write(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
-    except OSError as exc:  # a full disk, a file-size limit: no half adapter is left to be mistaken for one
+    except OSError as exc:
         if new:
             shutil.rmtree(out, ignore_errors=True)
         raise AdapterSaveError(f"the adapter was NOT saved to {out}: {exc.strerror or exc}"

@@ -29,10 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..run.config import ConfigError, apply_overrides, parse_assignment, read_yaml
-from ..run.config_yaml import plugins_origin
-from ..run.names import check_name
-from ..study.stores import StoreError, check_sqlite_store
+from ..run.config import ConfigError, parse_assignment
+from ..track.stores import StoreError, check_sqlite_store
 from .block import parse_report
 from .conclusions import across_tasks, metric_of, planned_seeds, power_row, run_flags
 from .html import write_html
@@ -48,6 +46,7 @@ from .io import (
     report_command,
     source_from_config,
 )
+from .sources import sources_of
 from .stats import describe, holm, kendall_tau, paired_test, top_k_overlap
 
 _MCC = ("matthews", "mcc")  # metric names of the Matthews correlation (majority_notes)
@@ -281,52 +280,6 @@ def drop_repeats(runs: Sequence[Run]) -> tuple[list[Run], list[dict[str, Any]]]:
     return list(kept.values()), repeats
 
 
-def _sources(args: argparse.Namespace) -> list[Source]:
-    sources: list[Source] = []
-    trusted: set[str] = set()  # plugins named by the command line's configs (or --set), or --trust-plugins
-    for spec in args.study:
-        if Path(spec).is_file():
-            _check_plugins(Path(spec), args, trusted, None)
-            sources.append(source_from_config(spec, args.overrides))
-        elif not args.storage:
-            raise ConfigError(f"{spec!r} is not a config file; to name a study give its --storage as well")
-        else:
-            sources.append(Source(name=check_name("STUDY", spec), storage=args.storage,
-                                  experiment=check_name("--experiment", args.experiment or spec),
-                                  tracking_uri=args.tracking_uri, metric=args.metric))
-    first = sources[0]
-    for item in first.report.get("include", []):
-        path = first.path.parent / item if first.path else Path(item)
-        if path.suffix in (".yaml", ".yml"):
-            _check_plugins(path, args, trusted, f"report.include of {first.path or first.name}")
-            sources.append(source_from_config(path, args.overrides))
-        else:
-            sources.append(Source(name=check_name("report.include", item), storage=first.storage,
-                                  tracking_uri=first.tracking_uri, experiment=item, output_dir=first.output_dir,
-                                  metric=first.metric))
-    unique = {(s.name, s.storage): s for s in reversed(sources)}  # a study named twice counts once
-    return [s for s in sources if unique.get((s.name, s.storage)) is s]
-
-
-def _check_plugins(path: Path, args: argparse.Namespace, trusted: set[str], included: str | None) -> None:
-    """Refuse to run plugin code that only another file lists: a ``base:`` of a config named on the
-    command line, or a config pulled in through ``report.include`` (``included`` says whose), unless
-    ``--trust-plugins``; say on stderr which plugin files and modules will run, and from which config."""
-    plugins = [str(p) for p in apply_overrides(read_yaml(path), args.overrides).get("plugins") or []]
-    if not plugins:
-        return
-    by_cli = any(parse_assignment(o)[0] == "plugins" for o in args.overrides)
-    origin = "--set plugins" if by_cli else str(plugins_origin(path))
-    own = by_cli or (included is None and Path(origin).resolve() == path.resolve())
-    if not (own or args.trust_plugins or set(plugins) <= trusted):
-        where = f"{origin}, pulled in through " + (included or f"base: of {path}")
-        raise ConfigError(f"{where}, lists plugins {plugins}: Python code that report runs only from the config "
-                          f"named on its command line.  Read it, then pass --trust-plugins to run it, or list it "
-                          f"under plugins in the config you name")
-    trusted.update(plugins)
-    print(f"report: runs plugins listed in {origin}: {', '.join(plugins)}", file=sys.stderr)
-
-
 def _options(block: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The report block's power and planning keys, the command line's flags winning."""
     flags = {k: getattr(args, k) for k in ("min_effect", "half_width", "pilot_seeds", "max_seeds")}
@@ -363,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "an included config lists (by default only the named config's plugins run)")
     args = parser.parse_args(argv)
     try:
-        sources = _sources(args)
+        sources = sources_of(args)
         for source in sources:  # a damaged optuna.db: one error naming it, not SQLAlchemy's traceback
             check_sqlite_store(source.storage, "optuna", "study.storage" if source.path else "--storage")
         first = sources[0]

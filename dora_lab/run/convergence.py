@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ABS_TOL", "REL_TOL", "at_chance", "checks", "majority_share", "still_rising"]
+__all__ = ["ABS_TOL", "REL_TOL", "at_chance", "checks", "eval_labels", "majority_share", "still_rising"]
 
 ABS_TOL = 0.005
 REL_TOL = 0.01
@@ -95,3 +95,12 @@ def checks(history: Sequence[Mapping[str, float]], metric: str, greater_is_bette
     if "accuracy" in (history[-1] if history else {}) and metric != "accuracy" and majority is not None:
         out["accuracy_at_majority"] = at_chance(float(history[-1]["accuracy"]), "accuracy", majority)
     return out
+
+
+def eval_labels(encoded: Any, rows: dict[str, list[dict[str, Any]]] | None, split: str) -> list[Any]:
+    """The gold labels of an evaluation split: a classifier's from its token rows, a prompt task's from
+    its data rows (not at hand when a study's token cache served them: then none, and the majority-class
+    check reads MCC alone)."""
+    if encoded.causal is None:
+        return list(encoded.labels)
+    return [r["label"] for r in (rows or {}).get(split, []) if "label" in r]

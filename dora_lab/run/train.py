@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -40,6 +39,7 @@ from .memory import peak_memory_mb, reset_peak
 from .models import check_model, load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
 from .packing import check_packing
+from .run_dir import RUN_FILES, RunDirExists, check_run_dir, claim_run_dir  # noqa: F401  (re-exported)
 from .seeding import seed_everything
 from .tasks import get_task
 from .token_cache import encoded_splits, load_rows
@@ -50,36 +50,6 @@ __all__ = ["RUN_FILES", "DivergenceError", "RunDirExists", "claim_run_dir", "mai
 
 class DivergenceError(RuntimeError):
     """The loss became NaN/inf or exceeded ``train.divergence_loss``."""
-
-
-class RunDirExists(FileExistsError):
-    """The run folder already holds a run's files; nothing was written."""
-
-
-# every file and folder train_run writes into its run folder (plots/: the tracker's pictures)
-RUN_FILES = ("config.yaml", "metrics.json", "allocation.json", "scores.json", "budget.json", "adapter", "plots")
-
-
-def check_run_dir(run_dir: Path, overwrite: bool = False) -> list[Path]:
-    """The files of a run already in ``run_dir`` (to be removed with ``overwrite``); without
-    ``overwrite`` a folder holding a run raises :class:`RunDirExists`.  Creates nothing."""
-    old = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
-    if old and not overwrite:
-        raise RunDirExists(f"run folder {str(run_dir)!r} already holds a run ({', '.join(p.name for p in old)}); "
-                           "choose another folder, or pass --overwrite to replace that run")
-    return old
-
-
-def claim_run_dir(run_dir: Path, overwrite: bool = False) -> None:
-    """Make ``run_dir`` ready for a new run (:func:`check_run_dir`; with ``overwrite`` exactly the old
-    run's files are removed, other files in the folder stay): a new run never sits beside an old run's
-    adapter or metrics."""
-    for path in check_run_dir(run_dir, overwrite):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _micro_batches(loader: Any, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
@@ -154,7 +124,7 @@ def train_run(
         for name in spec.eval_splits
     }
     majority = None if spec.is_regression or spec.is_instruction else convergence.majority_share(
-        _eval_labels(encoded[spec.eval_splits[0]], task_rows, spec.eval_splits[0]))  # of the split the metric is on
+        convergence.eval_labels(encoded[spec.eval_splits[0]], task_rows, spec.eval_splits[0]))  # of the split the metric is on
     data_counts = _truncation_counts({"train": train_loader, **eval_loaders}, cfg.task.max_length, rank0)
     micro_per_epoch = len(train_loader)
     steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
@@ -402,11 +372,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-def _eval_labels(encoded: Any, rows: dict[str, list[dict[str, Any]]] | None, split: str) -> list[Any]:
-    """The gold labels of an evaluation split: a classifier's from its token rows, a prompt task's from
-    its data rows (not at hand when a study's token cache served them: then none, and the majority-class
-    check reads MCC alone)."""
-    if encoded.causal is None:
-        return list(encoded.labels)
-    return [r["label"] for r in (rows or {}).get(split, []) if "label" in r]

@@ -30,7 +30,7 @@ trial is one :func:`dora_lab.run.train.train_run` of the config with the trial's
   and model are loaded once (:func:`preflight`): a missing data folder or an unreachable Hub is one
   error (exit 2) that stores nothing.  A trial that still fails to load its data or model stops
   the study (every later trial would fail alike); a run whose trials all failed exits with 1.
-- Stores (:mod:`dora_lab.study.stores`): a damaged SQLite ``optuna.db`` or ``mlflow.db`` is refused before
+- Stores (:mod:`dora_lab.track.stores`): a damaged SQLite ``optuna.db`` or ``mlflow.db`` is refused before
   any work (exit 2); a store that fails during the study (a full disk) stops it with one error that
   names the store, after closing the MLflow runs where MLflow still answers (exit 1).
 """
@@ -56,12 +56,12 @@ from ..run.config import ConfigError
 from ..track.front import FRONT_TAG
 from ..track.links import safe_url, ui_lines
 from ..track.locks import store_lock
+from ..track.stores import StoreError, check_sqlite_store, hide_store_tracebacks, store_failure, store_message
 from ..track.tracker import STALE_REASON, UID_TAG, StudyTracker
 from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
 from .objectives import is_multi
 from .samplers import check_directions, check_space_unchanged, make_pruner, make_sampler
 from .space import StudySetup, prepare
-from .stores import StoreError, check_sqlite_store, hide_store_tracebacks, store_failure, store_message
 from .summary import print_summary
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
 from .workers import resolve_workers, run_workers

@@ -12,11 +12,18 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
-if TYPE_CHECKING:
-    from .tracker import StudyTracker
+
+class StudyLinks(Protocol):
+    """What :func:`ui_lines` reads of a study's tracker (:class:`~dora_lab.track.tracker.StudyTracker`)."""
+
+    experiment_id: str
+    parent_id: str | None
+    view_key: str | None
+
+    def runs_url(self, maximize: bool = True, ui: str | None = None) -> str: ...
 
 __all__ = ["GROUP_COLORS", "ROLE_TAG", "STUDY_TAG", "UI_PORT", "compare_url", "experiment_url", "group_color", "run_url",
            "filter_value", "safe_url", "study_view", "ui_address", "ui_lines"]
@@ -150,7 +157,7 @@ def compare_url(ui: str, experiment_id: str, run_ids: Sequence[str]) -> str:
 
 
 
-def ui_lines(tracking_uri: str, tracker: StudyTracker, maximize: bool = True, compare: Sequence[str] = (),
+def ui_lines(tracking_uri: str, tracker: StudyLinks, maximize: bool = True, compare: Sequence[str] = (),
              report: str | None = None) -> list[str]:
     """How to see the study in MLflow, the answer first: for a local store the ``mlflow ui`` command
     (with this interpreter, so it works as printed without an activated virtualenv); the report

@@ -38,7 +38,7 @@ class StoreError(Exception):
 
 def store_message(store: str, url: str, problem: str, key: str | None = None) -> str:
     """What went wrong with ``store`` (``optuna`` or ``mlflow``) at ``url``, and the two fixes."""
-    from .tracking import safe_url
+    from .links import safe_url
 
     name, default_key = STORES[store]
     key = key or default_key

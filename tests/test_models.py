@@ -56,9 +56,9 @@ def test_roberta_positions_start_after_the_padding_index() -> None:
 def test_train_run_refuses_before_tokenising(tiny_dir: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     def no_tokenising(*args: object, **kwargs: object) -> None:
-        raise AssertionError("make_loader ran: the data was tokenised before the check")
+        raise AssertionError("encoded_splits ran: the data was tokenised before the check")
 
-    monkeypatch.setattr(dora_lab.run.train, "make_loader", no_tokenising)
+    monkeypatch.setattr(dora_lab.run.train, "encoded_splits", no_tokenising)
     cfg = load_config(REPO / "configs" / "cola.yaml",
                       [*tiny_overrides(tiny_dir, tmp_path, train=32, evals=16), "task.max_length=1024"])
     with pytest.raises(ConfigError, match=r"task.max_length=1024 .* at most 128 tokens"):

@@ -338,6 +338,9 @@ def make_report(setup: StudySetup) -> int | None:
     from ..report.io import report_command
 
     args = [str(setup.config_path), *(x for s in setup.overrides for x in ("--set", s))]
+    if setup.base.plugins and not any(s.startswith("plugins=") for s in setup.overrides):
+        # the plugins this study ran (its base: chain's too) are the report's own: named, not trusted blindly
+        args += ["--set", "plugins=" + json.dumps([str(p) for p in setup.base.plugins])]
     print(f"\nreport (the config's report: block): {report_command(args)}", flush=True)
     code = report_main(args)
     if code:

@@ -64,7 +64,7 @@ from .samplers import check_directions, check_space_unchanged, make_pruner, make
 from .space import StudySetup, prepare
 from .summary import print_summary
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
-from .workers import resolve_workers, run_workers
+from .workers import resolve_workers, run_workers, workers_arg
 
 __all__ = ["OptunaReporter", "StudySetup", "main", "make_report", "optimize", "open_study", "prepare", "preflight", "run_study",
            "study_folder"]
@@ -348,24 +348,13 @@ def make_report(setup: StudySetup) -> int | None:
     return code
 
 
-def _workers_arg(value: str) -> int | str:
-    """``--workers``: ``auto`` or a whole number (checked by :func:`run_study`)."""
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is neither a whole number nor 'auto'; "
-                                         "write e.g. --workers 2 or --workers auto") from None
-
-
 @stoppable
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dora_lab.study", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a YAML config with a study: block, e.g. configs/cola.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted path), e.g. --set study.n_trials=3")
-    parser.add_argument("--workers", type=_workers_arg, default=1,
+    parser.add_argument("--workers", type=workers_arg, default=1,
                         help="worker processes on one storage (default 1), or auto: one per CPU on the CPU "
                              "(docs/throughput.md)")
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # 1, 2, ...: a worker

@@ -15,6 +15,7 @@ trials; on a GPU one worker (packing trials on one GPU is not built).
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from ..run.threads import usable_cpus, worker_env, worker_threads
 if TYPE_CHECKING:
     from .space import StudySetup
 
-__all__ = ["auto_workers", "resolve_workers", "run_workers", "worker_command"]
+__all__ = ["auto_workers", "resolve_workers", "run_workers", "worker_command", "workers_arg"]
 
 
 def auto_workers(cpus: int, n_trials: int | None, gpus: int, processes: int = 1,
@@ -113,3 +114,14 @@ def run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_id
     if bad:
         print(f"error: {len(bad)} worker(s) exited with codes {bad}; their output is above", file=sys.stderr)
     return stop, bool(bad)
+
+
+def workers_arg(value: str) -> int | str:
+    """``--workers``: ``auto`` or a whole number (checked by :func:`run_study`)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a whole number nor 'auto'; "
+                                         "write e.g. --workers 2 or --workers auto") from None

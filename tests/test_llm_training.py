@@ -109,7 +109,8 @@ def test_run_with_bf16_weights_and_checkpointing_logs_its_peak_memory(tmp_path: 
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["peak_memory_source"] == "process_peak_rss_since_reset"  # this run's, not the process's
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    assert 50 < metrics["peak_memory_mb"] <= rss_mb + 0.1
+    # ru_maxrss is updated lazily by the kernel, VmHWM on reading: allow a few MiB of difference
+    assert 50 < metrics["peak_memory_mb"] <= rss_mb + 8
     assert result.peak_memory_mb == pytest.approx(metrics["peak_memory_mb"], abs=0.1)
     assert result.active_components_final == 2 * 12 and all(
         torch.isfinite(torch.tensor(h["matthews_correlation"])) for h in result.history)

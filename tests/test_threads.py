@@ -97,7 +97,7 @@ def test_study_workers_get_the_defaults_and_a_share_of_the_cpus(monkeypatch: pyt
     monkeypatch.setattr(study_workers.subprocess, "Popen", FakePopen)
     setup = SimpleNamespace(config_path=Path("configs/cola.yaml"), overrides=[],
                             base=SimpleNamespace(train=SimpleNamespace(processes=1)))
-    assert study_workers.run_workers(setup, 4, 2, "parent") == (False, False)  # type: ignore[arg-type]
+    assert study_workers.run_workers(setup, 4, 2, "parent") == (None, False)  # type: ignore[arg-type]
     assert len(started) == 2
     for s in started:
         assert s["env"]["OMP_WAIT_POLICY"] == "PASSIVE" and s["env"]["OMP_NUM_THREADS"] == "3"

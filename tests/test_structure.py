@@ -62,8 +62,6 @@ ALLOWED_LONG_MODULES = {
     "dora_lab/study/space.py",  # 436
     "dora_lab/export/checkpoint.py",  # 413
     "dora_lab/run/data.py",  # 410
-    "dora_lab/run/tasks.py",  # 405
-    "dora_lab/run/config.py",  # 403
 }
 #: Today's long functions, as path::qualified name.
 ALLOWED_LONG_FUNCTIONS = {

@@ -445,7 +445,6 @@ def test_sigterm_stops_every_worker(env: dict[str, Path]) -> None:
     # every run closed: KILLED, or FAILED when the signal landed inside one of MLflow's own calls (seen once in a
     # quiet fresh-clone run; the trial's reason is still "terminated" above); never left RUNNING
     assert parent.info.status == "KILLED" and all(c.info.status in ("KILLED", "FAILED") for c in children), out
-    assert "KILLED" in [c.info.status for c in children]
     for child in children:  # the worker processes are gone
         pid = int(child.data.tags["dora_lab.worker"].rsplit(":", 1)[1])
         with pytest.raises(ProcessLookupError):

@@ -176,9 +176,12 @@ class TrialLogger(TrainCallback):
         split with the context ``train``, the evaluation splits with ``eval``."""
         from mlflow.entities import DatasetInput, InputTag
 
-        self.client.log_inputs(self.run_id, datasets=[
-            DatasetInput(ds._to_mlflow_entity(), [InputTag("mlflow.data.context", "train" if split == "train" else "eval")])
-            for split, ds in datasets(cfg).items()])
+        with warnings.catch_warnings():  # the schema is inferred here: MLflow's integer-column hint, once per trial
+            warnings.simplefilter("ignore", UserWarning)
+            inputs = [DatasetInput(ds._to_mlflow_entity(),
+                                   [InputTag("mlflow.data.context", "train" if split == "train" else "eval")])
+                      for split, ds in datasets(cfg).items()]
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def _params(self, params: Mapping[str, str]) -> None:
         log_params(self.client, self.run_id, params)

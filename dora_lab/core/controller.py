@@ -12,9 +12,9 @@ What is kept when is the allocation method's (:mod:`dora_lab.core.methods`; defa
 scorer x schedule path of ``methods/dora.py``): at its decision steps it returns one keep-mask per
 layer and the controller applies it (:meth:`apply`).  The method sees the run through a
 :class:`~dora_lab.core.context.MethodContext` the controller builds (the scorer in it only for a
-method that declares ``uses_scorer``), never the controller itself.  Under ``dora`` every component of every layer
-is ranked together and the top ``b(t)`` kept (:meth:`decide`); during the decay window pruning is
-soft (``c_i = 0``, still trainable); at the last pruning step the mask is frozen and, with
+method that declares ``uses_scorer``), never the controller itself.  Under ``dora`` every
+component of every layer is ranked together and the top ``b(t)`` kept (:meth:`decide`); during the
+decay window pruning is soft (``c_i = 0``, still trainable); at the last pruning step the mask is frozen and, with
 ``compact=True``, the pruned components are dropped from A, B, c and the optimizer state.
 """
 

@@ -20,6 +20,7 @@ from .core.adapter import (
     default_targets,
     inject_adapters,
 )
+from .core.context import MethodContext, Pool
 from .core.controller import PruningController, StepInfo
 from .core.methods import AllocationMethod, get_method, list_methods, make_method, register_method
 from .core.registry import RegistryError, import_plugins
@@ -33,7 +34,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AllocationMethod",
     "BudgetSchedule",
+    "MethodContext",
     "ParameterCount",
+    "Pool",
     "PruningController",
     "RankOneLinear",
     "RegistryError",

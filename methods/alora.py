@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from dora_lab.core.context import MethodContext
 from dora_lab.core.methods import AllocationMethod, Keep, register_method, uniform_prefix
 
 SCORES = ("paper", "two_term")
@@ -59,27 +60,27 @@ class ALoRA(AllocationMethod):
         self.validation_rows = int(rows)
         self.last_scores: dict[str, torch.Tensor] = {}
 
-    def setup(self, ctl: Any) -> None:
-        super().setup(ctl)
-        start = uniform_prefix(ctl.layers, ctl.target, ctl.cost)
+    def setup(self, ctx: MethodContext) -> None:
+        super().setup(ctx)
+        start = uniform_prefix(ctx.layers, ctx.target, ctx.cost)
         with torch.no_grad():
-            for n, layer in ctl.layers.items():
+            for n, layer in ctx.layers.items():
                 layer.soft_prune(start[n])
                 layer.hard_mask = True
 
     def budget(self, t: int) -> int:
-        return self.ctl.target
+        return self.ctx.target
 
     @torch.no_grad()
     def scores(self) -> dict[str, torch.Tensor]:
         """``IS_i`` (``score: paper``) or ``L(without i) - L(all)`` for every active component
         (inactive ones: NaN)."""
-        loss = self.ctl.validation_loss
+        loss = self.ctx.validation_loss
         if loss is None:
             raise RuntimeError("method 'alora' scores on a validation batch: call controller.set_validation(loss_fn) "
                                "(dora_lab.train does so from the task's first evaluation split)")
         full = float(loss())
-        layers = self.ctl.layers
+        layers = self.ctx.layers
         active = [(n, i) for n, layer in layers.items() for i in torch.nonzero(layer.mask > 0).flatten().tolist()]
         out = {n: torch.full((layer.rank,), float("nan"), dtype=torch.float64) for n, layer in layers.items()}
         drops = [(layers[n], i) for n, i in active]
@@ -95,22 +96,22 @@ class ALoRA(AllocationMethod):
 
     def _masked(self, loss: Any, picks: set[tuple[str, int]], keep: bool) -> float:
         """``loss()`` with the components ``picks`` masked out (``keep``: with only them left)."""
-        saved = {n: layer.mask.clone() for n, layer in self.ctl.layers.items()}
+        saved = {n: layer.mask.clone() for n, layer in self.ctx.layers.items()}
         try:
-            for n, layer in self.ctl.layers.items():
+            for n, layer in self.ctx.layers.items():
                 for i in range(layer.rank):
                     if ((n, i) in picks) != keep:
                         layer.mask[i] = 0.0
             return float(loss())
         finally:
-            for n, layer in self.ctl.layers.items():
+            for n, layer in self.ctx.layers.items():
                 layer.mask.copy_(saved[n])
 
     def decide(self, t: int, update_scores: bool) -> Keep | None:
-        sched = self.ctl.schedule
+        sched = self.ctx.schedule
         if not sched.is_prune_step(t):
             return None
-        layers = self.ctl.layers
+        layers = self.ctx.layers
         keep = self.active_keep()
         if sched.is_final_step(t):
             return keep
@@ -131,15 +132,15 @@ class ALoRA(AllocationMethod):
             return float(s.mean()) if s.numel() else float("-inf")
 
         order = sorted((n for n in names if n not in lost), key=lambda n: -importance(n))
-        room = self.ctl.target - sum(self.ctl.cost(layers[n]) * int(keep[n].sum()) for n in names)
+        room = self.ctx.target - sum(self.ctx.cost(layers[n]) * int(keep[n].sum()) for n in names)
         added = True
         while added:
             added = False
             for n in order:
                 free = torch.nonzero(~keep[n]).flatten()
-                if free.numel() and self.ctl.cost(layers[n]) <= room:
+                if free.numel() and self.ctx.cost(layers[n]) <= room:
                     keep[n][int(free[0])] = True
-                    room -= self.ctl.cost(layers[n])
+                    room -= self.ctx.cost(layers[n])
                     added = True
         return keep
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from dora_lab.core.methods import AllocationMethod, Keep, register_method
+from dora_lab.core.methods import AllocationMethod, Keep, keep_scored, register_method
+from dora_lab.core.scorers import check_grads
 
 
 @register_method("dora")
@@ -18,14 +19,16 @@ class ScoreAndSchedule(AllocationMethod):
 
     def after_optimizer_step(self, t: int, optimizer: torch.optim.Optimizer | None, update_scores: bool) -> None:
         if update_scores:
-            self.ctl.check_grads()
-            self.ctl.scorer.update(self.ctl.layers)
+            scorer = self.configured_scorer()
+            check_grads(scorer, self.ctx.layers)
+            scorer.update(self.ctx.layers)
 
     def decide(self, t: int, update_scores: bool) -> Keep | None:
-        sched = self.ctl.schedule
+        sched = self.ctx.schedule
         # a prune step whose gradients were skipped (fp16 overflow) before any score exists waits
         # for the next step; the final step always decides (and says so if it cannot)
-        waiting = not update_scores and not sched.is_final_step(t) and not self.ctl.scorer.scores()
+        scorer = self.configured_scorer()
+        waiting = not update_scores and not sched.is_final_step(t) and not scorer.scores()
         if sched.is_prune_step(t) and not waiting:
-            return self.ctl.decide(sched.budget(t))
+            return keep_scored(self.ctx.layers, scorer, sched.budget(t), self.ctx.cost)
         return None

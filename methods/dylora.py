@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from dora_lab.core.context import MethodContext
 from dora_lab.core.methods import AllocationMethod, Keep, register_method, uniform_prefix
 
 
@@ -22,32 +23,32 @@ class DyLoRA(AllocationMethod):
         self.seed = int(seed)
         self.draws: list[int] = []  # the prefix drawn for each step (for tests and reports)
 
-    def setup(self, ctl) -> None:  # type: ignore[no-untyped-def]
-        super().setup(ctl)
+    def setup(self, ctx: MethodContext) -> None:
+        super().setup(ctx)
         self._draw(0)
 
     def _draw(self, t: int) -> None:
-        r = max(layer.rank for layer in self.ctl.layers.values())
+        r = max(layer.rank for layer in self.ctx.layers.values())
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + t)
         b = int(torch.randint(1, r + 1, (), generator=g))
         self.draws.append(b)
-        for layer in self.ctl.layers.values():
+        for layer in self.ctx.layers.values():
             layer.prefix = b
 
     def after_optimizer_step(self, t: int, optimizer: torch.optim.Optimizer | None, update_scores: bool) -> None:
-        if t + 1 <= self.ctl.schedule.end_step:
+        if t + 1 <= self.ctx.schedule.end_step:
             self._draw(t + 1)
 
     def decide(self, t: int, update_scores: bool) -> Keep | None:
-        if t != self.ctl.schedule.end_step:
+        if t != self.ctx.schedule.end_step:
             return None
-        return uniform_prefix(self.ctl.layers, self.ctl.target, self.ctl.cost)
+        return uniform_prefix(self.ctx.layers, self.ctx.target, self.ctx.cost)
 
     def is_final(self, t: int) -> bool:
-        return t == self.ctl.schedule.end_step
+        return t == self.ctx.schedule.end_step
 
     def after_apply(self, t: int, keep: Keep) -> None:
-        for layer in self.ctl.layers.values():
+        for layer in self.ctx.layers.values():
             layer.prefix = None
 
     @property
@@ -55,16 +56,16 @@ class DyLoRA(AllocationMethod):
         return True  # the cut at the schedule's end step, whatever its curve
 
     def budget(self, t: int) -> int:
-        return self.ctl.capacity if t < self.ctl.schedule.end_step else self.ctl.target
+        return self.ctx.capacity if t < self.ctx.schedule.end_step else self.ctx.target
 
     def phase(self, t: int) -> str:
-        return "decay" if t <= self.ctl.schedule.end_step else "final"
+        return "decay" if t <= self.ctx.schedule.end_step else "final"
 
     def state_dict(self) -> dict[str, object]:
         return {"draws": list(self.draws)}
 
     def load_state_dict(self, state) -> None:  # type: ignore[no-untyped-def]
         self.draws = list(state.get("draws", []))
-        if self.draws and not self.ctl.frozen:
-            for layer in self.ctl.layers.values():
+        if self.draws and not self.ctx.frozen:
+            for layer in self.ctx.layers.values():
                 layer.prefix = self.draws[-1]

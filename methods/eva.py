@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from dora_lab.core.labels import IGNORE_INDEX
 from dora_lab.core.methods import OneShotMethod, keep_top, register_method
-from dora_lab.run.causal import IGNORE_INDEX
 
 
 @register_method("eva")
@@ -41,7 +41,7 @@ class EVA(OneShotMethod):
         self.ratios: dict[str, torch.Tensor] = {}
 
     def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
-        layers = self.ctl.layers
+        layers = self.ctx.layers
         stats: dict[str, list[torch.Tensor]] = {}  # layer -> [token count, sum of x, sum of x x^T]
         real: list[torch.Tensor | None] = [None]  # the current batch's attention mask
 
@@ -81,7 +81,7 @@ class EVA(OneShotMethod):
             s2, v = s2.flip(0).clamp_min(0.0), v.flip(1)
             self.ratios[n] = (s2[: layer.rank] / s2.sum().clamp_min(1e-300)).float()
             vectors[n] = v[:, : layer.rank].T
-        keep = keep_top(layers, self.ratios, self.ctl.target, self.ctl.cost, what="method 'eva' ratios")
+        keep = keep_top(layers, self.ratios, self.ctx.target, self.ctx.cost, what="method 'eva' ratios")
         with torch.no_grad():
             for n, layer in layers.items():
                 k = vectors[n].shape[0]

@@ -38,7 +38,7 @@ class DiagonalFisher(OneShotMethod):
         self.fisher: dict[str, torch.Tensor] = {}
 
     def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
-        layers = self.ctl.layers
+        layers = self.ctx.layers
         gates = [layer.c for layer in layers.values()]
         sums = [torch.zeros(layer.rank, dtype=torch.float64, device=layer.c.device) for layer in layers.values()]
         read = 0
@@ -61,7 +61,7 @@ class DiagonalFisher(OneShotMethod):
         if read == 0:
             raise RuntimeError("method 'fisher': the training data gave no calibration batch")
         self.fisher = {n: s / read for n, s in zip(layers, sums, strict=True)}
-        keep = keep_top(layers, self.fisher, self.ctl.target, self.ctl.cost, what="method 'fisher' scores")
+        keep = keep_top(layers, self.fisher, self.ctx.target, self.ctx.cost, what="method 'fisher' scores")
         self.fix(keep)  # c is 0 at the start: the output does not change
 
     def state_dict(self) -> dict[str, Any]:

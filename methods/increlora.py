@@ -48,7 +48,9 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from dora_lab.core.context import MethodContext, Pool
 from dora_lab.core.methods import AllocationMethod, Keep, register_method
+from dora_lab.core.scorers import check_grads
 
 #: A reserve's fixed gate: the official code's initial ``lora_E`` of a reserve (``add_reserve_param``).
 RESERVE_GATE = 1e-5
@@ -98,20 +100,20 @@ class IncreLoRA(AllocationMethod):
         self._warm: dict[str, dict[str, Warm]] = {part: {} for part in SLOT_DIM}
         self._optimizer: torch.optim.Optimizer | None = None  # this step's, to zero a new reserve's state
 
-    def start_budget(self, ctl: Any) -> int:
-        return sum(ctl.cost(layer) * min(self.start_rank or 0, layer.rank) for layer in ctl.layers.values())
+    def start_budget(self, pool: Pool) -> int:
+        return sum(pool.cost(layer) * min(self.start_rank or 0, layer.rank) for layer in pool.layers.values())
 
-    def setup(self, ctl: Any) -> None:
-        super().setup(ctl)
+    def setup(self, ctx: MethodContext) -> None:
+        super().setup(ctx)
         with torch.no_grad():
-            for layer in ctl.layers.values():
+            for layer in ctx.layers.values():
                 layer.soft_prune(torch.arange(layer.rank) < (self.start_rank or 0))
                 layer.hard_mask = True
         if self.advance:
-            for layer in ctl.layers.values():
+            for layer in ctx.layers.values():
                 self._draw_reserve(layer, fresh=False)  # the slot's A/B as constructed
         if self.module_score is not None:
-            self.module_score.attach(ctl.layers)
+            self.module_score.attach(ctx.layers)
 
     @staticmethod
     def _reserve_slots(layer: Any) -> torch.Tensor:
@@ -133,7 +135,7 @@ class IncreLoRA(AllocationMethod):
         with torch.no_grad():
             for part, warming in self._warm.items():
                 for name, (idx, k, before) in list(warming.items()):
-                    p = getattr(self.ctl.layers[name], part)
+                    p = getattr(self.ctx.layers[name], part)
                     w = ((k + 1) / self.warmup).to(device=p.device, dtype=p.dtype)  # k lives on the CPU
                     w = w[None, :] if SLOT_DIM[part] == 1 else (w[:, None] if p.dim() == 2 else w)
                     stepped = before + w * (_slots(p, part, idx) - before)
@@ -147,9 +149,10 @@ class IncreLoRA(AllocationMethod):
                         warming[name] = (keep, k[left] + 1, _slots(p, part, keep).clone())
                     else:
                         del warming[name]
-        if update_scores:
-            self.ctl.check_grads()
-            self.ctl.scorer.update(self.ctl.layers)
+        if update_scores and self.uses_scorer:  # importance: scorer (the official rule reads no scorer)
+            scorer = self.configured_scorer()
+            check_grads(scorer, self.ctx.layers)
+            scorer.update(self.ctx.layers)
         if self.module_score is not None:
             self.module_score.step(update_scores, *self.betas)
 
@@ -157,20 +160,20 @@ class IncreLoRA(AllocationMethod):
         """A layer's importance: the official smoothed module score, or (``importance: scorer``) the
         sum of its active components' scores from the configured scorer."""
         if self.module_score is not None:
-            return {n: self.module_score.importance(n) for n in self.ctl.layers}
-        scores = self.ctl.scorer.scores()
+            return {n: self.module_score.importance(n) for n in self.ctx.layers}
+        scores = self.configured_scorer().scores()
         return {n: float((scores[n].float().cpu() * (layer.mask.cpu() > 0)).sum()) if n in scores else 0.0
-                for n, layer in self.ctl.layers.items()}
+                for n, layer in self.ctx.layers.items()}
 
     def decide(self, t: int, update_scores: bool) -> Keep | None:
-        sched = self.ctl.schedule
+        sched = self.ctx.schedule
         if not sched.is_prune_step(t):
             return None
-        layers = self.ctl.layers
+        layers = self.ctx.layers
         keep = self.active_keep()
         self._before = {n: k.clone() for n, k in keep.items()}
         self._reserved = {n: self._reserve_slots(layer) for n, layer in layers.items()}
-        deficit = sched.budget(t) - self.ctl.active_budget()
+        deficit = sched.budget(t) - self.ctx.active_budget()
         importance = self.importance()
         order = sorted(layers, key=lambda n: -importance[n])  # stable: ties keep the layer order
         while deficit > 0:
@@ -178,7 +181,7 @@ class IncreLoRA(AllocationMethod):
             for n in order:
                 free = torch.nonzero(~keep[n]).flatten()
                 free = free[torch.argsort((~self._reserved[n][free]).to(torch.uint8), stable=True)]  # reserve first
-                cost = self.ctl.cost(layers[n])
+                cost = self.ctx.cost(layers[n])
                 if free.numel() and cost <= deficit:
                     keep[n][int(free[0])] = True
                     deficit -= cost
@@ -190,7 +193,7 @@ class IncreLoRA(AllocationMethod):
     def after_apply(self, t: int, keep: Keep) -> None:
         before, self._before = self._before, {}
         reserved, self._reserved = self._reserved, {}
-        if self.ctl.frozen:  # freeze_mask ended the reserves
+        if self.ctx.frozen:  # freeze_mask ended the reserves
             for warming in self._warm.values():
                 warming.clear()
             if self.module_score is not None:
@@ -198,7 +201,7 @@ class IncreLoRA(AllocationMethod):
             return
         generator = torch.Generator().manual_seed(2_000_003 + t)  # alike on every data-parallel rank
         with torch.no_grad():
-            for name, layer in self.ctl.layers.items():
+            for name, layer in self.ctx.layers.items():
                 new = keep[name].cpu() & ~before[name]
                 promoted = new & reserved.get(name, torch.zeros_like(new))
                 self._start(name, "c", torch.nonzero(new).flatten())
@@ -216,13 +219,13 @@ class IncreLoRA(AllocationMethod):
             warming, slots, k = self._warm[part], idx, torch.zeros(idx.numel(), dtype=torch.long)
             if name in warming:
                 slots, k = torch.cat([warming[name][0], idx]), torch.cat([warming[name][1], k])
-            warming[name] = (slots, k, _slots(getattr(self.ctl.layers[name], part), part, slots).clone())
+            warming[name] = (slots, k, _slots(getattr(self.ctx.layers[name], part), part, slots).clone())
 
     def state_dict(self) -> dict[str, Any]:
         return {"warm": {part: {n: tuple(t.clone() for t in w) for n, w in warming.items()}
                          for part, warming in self._warm.items()},
                 "module_score": {} if self.module_score is None else self.module_score.state_dict(),
-                "reserve": {n: layer.reserve.clone() for n, layer in self.ctl.layers.items()
+                "reserve": {n: layer.reserve.clone() for n, layer in self.ctx.layers.items()
                             if layer.reserve is not None}}
 
     def load_state_dict(self, state: Any) -> None:
@@ -237,14 +240,14 @@ class IncreLoRA(AllocationMethod):
             self._warm[part].update({n: tuple(t.clone() for t in w) for n, w in warming.items()})
         if self.module_score is not None:
             self.module_score.load_state_dict(state.get("module_score", {}))
-            if self.ctl.frozen:
+            if self.ctx.frozen:
                 self.module_score.detach()
         saved = state.get("reserve")
-        for n, layer in self.ctl.layers.items():
+        for n, layer in self.ctx.layers.items():
             gate = None if saved is None else saved.get(n)
             layer.reserve = None if gate is None else gate.to(device=layer.c.device, dtype=layer.c.dtype).clone()
-        if saved is None and self.advance and not self.ctl.frozen:  # saved without reserves
-            for layer in self.ctl.layers.values():
+        if saved is None and self.advance and not self.ctx.frozen:  # saved without reserves
+            for layer in self.ctx.layers.values():
                 self._draw_reserve(layer, fresh=False)
 
 

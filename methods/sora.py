@@ -25,10 +25,9 @@ threshold, never exceeded.  The cap is dora_lab's (SoRA has none: its rank is wh
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
+from dora_lab.core.context import MethodContext
 from dora_lab.core.methods import AllocationMethod, Keep, keep_where, register_method
 
 GATE_INITS = ("normal", "zero")
@@ -60,18 +59,18 @@ class SoRA(AllocationMethod):
         self.threshold = float(threshold)
         self.gate_init = gate_init
 
-    def setup(self, ctl: Any) -> None:
-        super().setup(ctl)
+    def setup(self, ctx: MethodContext) -> None:
+        super().setup(ctx)
         if self.gate_init == "normal":
             with torch.no_grad():
-                for layer in ctl.layers.values():
+                for layer in ctx.layers.values():
                     layer.c.copy_(torch.randn(layer.c.shape, dtype=torch.float32).to(layer.c))
                     layer.B.zero_()
 
     def shrinks(self, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
         """This step's soft threshold per layer: ``xi``, or ``eta * lam`` with ``eta`` the learning
         rate of the layer's ``c`` group."""
-        layers = self.ctl.layers
+        layers = self.ctx.layers
         if self.lam is None:
             return dict.fromkeys(layers, self.xi)
         if optimizer is None:
@@ -88,16 +87,16 @@ class SoRA(AllocationMethod):
             return
         shrinks = self.shrinks(optimizer)
         with torch.no_grad():
-            for name, layer in self.ctl.layers.items():
+            for name, layer in self.ctx.layers.items():
                 layer.c.copy_(layer.c.sign() * (layer.c.abs() - shrinks[name]).clamp_min(0.0))
 
     def decide(self, t: int, update_scores: bool) -> Keep | None:
-        sched = self.ctl.schedule
+        sched = self.ctx.schedule
         if not sched.is_prune_step(t):
             return None
-        layers = self.ctl.layers
+        layers = self.ctx.layers
         keep = keep_where(layers, {n: layer.c.abs() for n, layer in layers.items()}, self.threshold,
-                          sched.budget(t), self.ctl.cost)
+                          sched.budget(t), self.ctx.cost)
         if sched.is_final_step(t) and not any(bool(k.any()) for k in keep.values()):
             raise RuntimeError(f"method 'sora' kept no component: every gate |c| is at or below threshold "
                                f"{self.threshold} (method.params.threshold); lower it or the shrink "

@@ -146,3 +146,38 @@ def test_the_study_block_merges_by_its_own_rule_along_base(tmp_path: Path) -> No
     (tmp_path / "bad.yaml").write_text("base: base.yaml\nstudy: [n_trials]\n")
     with pytest.raises(ConfigError, match="study must be a mapping of keys, got list"):
         read_yaml(tmp_path / "bad.yaml")
+
+
+def test_a_run_builds_its_method_once_and_a_second_controller_gets_its_own() -> None:
+    """Checking the config builds the method (its constructor refuses a bad method.params before any
+    work); the run's controller takes that same object (issue 26: one build per run, not two).  A
+    second controller, or a block changed since its check, gets a method of its own."""
+    import torch
+
+    from dora_lab import AllocationMethod, RankOneLinear, register_method
+    from dora_lab.core.methods import METHODS
+    from dora_lab.run.config import build_controller
+
+    built: list[AllocationMethod] = []
+
+    @register_method("counted_once")
+    class Counted(AllocationMethod):
+        def __init__(self, k: int = 1) -> None:
+            self.k = k
+            built.append(self)
+
+    try:
+        cfg = load_config_dict({"method": {"name": "counted_once", "params": {"k": 2}}})
+        assert len(built) == 1
+        layers = {"a": RankOneLinear(torch.nn.Linear(4, 3), r0=3, dropout=0.0)}
+        assert build_controller(cfg, layers, 20).method is built[0] and len(built) == 1
+        second = build_controller(cfg, layers, 20)  # the checked one is bound to the first controller
+        assert second.method is built[1] and len(built) == 2
+        changed = load_config_dict({"method": {"name": "counted_once", "params": {"k": 2}}})
+        changed.method.params = {"k": 3}  # after its check
+        assert build_controller(changed, layers, 20).method.k == 3  # type: ignore[attr-defined]
+        assert len(built) == 4 and built[3].k == 3  # type: ignore[attr-defined]
+        with pytest.raises(ConfigError, match=r"method\.params: .*'j'"):
+            load_config_dict({"method": {"name": "counted_once", "params": {"j": 1}}})
+    finally:
+        METHODS.remove("counted_once")

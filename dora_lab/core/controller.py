@@ -10,9 +10,11 @@ before ``optimizer.zero_grad()``::
 
 What is kept when is the allocation method's (:mod:`dora_lab.core.methods`; default ``dora``, the
 scorer x schedule path of ``methods/dora.py``): at its decision steps it returns one keep-mask per
-layer and the controller applies it (:meth:`apply`).  Under ``dora`` every component of every layer
-is ranked together and the top ``b(t)`` kept (:meth:`decide`); during the decay window pruning is
-soft (``c_i = 0``, still trainable); at the last pruning step the mask is frozen and, with
+layer and the controller applies it (:meth:`apply`).  The method sees the run through a
+:class:`~dora_lab.core.context.MethodContext` the controller builds (the scorer in it only for a
+method that declares ``uses_scorer``), never the controller itself.  Under ``dora`` every
+component of every layer is ranked together and the top ``b(t)`` kept (:meth:`decide`); during the
+decay window pruning is soft (``c_i = 0``, still trainable); at the last pruning step the mask is frozen and, with
 ``compact=True``, the pruned components are dropped from A, B, c and the optimizer state.
 """
 
@@ -20,21 +22,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from .adapter.inject import adapter_layers
 from .adapter.layer import RankOneLinear
-from .methods import AllocationMethod, keep_top, make_method
+from .context import BudgetUnit, MethodContext, Pool, Progress
+from .methods import AllocationMethod, keep_scored, make_method
 from .regularizers import get_regularizer
-from .schedules import BudgetSchedule, Phase, get_schedule, resolve_steps
+from .schedules import (
+    DEFAULT_FINAL,
+    DEFAULT_INTERVAL,
+    DEFAULT_WARMUP,
+    BudgetSchedule,
+    Phase,
+    get_schedule,
+    phase_steps,
+)
 from .scorers import Scorer
 
 __all__ = ["BudgetUnit", "PruningController", "StepInfo"]
-
-BudgetUnit = Literal["components", "parameters"]
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,9 @@ class PruningController:
         *,
         target_rank: float | None = None,
         target_params: int | None = None,
-        warmup: float = 0.15,
-        final: float = 0.5,
-        interval: int = 100,
+        warmup: float = DEFAULT_WARMUP,
+        final: float = DEFAULT_FINAL,
+        interval: int = DEFAULT_INTERVAL,
         regularizer: str | None = None,
         reg_weight: float = 0.0,
         compact: bool = True,
@@ -86,15 +95,14 @@ class PruningController:
         if (target_rank is None) == (target_params is None):
             raise ValueError("give exactly one of target_rank or target_params")
         self.unit: BudgetUnit = "components" if target_params is None else "parameters"
-        self.method = method if method is not None else make_method("dora")
-        # every stored component, in the unit: the pool's size and the most any cap may be
-        self.capacity = sum(self._cost(layer) * layer.rank for layer in self.layers.values())
-        self.target = (
-            int(round(target_rank * len(self.layers))) if target_rank is not None else int(target_params or 0)
-        )
+        self.method = method if method is not None else make_method()
+        target = int(round(target_rank * len(self.layers))) if target_rank is not None else int(target_params or 0)
+        # capacity: every stored component, in the unit: the pool's size and the most any cap may be
+        pool = Pool.of(self.layers, self.unit, target)
+        self.capacity, self.target = pool.capacity, pool.target
         if self.target > self.capacity:
             raise ValueError(f"the target budget ({self.target}) is above the start budget ({self.capacity})")
-        start = self.method.start_budget(self)
+        start = self.method.start_budget(pool)
         if start > self.capacity:
             raise ValueError(f"method {self.method.name!r} starts at {start}, above the pool's size "
                              f"({self.capacity} in {self.unit}): raise adapter.r0 or lower its start")
@@ -104,42 +112,56 @@ class PruningController:
                              f"budget (budget.target_rank / budget.target_params)")
         self.scorer = scorer
         prunes = getattr(get_schedule(schedule), "prunes", True)
+        warmup_steps, final_steps = phase_steps(warmup, final, total_steps)
         self.schedule = BudgetSchedule(
             name=schedule,
             total_steps=total_steps,
             start=start,
             target=self.target if prunes else start,
-            warmup_steps=resolve_steps(warmup, total_steps),
-            final_steps=resolve_steps(final, total_steps),
+            warmup_steps=warmup_steps,
+            final_steps=final_steps,
             interval=interval,
             grows=self.method.grows,
         )
         self.regularizer = get_regularizer(regularizer) if regularizer else None
         self.reg_weight = float(reg_weight)
         self.compact_at_end = compact
-        self.t = 0
-        self.frozen = False
-        self.validation_loss: Callable[[], float] | None = None
-        self.method.setup(self)
+        self.progress = Progress()
+        # the method's narrow view of the run: the scorer only for a method that reads it
+        self.context = MethodContext(self.layers, self.unit, self.capacity, self.target, self.schedule,
+                                     self.progress, scorer if self.method.uses_scorer else None)
+        self.method.setup(self.context)
         # count every layer's active components once, now (on a GPU each count waits for the device):
         # the layers cache the count until their mask changes, so steps between prune steps need none
         self.active_budget()
 
+    # -- where the run is (the context's Progress: what the method reads) ------------------------
+    @property
+    def t(self) -> int:
+        """The optimizer step the controller is at (the next :meth:`step` sees this one)."""
+        return self.progress.step
+
+    @property
+    def frozen(self) -> bool:
+        """The final mask is frozen (from the last prune step on)."""
+        return self.progress.frozen
+
+    @property
+    def validation_loss(self) -> Callable[[], float] | None:
+        return self.progress.validation_loss
+
     def set_validation(self, loss: Callable[[], float]) -> None:
         """Give a method that scores on a validation batch (``needs_validation``) its loss: ``loss()``
         returns the model's loss on one fixed validation batch, as the model is now (no gradients)."""
-        self.validation_loss = loss
-
-    def _cost(self, layer: RankOneLinear) -> int:
-        return 1 if self.unit == "components" else layer.params_per_component
+        self.progress.validation_loss = loss
 
     def cost(self, layer: RankOneLinear) -> int:
         """What one component of ``layer`` costs in the budget's unit (1, or ``d_in + d_out + 1``)."""
-        return self._cost(layer)
+        return self.context.cost(layer)
 
     def active_budget(self) -> int:
         """The active components' cost, in the budget's unit."""
-        return sum(self._cost(layer) * layer.active_rank for layer in self.layers.values())
+        return self.context.active_budget()
 
     # -- before training ------------------------------------------------------------------------
     def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
@@ -185,7 +207,7 @@ class PruningController:
                 pruned = True
         elif self.frozen and method.acts_after_freeze:  # e.g. SoRA's proximal step on the kept gates
             method.after_optimizer_step(t, optimizer, update_scores)
-        self.t += 1
+        self.progress.step += 1
         return StepInfo(
             step=t,
             phase=method.phase(t),  # type: ignore[arg-type]
@@ -196,32 +218,10 @@ class PruningController:
             frozen=self.frozen,
         )
 
-    def check_grads(self) -> None:
-        """A scorer that says it reads gradients (``needs_grad``) is refused a step without them,
-        by name, before it sees ``None`` (a layer with no components has nothing to score)."""
-        if not getattr(self.scorer, "needs_grad", False):
-            return
-        for name, layer in self.layers.items():
-            if layer.rank and any(p.grad is None for p in (layer.A, layer.B, layer.c)):
-                raise RuntimeError(
-                    f"scorer {self.scorer.name!r} needs gradients but layer {name!r} has none: call "
-                    f"controller.step() after optimizer.step() and before optimizer.zero_grad()"
-                )
-
     def decide(self, budget: int) -> dict[str, torch.Tensor]:
-        """Global top-``budget`` by the scorer's scores: one bool keep-mask per layer (nothing is changed).
-
-        In components every one of the top ``budget`` is kept; in parameters components are
-        taken in score order while they fit (a greedy fill), so the active count never exceeds it.
-        """
-        scores = self.scorer.scores()
-        missing = [n for n in self.layers if n not in scores]
-        if missing:
-            raise RuntimeError(f"scorer {self.scorer.name!r} has no scores for layers {missing[:3]}")
-        try:
-            return keep_top(self.layers, scores, budget, self._cost, what=f"scorer {self.scorer.name!r}")
-        except ValueError:
-            raise ValueError(f"scorer {self.scorer.name!r} returned negative or non-finite scores") from None
+        """Global top-``budget`` by the scorer's scores (:func:`~dora_lab.core.methods.keep_scored`):
+        one bool keep-mask per layer; nothing is changed."""
+        return keep_scored(self.layers, self.scorer, budget, self.cost)
 
     def apply(self, keep: Mapping[str, torch.Tensor], final: bool = False,
               optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -242,7 +242,7 @@ class PruningController:
                 layer.soft_prune(mask)
                 layer.hard_mask = layer.hard_mask or self.method.pool
         if final:
-            self.frozen = True
+            self.progress.frozen = True
             if self.compact_at_end:
                 for layer in self.layers.values():
                     layer.compact(optimizer)
@@ -289,7 +289,7 @@ class PruningController:
                 layer.compact()
             layer.mask.copy_(saved["mask"])
             layer.hard_mask = bool(saved["hard"])
-        self.t = int(state["t"])
-        self.frozen = bool(state["frozen"])
+        self.progress.step = int(state["t"])
+        self.progress.frozen = bool(state["frozen"])
         self.scorer.load_state_dict(state["scorer"])
         self.method.load_state_dict(state.get("method", {}))

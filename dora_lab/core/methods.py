@@ -2,7 +2,10 @@
 
 A method decides which of each layer's stored components are active.  The
 :class:`~dora_lab.core.controller.PruningController` owns the layers, the budget and the step
-count, and calls the method's hooks; it has no special case for any method::
+count, and calls the method's hooks; it has no special case for any method.  The method sees the
+run through its :class:`~dora_lab.core.context.MethodContext` (``self.ctx``, handed to
+:meth:`AllocationMethod.setup`): the layers, the cost of a component, the pool's size and the
+target, the schedule, the step and the freeze, and the scorer only if it declares ``uses_scorer``::
 
     before training       before_training(run_batch, batches)   an allocator sees a few batches
                                                                  (one-shot EVA, Fisher) and may set ranks
@@ -14,8 +17,8 @@ count, and calls the method's hooks; it has no special case for any method::
                           is_final(t)                            the decision that freezes the masks
                           after_apply(t, keep)                   after the controller applied it
 
-The budget is a cap: :meth:`AllocationMethod.budget` says how much (in the controller's unit,
-components or parameters) may be active at step ``t``; the controller's ``schedule`` gives the
+The budget is a cap: :meth:`AllocationMethod.budget` says how much (in the budget's unit,
+components or parameters) may be active at step ``t``; the context's ``schedule`` gives the
 default (the configured schedule between ``start_budget`` and the target; a method with
 ``grows = True`` starts below the target and grows to it).  A method with ``pool = True`` keeps
 its inactive components out of the forward pass (a hard mask) and turns an inactive one it
@@ -35,21 +38,22 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from .adapter.layer import RankOneLinear
+from .context import MethodContext, Pool
 from .registry import Registry, RegistryError, build_checked
-
-if TYPE_CHECKING:
-    from .controller import PruningController
+from .scorers import Scorer
 
 __all__ = [
+    "DEFAULT_METHOD",
     "AllocationMethod",
     "Keep",
     "OneShotMethod",
     "get_method",
+    "keep_scored",
     "keep_top",
     "keep_where",
     "uniform_prefix",
@@ -59,21 +63,24 @@ __all__ = [
 ]
 
 Keep = dict[str, torch.Tensor]
+#: The allocation method a run uses when its config names none (config ``method.name``): its one home.
+DEFAULT_METHOD = "dora"
 
 
 class AllocationMethod:
-    """Base class: every hook does nothing, the budget is the controller's schedule.
+    """Base class: every hook does nothing, the budget is the context's schedule.
 
     ``grows``: the method starts at :meth:`start_budget` below the target and its cap grows.
     ``pool``: inactive components are hard-masked and re-initialised when activated.
     ``calibration_batches``: how many training batches :meth:`before_training` wants (0: none).
-    ``uses_scorer``: whether the configured ``scorer`` matters (shown in run names and reports).
+    ``uses_scorer``: whether the method reads the configured ``scorer`` (only then does its context
+    carry it, :meth:`configured_scorer`; shown in progress bars and reports).
     ``follows_schedule``: the method acts at the schedule's prune steps and needs a schedule that has
     them (not ``constant``).
     ``exact_target``: in components the method ends at exactly the target (False: at most, e.g. a
     threshold that leaves fewer).  ``start_rank``: a growing method's active rank per layer at the
     start (the config refuses one above ``budget.target_rank``).  ``needs_validation``: the method
-    scores on a validation batch (``controller.validation_loss``, set by :meth:`set_validation`;
+    scores on a validation batch (``self.ctx.validation_loss``, set by ``controller.set_validation``;
     the config refuses such a method for a task without an evaluation split); ``validation_rows``:
     how many rows of the first evaluation batch that loss reads (None: all).  ``acts_after_freeze``:
     :meth:`after_optimizer_step` runs at every optimizer step, also after the masks froze (SoRA's
@@ -91,20 +98,38 @@ class AllocationMethod:
     validation_rows: int | None = None
     start_rank: int | None = None
     calibration_batches: int = 0
-    ctl: PruningController
+    ctx: MethodContext
 
     # -- binding --------------------------------------------------------------------------------
-    def start_budget(self, ctl: PruningController) -> int:
-        """The schedule's start, in the controller's unit (default: every stored component)."""
-        return ctl.capacity
+    def start_budget(self, pool: Pool) -> int:
+        """The schedule's start, in the budget's unit (default: every stored component)."""
+        return pool.capacity
 
-    def setup(self, ctl: PruningController) -> None:
-        """Called once by the controller, after its schedule is built: the method sees the layers."""
-        self.ctl = ctl
+    def setup(self, ctx: MethodContext) -> None:
+        """Called once by the controller, after its schedule is built: the method keeps its context."""
+        self.ctx = ctx
+
+    @property
+    def ctl(self) -> MethodContext:
+        """The context under the name methods used before it replaced the controller (issue 26):
+        a method written then (``self.ctl.layers``, ``self.ctl.schedule``) reads the same fields."""
+        return self.ctx
+
+    @ctl.setter
+    def ctl(self, ctx: MethodContext) -> None:
+        self.ctx = ctx
+
+    def configured_scorer(self) -> Scorer:
+        """The run's scorer, for a method that declares ``uses_scorer`` (no other context has one)."""
+        scorer = self.ctx.scorer
+        if scorer is None:
+            raise RuntimeError(f"method {self.name!r} reads the configured scorer but does not declare "
+                               f"uses_scorer = True, so its context has none: declare it on the class")
+        return scorer
 
     def active_keep(self) -> Keep:
         """The active components now, as keep masks (bools on the CPU): a decision's starting point."""
-        return {n: layer.mask.cpu() > 0 for n, layer in self.ctl.layers.items()}
+        return {n: layer.mask.cpu() > 0 for n, layer in self.ctx.layers.items()}
 
     # -- hooks ----------------------------------------------------------------------------------
     def before_training(self, run_batch: Callable[[Any], Any], batches: Iterable[Any]) -> None:
@@ -115,7 +140,7 @@ class AllocationMethod:
     def after_optimizer_step(self, t: int, optimizer: torch.optim.Optimizer | None, update_scores: bool) -> None:
         """After ``optimizer.step()`` of step ``t``, gradients still present.  ``update_scores`` is
         False for a step that fp16 loss scaling skipped (its gradients overflowed).  After the
-        freeze (``self.ctl.frozen``) only for a method with ``acts_after_freeze``."""
+        freeze (``self.ctx.frozen``) only for a method with ``acts_after_freeze``."""
         del t, optimizer, update_scores
 
     def decide(self, t: int, update_scores: bool) -> Keep | None:
@@ -129,20 +154,20 @@ class AllocationMethod:
 
     def is_final(self, t: int) -> bool:
         """Whether step ``t``'s decision freezes the masks (then the controller compacts)."""
-        return self.ctl.schedule.is_final_step(t)
+        return self.ctx.schedule.is_final_step(t)
 
     # -- the cap --------------------------------------------------------------------------------
     @property
     def changes_allocation(self) -> bool:
         """Whether the method ever decides (a constant schedule under ``dora`` does not)."""
-        return self.ctl.schedule.prunes
+        return self.ctx.schedule.prunes
 
     def budget(self, t: int) -> int:
         """The most that may be active after step ``t``'s decision (the cap)."""
-        return self.ctl.schedule.budget(t)
+        return self.ctx.schedule.budget(t)
 
     def phase(self, t: int) -> str:
-        return self.ctl.schedule.phase(t)
+        return self.ctx.schedule.phase(t)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -172,7 +197,7 @@ class OneShotMethod(AllocationMethod):
     def fix(self, keep: Keep) -> None:
         """Hard-mask every layer to ``keep`` now (``c`` untouched); step 0 applies and freezes it."""
         with torch.no_grad():
-            for n, layer in self.ctl.layers.items():
+            for n, layer in self.ctx.layers.items():
                 layer.soft_prune(keep[n])
                 layer.hard_mask = True
         self._keep = keep
@@ -191,7 +216,7 @@ class OneShotMethod(AllocationMethod):
         return True
 
     def budget(self, t: int) -> int:
-        return self.ctl.target
+        return self.ctx.target
 
     def phase(self, t: int) -> str:
         return "decay" if t == 0 else "final"
@@ -230,6 +255,22 @@ def keep_top(layers: Mapping[str, RankOneLinear], scores: Mapping[str, torch.Ten
         out[n] = keep_flat[offset: offset + r]
         offset += r
     return out
+
+
+def keep_scored(layers: Mapping[str, RankOneLinear], scorer: Scorer, budget: int,
+                cost: Callable[[RankOneLinear], int]) -> Keep:
+    """Global top-``budget`` by ``scorer``'s scores (:func:`keep_top`), its refusals naming the scorer.
+
+    In components every one of the top ``budget`` is kept; in parameters components are taken in
+    score order while they fit (a greedy fill), so the active count never exceeds it."""
+    scores = scorer.scores()
+    missing = [n for n in layers if n not in scores]
+    if missing:
+        raise RuntimeError(f"scorer {scorer.name!r} has no scores for layers {missing[:3]}")
+    try:
+        return keep_top(layers, scores, budget, cost, what=f"scorer {scorer.name!r}")
+    except ValueError:
+        raise ValueError(f"scorer {scorer.name!r} returned negative or non-finite scores") from None
 
 
 def keep_where(layers: Mapping[str, RankOneLinear], values: Mapping[str, torch.Tensor], threshold: float,
@@ -292,7 +333,7 @@ def list_methods() -> list[str]:
     return METHODS.names()
 
 
-def make_method(name: str = "dora", **params: Any) -> AllocationMethod:
+def make_method(name: str = DEFAULT_METHOD, **params: Any) -> AllocationMethod:
     """Build method ``name`` with hyper-parameters ``params``; unknown ones are refused by name,
     with the list of valid ones."""
     cls = get_method(name)

@@ -29,11 +29,17 @@ from typing import Literal
 from .registry import Registry, RegistryError
 
 __all__ = [
+    "DEFAULT_FINAL",
+    "DEFAULT_INTERVAL",
+    "DEFAULT_WARMUP",
     "BudgetSchedule",
     "ScheduleFn",
+    "check_lengths",
     "check_phases",
+    "fraction_or_steps",
     "get_schedule",
     "list_schedules",
+    "phase_steps",
     "register_schedule",
     "resolve_steps",
 ]
@@ -99,12 +105,44 @@ def constant(p: float, start: int, target: int) -> int:
     return start
 
 
-# -- the shared phases ----------------------------------------------------------------------------
+# -- the shared phases: their defaults, their rules and their length in steps (one home each) -------
+#: ``t_i``, ``t_f`` (config ``schedule.warmup`` / ``schedule.final``: fractions of the run's steps) and
+#: the steps between prune decisions (``schedule.interval``), when the config or the caller says nothing
+DEFAULT_WARMUP = 0.15
+DEFAULT_FINAL = 0.5
+DEFAULT_INTERVAL = 100
+
+
+def fraction_or_steps(value: float) -> float:
+    """One phase length must be a fraction of the steps (below 1) or a whole number of steps, never
+    1.5 steps; returns it unchanged, else ``ValueError`` saying what to write."""
+    if value >= 1 and value != int(value):
+        raise ValueError(f"{value:g} is neither a fraction of the steps (below 1, e.g. {DEFAULT_WARMUP}) nor a whole "
+                         f"number of optimizer steps: write {int(value)} or {int(value) + 1} steps, or a fraction")
+    return value
+
+
 def resolve_steps(value: float, total_steps: int) -> int:
     """A warm-up/final length: a value below 1 is a fraction of ``total_steps``, else a step count."""
     if value < 0:
         raise ValueError(f"a schedule length cannot be negative, got {value}")
     return int(round(value * total_steps)) if value < 1 else int(value)
+
+
+def phase_steps(warmup: float, final: float, total_steps: int) -> tuple[int, int]:
+    """``(t_i, t_f)`` in steps for a run of ``total_steps``: the one conversion the controller, the
+    config's check and the logged settings share."""
+    return resolve_steps(warmup, total_steps), resolve_steps(final, total_steps)
+
+
+def check_lengths(warmup: float, final: float, total_steps: int | None = None) -> None:
+    """The rule for ``schedule.warmup`` and ``schedule.final`` as configured: with the run's length
+    unknown, two fractions must sum below 1; with it known, the phases in steps must leave a step to
+    prune in (:func:`check_phases`).  ``ValueError`` otherwise."""
+    if total_steps is not None:
+        check_phases(*phase_steps(warmup, final, total_steps), total_steps)
+    elif warmup < 1 and final < 1 and warmup + final >= 1:
+        raise ValueError(f"warmup ({warmup}) + final ({final}) >= 1 leaves no steps for pruning; make their sum below 1")
 
 
 def check_phases(warmup_steps: int, final_steps: int, total_steps: int) -> None:

@@ -41,6 +41,7 @@ __all__ = [
     "FunctionScorer",
     "LayerStack",
     "Scorer",
+    "check_grads",
     "combine_elementwise",
     "get_scorer",
     "list_scorers",
@@ -193,6 +194,19 @@ def require_grads(layer: RankOneLinear, scorer: str) -> tuple[torch.Tensor, torc
             f"after optimizer.step() and before optimizer.zero_grad()"
         )
     return grads  # type: ignore[return-value]
+
+
+def check_grads(scorer: Scorer, layers: Layers) -> None:
+    """A scorer that says it reads gradients (``needs_grad``) is refused a step without them, by
+    layer name, before it sees ``None`` (a layer with no components has nothing to score)."""
+    if not getattr(scorer, "needs_grad", False):
+        return
+    for name, layer in layers.items():
+        if layer.rank and any(p.grad is None for p in (layer.A, layer.B, layer.c)):
+            raise RuntimeError(
+                f"scorer {scorer.name!r} needs gradients but layer {name!r} has none: call "
+                f"controller.step() after optimizer.step() and before optimizer.zero_grad()"
+            )
 
 
 def combine_elementwise(i_a: torch.Tensor, i_b: torch.Tensor, i_c: torch.Tensor) -> torch.Tensor:

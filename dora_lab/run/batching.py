@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .causal import IGNORE_INDEX, CausalEncoding, encode_causal
+from .config import DEFAULT_MAX_LENGTH
 from .config_yaml import ConfigError
 from .packing import PackCollator
 from .tasks import LABEL_COLUMN, TaskSpec
@@ -229,7 +230,7 @@ def make_loader(
     tokenizer: Any,
     *,
     batch_size: int,
-    max_length: int = 128,
+    max_length: int = DEFAULT_MAX_LENGTH,
     shuffle: bool,
     group_by_length: bool = True,
     seed: int = 0,
@@ -260,7 +261,7 @@ def make_loader(
                      max_length=max_length)
 
 
-def encode_rows(rows: Sequence[dict[str, Any]], spec: TaskSpec, tokenizer: Any, *, max_length: int = 128,
+def encode_rows(rows: Sequence[dict[str, Any]], spec: TaskSpec, tokenizer: Any, *, max_length: int = DEFAULT_MAX_LENGTH,
                 prompt_format: str = "auto", score_labels: bool = False) -> Encoded:
     """The token rows of ``rows`` (what :func:`make_loader` batches): the one place a task's rows are
     tokenised, so a study can cache its result (:mod:`dora_lab.run.token_cache`)."""
@@ -284,7 +285,7 @@ def encode_rows(rows: Sequence[dict[str, Any]], spec: TaskSpec, tokenizer: Any, 
 
 def loader_of(dataset: Encoded, spec: TaskSpec, tokenizer: Any, *, batch_size: int, shuffle: bool,
               group_by_length: bool = True, seed: int = 0, drop_last: bool = False, shards: int = 1,
-              shard: int = 0, packing: bool = False, max_length: int = 128) -> TaskLoader:
+              shard: int = 0, packing: bool = False, max_length: int = DEFAULT_MAX_LENGTH) -> TaskLoader:
     """A loader of padded batches of ``dataset`` (from :func:`encode_rows`); see :func:`make_loader`
     (``packing``: a causal task's training rows packed into sequences of at most ``max_length``)."""
     _check_pad(tokenizer)

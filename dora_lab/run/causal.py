@@ -41,14 +41,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..core.labels import IGNORE_INDEX
 from .config_yaml import ConfigError
 from .tasks import LABEL_COLUMN, TaskSpec
 
 __all__ = ["IGNORE_INDEX", "PROMPT_FORMATS", "ROLES", "CausalEncoding", "chat_messages", "chat_segments",
            "encode_causal", "prompt_of", "uses_chat", "verbalizer_ids"]
 
-#: The label of a token the loss ignores (the prompt, padding), as Hugging Face models expect.
-IGNORE_INDEX = -100
 #: Values of ``task.prompt_format``.
 PROMPT_FORMATS = ("auto", "chat", "plain")
 #: The roles of a chat row's turns.

@@ -26,7 +26,10 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from ..core.methods import DEFAULT_METHOD
+from ..core.schedules import DEFAULT_FINAL, DEFAULT_INTERVAL, DEFAULT_WARMUP, check_lengths, fraction_or_steps
 from .config_eval import EvalConfig
+from .config_method import check_method, take_method
 from .config_yaml import ConfigError, apply_overrides, load_yaml, parse_assignment, read_yaml, set_values
 
 if TYPE_CHECKING:
@@ -45,12 +48,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+#: ``task.max_length``'s default, also the encoders' (run/batching.py) when a caller gives none
+DEFAULT_MAX_LENGTH = 128
+
+
 class TaskConfig(_Strict):
     name: str = Field(
         "cola", description="a registered task (cola, sst2, ..., instruct; docs/configuration.md)")
     data_dir: str | None = Field(None, description="folder with train/validation .jsonl/.csv/.tsv; null = Hub")
     max_length: int = Field(
-        128, ge=8, description="tokens per row; longer rows are truncated (at most the model's)")
+        DEFAULT_MAX_LENGTH, ge=8, description="tokens per row; longer rows are truncated (at most the model's)")
     max_train_samples: int | None = Field(
         None, ge=1, description="keep a random subset of this many training rows (same per seed); null: all")
     max_eval_samples: int | None = Field(
@@ -128,41 +135,30 @@ class ScorerConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    name: str = Field("dora", description="the allocation method (docs/methods.md); dora = scorer x schedule")
+    name: str = Field(DEFAULT_METHOD, description="the allocation method (docs/methods.md); dora = scorer x schedule")
     params: dict[str, Any] = Field(default_factory=dict,
                                    description="the method's own parameters, e.g. {start_rank: 1} "
                                                "(docs/methods.md)")
 
 
-def _fraction_or_steps(value: float) -> float:
-    if value >= 1 and value != int(value):
-        raise ValueError(f"{value:g} is neither a fraction of the steps (below 1, e.g. 0.15) nor a whole "
-                         f"number of optimizer steps: write {int(value)} or {int(value) + 1} steps, or a fraction")
-    return value
-
-
 #: A phase length: a fraction of the run's steps (below 1) or a whole number of steps, never 1.5 steps
 #: (a type, not a model validator, so that a study's searched and overridden values are checked too).
-FractionOrSteps = Annotated[float, AfterValidator(_fraction_or_steps)]
+FractionOrSteps = Annotated[float, AfterValidator(fraction_or_steps)]
 
 
 class ScheduleConfig(_Strict):
     name: str = Field(
         "dora", description="the budget schedule: dora, adalora, linear, or constant (no pruning)")
-    warmup: FractionOrSteps = Field(0.15, ge=0, description="t_i: a fraction of the steps if < 1, else steps")
-    final: FractionOrSteps = Field(0.5, ge=0, description="t_f: a fraction of the steps if < 1, else steps")
+    warmup: FractionOrSteps = Field(DEFAULT_WARMUP, ge=0, description="t_i: a fraction of the steps if < 1, else steps")
+    final: FractionOrSteps = Field(DEFAULT_FINAL, ge=0, description="t_f: a fraction of the steps if < 1, else steps")
     interval: int = Field(
-        100, ge=1, description="optimizer steps between pruning decisions, counted from t_i")
+        DEFAULT_INTERVAL, ge=1, description="optimizer steps between pruning decisions, counted from t_i")
     compact: bool = Field(True, description="when pruning ends, drop pruned components from the weights and "
                                             "the optimizer state")
 
     @model_validator(mode="after")
     def _phases_fit(self) -> ScheduleConfig:
-        if self.warmup < 1 and self.final < 1 and self.warmup + self.final >= 1:
-            raise ValueError(
-                f"warmup ({self.warmup}) + final ({self.final}) >= 1 leaves no steps for pruning; "
-                f"make their sum below 1"
-            )
+        check_lengths(self.warmup, self.final)  # the run's length is not known here
         return self
 
 
@@ -324,7 +320,7 @@ def _check_registered(cfg: RunConfig) -> None:
         except ValueError as exc:
             raise ValueError(f"task.name: {exc}") from None
         try:
-            method = methods.make_method(cfg.method.name, **cfg.method.params)
+            method = check_method(cfg.method)  # the run's one build (build_controller takes it)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"method.{'params' if cfg.method.name in methods.METHODS else 'name'}: {exc}") from None
         if method.needs_validation and not spec.eval_splits and cfg.train.method == "adapter":
@@ -345,8 +341,7 @@ def _check_registered(cfg: RunConfig) -> None:
         if total and cfg.train.method == "adapter" and getattr(schedule, "prunes", True):
             s = cfg.schedule
             try:  # known before any data or model is loaded: refuse now, not after loading them
-                schedules.check_phases(schedules.resolve_steps(s.warmup, total), schedules.resolve_steps(s.final, total),
-                                       total)
+                check_lengths(s.warmup, s.final, total)
             except ValueError as exc:
                 raise ValueError(f"schedule.warmup ({s.warmup:g}) and schedule.final ({s.final:g}) do not fit "
                                  f"train.max_steps ({total}): {exc}, or raise train.max_steps") from None
@@ -366,7 +361,6 @@ def build_controller(cfg: RunConfig, model: Any, total_steps: int,
     or budget that does not fit the run's length or model raises :class:`ConfigError`."""
     from ..core.adapter import adapter_layers
     from ..core.controller import PruningController
-    from ..core.methods import make_method
     from ..core.scorers import make_scorer
 
     try:
@@ -376,7 +370,7 @@ def build_controller(cfg: RunConfig, model: Any, total_steps: int,
             warmup=cfg.schedule.warmup, final=cfg.schedule.final, interval=cfg.schedule.interval,
             regularizer=cfg.regularizer.name, reg_weight=cfg.regularizer.weight,
             compact=cfg.schedule.compact, agree=agree,
-            method=make_method(cfg.method.name, **cfg.method.params))
+            method=take_method(cfg.method))
     except ValueError as exc:  # a schedule or budget that does not fit this run's length or model
         raise ConfigError(f"the schedule and budget do not fit this run ({total_steps} optimizer steps, "
                           f"{len(adapter_layers(model))} adapted matrices): {exc}") from None

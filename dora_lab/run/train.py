@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..core.adapter import count_parameters, inject_adapters
 from ..core.controller import PruningController
+from ..core.methods import DEFAULT_METHOD
 from ..export.checkpoint import save_adapter
 from . import convergence, distributed
 from .batching import loader_of
@@ -178,7 +179,8 @@ def train_run(
     sign = 1.0 if spec.greater_is_better else -1.0
     best: tuple[float, int, dict[str, torch.Tensor]] = (-math.inf, -1, {})
     batches = _micro_batches(train_loader)
-    what = f"{cfg.scorer.name}/{cfg.schedule.name}" if cfg.method.name == "dora" else cfg.method.name
+    scored = controller is not None and controller.method.uses_scorer  # name the scorer where it matters
+    what = f"{cfg.method.name} {cfg.scorer.name}/{cfg.schedule.name}" if scored else cfg.method.name
     bar = tqdm(total=total, desc=f"{cfg.task.name} {what} seed {cfg.seed}",
                disable=not (progress and rank0), dynamic_ncols=True)
     model.train()
@@ -320,7 +322,7 @@ def _write_outputs(run_dir: Path, result: RunResult, controller: PruningControll
 
 def _default_run_dir(cfg: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    method = "" if cfg.method.name == "dora" else f"{cfg.method.name}-"
+    method = "" if cfg.method.name == DEFAULT_METHOD else f"{cfg.method.name}-"  # the default goes unsaid
     return Path(cfg.output_dir) / "runs" / f"{stamp}-{cfg.task.name}-{method}{cfg.scorer.name}-{cfg.schedule.name}-s{cfg.seed}"
 
 

@@ -69,10 +69,10 @@ def effective_settings(cfg: RunConfig, total_steps: int | None = None) -> dict[s
     if reg:
         out["regularizer.effective.stops_when_frozen"] = str(
             bool(getattr(regularizers.get_regularizer(reg), "stops_when_frozen", False)))
-    if total_steps is not None:
+    if total_steps is not None:  # the phases in steps, as the controller counts them (core/schedules.py)
+        warmup, final = schedules.phase_steps(cfg.schedule.warmup, cfg.schedule.final, total_steps)
         out |= {"schedule.effective.total_steps": str(total_steps),
-                "schedule.effective.warmup_steps": str(schedules.resolve_steps(cfg.schedule.warmup, total_steps)),
-                "schedule.effective.final_steps": str(schedules.resolve_steps(cfg.schedule.final, total_steps))}
+                "schedule.effective.warmup_steps": str(warmup), "schedule.effective.final_steps": str(final)}
     return out
 
 

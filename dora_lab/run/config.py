@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from .config_data import DatasetConfig
 from .config_eval import EvalConfig
 from .config_yaml import ConfigError, apply_overrides, load_yaml, parse_assignment, read_yaml, set_values
 
@@ -49,6 +50,7 @@ class TaskConfig(_Strict):
     name: str = Field(
         "cola", description="a registered task (cola, sst2, ..., instruct; docs/configuration.md)")
     data_dir: str | None = Field(None, description="folder with train/validation .jsonl/.csv/.tsv; null = Hub")
+    dataset: DatasetConfig | None = Field(None, description="a Hub id or a local data path (docs/decoders.md)")
     max_length: int = Field(
         128, ge=8, description="tokens per row; longer rows are truncated (at most the model's)")
     max_train_samples: int | None = Field(
@@ -159,10 +161,8 @@ class ScheduleConfig(_Strict):
     @model_validator(mode="after")
     def _phases_fit(self) -> ScheduleConfig:
         if self.warmup < 1 and self.final < 1 and self.warmup + self.final >= 1:
-            raise ValueError(
-                f"warmup ({self.warmup}) + final ({self.final}) >= 1 leaves no steps for pruning; "
-                f"make their sum below 1"
-            )
+            raise ValueError(f"warmup ({self.warmup}) + final ({self.final}) >= 1 leaves no steps for pruning; "
+                             f"make their sum below 1")
         return self
 
 
@@ -228,10 +228,8 @@ class RunConfig(_Strict):
     def _budget_fits(self) -> RunConfig:
         rank = self.budget.target_rank
         if rank is not None and rank > self.adapter.r0:
-            raise ValueError(
-                f"budget.target_rank ({rank}) is above the start rank adapter.r0 ({self.adapter.r0}); "
-                f"the budget can only shrink"
-            )
+            raise ValueError(f"budget.target_rank ({rank}) is above the start rank adapter.r0 ({self.adapter.r0}); "
+                             f"the budget can only shrink")
         return self
 
     def resolved(self) -> dict[str, Any]:

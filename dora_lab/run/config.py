@@ -29,6 +29,7 @@ from pydantic.fields import FieldInfo
 from .config_data import DatasetConfig
 from .config_eval import EvalConfig
 from .config_yaml import ConfigError, apply_overrides, load_yaml, parse_assignment, read_yaml, set_values
+from .quantization import QuantizationConfig
 
 if TYPE_CHECKING:
     from ..core.controller import PruningController
@@ -76,6 +77,7 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="of the frozen base weights; bfloat16 keeps adapters and head in float32 "
                                "and runs the forward pass under bf16 autocast")
+    quantization: QuantizationConfig | None = Field(None, description="QLoRA: a 4-bit frozen base (docs/decoders.md)")
 
     @model_validator(mode="after")
     def _dtype_fits_precision(self) -> ModelConfig:

@@ -138,3 +138,16 @@ def test_a_tiny_llama_trains_from_a_dataset_file(llama: Path, tmp_path: Path) ->
     result = train_run(cfg, tmp_path / "run", progress=False)
     assert math.isfinite(result.history[-1]["perplexity"])
     assert result.history[-1]["perplexity"] < result.initial_metrics["perplexity"]
+
+
+def test_mlflow_records_the_dataset_path_as_each_split_source(tmp_path: Path) -> None:
+    from dora_lab.track.logger import datasets as mlflow_datasets
+
+    write_jsonl(tmp_path / "d" / "train.jsonl", ROWS[:7])
+    write_jsonl(tmp_path / "d" / "test.jsonl", ROWS[7:])
+    cfg = load_config(REPO / "configs" / "smollm2_instruct.yaml", [
+        "task.data_dir=null", f"task.dataset={{path: {tmp_path / 'd'}, eval_split: test}}",
+        "task.columns={instruction: prompt, output: response}"])
+    out = mlflow_datasets(cfg)
+    assert set(out) == {"train", "validation"} and len(out["validation"].df) == 3
+    assert all(str((tmp_path / "d").resolve()) in json.dumps(ds.source.to_dict()) for ds in out.values())

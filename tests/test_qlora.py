@@ -127,6 +127,8 @@ def test_the_config_and_the_refusal_without_bitsandbytes(monkeypatch: pytest.Mon
     assert bnb.bnb_4bit_compute_dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="model.quantization.bits"):
         load_config(yaml, ["model.quantization={bits: 8}"])
+    with pytest.raises(ConfigError, match="train.method 'full' cannot train it: set train.method to adapter"):
+        quantized_load_kwargs(cfg.model.quantization, CPU, "full")
     # bitsandbytes is installed here; its absence is simulated at the one place that looks for it
     monkeypatch.setattr(quantization.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"needs bitsandbytes, which is not installed: pip install 'dora_lab\[qlora\]'"):

@@ -51,12 +51,16 @@ class QuantizationConfig(BaseModel):
                                   bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype))
 
 
-def quantized_load_kwargs(quantization: QuantizationConfig | None, device: torch.device) -> dict[str, Any]:
+def quantized_load_kwargs(quantization: QuantizationConfig | None, device: torch.device,
+                          method: str = "adapter") -> dict[str, Any]:
     """The ``from_pretrained`` keywords that load the base quantised on ``device`` (``{}`` without
-    ``quantization``).  Refuses, with :class:`ConfigError` naming the fix, a
-    machine without bitsandbytes, before anything is loaded."""
+    ``quantization``).  Refuses, with :class:`ConfigError` naming the fix, before anything is loaded:
+    a machine without bitsandbytes, and ``train.method: full`` (4-bit weights cannot be trained)."""
     if quantization is None:
         return {}
+    if method != "adapter":
+        raise ConfigError(f"model.quantization freezes the base in 4 bits, so train.method {method!r} cannot "
+                          f"train it: set train.method to adapter (QLoRA), or remove model.quantization")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("model.quantization needs bitsandbytes, which is not installed: pip install "
                           "'dora_lab[qlora]' (or pip install bitsandbytes), or remove model.quantization")

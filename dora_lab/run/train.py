@@ -93,7 +93,7 @@ def train_run(
 
     # -- data and model -------------------------------------------------------------------
     # read before the model (bad data fails first), unless a study's cache may hold the token rows
-    quantized = quantized_load_kwargs(cfg.model.quantization, device)  # QLoRA: refused here without bitsandbytes
+    quantized = quantized_load_kwargs(cfg.model.quantization, device, cfg.train.method)  # QLoRA; refusals: exit 2
     task_rows = load_rows(cfg, spec) if data_cache is None else None
     bf16_weights = cfg.model.dtype == "bfloat16"  # frozen weights in bf16 (or 4 bits); what trains stays float32
     float32_trained = bf16_weights or bool(quantized)

@@ -151,3 +151,10 @@ def test_mlflow_records_the_dataset_path_as_each_split_source(tmp_path: Path) ->
     out = mlflow_datasets(cfg)
     assert set(out) == {"train", "validation"} and len(out["validation"].df) == 3
     assert all(str((tmp_path / "d").resolve()) in json.dumps(ds.source.to_dict()) for ds in out.values())
+
+
+def test_a_file_datasets_cannot_parse_is_refused_with_the_parsers_reason(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    with pytest.raises(DataError, match=r"could not be read as a dataset \(ArrowInvalid: JSON parse error"):
+        load(str(tmp_path / "d"))

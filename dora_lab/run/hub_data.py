@@ -166,8 +166,9 @@ def _open(source: DatasetConfig) -> tuple[Any, str]:
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as exc:
         if isinstance(exc, DataError):
             raise
+        cause = exc.__cause__ or exc.__context__ or exc  # datasets wraps the parser's own error
         raise DataError(f"task.dataset {str(local)!r} could not be read as a dataset "
-                        f"({type(exc).__name__}: {exc}); fix the files or point task.dataset.path elsewhere") from exc
+                        f"({type(cause).__name__}: {cause}); fix the files or point task.dataset.path elsewhere") from exc
     return _open_hub(source), f"task.dataset {source.path!r}" + (f" (config {source.config!r})" if source.config else "")
 
 

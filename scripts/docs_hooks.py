@@ -74,6 +74,13 @@ def section_model(annotation: Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
+def optional_section(annotation: Any) -> type[BaseModel] | None:
+    """The model of an optional section (``task.dataset: DatasetConfig | None``), else None."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    models = [a for a in args if section_model(a)]
+    return models[0] if len(models) == 1 and len(args) == 2 and type(None) in args else None
+
+
 def variants(annotation: Any) -> list[type[BaseModel]]:
     """The models of a discriminated union (``sampler: tpe | random | grid``), else []."""
     if typing.get_origin(annotation) is typing.Annotated:
@@ -88,6 +95,9 @@ def rows(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, FieldInfo]]
     for key, field in model.model_fields.items():
         path = f"{prefix}{key}"
         if (sub := section_model(field.annotation)) is not None:
+            yield from rows(sub, path + ".")
+        elif (sub := optional_section(field.annotation)) is not None:  # null, or a section of these keys
+            yield path, field
             yield from rows(sub, path + ".")
         elif options := variants(field.annotation):
             for option in options:  # its `name` is in the key: study.sampler[name=tpe].seed

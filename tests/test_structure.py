@@ -58,7 +58,6 @@ MAX_FUNCTION_LINES = 80
 ALLOWED_LONG_MODULES = {
     "dora_lab/study/space.py",  # 436
     "dora_lab/export/checkpoint.py",  # 413
-    "dora_lab/run/data.py",  # 410
 }
 #: Today's long functions, as path::qualified name.
 ALLOWED_LONG_FUNCTIONS = {

@@ -37,7 +37,7 @@ from ..run.models import resolve_model_path
 from .checkpoint import AdapterError, load_adapter, read_adapter_config
 from .cli import ExportError, resolve_source
 
-__all__ = ["generate_text", "generate_texts", "main", "prompt_ids"]
+__all__ = ["generate_text", "generate_texts", "load_causal", "main", "prompt_ids"]
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 _GREEDY = Sampling(max_new_tokens=64)
@@ -69,6 +69,34 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, *, max_new_toke
                   system: str | None = None, raw: bool = False) -> tuple[str, list[int]]:
     """Greedy continuation of one ``prompt``: ``(decoded text, new token ids)``."""
     return generate_texts(model, tokenizer, [prompt], sampling=Sampling(max_new_tokens), system=system, raw=raw)[0]
+
+
+def load_causal(source: str, *, base: str | None = None, tracking_uri: str | None = None, merged: bool = False,
+                device: str = "cpu", what: str = "there is no text to generate (evaluate it instead)") -> tuple[nn.Module, Any]:
+    """The adapted causal LM of ``source`` (an adapter folder, a run folder, an MLflow run id) and
+    its base's tokenizer; ``merged`` folds the adapter into the weights.  ``what`` ends the refusal
+    of an adapter that is not a causal LM's.  Raises :class:`ExportError` / :class:`AdapterError`."""
+    with tempfile.TemporaryDirectory(prefix="dora_lab_generate_") as tmp:
+        folder = resolve_source(source, tracking_uri, Path(tmp))
+        config = read_adapter_config(folder)
+        cls = str(config["base_model"].get("model_class") or "")
+        if not cls.endswith(_CAUSAL_SUFFIXES):
+            raise ExportError(f"{folder} is an adapter for a {cls or 'model of unknown class'}, not a causal "
+                              f"language model: {what}")
+        base = base or str(config["base_model"]["name_or_path"])
+        path, local_only = resolve_model_path(base)
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        except (OSError, ValueError) as e:
+            raise ExportError(f"no tokenizer for the base {base!r} ({e}); pass --base with a folder that has one") from e
+        model = load_adapter(folder, base_model=path)
+    if merged:
+        from .merge import merged_model
+
+        model = merged_model(model, inplace=True)
+    return model.to(torch.device(device)), tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,27 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         prompts, sampling = _prompts(args), _sampling(args)
-        with tempfile.TemporaryDirectory(prefix="dora_lab_generate_") as tmp:
-            folder = resolve_source(args.source, args.tracking_uri, Path(tmp))
-            config = read_adapter_config(folder)
-            cls = str(config["base_model"].get("model_class") or "")
-            if not cls.endswith(_CAUSAL_SUFFIXES):
-                raise ExportError(f"{folder} is an adapter for a {cls or 'model of unknown class'}, not a causal "
-                                  f"language model: there is no text to generate (evaluate it instead)")
-            base = args.base or str(config["base_model"]["name_or_path"])
-            path, local_only = resolve_model_path(base)
-            from transformers import AutoTokenizer
-
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-            except (OSError, ValueError) as e:
-                raise ExportError(f"no tokenizer for the base {base!r} ({e}); pass --base with a folder that has one") from e
-            model = load_adapter(folder, base_model=path)
-        if args.merged:
-            from .merge import merged_model
-
-            model = merged_model(model, inplace=True)
-        model.to(torch.device(args.device))
+        model, tokenizer = load_causal(args.source, base=args.base, tracking_uri=args.tracking_uri,
+                                       merged=args.merged, device=args.device)
     except (ExportError, AdapterError) as e:
         return refuse(e)
     answers = generate_texts(model, tokenizer, prompts, sampling=sampling, system=args.system, raw=args.raw,

@@ -17,12 +17,16 @@ import copy
 from torch import nn
 
 from ..core.adapter import adapter_layers
+from ..run.quantization import is_quantized
 
 __all__ = ["merge_adapters", "merged_model", "unmerge_adapters"]
 
 
 def merge_adapters(model: nn.Module) -> int:
     """Add every adapter's ``dW`` into its base weight; returns how many layers were merged now."""
+    if is_quantized(model):
+        raise ValueError("the base is quantised to 4 bits (model.quantization): dW cannot be added into it in "
+                         "place; use merged_model(model), which merges into a dequantised copy")
     done = 0
     for layer in adapter_layers(model).values():
         if not layer.merged:
@@ -48,6 +52,10 @@ def merged_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Every parameter of the result is frozen; put it back with ``requires_grad_`` to fine-tune it.
     """
     out = model if inplace else copy.deepcopy(model)
+    if is_quantized(out):  # a QLoRA base: merge into its dequantised weights (dora_lab.export.dequantize)
+        from .dequantize import dequantize_model
+
+        dequantize_model(out)
     for name, layer in adapter_layers(out).items():
         layer.merge()
         parent_name, _, child = name.rpartition(".")

@@ -28,9 +28,11 @@ from pydantic.fields import FieldInfo
 
 from ..core.methods import DEFAULT_METHOD
 from ..core.schedules import DEFAULT_FINAL, DEFAULT_INTERVAL, DEFAULT_WARMUP, check_lengths, fraction_or_steps
+from .config_data import DatasetConfig
 from .config_eval import EvalConfig
 from .config_method import check_method, take_method
 from .config_yaml import ConfigError, apply_overrides, load_yaml, parse_assignment, read_yaml, set_values
+from .quantization import QuantizationConfig
 
 if TYPE_CHECKING:
     from ..core.controller import PruningController
@@ -56,6 +58,7 @@ class TaskConfig(_Strict):
     name: str = Field(
         "cola", description="a registered task (cola, sst2, ..., instruct; docs/configuration.md)")
     data_dir: str | None = Field(None, description="folder with train/validation .jsonl/.csv/.tsv; null = Hub")
+    dataset: DatasetConfig | None = Field(None, description="a Hub id or a local data path (docs/decoders.md)")
     max_length: int = Field(
         DEFAULT_MAX_LENGTH, ge=8, description="tokens per row; longer rows are truncated (at most the model's)")
     max_train_samples: int | None = Field(
@@ -81,6 +84,7 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="of the frozen base weights; bfloat16 keeps adapters and head in float32 "
                                "and runs the forward pass under bf16 autocast")
+    quantization: QuantizationConfig | None = Field(None, description="QLoRA: a 4-bit frozen base (docs/decoders.md)")
 
     @model_validator(mode="after")
     def _dtype_fits_precision(self) -> ModelConfig:
@@ -224,10 +228,8 @@ class RunConfig(_Strict):
     def _budget_fits(self) -> RunConfig:
         rank = self.budget.target_rank
         if rank is not None and rank > self.adapter.r0:
-            raise ValueError(
-                f"budget.target_rank ({rank}) is above the start rank adapter.r0 ({self.adapter.r0}); "
-                f"the budget can only shrink"
-            )
+            raise ValueError(f"budget.target_rank ({rank}) is above the start rank adapter.r0 ({self.adapter.r0}); "
+                             f"the budget can only shrink")
         return self
 
     def resolved(self) -> dict[str, Any]:

@@ -7,8 +7,10 @@ task-specific comes from the :class:`~dora_lab.run.tasks.TaskSpec`.  Instruction
 task without labels) has rows ``{prompt, response, idx}``, chat data ``{messages, idx}`` (a row's
 ``system`` text becomes its first turn: :func:`~dora_lab.run.causal.chat_messages`); a GLUE task asked as a prompt reads the
 GLUE task's own files.  ``task.columns`` renames a file's columns to the task's.  Hub data and
-local files go through the same checks, so a bad file fails at load time with a message that
-names the file, the row and what to fix.
+local files go through the same checks (:mod:`dora_lab.run.rows`), so a bad file fails at load time
+with a message that names the file, the row and what to fix.  The Hub, and ``task.dataset`` (a Hub
+id or any local data path, read by ``datasets``), are :mod:`dora_lab.run.hub_data`'s; local folders
+(``task.data_dir``) are read here, by the rules below.
 
 Local folders hold one file per split, ``<split>.jsonl``, ``<split>.csv`` or ``<split>.tsv``
 (``train`` and ``validation``; mnli wants ``validation_matched`` and ``validation_mismatched``)
@@ -30,17 +32,18 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import os
-import random
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .batching import LengthGroupedBatchSampler, TaskLoader, make_loader, padding_stats, restore_order
-from .causal import chat_messages
+from .hub_data import load_dataset_splits, load_hub_splits
+from .rows import DataError, Row, check_columns, normalise, parse_label, renamed, subset
 from .tasks import LABEL_COLUMN, TaskSpec
+
+if TYPE_CHECKING:
+    from .config_data import DatasetConfig
 
 __all__ = ["GLUE_SPLIT_FILES", "SUFFIXES", "DataError", "LengthGroupedBatchSampler", "TaskLoader", "load_splits",
            "make_loader", "padding_stats", "restore_order"]
@@ -50,13 +53,6 @@ SUFFIXES = (".jsonl", ".csv", ".tsv")
 #: The names GLUE's download gives the evaluation splits' files (``<name>.tsv``).
 GLUE_SPLIT_FILES = {"validation": "dev", "validation_matched": "dev_matched",
                     "validation_mismatched": "dev_mismatched"}
-_TRUE = {"1", "ON", "YES", "TRUE"}
-
-Row = dict[str, Any]
-
-
-class DataError(ValueError):
-    """The data cannot be loaded or is malformed; the message says what to set or fix."""
 
 
 # -- public entry point ------------------------------------------------------------------------
@@ -68,6 +64,7 @@ def load_splits(
     max_eval_samples: int | None = None,
     seed: int = 0,
     columns: Mapping[str, str] | None = None,
+    dataset: DatasetConfig | None = None,
 ) -> dict[str, list[Row]]:
     """Rows of ``train`` and of each of ``spec.eval_splits``, checked and normalised.
 
@@ -78,7 +75,9 @@ def load_splits(
 
     ``data_dir=None`` loads ``datasets.load_dataset(*spec.hub_path)``; offline (no network, or
     ``HF_HUB_OFFLINE=1``) that fails at once with a :class:`DataError` that says to set
-    ``task.data_dir``.  A folder reads ``<split>.jsonl|.csv|.tsv`` from it.
+    ``task.data_dir``.  A folder reads ``<split>.jsonl|.csv|.tsv`` from it.  ``dataset`` (config
+    key ``task.dataset``, with ``data_dir`` None) reads a Hub dataset or a local path through
+    ``datasets`` instead (:func:`~dora_lab.run.hub_data.load_dataset_splits`).
 
     ``max_train_samples`` / ``max_eval_samples`` keep a random subset of that many rows of each
     split (the same rows for the same ``seed``, kept in file order), for tests and fast runs.
@@ -93,74 +92,14 @@ def load_splits(
     if bad:
         raise DataError(f"task.columns maps {', '.join(bad)}: each entry maps a column of the data to one of "
                         f"{spec.name}'s columns ({', '.join(spec.columns)}); fix task.columns")
+    if dataset is not None and data_dir is not None:
+        raise DataError(f"task.data_dir ({data_dir}) and task.dataset ({dataset.path}) both name the data; "
+                        f"set one of them (task.dataset reads a Hub id or any local data path)")
+    if dataset is not None:
+        return load_dataset_splits(spec, dataset, limits, seed, renames)
     if data_dir is None:
-        return _load_hub(spec, limits, seed, renames)
+        return load_hub_splits(spec, limits, seed, renames)
     return _load_local(spec, Path(data_dir), limits, seed, renames)
-
-
-# -- the Hub -----------------------------------------------------------------------------------
-def _hub_help(spec: TaskSpec, reason: str) -> str:
-    files = ", ".join(f"{s}.jsonl" for s in ("train", *spec.eval_splits))
-    return (
-        f"could not load GLUE {spec.name} from the Hugging Face Hub "
-        f"({spec.hub_path[0]}, config {spec.hub_path[1]!r}): {reason}. "
-        f"Set task.data_dir to a local folder with train and validation files (.jsonl, .csv or .tsv; "
-        f"here {files}, with columns {', '.join(spec.columns)}; GLUE's own train.tsv and dev.tsv load as downloaded), "
-        f"e.g. --set task.data_dir=../shared/data/glue/{spec.name}. "
-        f"If the dataset is already in your Hugging Face cache, start Python with HF_HUB_OFFLINE=1 to use it."
-    )
-
-
-def _env_offline() -> bool:
-    return any(os.environ.get(v, "").strip().upper() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def _hub_unreachable() -> str | None:
-    """Why the Hub cannot be reached (a quick HEAD request, proxies honoured), or None if it can."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=5.0)
-    except Exception as exc:  # any transport failure means: do not start datasets' slow retries
-        return f"cannot reach {constants.ENDPOINT} ({type(exc).__name__}: {exc})"
-    return None
-
-
-def _load_hub(spec: TaskSpec, limits: dict[str, int | None], seed: int,
-              renames: dict[str, str]) -> dict[str, list[Row]]:
-    if not spec.hub_path[0]:
-        files = ", ".join(f"{s}.jsonl" for s in ("train", *spec.eval_splits))
-        raise DataError(f"task {spec.name!r} has no Hugging Face Hub dataset: set task.data_dir to a folder with "
-                        f"{files} (columns {', '.join(spec.columns)}; other names are mapped with task.columns), "
-                        f"e.g. --set task.data_dir=data/instruct (the instruction set shipped with dora_lab)")
-    from datasets import config as datasets_config
-    from datasets import load_dataset
-
-    # datasets reads HF_HUB_OFFLINE once, at import: set later, it would still try the network
-    # (with retries); offline or unreachable, fail at once unless datasets will use its cache.
-    if not datasets_config.HF_HUB_OFFLINE:
-        if _env_offline():
-            raise DataError(_hub_help(spec, "HF_HUB_OFFLINE is set, so the Hub is not contacted"))
-        reason = _hub_unreachable()
-        if reason is not None:
-            raise DataError(_hub_help(spec, reason))
-    try:
-        dataset = load_dataset(spec.hub_path[0], spec.hub_path[1] or None)
-    except (ConnectionError, OSError) as exc:
-        raise DataError(_hub_help(spec, f"{type(exc).__name__}: {exc}")) from exc
-
-    out: dict[str, list[Row]] = {}
-    for split, limit in limits.items():
-        where = f"{spec.hub_path[0]} ({spec.hub_path[1]}) split {split!r}"
-        if split not in dataset:
-            raise DataError(f"{where} does not exist; the splits there are {sorted(dataset)}")
-        ds = dataset[split]
-        _check_columns(spec, [renames.get(c, c) for c in ds.column_names], where)
-        keep = _subset(len(ds), limit, seed)
-        rows = _renamed(ds.select(keep).to_list() if keep is not None else ds.to_list(), renames)
-        out[split] = _normalise(spec, rows, where, keep)
-    return out
 
 
 # -- local files -------------------------------------------------------------------------------
@@ -179,13 +118,13 @@ def _load_local(
     for split, limit in limits.items():
         path = _split_file(spec, folder, split)
         columns, raw = _read_table(spec, path)
-        columns, raw = [renames.get(c, c) for c in columns], _renamed(raw, renames)
+        columns, raw = [renames.get(c, c) for c in columns], renamed(raw, renames)
         if not raw and not any(columns):  # an empty file has no columns either, and they are not what to fix
             raise DataError(f"{path} is empty (no rows); it should hold {spec.name}'s {split} rows with "
                             f"columns {', '.join(spec.columns)}")
-        _check_columns(spec, columns, str(path), tsv=path.suffix == ".tsv")
-        rows = _normalise(spec, raw, str(path), None)
-        keep = _subset(len(rows), limit, seed)
+        check_columns(spec, columns, str(path), tsv=path.suffix == ".tsv")
+        rows = normalise(spec, raw, str(path), None)
+        keep = subset(len(rows), limit, seed)
         out[split] = rows if keep is None else [rows[i] for i in keep]
     return out
 
@@ -251,7 +190,7 @@ def _headerless_layout(spec: TaskSpec, first: Sequence[str]) -> tuple[str, ...] 
     """The columns of a header-less file whose first row is ``first``, or None if it is a header."""
     for layout in (spec.columns, spec.glue_headerless):
         if (layout and len(first) == len(layout)
-                and _parse_label(spec, first[layout.index(LABEL_COLUMN)]) is not None):
+                and parse_label(spec, first[layout.index(LABEL_COLUMN)]) is not None):
             return layout
     return None
 
@@ -301,106 +240,3 @@ def _decoding(path: Path) -> Iterator[None]:
                     f"{bad.start + 1}); save the file as UTF-8"
                 ) from exc
         raise DataError(f"{path} is not UTF-8 text ({exc.reason}); save the file as UTF-8") from exc
-
-
-# -- checks shared by both sources -------------------------------------------------------------
-def _renamed(rows: list[Row], renames: dict[str, str]) -> list[Row]:
-    if not renames:
-        return rows
-    return [{renames.get(k, k): v for k, v in row.items()} for row in rows]
-
-
-def _check_columns(spec: TaskSpec, columns: Sequence[str], where: str, *, tsv: bool = False) -> None:
-    missing = [c for c in spec.columns if c not in columns]
-    if missing:
-        glue = f", or GLUE's {', '.join(spec.glue_headerless)}" if spec.glue_headerless else ""
-        hint = (
-            f" (a TSV file without a header row must hold exactly {', '.join(spec.columns)}, in that order{glue})"
-            if tsv
-            else ""
-        )
-        raise DataError(
-            f"{where} has no column {missing[0]!r}, which {spec.name} needs "
-            f"(it needs {', '.join(spec.columns)}); columns present: {', '.join(columns) or '(none)'}. "
-            f"Rename the column in the file{hint}, map it with task.columns ({{<its name>: {missing[0]}}}), "
-            f"or set task.name to the task this data belongs to"
-        )
-
-
-def _label_rule(spec: TaskSpec) -> str:
-    if spec.is_regression:
-        if spec.label_range is None:
-            return f"{spec.name} labels must be finite numbers"
-        return f"{spec.name} labels must be numbers in [{spec.label_range[0]:g}, {spec.label_range[1]:g}]"
-    ids = f"{spec.name} labels must be integers in [0, {spec.num_labels}) (0..{spec.num_labels - 1})"
-    if spec.label_names:
-        return f"{ids} or the names {', '.join(spec.label_names)} (in that order)"
-    return ids
-
-
-def _parse_label(spec: TaskSpec, value: Any) -> int | float | None:
-    """The label as int (classification) or float (regression), or None when it is invalid.
-    A class name from ``spec.label_names`` (GLUE's ``entailment``...) is its index there."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, str) and value.strip() in spec.label_names:
-        return spec.label_names.index(value.strip())
-    try:
-        number = float(value.strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError):
-        return None
-    if spec.is_regression:
-        lo, hi = spec.label_range or (-math.inf, math.inf)
-        return number if math.isfinite(number) and lo <= number <= hi else None
-    if not number.is_integer() or not 0 <= number < spec.num_labels:
-        return None
-    return int(number)
-
-
-def _normalise(spec: TaskSpec, raw: list[Row], where: str, keep: Sequence[int] | None) -> list[Row]:
-    """Checked rows ``{text fields..., label, idx}``; ``keep`` maps row positions to file rows."""
-    if not raw:
-        raise DataError(f"{where} has no rows")
-    rows: list[Row] = []
-    for position, src in enumerate(raw):
-        number = (keep[position] if keep is not None else position) + 1
-        row: Row = {}
-        for field in spec.columns:
-            if field not in src:
-                present = ", ".join(src)
-                raise DataError(f"{where} row {number} has no {field!r} (it has {present}); fix that row")
-        for field in spec.text_fields:
-            text = src[field]
-            if spec.is_chat:  # a list of role/content turns, checked and copied
-                try:
-                    row[field] = chat_messages(text, src.get("system"))
-                except ValueError as exc:
-                    raise DataError(f"{where} row {number}: {exc}; fix that row") from None
-                continue
-            if not isinstance(text, str):
-                raise DataError(
-                    f"{where} row {number}: {field!r} must be text, got {text!r}; fix that row"
-                )
-            row[field] = text
-        label = None if spec.is_instruction else _parse_label(spec, src[LABEL_COLUMN])
-        if label is None and not spec.is_instruction:
-            hint = " (-1 marks GLUE's unlabelled test split: use train/validation)" if str(
-                src[LABEL_COLUMN]
-            ).strip() in {"-1", "-1.0"} else ""
-            raise DataError(
-                f"{where} row {number} has label {src[LABEL_COLUMN]!r}{hint}; {_label_rule(spec)}. "
-                f"Fix the file, or set task.name to the task this data belongs to"
-            )
-        if not spec.is_instruction:
-            row[LABEL_COLUMN] = label
-        idx = src.get("idx")
-        row["idx"] = int(idx) if isinstance(idx, int | str) and str(idx).strip().isdigit() else number - 1
-        rows.append(row)
-    return rows
-
-
-def _subset(n: int, limit: int | None, seed: int) -> list[int] | None:
-    """Sorted positions of a seeded random subset of ``limit`` of ``n`` rows (None: keep all)."""
-    if limit is None or limit >= n:
-        return None
-    return sorted(random.Random(seed).sample(range(n), limit))

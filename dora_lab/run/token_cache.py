@@ -44,7 +44,7 @@ def load_rows(cfg: RunConfig, spec: TaskSpec) -> dict[str, list[Row]]:
     """The config's rows of every split (:func:`~dora_lab.run.data.load_splits` with ``cfg.task``'s keys)."""
     t = cfg.task
     return load_splits(spec, t.data_dir, max_train_samples=t.max_train_samples,
-                       max_eval_samples=t.max_eval_samples, seed=cfg.seed, columns=t.columns)
+                       max_eval_samples=t.max_eval_samples, seed=cfg.seed, columns=t.columns, dataset=t.dataset)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from .memory import peak_memory_mb, reset_peak
 from .models import check_model, load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
 from .packing import check_packing
+from .quantization import quantized_load_kwargs, standard_layout
 from .run_dir import RUN_FILES, RunDirExists, check_run_dir, claim_run_dir  # noqa: F401  (re-exported)
 from .seeding import seed_everything
 from .tasks import get_task
@@ -93,10 +94,12 @@ def train_run(
 
     # -- data and model -------------------------------------------------------------------
     # read before the model (bad data fails first), unless a study's cache may hold the token rows
+    quantized = quantized_load_kwargs(cfg.model.quantization, device, cfg.train.method)  # QLoRA; refusals: exit 2
     task_rows = load_rows(cfg, spec) if data_cache is None else None
-    bf16_weights = cfg.model.dtype == "bfloat16"  # frozen weights in bf16; what trains stays float32
+    bf16_weights = cfg.model.dtype == "bfloat16"  # frozen weights in bf16 (or 4 bits); what trains stays float32
+    float32_trained = bf16_weights or bool(quantized)
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels, max_length=cfg.task.max_length,
-                                                causal=spec.is_causal,
+                                                causal=spec.is_causal, **quantized,
                                                 **({"dtype": torch.bfloat16} if bf16_weights else {}))
     seed_everything(cfg.seed)  # adapters' init must not depend on what loading consumed
     adapted = cfg.train.method == "adapter"
@@ -104,12 +107,15 @@ def train_run(
         a = cfg.adapter
         try:
             inject_adapters(model, r0=a.r0, targets=a.targets, alpha=a.alpha, dropout=a.dropout, init=a.init,
-                            trainable=cfg.model.trainable, dtype=torch.float32 if bf16_weights else None)
+                            trainable=cfg.model.trainable, dtype=torch.float32 if float32_trained else None)
         except ValueError as exc:  # no family default, or targets that match nothing: bad input, exit 2
             raise ConfigError(f"adapter.targets: {exc}") from None
-    if bf16_weights:
+    if float32_trained:
         _trainable_to_float32(model)
-    model.to(device)
+    if quantized:  # a 4-bit base is loaded onto its device (device_map), in one layout
+        standard_layout(model)
+    else:
+        model.to(device)
     if cfg.train.gradient_checkpointing:
         # non-reentrant: works with a frozen embedding and under DDP (peft#1745's "marked ready twice")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -25,10 +25,11 @@ import optuna
 from ..run.callbacks import RunInfo, TrainCallback
 from ..run.cli import stop_reason
 from ..run.config import ConfigError, RunConfig
-from ..run.data import DataError, load_splits
+from ..run.data import DataError
 from ..run.distributed import run_in_processes
 from ..run.models import ModelLoadError, check_model
 from ..run.tasks import get_task
+from ..run.token_cache import load_rows
 from ..track.logger import TrialLogger
 from ..track.tracker import StudyTracker
 from .objectives import is_multi, run_quantities, trial_values
@@ -85,8 +86,7 @@ def preflight(cfg: RunConfig) -> None:
     spec = get_task(cfg.task.name)
     check_model(cfg.model.name, cfg.task.max_length, task=spec, trainable=cfg.model.trainable,
                 method=cfg.train.method)
-    load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
-                max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed, columns=cfg.task.columns)
+    load_rows(cfg, spec)
 
 
 def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, parent_id: str,

@@ -83,23 +83,24 @@ def _param_text(value: Any) -> str:
 def datasets(cfg: RunConfig) -> dict[str, Any]:
     """``{split: mlflow.data dataset}`` of the rows the run trains and evaluates on (``task.max_*_samples``
     and the seed applied, as training loads them): named ``<task>/<split>``, with the task's label as
-    target, MLflow's digest of those rows, and as source ``task.data_dir`` (a local folder) or the
-    Hub dataset (``nyu-mll/glue``, config ``cola``, the split)."""
+    target, MLflow's digest of those rows, and as source ``task.data_dir`` or ``task.dataset`` (a local
+    path) or the Hub dataset (``nyu-mll/glue``, config ``cola``, or ``task.dataset``'s, the split)."""
     import pandas as pd
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
     from mlflow.data.pandas_dataset import from_pandas
 
-    from ..run.data import load_splits
     from ..run.tasks import get_task
+    from ..run.token_cache import load_rows
 
-    spec = get_task(cfg.task.name)
-    splits = load_splits(spec, cfg.task.data_dir, max_train_samples=cfg.task.max_train_samples,
-                         max_eval_samples=cfg.task.max_eval_samples, seed=cfg.seed)
+    spec, t = get_task(cfg.task.name), cfg.task
+    hub = ((t.dataset.path, t.dataset.config, t.dataset.split_names(spec.eval_splits)) if t.dataset else
+           (spec.hub_path[0], spec.hub_path[1], {}))
+    local = t.data_dir if t.data_dir is not None or t.dataset is None else t.dataset.path
     out = {}
-    for split, rows in splits.items():
+    for split, rows in load_rows(cfg, spec).items():
         frame = pd.DataFrame(rows)
-        source: Any = (str(Path(cfg.task.data_dir).resolve()) if cfg.task.data_dir is not None else
-                       HuggingFaceDatasetSource(spec.hub_path[0], config_name=spec.hub_path[1], split=split))
+        source: Any = (str(Path(local).expanduser().resolve()) if local is not None and Path(local).expanduser().exists()
+                       else HuggingFaceDatasetSource(hub[0], config_name=hub[1], split=hub[2].get(split, split)))
         with warnings.catch_warnings():  # a folder reads as two equal local sources; integer columns
             warnings.simplefilter("ignore")
             out[split] = from_pandas(frame, source=source, name=f"{spec.name}/{split}",

@@ -9,7 +9,8 @@ with the model under ``torch.compile`` (inductor, its on-disk caches off: a cold
 pays the first time).  Reported per model, on one thread: the eager step's and the compiled step's
 median wall and CPU seconds, the compiled first step (the warm-up: tracing and building the C++
 kernels), their ratios, the steps after which compiling has paid for its warm-up (none when the
-compiled step is not faster), and the compiler's graph and graph-break counts.  One fixed batch
+compiled step is not faster), and the compiler's graph and graph-break counts.  After the warm-up
+the eager and compiled steps take turns, so other users' load hits both alike (a shared machine).  One fixed batch
 shape: a real run also recompiles once when the padded length first changes and when the mask is
 frozen (tests/test_compile.py), so this is the least warm-up a run pays.  ``tiny`` is tests/tiny.py's
 2-layer, 32-wide BERT; ``minilm`` the real all-MiniLM-L6-v2.
@@ -67,18 +68,25 @@ def timed(step: Callable[[], None], n: int) -> tuple[list[float], list[float]]:
 
 
 def run_model(name: str, steps: int, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    eager = make_step(name, False, batch)
-    timed(eager, 2)  # allocator and MKL warm-up
-    eager_wall, eager_cpu = timed(eager, steps)
+    """Warm-up of the compiled step, then ``steps`` rounds of one eager and one compiled step taking
+    turns (the order reversed every other round), so a change in other users' load hits both alike."""
     torch._dynamo.reset()
     compiled = make_step(name, True, batch)
     (warm_wall,), (warm_cpu,) = timed(compiled, 1)
-    timed(compiled, 1)  # the second call may still settle (guards, autotuning)
-    comp_wall, comp_cpu = timed(compiled, steps)
+    timed(compiled, 1)  # the second call may still settle (guards)
+    eager = make_step(name, False, batch)
+    timed(eager, 2)  # allocator and MKL warm-up
+    walls: dict[bool, list[float]] = {False: [], True: []}
+    cpus: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(steps):
+        for is_compiled in ((False, True) if i % 2 == 0 else (True, False)):
+            (w,), (c,) = timed(compiled if is_compiled else eager, 1)
+            walls[is_compiled].append(w)
+            cpus[is_compiled].append(c)
     counts = compile_counts()
-    e, c = statistics.median(eager_wall), statistics.median(comp_wall)
-    return {"model": name, "eager_step_s": e, "eager_step_cpu_s": statistics.median(eager_cpu),
-            "compiled_step_s": c, "compiled_step_cpu_s": statistics.median(comp_cpu),
+    e, c = statistics.median(walls[False]), statistics.median(walls[True])
+    return {"model": name, "eager_step_s": e, "eager_step_cpu_s": statistics.median(cpus[False]),
+            "compiled_step_s": c, "compiled_step_cpu_s": statistics.median(cpus[True]),
             "warmup_s": warm_wall, "warmup_cpu_s": warm_cpu, "compiled_over_eager": c / e,
             "warmup_over_eager_step": warm_wall / e,
             "break_even_steps": warm_wall / (e - c) if c < e else None, **counts}
@@ -91,7 +99,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m.get('cpu_model')}, {m.get('usable_cpus')} usable CPU(s), torch {torch.__version__}, one thread; "
         f"load average at start {result['load'][0]:.2f}, at end {result['load'][1]:.2f} (a shared machine). "
         f"Batch {result['batch']['shape']}; {result['steps']} timed steps each; inductor caches off (cold start). "
-        f"Run took {result['seconds']:.0f} s (`python benchmarks/bench_compile.py`).", "",
+        f"Run took {result['seconds']:.0f} s (`{result['command']}`).", "",
         "| model | eager s/step | compiled s/step | compiled/eager | warm-up s | warm-up / eager step "
         "| break-even steps | graphs | graph breaks |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -113,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0, load0 = time.time(), os.getloadavg()[0]
     batch, batch_info = load_batch()
     models = [run_model(name, args.steps, batch) for name in args.models]
-    result = {"machine": machine_info(), "batch": batch_info, "steps": args.steps, "models": models,
+    result = {"command": " ".join(["python benchmarks/bench_compile.py", *(argv if argv is not None else sys.argv[1:])]),
+              "machine": machine_info(), "batch": batch_info, "steps": args.steps, "models": models,
               "load": [load0, os.getloadavg()[0]], "seconds": time.time() - t0}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_compile_cpu.json").write_text(json.dumps(result, indent=1))

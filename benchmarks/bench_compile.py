@@ -100,14 +100,17 @@ def markdown(result: dict[str, Any]) -> str:
         f"load average at start {result['load'][0]:.2f}, at end {result['load'][1]:.2f} (a shared machine). "
         f"Batch {result['batch']['shape']}; {result['steps']} timed steps each; inductor caches off (cold start). "
         f"Run took {result['seconds']:.0f} s (`{result['command']}`).", "",
-        "| model | eager s/step | compiled s/step | compiled/eager | warm-up s | warm-up / eager step "
-        "| break-even steps | graphs | graph breaks |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "| model | eager s/step | compiled s/step | compiled/eager | CPU s/step eager | CPU s/step compiled "
+        "| warm-up s | warm-up / eager step | break-even steps | graphs | graph breaks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["models"]:
         even = "never" if r["break_even_steps"] is None else f"{r['break_even_steps']:.0f}"
         lines.append(f"| {r['model']} | {r['eager_step_s']:.4f} | {r['compiled_step_s']:.4f} | "
-                     f"{r['compiled_over_eager']:.2f} | {r['warmup_s']:.1f} | {r['warmup_over_eager_step']:.0f} | "
+                     f"{r['compiled_over_eager']:.2f} | {r['eager_step_cpu_s']:.4f} | {r['compiled_step_cpu_s']:.4f} | "
+                     f"{r['warmup_s']:.1f} | {r['warmup_over_eager_step']:.0f} | "
                      f"{even} | {r['graphs']} | {r['breaks']} |")
+    lines += ["", "Wall times are medians of steps taking turns; CPU s/step is this process's (all its threads); the "
+              "warm-up's CPU time in this process leaves out the C++ compiler's child processes."]
     return "\n".join(lines) + "\n"
 
 

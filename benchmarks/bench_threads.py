@@ -67,27 +67,10 @@ def child(warmup: int) -> None:
     for folder in (REPO, HERE):
         if str(folder) not in sys.path:
             sys.path.insert(0, str(folder))
-    from speed.setup import load_batch, pretrained_minilm
-
-    from dora_lab import PruningController, inject_adapters, make_scorer
+    from speed.setup import cola_step, load_batch, pretrained_minilm
 
     batch, _ = load_batch()
-    model = pretrained_minilm()
-    inject_adapters(model, r0=3, alpha=8.0, dropout=0.1, trainable=("classifier", "pooler"))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
-    # total steps large enough that the timed steps stay before pruning starts (no compaction midway)
-    controller = PruningController(model, make_scorer("magnitude", beta=0.9), "dora", 10**5, target_rank=2,
-                                   warmup=0.15, final=0.5, interval=10, regularizer="dem", reg_weight=0.1)
-
-    def step() -> None:
-        loss = model(**batch).loss + controller.regularization_loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        controller.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
+    step = cola_step(pretrained_minilm(), batch)
 
     def cpu() -> tuple[float, int]:
         r = resource.getrusage(resource.RUSAGE_SELF)

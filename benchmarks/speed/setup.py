@@ -143,3 +143,31 @@ def block_shapes(model: nn.Module) -> list[tuple[int, int]]:
     layers = inject_adapters(probe, r0=1, targets=TARGETS)
     first = [layer for name, layer in layers.items() if ".layer.0." in name]
     return [(layer.in_features, layer.out_features) for layer in first]
+
+
+def cola_step(model: nn.Module, batch: dict[str, torch.Tensor],
+              wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> Callable[[], None]:
+    """One optimizer step of configs/cola.yaml's recipe on ``model`` (adapted here, in place: r0 3,
+    alpha 8, dropout 0.1, classifier and pooler trained; AdamW lr 2e-3, weight decay 0.01; clipping at
+    1.0; DEM; the magnitude scorer's controller, its schedule long enough that the timed steps stay
+    before pruning starts); ``wrap`` the module the forward pass calls (``torch.compile``, say).
+    Shared by bench_threads and bench_compile."""
+    from dora_lab import PruningController, make_scorer
+
+    inject_adapters(model, r0=3, alpha=8.0, dropout=0.1, trainable=("classifier", "pooler"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    controller = PruningController(model, make_scorer("magnitude", beta=0.9), "dora", 10**5, target_rank=2,
+                                   warmup=0.15, final=0.5, interval=10, regularizer="dem", reg_weight=0.1)
+    forward = wrap(model)
+
+    def step() -> None:
+        loss = forward(**batch).loss + controller.regularization_loss()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        controller.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+
+    return step

@@ -197,8 +197,8 @@ class TrainConfig(_Strict):
     save_adapter: bool = Field(
         True, description="write the best evaluation's adapter to the run folder's adapter/")
     processes: int = Field(1, ge=1, description="data-parallel processes; > 1 relaunches under torchrun")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: "
-                                                            "less memory, slower steps")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, slower steps")
+    compile: bool = Field(False, description="the training step under torch.compile (did not pay on a CPU: docs/performance.md)")
     packing: bool = Field(False, description="causal tasks: pack each batch's rows into few sequences (docs/decoders.md)")
 
 

@@ -9,13 +9,17 @@
   up to ``max_new_tokens``, and ``gen_accuracy`` (the share matching the reference under
   ``answer``: ``exact`` or ``last_number``) and ``gen_tokens`` (mean answer length) are logged
   beside the perplexity at every evaluation.  See :mod:`dora_lab.run.generation`.
+- ``autocast`` (default ``auto``): evaluation's forward passes under bf16 autocast on a GPU that has
+  bf16 (``auto``: on CUDA; ``bf16``: anywhere, CPUs too), else under the training's
+  ``model.precision`` (``off``, and ``auto`` on a CPU).  No gradient is kept, so it only saves time and
+  memory; logits come back in float32 for the metrics (:func:`dora_lab.run.evaluate.eval_autocast`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .generation import Sampling
 
@@ -34,6 +38,14 @@ class EvalConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="sampling temperature (do_sample only)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling's probability mass (do_sample only)")
     seed: int | None = Field(None, description="the sampling seed (null: the run's seed)")
+    autocast: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="evaluate under bf16 autocast: auto (on CUDA), bf16 (also on a CPU), off (model.precision)")
+
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` as ``false``: that is ``off`` here."""
+        return "off" if value is False else value
 
     def sampling(self, run_seed: int) -> Sampling:
         """The decoding settings, the run's seed standing in for a null ``seed``."""

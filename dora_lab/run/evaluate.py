@@ -26,7 +26,7 @@ from .config_yaml import ConfigError
 from .generation import Sampling, generation_metrics
 from .tasks import TaskSpec, compute_metrics, language_model_metrics
 
-__all__ = ["GenerationEval", "answer_log_likelihoods", "evaluate", "generation_eval", "initial_evaluation",
+__all__ = ["GenerationEval", "answer_log_likelihoods", "eval_autocast", "evaluate", "generation_eval", "initial_evaluation",
            "label_log_likelihoods", "predict", "response_nll"]
 
 
@@ -129,6 +129,17 @@ def label_log_likelihoods(model: nn.Module, loader: Any, device: torch.device,
     if np.isnan(scores).any():
         raise ValueError("the loader did not score every label of every example (make it with score_labels=True)")
     return scores, np.array([encoding.gold[e] for e in examples])
+
+
+def eval_autocast(config: EvalConfig, device: torch.device, train_autocast: Any) -> Any:
+    """The autocast context evaluation runs under (``eval.autocast``): bf16 for ``bf16``, and for ``auto``
+    on a CUDA device with bf16; else ``train_autocast``, the training step's (``model.precision``).
+    Evaluation keeps no activations for a backward pass, so a GPU's bf16 only makes it faster; on a
+    CPU ``auto`` stays off (not measured to pay there)."""
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if config.autocast == "bf16" or (config.autocast == "auto" and cuda_bf16):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return train_autocast
 
 
 def generation_eval(config: EvalConfig, spec: TaskSpec, tokenizer: Any = None, seed: int = 0,

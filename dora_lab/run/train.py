@@ -34,8 +34,9 @@ from . import convergence, distributed
 from .batching import loader_of
 from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
 from .cli import INPUT_ERRORS, check_writable_folder, failed, refuse, stop_code, stoppable
+from .compile import check_compiler, for_training
 from .config import ConfigError, RunConfig, build_controller, load_config
-from .evaluate import evaluate, generation_eval, initial_evaluation
+from .evaluate import eval_autocast, evaluate, generation_eval, initial_evaluation
 from .memory import peak_memory_mb, reset_peak
 from .models import check_model, load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
@@ -91,6 +92,7 @@ def train_run(
     # refused from its config alone, before the data is read
     check_model(cfg.model.name, task=spec, trainable=cfg.model.trainable, method=cfg.train.method)
     generation_eval(cfg.eval, spec)  # eval.generate on a task without responses: refused before the data
+    check_compiler(device, cfg.train.compile)  # train.compile on a CPU without a C++ compiler: refused now
 
     # -- data and model -------------------------------------------------------------------
     # read before the model (bad data fails first), unless a study's cache may hold the token rows
@@ -158,13 +160,14 @@ def train_run(
                 model, vbatches, _autocast("bf16" if bf16_weights else cfg.model.precision, device)))
     generation = generation_eval(cfg.eval, spec, tokenizer, cfg.seed, cfg.train.eval_batch_size)
     autocast = _autocast("bf16" if bf16_weights else cfg.model.precision, device)
-    initial = initial_evaluation(model, eval_loaders, spec, device, autocast, generation) \
+    eval_ac = eval_autocast(cfg.eval, device, autocast)  # eval.autocast: bf16 on CUDA by default
+    initial = initial_evaluation(model, eval_loaders, spec, device, eval_ac, generation) \
         if cfg.eval.at_start and rank0 else {}
     # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
     if rank0:
         claim_run_dir(run_dir, overwrite)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    ddp = distributed.wrap(model, device)  # the model itself for one process
+    ddp = for_training(distributed.wrap(model, device), cfg.train.compile)  # the model itself: one process, eager
     if shard > 0:
         torch.manual_seed(cfg.seed + 1_000_003 * shard)  # each rank its own dropout masks
     counts = count_parameters(model)
@@ -219,7 +222,7 @@ def train_run(
         skipped = scaler.is_enabled() and scaler.get_scale() < scale  # fp16 overflow: no update was made
         state = controller.step(optimizer, update_scores=not skipped) if controller is not None else None
         if controller is not None and state is not None and state.pruned and state.frozen and controller.compact_at_end:
-            ddp = distributed.wrap(ddp, device)  # compaction made new parameters: DDP must hold those
+            ddp = for_training(distributed.wrap(model, device), cfg.train.compile)  # new parameters: DDP must hold those
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         logs = {"train_loss": loss_sum, "lr": float(scheduler.get_last_lr()[0]), "epoch": float(epoch)}
@@ -230,7 +233,7 @@ def train_run(
             cb.on_step(step, logs)
         bar.update(1)
         if rank0 and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total):
-            metrics = evaluate(model, eval_loaders, spec, device, autocast, generation)
+            metrics = evaluate(model, eval_loaders, spec, device, eval_ac, generation)
             metrics["step"] = float(step + 1)
             history.append(metrics)
             pruning_done = controller is None or controller.settled

@@ -289,7 +289,7 @@ def _run_and_summarize(setup: StudySetup, workers: int | str, tracker: StudyTrac
         study.set_user_attr(key, value)
     finished_before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     n_trials = trials_to_run(setup.study, study)  # a grid queues its missing points here (WAITING trials)
-    workers = resolve_workers(workers, n_trials, setup.base.train.processes)
+    workers = resolve_workers(workers, n_trials, setup.base.train.processes, setup)  # auto on a GPU: a probe trial
     print(f"study {setup.name!r}: {len(finished_before)} finished trial(s) so far in {safe_url(setup.storage)}; running "
           f"{'until the timeout' if n_trials is None else n_trials} more"
           f"{f' on {workers} workers' if workers > 1 else ''}")

@@ -352,7 +352,8 @@ def _dropout_parts(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, f
     if not isinstance(dropout, nn.Dropout) or not 0.0 < dropout.p < 1.0:
         return dropout(x), 1.0
     keep = 1.0 - float(dropout.p)
-    if x.device.type == "cpu" and _FAST_CPU_DROPOUT:
+    # under torch.compile, torch's sampler: numpy's generator and .item() would break the graph at every adapter
+    if x.device.type == "cpu" and _FAST_CPU_DROPOUT and not torch.compiler.is_compiling():
         mask = _cpu_keep_mask(x.shape, keep, x.dtype)
     else:
         mask = torch.empty_like(x).bernoulli_(keep)

@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.adapter import count_parameters, inject_adapters
+from ..core.checkpoint import save_adapter
 from ..core.controller import PruningController
-from ..export.checkpoint import save_adapter
 from . import convergence, distributed
 from .batching import loader_of
 from .callbacks import EventLog, RunInfo, RunResult, TrainCallback

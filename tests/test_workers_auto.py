@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dora_lab.study.runner import main
+from dora_lab.studies import main
 from dora_lab.study.workers import auto_workers, resolve_workers
 
 

@@ -27,9 +27,8 @@ from .core.registry import RegistryError, import_plugins
 from .core.regularizers import get_regularizer, list_regularizers, register_regularizer
 from .core.schedules import BudgetSchedule, get_schedule, list_schedules, register_schedule
 from .core.scorers import Scorer, get_scorer, list_scorers, make_scorer, register_scorer
+from .core.version import __version__ as __version__  # the one home of the version (re-exported)
 from .run.tasks import TaskSpec, get_task, instruction_task, list_tasks, prompt_task, register_task
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AllocationMethod",

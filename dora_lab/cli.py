@@ -18,7 +18,7 @@ __all__ = ["TOOLS", "main"]
 #: tool name -> (module holding its ``main``, one line of what it does)
 TOOLS: dict[str, tuple[str, str]] = {
     "train": ("dora_lab.run.train", "one training run from a config (python -m dora_lab.train)"),
-    "study": ("dora_lab.study.runner", "an Optuna study, every trial logged to MLflow (python -m dora_lab.study)"),
+    "study": ("dora_lab.studies", "an Optuna study, every trial logged to MLflow (python -m dora_lab.study)"),
     "report": ("dora_lab.report.compare", "an ablation report over finished studies (python -m dora_lab.report)"),
     "export": ("dora_lab.export.cli", "an adapter out: merged model or PEFT LoRA (python -m dora_lab.export)"),
     "generate": ("dora_lab.export.generate", "text from a causal-LM adapter (python -m dora_lab.generate)"),

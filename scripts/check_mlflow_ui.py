@@ -57,7 +57,7 @@ def tiny_model(path: Path) -> Path:
 
 def run_study(out: Path) -> str:
     """The tiny ablation; returns what it printed."""
-    from dora_lab.study.runner import main
+    from dora_lab.studies import main
 
     sets = [f"model.name={tiny_model(out / 'tiny')}", f"task.data_dir={COLA}", "task.max_train_samples=64",
             "task.max_eval_samples=64", f"output_dir={out}", "train.batch_size=16", "train.epochs=2",

@@ -23,7 +23,7 @@ from dora_lab.report import compare as report
 from dora_lab.run.config import ConfigError, load_config
 from dora_lab.run.train import main as train_main
 from dora_lab.run.train import train_run
-from dora_lab.study.runner import main as study_main
+from dora_lab.studies import main as study_main
 from dora_lab.study.space import prepare
 
 REPO = Path(__file__).resolve().parents[1]

@@ -174,3 +174,33 @@ def test_inconsistent_files_are_refused(tmp_path: Path) -> None:
         load_adapter(tmp_path / "p", tiny_base())
     with pytest.raises(ValueError, match="no adapter layers"):
         save_adapter(tiny_base(), tmp_path / "b", base_model="tiny", num_labels=2)
+
+
+def test_the_version_written_is_the_projects(tmp_path: Path) -> None:
+    """The version in a saved adapter comes from the core's one home, which is pyproject's version and
+    the facade's ``dora_lab.__version__``."""
+    import tomllib
+
+    import dora_lab
+    from dora_lab.core.version import __version__
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert __version__ == project["version"] == dora_lab.__version__
+    save_adapter(tiny_adapted(), tmp_path, base_model="tiny", num_labels=2)
+    assert read_adapter_config(tmp_path)["dora_lab_version"] == project["version"]
+
+
+def test_core_reads_and_applies_without_the_export_layer(tmp_path: Path) -> None:
+    """The core's read_adapter + apply_adapter is what load_adapter does onto a given base; a damaged
+    weights file is refused before the base model it names is loaded (no base exists at that name)."""
+    from dora_lab.core.checkpoint import apply_adapter, read_adapter
+
+    model = tiny_adapted()
+    save_adapter(model, tmp_path / "a", base_model=str(tmp_path / "no-such-base"), num_labels=2)
+    config, tensors = read_adapter(tmp_path / "a")
+    torch.testing.assert_close(logits(apply_adapter(tiny_base(), config, tensors)), logits(model), rtol=0, atol=0)
+
+    weights = tmp_path / "a" / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(AdapterFileError, match="damaged or truncated"):
+        load_adapter(tmp_path / "a")  # not BaseModelError: the files are checked first

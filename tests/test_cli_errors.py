@@ -203,7 +203,7 @@ def test_a_non_utf8_byte_names_the_file_and_line(tmp_path: Path, suffix: str) ->
 
 # -- python -m dora_lab.study and python -m dora_lab.export -------------------------------------------
 def test_study_cli_refuses_an_output_dir_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from dora_lab.study.runner import main as study_main
+    from dora_lab.studies import main as study_main
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder\n")

@@ -180,7 +180,7 @@ def test_study_trials_run_in_two_processes_and_a_failing_rank_fails_its_trial(tm
     import optuna
 
     from dora_lab.core.scorers import SCORERS
-    from dora_lab.study.runner import main as study_main
+    from dora_lab.studies import main as study_main
 
     model_dir = make_tiny_model_dir(tmp_path / "bert", dropout=0.0)
     plugin = tmp_path / "failing.py"

@@ -107,7 +107,7 @@ def test_a_study_named_o_brien_runs_reports_and_writes_only_inside_output_dir(
     folder is a fresh one, so a stray relative write would show); a COMPLETE trial whose
     metrics.json is gone is named by the report (before: silent n/a cells)."""
     from dora_lab.report.compare import main as report_main
-    from dora_lab.study.runner import main as study_main
+    from dora_lab.studies import main as study_main
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     model = make_tiny_model_dir(tmp_path / "tiny")

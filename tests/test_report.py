@@ -35,7 +35,7 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from dora_lab.report import compare as report
 from dora_lab.run.config import ConfigError, read_yaml
-from dora_lab.study.runner import main as study_main
+from dora_lab.studies import main as study_main
 from dora_lab.study.space import parse_study, read_study_block, trial_config
 
 REPO = Path(__file__).resolve().parents[1]

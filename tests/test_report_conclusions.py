@@ -182,7 +182,7 @@ def test_the_sst2_scorer_study_is_a_two_task_report(tmp_path: Path) -> None:
 def test_a_study_refuses_a_bad_report_block_before_any_trial(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """The report runs after the last trial; its block's mistakes must stop the study at the start."""
-    from dora_lab.study.runner import main as study_main
+    from dora_lab.studies import main as study_main
 
     path = Path(__file__).resolve().parents[1] / "studies" / "ablation_scorer_sst2.yaml"
     code = study_main([str(path), "--set", f"output_dir={tmp_path}", "--set", "report.half_width=0.01",

@@ -25,7 +25,7 @@ import pytest
 from mlflow import MlflowClient
 
 from dora_lab.report.compare import main as report_main
-from dora_lab.study.runner import main as study_main
+from dora_lab.studies import main as study_main
 from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")

@@ -38,7 +38,8 @@ from dora_lab.core.scorers import SCORERS
 from dora_lab.export.cli import main as export_main
 from dora_lab.run.data import load_splits
 from dora_lab.run.tasks import get_task
-from dora_lab.study.runner import main, open_study, prepare, study_folder
+from dora_lab.studies import main
+from dora_lab.study.runner import open_study, prepare, study_folder
 from dora_lab.study.space import db_url
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dora_lab.study.runner import main, prepare
+from dora_lab.plan.setup import prepare
+from dora_lab.studies import main
 from dora_lab.study.workers import (
     CONTEXT_MIB,
     SAFETY,

@@ -2,7 +2,8 @@
 
 Grouping, pairing and the numbers in :mod:`.compare`; reading studies and writing the files in
 :mod:`.io`; statistics in :mod:`.stats`; pictures in :mod:`.plots`.  Reads what runs and studies
-wrote (the study's block through :mod:`dora_lab.study.space`), beside the study runner.
+wrote (a study file through :mod:`dora_lab.plan.setup`, as the study CLI reads it), beside the study
+runner; :mod:`.study_end` is what a study does with the report (its answer, its report at the end).
 """
 
 from .compare import (

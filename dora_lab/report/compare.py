@@ -29,9 +29,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..plan.report_block import parse_report
 from ..run.config import ConfigError, parse_assignment
 from ..track.stores import StoreError, check_sqlite_store
-from .block import parse_report
 from .conclusions import across_tasks, metric_of, planned_seeds, power_row, run_flags
 from .html import write_html
 from .io import (

@@ -20,17 +20,16 @@ from typing import Any
 import optuna
 import scipy
 import yaml
-from scipy import stats as sps
 
+from ..plan.report_block import parse_report
 from ..run.config import ConfigError, flatten, read_yaml
 from ..track.links import safe_url
 from ..track.tables import markdown_table, write_csv
 from . import pareto, sections
 from . import plots as report_plots
-from .block import parse_report
 from .conclusions import metric_of
 from .stats import Summary
-from .text import fmt_ci, fmt_int, fmt_num, fmt_p
+from .text import fmt_num
 
 __all__ = ["Run", "Source", "fmt", "load_runs", "log_to_mlflow", "mlflow_parent", "read_report_block", "render",
            "source_from_config"]
@@ -99,7 +98,7 @@ def read_report_block(path: str | Path) -> dict[str, Any]:
 
 def source_from_config(path: str | Path, overrides: Sequence[str] = ()) -> Source:
     """Resolve a study config exactly as the study CLI does (``--set`` included), plus its report block."""
-    from ..study.space import prepare  # the study block without the runner (or Optuna)
+    from ..plan.setup import prepare  # the study block without the runner (or Optuna)
 
     return source_of(prepare(path, overrides))
 
@@ -166,22 +165,6 @@ FILES = ("groups.csv", "comparisons.csv", "agreement.csv", "runs.csv", "flags.cs
          "budget.png")
 
 
-def _agreement_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    by: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
-    for r in rows:
-        by.setdefault((r["group_a"], r["group_b"], r["kind"]), []).append(r)
-    out = []
-    for (a, b, kind), rs in sorted(by.items(), key=lambda kv: (kv[0][2] != "scorer vs scorer", kv[0])):
-        tau, top = [r["kendall_tau"] for r in rs], [r["top_k_overlap"] for r in rs]
-        out.append({"A": a, "B": b, "kind": kind, "pairs": len(rs),
-                    "Kendall tau: mean [min, max]": f"{sum(tau) / len(tau):.3f} [{min(tau):.3f}, {max(tau):.3f}]",
-                    "top-k overlap: mean [min, max]": f"{sum(top) / len(top):.3f} [{min(top):.3f}, {max(top):.3f}]",
-                    "chance k/N": " ".join(sorted({f"{r['k'] / r['components']:.3f}" for r in rs})),
-                    "k": " ".join(sorted({str(r["k"]) for r in rs})),
-                    "components": " ".join(sorted({str(r["components"]) for r in rs}))})
-    return out
-
-
 def _pictures(data: Mapping[str, Any], out: Path, metric: str, references: set[str]) -> None:
     groups = data["groups"]
     labels = [g["group"] for g in groups]
@@ -202,13 +185,10 @@ def _pictures(data: Mapping[str, Any], out: Path, metric: str, references: set[s
     report_plots.budget_curves(curves, out / "budget.png")
 
 
-def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factors: Sequence[str],
-           derived: Sequence[str], mixed: Sequence[str], reference: Mapping[str, Any],
-           skipped: Sequence[Mapping[str, Any]], metric: str, value: str, parents: Mapping[str, Any],
-           command: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+def _write_tables(data: Mapping[str, Any], out: Path, metric: str, runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """The report's CSV tables, unrounded (groups, comparisons, agreement, runs, flags, ranks and pooled
+    over tasks); returns the runs' rows, which the Markdown's Runs table shows rounded."""
     groups, comparisons, agreement = data["groups"], data["comparisons"], data["agreement"]
-    runs = [r for members in data["members"].values() for r in members]
     group_of = {id(r): name for name, members in data["members"].items() for r in members}
     run_rows = [{"study": r.study, "trial": r.trial, "group": group_of[id(r)], "seed": r.seed, "value": r.value,
                  "final": (r.metrics.get("final") or {}).get(metric_of(r, data["metric_key"]), math.nan),
@@ -224,14 +204,23 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
     if data.get("tasks"):
         write_csv(data["tasks"]["ranks"], out / "ranks.csv")
         write_csv(data["tasks"]["pooled"], out / "pooled.csv")
+    return run_rows
+
+
+def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factors: Sequence[str],
+           derived: Sequence[str], mixed: Sequence[str], reference: Mapping[str, Any],
+           skipped: Sequence[Mapping[str, Any]], metric: str, value: str, parents: Mapping[str, Any],
+           command: str) -> Path:
+    """Write the report's tables, pictures and report.md into ``out``; returns report.md's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    groups, comparisons, agreement = data["groups"], data["comparisons"], data["agreement"]
+    runs = [r for members in data["members"].values() for r in members]
+    run_rows = _write_tables(data, out, metric, runs)
     _pictures(data, out, metric, {g["group"] for g in groups if g["is_reference"] and comparisons})
     objective = {"best": "the best validation evaluation once pruning had ended (`study.objective: best`)",
                  "final": "the last validation evaluation (`study.objective: final`)"}
     what = (f"each trial's value in the study: {objective.get(sources[0].objective or '', 'its objective')}"
             if value == "objective" else "the last validation evaluation of each run")
-    n_min = min([g["n"] for g in groups if g["n"] > 1] or [0])
-    t_note = f"; with n = {n_min}, t(0.975, {n_min - 1}) = {sps.t.ppf(0.975, n_min - 1):.2f}" if n_min else ""
-    pairs = min([c["n"] for c in comparisons] or [0])
     seeds = sorted({r.seed for r in runs})
     study_list = ", ".join(f"`{s.name}` ({safe_url(s.storage)})" for s in sources)  # absolute: copyable
     md = [f"# Ablation report: {' + '.join(s.name for s in sources)}", "",
@@ -250,64 +239,11 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
     if "final_rank" in factors:
         md += ["`final_rank` is measured: the average active rank per adapted matrix at the end "
                "(allocation.json).", ""]
-    md += ["## Results per group", "",
-           markdown_table([{"group": g["group"], "n": g["n"], "mean": fmt_num(g["mean"]), "sd": fmt_num(g["sd"]),
-                            "95% CI": fmt_ci(g["ci_low"], g["ci_high"]), "min": fmt_num(g["min"]), "max": fmt_num(g["max"]),
-                            "last eval (mean)": fmt_num(g["final_mean"]),
-                            "trainable params": fmt_int(g["trainable_parameters"]),
-                            "adapter params (final)": fmt_int(g["adapter_parameters_final"]),
-                            "components": fmt_int(g["active_components"]), "min/run": fmt_num(g["minutes"], 2),
-                            "seeds": g["seeds"]} for g in groups]),
-           "![metric by group](metric_by_group.png)", "",
-           "sd is the sample standard deviation (n - 1). 95% CI: the two-sided Student-t interval for the mean, "
-           f"mean +- t(0.975, n - 1) sd / sqrt(n) (scipy.stats.t){t_note}: "
-           "with few seeds the intervals are wide by construction. Trainable params: every trainable parameter "
-           "at the start "
-           "(adapters at the start rank + the head); adapter params (final): the active adapter parameters "
-           "after pruning; components: the active rank-1 components at the end; last eval: the mean of "
-           f"`{data['metric_key']}` at each run's last evaluation (metrics.json).", ""]
-    md += ["## Paired comparisons against the reference", ""]
-    if comparisons:
-        ref = ", ".join(f"`{k}` = {v}" for k, v in reference.items())
-        md += [f"Reference: {ref}. Each group is compared with the reference group that has the same other "
-               "factors, run by run with the same seed (same data order; the same initialisation where the adapters "
-               "have the same shapes); the difference is "
-               "group - reference.", "",
-               markdown_table([{"group": c["group"], "reference": c["reference"], "pairs": c["n"],
-                                "mean diff": fmt_num(c["mean_diff"]), "95% CI": fmt_ci(c["ci_low"], c["ci_high"]),
-                                "t (df)": f"{fmt_num(c['t'], 3)} ({c['df']})", "p (paired t)": fmt_p(c["p_t"]),
-                                "p (Holm)": fmt_p(c["p_holm"]), "p (sign-flip, exact)": fmt_p(c["p_sign_flip"]),
-                                **sections.comparison_cells(c, data.get("options") or {})}
-                               for c in comparisons]),
-               "- 95% CI: the Student-t interval of the mean paired difference.",
-               "- p (paired t): two-sided paired t-test (scipy.stats.ttest_rel) of mean difference = 0.",
-               f"- p (Holm): the paired-t p-values adjusted by Holm's step-down method over the {len(comparisons)} "
-               "comparison(s) of this table (controls the family-wise error rate). Read significance from this "
-               "column.",
-               "- p (sign-flip, exact): two-sided permutation test over all 2^n sign assignments of the n "
-               "differences "
-               "(no normality assumed; up to 10 pairs). Its smallest possible value is 2 / 2^n "
-               f"({fmt_p(2 / 2 ** pairs) if pairs else 'n/a'} for n = {pairs}): below 6 pairs it cannot reach 0.05, "
-               "whatever the data. A paired-t p far below that floor rests on the t-test's normality assumption.",
-               *sections.conclusion_notes(data.get("options") or {}, comparisons, sources[0]), ""]
-    else:
-        md += ["No comparison: " + ("a single group." if len(groups) < 2 else "see Notes."), ""]
+    md += sections.groups_section(data)
+    md += sections.comparisons_section(data, reference, sources[0])
     md += [*sections.flags_section(data), *sections.tasks_section(data)]
     md += pareto.section(data, out, metric, factors)
-    md += ["## Agreement between scorers", ""]
-    if agreement:
-        md += ["Which components do scorers rank high? From each run's scores.json: the score of every component "
-               "(all layers) at the last pruning decision. Kendall's tau-b (scipy.stats.kendalltau) over all "
-               "components; top-k overlap = |top-k(A) & top-k(B)| / k with k = the final budget in components. "
-               "*scorer vs scorer* pairs runs of the same seed (same initialisation, so component i is the same "
-               "vector at the start). *seed vs seed* pairs one group's runs across seeds: there component i starts "
-               "from other random vectors, so it shows the chance level (tau near 0, top-k near k/N, given as "
-               "*chance k/N*), a floor rather than a like-for-like baseline. Each run's scores come from its own "
-               "training (the runs diverge once their masks differ), so disagreement includes that drift.",
-               "", markdown_table(_agreement_summary(agreement))]
-    else:
-        md += ["Not computed: " + ("the scorer does not vary between the groups." if "scorer.name" not in factors
-                                   else "see Notes."), ""]
+    md += sections.agreement_section(agreement, factors)
     md += ["## Rank allocation", "", "![rank allocation](allocation.png)", "",
            "The final rank of every adapted matrix (layers x module types; allocation.json), averaged over each "
            "group's runs, on one colour scale from 0 to the start rank.", "",

@@ -1,7 +1,7 @@
 """Quality against budget in a report: the Pareto front of the runs and the budget curves.
 
 - :func:`front_rows`: the runs no other run beats in both the metric and the adapter size (final
-  active adapter parameters, metrics.json), by :func:`dora_lab.study.objectives.pareto_front`; drawn
+  active adapter parameters, metrics.json), by :func:`dora_lab.plan.objectives.pareto_front`; drawn
   as ``pareto.png`` (every run, the front as a staircase).  Shown when a study of the report is
   multi-objective (``study.objectives``), where it also says which runs are on Optuna's own front.
 - :func:`curve_points`: one curve per combination of the factors that are not a budget
@@ -24,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..plan.objectives import pareto_front
 from ..run.tasks import LOWER_IS_BETTER
-from ..study.objectives import pareto_front
 from ..track.plots import pareto_plot
 from ..track.tables import markdown_table, write_csv
 from . import plots as report_plots

@@ -1,5 +1,6 @@
-"""The report's parts on what it may conclude (Markdown): the power columns of the paired
-comparisons, the seed plan, the convergence and majority-class warnings, the results over tasks.
+"""The report's sections (Markdown), each from the numbers :func:`.compare.build` computed: the
+results per group, the paired comparisons with their power columns and seed plan, the convergence and
+majority-class warnings, the results over tasks, the agreement between scorers.
 The numbers come from :mod:`.conclusions` (through :func:`.compare.build`); formulas in docs/statistics.md."""
 
 from __future__ import annotations
@@ -8,10 +9,13 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..track.tables import markdown_table
-from .text import fmt_ci, fmt_num, fmt_p
+from scipy import stats as sps
 
-__all__ = ["comparison_cells", "conclusion_notes", "flags_section", "tasks_section"]
+from ..track.tables import markdown_table
+from .text import fmt_ci, fmt_int, fmt_num, fmt_p
+
+__all__ = ["agreement_section", "comparison_cells", "comparisons_section", "conclusion_notes", "flags_section",
+           "groups_section", "tasks_section"]
 
 
 def comparison_cells(c: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, str]:
@@ -110,3 +114,99 @@ def tasks_section(data: Mapping[str, Any]) -> list[str]:
                                 "t (df)": f"{fmt_num(r['t'], 3)} ({fmt_num(r['df'], 1)})", "p": fmt_p(r["p_t"])}
                                for r in tasks["pooled"]])]
     return md
+
+
+def groups_section(data: Mapping[str, Any]) -> list[str]:
+    """Results per group: n, mean, sd, the Student-t interval and the sizes, with how to read them."""
+    groups = data["groups"]
+    md: list[str] = []
+    n_min = min([g["n"] for g in groups if g["n"] > 1] or [0])
+    t_note = f"; with n = {n_min}, t(0.975, {n_min - 1}) = {sps.t.ppf(0.975, n_min - 1):.2f}" if n_min else ""
+    md += ["## Results per group", "",
+           markdown_table([{"group": g["group"], "n": g["n"], "mean": fmt_num(g["mean"]), "sd": fmt_num(g["sd"]),
+                            "95% CI": fmt_ci(g["ci_low"], g["ci_high"]), "min": fmt_num(g["min"]), "max": fmt_num(g["max"]),
+                            "last eval (mean)": fmt_num(g["final_mean"]),
+                            "trainable params": fmt_int(g["trainable_parameters"]),
+                            "adapter params (final)": fmt_int(g["adapter_parameters_final"]),
+                            "components": fmt_int(g["active_components"]), "min/run": fmt_num(g["minutes"], 2),
+                            "seeds": g["seeds"]} for g in groups]),
+           "![metric by group](metric_by_group.png)", "",
+           "sd is the sample standard deviation (n - 1). 95% CI: the two-sided Student-t interval for the mean, "
+           f"mean +- t(0.975, n - 1) sd / sqrt(n) (scipy.stats.t){t_note}: "
+           "with few seeds the intervals are wide by construction. Trainable params: every trainable parameter "
+           "at the start "
+           "(adapters at the start rank + the head); adapter params (final): the active adapter parameters "
+           "after pruning; components: the active rank-1 components at the end; last eval: the mean of "
+           f"`{data['metric_key']}` at each run's last evaluation (metrics.json).", ""]
+    return md
+
+
+def comparisons_section(data: Mapping[str, Any], reference: Mapping[str, Any], source: Any) -> list[str]:
+    """The paired comparisons against the reference group: the table, its columns' meaning, the notes
+    on what they allow to conclude."""
+    groups, comparisons = data["groups"], data["comparisons"]
+    pairs = min([c["n"] for c in comparisons] or [0])
+    md: list[str] = []
+    md += ["## Paired comparisons against the reference", ""]
+    if comparisons:
+        ref = ", ".join(f"`{k}` = {v}" for k, v in reference.items())
+        md += [f"Reference: {ref}. Each group is compared with the reference group that has the same other "
+               "factors, run by run with the same seed (same data order; the same initialisation where the adapters "
+               "have the same shapes); the difference is "
+               "group - reference.", "",
+               markdown_table([{"group": c["group"], "reference": c["reference"], "pairs": c["n"],
+                                "mean diff": fmt_num(c["mean_diff"]), "95% CI": fmt_ci(c["ci_low"], c["ci_high"]),
+                                "t (df)": f"{fmt_num(c['t'], 3)} ({c['df']})", "p (paired t)": fmt_p(c["p_t"]),
+                                "p (Holm)": fmt_p(c["p_holm"]), "p (sign-flip, exact)": fmt_p(c["p_sign_flip"]),
+                                **comparison_cells(c, data.get("options") or {})}
+                               for c in comparisons]),
+               "- 95% CI: the Student-t interval of the mean paired difference.",
+               "- p (paired t): two-sided paired t-test (scipy.stats.ttest_rel) of mean difference = 0.",
+               f"- p (Holm): the paired-t p-values adjusted by Holm's step-down method over the {len(comparisons)} "
+               "comparison(s) of this table (controls the family-wise error rate). Read significance from this "
+               "column.",
+               "- p (sign-flip, exact): two-sided permutation test over all 2^n sign assignments of the n "
+               "differences "
+               "(no normality assumed; up to 10 pairs). Its smallest possible value is 2 / 2^n "
+               f"({fmt_p(2 / 2 ** pairs) if pairs else 'n/a'} for n = {pairs}): below 6 pairs it cannot reach 0.05, "
+               "whatever the data. A paired-t p far below that floor rests on the t-test's normality assumption.",
+               *conclusion_notes(data.get("options") or {}, comparisons, source), ""]
+    else:
+        md += ["No comparison: " + ("a single group." if len(groups) < 2 else "see Notes."), ""]
+    return md
+
+
+def agreement_section(agreement: Sequence[Mapping[str, Any]], factors: Sequence[str]) -> list[str]:
+    """Which components the scorers rank high: Kendall's tau and top-k overlap per pair of groups."""
+    md: list[str] = []
+    md += ["## Agreement between scorers", ""]
+    if agreement:
+        md += ["Which components do scorers rank high? From each run's scores.json: the score of every component "
+               "(all layers) at the last pruning decision. Kendall's tau-b (scipy.stats.kendalltau) over all "
+               "components; top-k overlap = |top-k(A) & top-k(B)| / k with k = the final budget in components. "
+               "*scorer vs scorer* pairs runs of the same seed (same initialisation, so component i is the same "
+               "vector at the start). *seed vs seed* pairs one group's runs across seeds: there component i starts "
+               "from other random vectors, so it shows the chance level (tau near 0, top-k near k/N, given as "
+               "*chance k/N*), a floor rather than a like-for-like baseline. Each run's scores come from its own "
+               "training (the runs diverge once their masks differ), so disagreement includes that drift.",
+               "", markdown_table(_agreement_summary(agreement))]
+    else:
+        md += ["Not computed: " + ("the scorer does not vary between the groups." if "scorer.name" not in factors
+                                   else "see Notes."), ""]
+    return md
+
+
+def _agreement_summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    by: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r["group_a"], r["group_b"], r["kind"]), []).append(r)
+    out = []
+    for (a, b, kind), rs in sorted(by.items(), key=lambda kv: (kv[0][2] != "scorer vs scorer", kv[0])):
+        tau, top = [r["kendall_tau"] for r in rs], [r["top_k_overlap"] for r in rs]
+        out.append({"A": a, "B": b, "kind": kind, "pairs": len(rs),
+                    "Kendall tau: mean [min, max]": f"{sum(tau) / len(tau):.3f} [{min(tau):.3f}, {max(tau):.3f}]",
+                    "top-k overlap: mean [min, max]": f"{sum(top) / len(top):.3f} [{min(top):.3f}, {max(top):.3f}]",
+                    "chance k/N": " ".join(sorted({f"{r['k'] / r['components']:.3f}" for r in rs})),
+                    "k": " ".join(sorted({str(r["k"]) for r in rs})),
+                    "components": " ".join(sorted({str(r["components"]) for r in rs}))})
+    return out

@@ -1,9 +1,9 @@
 """One training run, end to end: ``python -m dora_lab.train CONFIG [--set key=value ...]``.
 
-Reads top to bottom: set up (seed, data, model, adapters, optimizer, controller), then the loop
-(micro-batches -> optimizer step -> controller step -> periodic evaluation), then the run's
-files.  The controller runs after each optimizer step with the gradients still present; it
-counts optimizer steps, not micro-batches.
+Reads top to bottom: :func:`train_run` checks its inputs, sets up (:func:`_set_up`: data, model,
+adapters, optimizer, controller), begins (:func:`_begin`: the run's folder, DDP, the callbacks), runs
+the loop (:func:`dora_lab.run.loop.train_loop`: micro-batches -> optimizer step -> controller step ->
+periodic evaluation) and finishes (:func:`_finish`: the result and the run's files).
 
 Under ``torchrun --nproc-per-node N`` (or with ``train.processes: N``, which relaunches this command
 under torchrun) the run is data-parallel: each rank trains on its part of every global batch of
@@ -19,52 +19,35 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..core.adapter import count_parameters, inject_adapters
+from ..core.checkpoint import save_adapter
 from ..core.controller import PruningController
 from ..core.methods import DEFAULT_METHOD
-from ..export.checkpoint import save_adapter
 from . import convergence, distributed
 from .batching import loader_of
 from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
 from .cli import INPUT_ERRORS, check_writable_folder, failed, refuse, stop_code, stoppable
 from .compile import check_compiler, for_training
 from .config import ConfigError, RunConfig, build_controller, load_config
-from .evaluate import eval_autocast, evaluate, generation_eval, initial_evaluation
-from .memory import peak_memory_mb, reset_peak
+from .evaluate import eval_autocast, generation_eval, initial_evaluation
+from .loop import DivergenceError, Run, Trained, train_loop
 from .models import check_model, load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
 from .packing import check_packing
 from .quantization import quantized_load_kwargs, standard_layout
 from .run_dir import RUN_FILES, RunDirExists, check_run_dir, claim_run_dir  # noqa: F401  (re-exported)
 from .seeding import seed_everything
-from .tasks import get_task
+from .tasks import TaskSpec, get_task
 from .token_cache import encoded_splits, load_rows
 from .validation import ValidationLoss
 
 __all__ = ["RUN_FILES", "DivergenceError", "RunDirExists", "claim_run_dir", "main", "train_run"]
-
-
-class DivergenceError(RuntimeError):
-    """The loss became NaN/inf or exceeded ``train.divergence_loss``."""
-
-
-def _micro_batches(loader: Any, start_epoch: int = 0) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    epoch = start_epoch
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        elif hasattr(loader.batch_sampler, "set_epoch"):
-            loader.batch_sampler.set_epoch(epoch)
-        for batch in loader:
-            yield epoch, batch
-        epoch += 1
 
 
 def train_run(
@@ -81,7 +64,7 @@ def train_run(
     splits shared by a study's trials (:mod:`dora_lab.run.token_cache`), read or filled."""
     t0 = time.time()
     device = distributed.init_from_env(resolve_device(cfg.model.device))  # one process: unchanged
-    rank0, shards, shard = distributed.is_main(), distributed.world_size(), distributed.rank()
+    rank0 = distributed.is_main()
     callbacks = callbacks if rank0 else ()  # the other ranks report through rank 0
     run_dir = distributed.broadcast_object(Path(run_dir) if run_dir is not None else _default_run_dir(cfg))
     if rank0:
@@ -94,10 +77,52 @@ def train_run(
     generation_eval(cfg.eval, spec)  # eval.generate on a task without responses: refused before the data
     check_compiler(device, cfg.train.compile)  # train.compile on a CPU without a C++ compiler: refused now
 
-    # -- data and model -------------------------------------------------------------------
-    # read before the model (bad data fails first), unless a study's cache may hold the token rows
+    run = _set_up(cfg, spec, device, run_dir, data_cache)
+    info = _begin(run, callbacks, overwrite)
+    trained = train_loop(run, callbacks, progress)
+    return _finish(run, info, trained, callbacks, t0)
+
+
+def _set_up(cfg: RunConfig, spec: TaskSpec, device: torch.device, run_dir: Path,
+            data_cache: str | Path | None) -> Run:
+    """The data and the model, the optimizer and the controller, the evaluation at the start: every
+    refusal of bad input happens here, before the run's folder is made."""
     quantized = quantized_load_kwargs(cfg.model.quantization, device, cfg.train.method)  # QLoRA; refusals: exit 2
+    # read before the model (bad data fails first), unless a study's cache may hold the token rows
     task_rows = load_rows(cfg, spec) if data_cache is None else None
+    model, tokenizer = _model(cfg, spec, device, quantized)
+    encoded = encoded_splits(cfg, spec, tokenizer, data_cache, task_rows)
+    train_loader, eval_loaders = _loaders(cfg, spec, tokenizer, encoded, model, device)
+    majority = None if spec.is_regression or spec.is_instruction else convergence.majority_share(
+        convergence.eval_labels(encoded[spec.eval_splits[0]], task_rows, spec.eval_splits[0]))  # of the split the metric is on
+    data_counts = _truncation_counts({"train": train_loader, **eval_loaders}, cfg.task.max_length,
+                                     distributed.is_main())
+    micro_per_epoch = len(train_loader)
+    steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
+    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
+
+    # -- optimizer and controller ----------------------------------------------------------
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, cfg.train.warmup_ratio))
+    controller = _controller(cfg, spec, model, total, device, train_loader, eval_loaders)
+    bf16_weights = cfg.model.dtype == "bfloat16"
+    generation = generation_eval(cfg.eval, spec, tokenizer, cfg.seed, cfg.train.eval_batch_size)
+    autocast = _autocast("bf16" if bf16_weights else cfg.model.precision, device)
+    eval_ac = eval_autocast(cfg.eval, device, autocast)  # eval.autocast: bf16 on CUDA by default
+    initial = initial_evaluation(model, eval_loaders, spec, device, eval_ac, generation) \
+        if cfg.eval.at_start and distributed.is_main() else {}
+    return Run(cfg=cfg, spec=spec, device=device, run_dir=run_dir, model=model, train_loader=train_loader,
+               eval_loaders=eval_loaders, optimizer=optimizer, scheduler=scheduler, controller=controller,
+               generation=generation, autocast=autocast, eval_autocast=eval_ac, total=total,
+               steps_per_epoch=steps_per_epoch,
+               majority=majority, data_counts=data_counts, initial=initial)
+
+
+def _model(cfg: RunConfig, spec: TaskSpec, device: torch.device,
+           quantized: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    """The model (adapters injected unless ``train.method: full``) on ``device``, and its tokenizer.
+    ``quantized``: the 4-bit load's arguments (QLoRA, :mod:`dora_lab.run.quantization`), or empty."""
     bf16_weights = cfg.model.dtype == "bfloat16"  # frozen weights in bf16 (or 4 bits); what trains stays float32
     float32_trained = bf16_weights or bool(quantized)
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels, max_length=cfg.task.max_length,
@@ -121,7 +146,13 @@ def train_run(
     if cfg.train.gradient_checkpointing:
         # non-reentrant: works with a frozen embedding and under DDP (peft#1745's "marked ready twice")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    encoded = encoded_splits(cfg, spec, tokenizer, data_cache, task_rows)
+    return model, tokenizer
+
+
+def _loaders(cfg: RunConfig, spec: TaskSpec, tokenizer: Any, encoded: dict[str, Any], model: torch.nn.Module,
+             device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """The training batches (this rank's share of every global batch) and each evaluation split's."""
+    shards, shard = distributed.world_size(), distributed.rank()
     train_loader = loader_of(encoded["train"], spec, tokenizer, batch_size=cfg.train.batch_size, shuffle=True,
                              group_by_length=cfg.train.group_by_length, seed=cfg.seed, shards=shards, shard=shard,
                              packing=cfg.train.packing, max_length=cfg.task.max_length)
@@ -132,141 +163,80 @@ def train_run(
                         group_by_length=True, seed=cfg.seed)
         for name in spec.eval_splits
     }
-    majority = None if spec.is_regression or spec.is_instruction else convergence.majority_share(
-        convergence.eval_labels(encoded[spec.eval_splits[0]], task_rows, spec.eval_splits[0]))  # of the split the metric is on
-    data_counts = _truncation_counts({"train": train_loader, **eval_loaders}, cfg.task.max_length, rank0)
-    micro_per_epoch = len(train_loader)
-    steps_per_epoch = max(1, micro_per_epoch // cfg.train.grad_accum)
-    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
+    return train_loader, eval_loaders
 
-    # -- optimizer and controller ----------------------------------------------------------
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, cfg.train.warmup_ratio))
-    controller = None
-    if adapted:
-        controller = build_controller(cfg, model, total, agree=distributed.agree if shards > 1 else None)
-        if controller.method.calibration_batches:  # a one-shot allocator reads a few batches (before DDP
-            model.eval()                            # wraps the model, so rank 0's ranks and A reach all)
-            def run_batch(b: dict[str, torch.Tensor]) -> Any:  # the output, with the batch's loss
-                with _autocast("bf16" if bf16_weights else cfg.model.precision, device):
-                    return model(**{k: v.to(device) for k, v in b.items() if k != "index"})
-            controller.before_training(run_batch, train_loader)
-        if controller.method.needs_validation:  # one fixed validation batch, spread over the split (checked: one exists)
-            rows = controller.method.validation_rows or cfg.train.eval_batch_size
-            vbatches = [{k: v.to(device) for k, v in b.items() if k != "index"}
-                        for b in eval_loaders[spec.eval_splits[0]].spread_batches(rows)]
-            controller.set_validation(ValidationLoss(
-                model, vbatches, _autocast("bf16" if bf16_weights else cfg.model.precision, device)))
-    generation = generation_eval(cfg.eval, spec, tokenizer, cfg.seed, cfg.train.eval_batch_size)
-    autocast = _autocast("bf16" if bf16_weights else cfg.model.precision, device)
-    eval_ac = eval_autocast(cfg.eval, device, autocast)  # eval.autocast: bf16 on CUDA by default
-    initial = initial_evaluation(model, eval_loaders, spec, device, eval_ac, generation) \
-        if cfg.eval.at_start and rank0 else {}
-    # the run's folder only now: bad data, a missing model or a schedule that cannot fit leave nothing behind
-    if rank0:
-        claim_run_dir(run_dir, overwrite)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    ddp = for_training(distributed.wrap(model, device), cfg.train.compile)  # the model itself: one process, eager
+
+def _controller(cfg: RunConfig, spec: TaskSpec, model: torch.nn.Module, total: int, device: torch.device,
+                train_loader: Any, eval_loaders: dict[str, Any]) -> PruningController | None:
+    """The pruning controller of an adapter run (None for ``train.method: full``), calibrated and given
+    its validation batch where its allocation method asks for them."""
+    if cfg.train.method != "adapter":
+        return None
+    bf16_weights = cfg.model.dtype == "bfloat16"
+    controller = build_controller(cfg, model, total, agree=distributed.agree if distributed.world_size() > 1 else None)
+    if controller.method.calibration_batches:  # a one-shot allocator reads a few batches (before DDP
+        model.eval()                            # wraps the model, so rank 0's ranks and A reach all)
+        def run_batch(b: dict[str, torch.Tensor]) -> Any:  # the output, with the batch's loss
+            with _autocast("bf16" if bf16_weights else cfg.model.precision, device):
+                return model(**{k: v.to(device) for k, v in b.items() if k != "index"})
+        controller.before_training(run_batch, train_loader)
+    if controller.method.needs_validation:  # one fixed validation batch, spread over the split (checked: one exists)
+        rows = controller.method.validation_rows or cfg.train.eval_batch_size
+        vbatches = [{k: v.to(device) for k, v in b.items() if k != "index"}
+                    for b in eval_loaders[spec.eval_splits[0]].spread_batches(rows)]
+        controller.set_validation(ValidationLoss(
+            model, vbatches, _autocast("bf16" if bf16_weights else cfg.model.precision, device)))
+    return controller
+
+
+def _begin(run: Run, callbacks: Sequence[TrainCallback], overwrite: bool) -> RunInfo:
+    """Make the run's folder (only now: bad data, a missing model or a schedule that cannot fit leave
+    nothing behind), wrap the model for data-parallel training, tell the callbacks the run begins."""
+    cfg, controller, model = run.cfg, run.controller, run.model
+    shard = distributed.rank()
+    if distributed.is_main():
+        claim_run_dir(run.run_dir, overwrite)
+        (run.run_dir / "config.yaml").write_text(cfg.to_yaml())
+    run.ddp = for_training(distributed.wrap(model, run.device), cfg.train.compile)  # the model itself: one process, eager
     if shard > 0:
         torch.manual_seed(cfg.seed + 1_000_003 * shard)  # each rank its own dropout masks
     counts = count_parameters(model)
     info = RunInfo(
-        config=cfg.resolved(), run_dir=run_dir, total_steps=total, steps_per_epoch=steps_per_epoch,
+        config=cfg.resolved(), run_dir=run.run_dir, total_steps=run.total, steps_per_epoch=run.steps_per_epoch,
         trainable_parameters=counts.trainable, adapter_parameters=counts.adapter_active,
         budget_curve=controller.budget_curve() if controller else [],
-        budget_unit=controller.unit if controller else "none", initial_metrics=initial,
+        budget_unit=controller.unit if controller else "none", initial_metrics=run.initial,
     )
     for cb in callbacks:
         cb.on_train_begin(info)
+    return info
 
-    # -- the loop ----------------------------------------------------------------------------
-    # fp16 needs loss scaling or small gradients flush to zero; bf16 and fp32 do not
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.model.precision == "fp16")
-    history: list[dict[str, float]] = []
-    # metric, step, weights; the metric's sign flipped where lower is better (perplexity), so ">" is "better"
+
+def _finish(run: Run, info: RunInfo, trained: Trained, callbacks: Sequence[TrainCallback], t0: float) -> RunResult:
+    """The run's result (the same on every rank) and, on rank 0, its files: metrics.json, allocation,
+    scores, budget, the best evaluation's adapter; then the callbacks' end."""
+    cfg, spec, controller, model, run_dir = run.cfg, run.spec, run.controller, run.model, run.run_dir
     sign = 1.0 if spec.greater_is_better else -1.0
-    best: tuple[float, int, dict[str, torch.Tensor]] = (-math.inf, -1, {})
-    batches = _micro_batches(train_loader)
-    scored = controller is not None and controller.method.uses_scorer  # name the scorer where it matters
-    what = f"{cfg.method.name} {cfg.scorer.name}/{cfg.schedule.name}" if scored else cfg.method.name
-    bar = tqdm(total=total, desc=f"{cfg.task.name} {what} seed {cfg.seed}",
-               disable=not (progress and rank0), dynamic_ncols=True)
-    model.train()
-    rows = 0  # training rows this rank has seen (a rank's share of the global batches)
-    reset_peak(device)
-    for step in range(total):
-        loss_sum = 0.0
-        for micro in range(cfg.train.grad_accum):
-            epoch, batch = next(batches)
-            rows += len(batch["index"])  # rows, not packed sequences
-            batch = {k: v.to(device) for k, v in batch.items() if k != "index"}
-            # DDP averages the gradients once, in the last micro-batch's backward
-            with distributed.no_sync(ddp, micro + 1 < cfg.train.grad_accum):
-                with autocast:
-                    loss = ddp(**batch).loss / cfg.train.grad_accum
-                    if controller is not None:
-                        loss = loss + controller.regularization_loss().to(loss.device) / cfg.train.grad_accum
-                scaler.scale(loss).backward()
-            loss_sum += float(loss.detach())
-        loss_sum = distributed.all_mean(loss_sum, device)  # the global batch's loss, the same on every rank
-        if not math.isfinite(loss_sum) or loss_sum > cfg.train.divergence_loss:
-            raise DivergenceError(f"training diverged at step {step}: loss {loss_sum}; lower train.lr")
-        scaler.unscale_(optimizer)  # clipping and the scorers see true gradients (a no-op unless fp16)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if cfg.train.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        skipped = scaler.is_enabled() and scaler.get_scale() < scale  # fp16 overflow: no update was made
-        state = controller.step(optimizer, update_scores=not skipped) if controller is not None else None
-        if controller is not None and state is not None and state.pruned and state.frozen and controller.compact_at_end:
-            ddp = for_training(distributed.wrap(model, device), cfg.train.compile)  # new parameters: DDP must hold those
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        logs = {"train_loss": loss_sum, "lr": float(scheduler.get_last_lr()[0]), "epoch": float(epoch)}
-        if state is not None:
-            logs.update(active_components=float(state.active_components),
-                        active_parameters=float(state.active_parameters), budget=float(state.budget))
-        for cb in callbacks:
-            cb.on_step(step, logs)
-        bar.update(1)
-        if rank0 and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total):
-            metrics = evaluate(model, eval_loaders, spec, device, eval_ac, generation)
-            metrics["step"] = float(step + 1)
-            history.append(metrics)
-            pruning_done = controller is None or controller.settled
-            if pruning_done and sign * metrics[spec.main_metric] > best[0]:
-                best = (sign * metrics[spec.main_metric], step + 1, _trainable_state(model))
-            bar.set_postfix(loss=f"{loss_sum:.3f}", **{spec.main_metric[:8]: f"{metrics[spec.main_metric]:.4f}"})
-            for cb in callbacks:
-                cb.on_evaluate(step + 1, metrics)
-            model.train()
-    bar.close()
-    peak = peak_memory_mb(device)
-
-    # -- the run's files -----------------------------------------------------------------------
-    history = distributed.broadcast_object(history)  # every rank returns rank 0's result
-    best = (*distributed.broadcast_object(best[:2]), best[2])
-    parallel = distributed.check_consistent(model, controller.allocation() if controller else {}, rows)
+    history = distributed.broadcast_object(trained.history)  # every rank returns rank 0's result
+    best = (*distributed.broadcast_object(trained.best[:2]), trained.best[2])
+    parallel = distributed.check_consistent(model, controller.allocation() if controller else {}, trained.rows)
     counts = count_parameters(model)
     result = RunResult(
         metric_name=spec.main_metric, best_metric=sign * float(best[0]), best_step=int(best[1]),
         final_metrics=history[-1], history=history,
         allocation=controller.allocation() if controller else {},
         trainable_parameters=info.trainable_parameters, adapter_parameters_final=counts.adapter_active,
-        active_components_final=counts.active_components, steps=total, seconds=time.time() - t0,
-        run_dir=run_dir, peak_memory_mb=peak[0], peak_memory_source=peak[1], data=data_counts,
-        checks=convergence.checks(history, spec.main_metric, spec.greater_is_better, majority),
-        initial_metrics=initial,
+        active_components_final=counts.active_components, steps=run.total, seconds=time.time() - t0,
+        run_dir=run_dir, peak_memory_mb=trained.peak[0], peak_memory_source=trained.peak[1], data=run.data_counts,
+        checks=convergence.checks(history, spec.main_metric, spec.greater_is_better, run.majority),
+        initial_metrics=run.initial,
     )
-    if not rank0:
+    if not distributed.is_main():
         return result
     _write_outputs(run_dir, result, controller)
-    if shards > 1:
+    if distributed.world_size() > 1:
         (run_dir / "distributed.json").write_text(json.dumps(parallel, indent=1))
-    if adapted and cfg.train.save_adapter and best[2]:
+    if cfg.train.method == "adapter" and cfg.train.save_adapter and best[2]:
         _load_trainable_state(model, best[2])  # keep the best evaluation's weights, not the last
         save_adapter(model, run_dir / "adapter", base_model=cfg.model.name,
                      num_labels=0 if spec.is_causal else spec.num_labels,
@@ -296,10 +266,6 @@ def _truncation_counts(loaders: dict[str, Any], max_length: int, log: bool) -> d
                   f"task.max_length={max_length}; {c['answers_dropped']} examples dropped (answer alone too long)",
                   file=sys.stderr)
     return counts
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()

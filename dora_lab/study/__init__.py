@@ -1,12 +1,14 @@
 """Optuna studies over run configs, tracked in MLflow: ``python -m dora_lab.study CONFIG``.
 
-The runner (:mod:`.runner`) reads top to bottom; beside it the ``study:`` block without Optuna
-(:mod:`.space`), its samplers and pruners (:mod:`.samplers`), one trial (:mod:`.trial`), grid
-recovery (:mod:`.grid`) and the worker processes (:mod:`.workers`); MLflow tracking, pictures, tables
-and store locks in :mod:`dora_lab.track`.
+The runner (:mod:`.runner`) reads top to bottom; beside it the samplers and pruners
+(:mod:`.samplers`), one trial (:mod:`.trial`), grid recovery (:mod:`.grid`) and the worker processes
+(:mod:`.workers`).  The ``study:`` block without Optuna, read alike by the reports, is
+:mod:`dora_lab.plan` (re-exported by :mod:`.space` and :mod:`.objectives`); MLflow tracking, pictures,
+tables and store locks are :mod:`dora_lab.track`.  The command ``python -m dora_lab.study`` is
+:mod:`dora_lab.studies`: this runner with the report wired in (the runner does not import the report).
 
-The runner's names are re-exported here lazily, so that reading a study's block
-(``dora_lab.study.space``, as the reports do) imports neither the runner nor Optuna.
+The runner's names are re-exported here lazily, so that ``import dora_lab.study`` imports neither the
+runner nor Optuna.
 """
 
 from __future__ import annotations

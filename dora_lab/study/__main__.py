@@ -1,3 +1,3 @@
-from .runner import main
+from ..studies import main
 
 raise SystemExit(main())

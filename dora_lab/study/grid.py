@@ -26,9 +26,9 @@ from typing import Any
 import optuna
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 
+from ..plan.space import StudyConfig
 from ..track.locks import store_lock
 from ..track.tracker import STALE_REASON
-from .space import StudyConfig
 
 __all__ = ["RETRYABLE_REASONS", "STALE_REASON", "claim_grid_point", "fail_stale", "heartbeat", "trials_to_run"]
 

@@ -1,7 +1,7 @@
 """Optuna studies over run configs, tracked in MLflow:
 ``python -m dora_lab.study CONFIG [--set key=value ...] [--workers N]``.
 
-The config's ``study:`` block (:mod:`dora_lab.study.space`, read by :func:`prepare`; its Optuna
+The config's ``study:`` block (:mod:`dora_lab.plan`, read by :func:`prepare`; its Optuna
 sampler and pruner from :mod:`dora_lab.study.samplers`) says what to search and how; every
 trial is one :func:`dora_lab.run.train.train_run` of the config with the trial's values set.
 
@@ -46,11 +46,14 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+from ..plan.objectives import is_multi
+from ..plan.setup import StudySetup, prepare
 from ..run.cli import EXIT_FAILED, check_writable_folder, refuse, stop_code, stop_reason, stoppable
 from ..run.config import ConfigError
 from ..track.front import FRONT_TAG
@@ -59,14 +62,12 @@ from ..track.locks import store_lock
 from ..track.stores import StoreError, check_sqlite_store, hide_store_tracebacks, store_failure, store_message
 from ..track.tracker import STALE_REASON, UID_TAG, StudyTracker
 from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
-from .objectives import is_multi
 from .samplers import check_directions, check_space_unchanged, make_pruner, make_sampler
-from .space import StudySetup, prepare
 from .summary import print_summary
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
 from .workers import resolve_workers, run_workers, workers_arg
 
-__all__ = ["OptunaReporter", "StudySetup", "main", "make_report", "optimize", "open_study", "prepare", "preflight", "run_study",
+__all__ = ["OptunaReporter", "Reporting", "StudySetup", "main", "make_report", "optimize", "open_study", "prepare", "preflight", "run_study",
            "study_folder"]
 
 
@@ -153,7 +154,8 @@ def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[opt
 
 
 def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = None, progress: bool = False,
-             tracker: StudyTracker | None = None, study: optuna.Study | None = None) -> None:
+             tracker: StudyTracker | None = None, study: optuna.Study | None = None,
+             reporting: Reporting | None = None) -> None:
     """Run ``n_trials`` trials in this process (``None``: until ``study.timeout``, or a grid's end)."""
     tracker = tracker or _tracker(setup)
     study = study or open_study(setup, tracker)
@@ -163,7 +165,7 @@ def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = No
         tracker.factors, tracker.groups = _groups(setup)
     if n_trials is None or n_trials > 0:
         _run_trials(setup, study, make_objective(setup, study_folder(setup, study), tracker, parent_id, progress), n_trials,
-                    after=lambda: post_answer(setup, tracker, study))
+                    after=lambda: post_answer(setup, tracker, study, reporting))
 
 
 def _groups(setup: StudySetup) -> tuple[list[str], list[tuple[str, ...]]]:
@@ -178,19 +180,26 @@ def _groups(setup: StudySetup) -> tuple[list[str], list[tuple[str, ...]]]:
     return factors, [tuple(map(str, g)) for g in itertools.product(*(grid[k] for k in factors))]
 
 
-def post_answer(setup: StudySetup, tracker: StudyTracker, study: optuna.Study) -> None:
-    """Post the answer so far to the parent run's and the experiment's descriptions, and every
-    trial's allocation side by side (:func:`dora_lab.report.brief.post_answer`).  A failure is a
-    note on stderr: the answer in MLflow must never stop a study."""
-    from ..report.brief import post_answer as post
-    from ..report.io import source_of
+@dataclass(frozen=True)
+class Reporting:
+    """What the study does with the report, handed in by the study command (:mod:`dora_lab.studies`),
+    since the runner does not import the report (they stand side by side): ``answer(setup, tracker,
+    summary_folder)`` posts the answer so far to MLflow after every trial and at the end;
+    ``report(setup)`` makes the report of a config's ``report:`` block at the end (its exit code, or
+    None without a block).  Without one (``None``) a study posts no answer and makes no report."""
 
-    if tracker.parent_id is None:
+    answer: Callable[[StudySetup, StudyTracker, Path], None]
+    report: Callable[[StudySetup], int | None]
+
+
+def post_answer(setup: StudySetup, tracker: StudyTracker, study: optuna.Study, reporting: Reporting | None) -> None:
+    """Post the answer so far to the parent run's and the experiment's descriptions, and every
+    trial's allocation side by side (``reporting.answer``: :func:`dora_lab.report.study_end.answer`).
+    A failure is a note on stderr: the answer in MLflow must never stop a study."""
+    if reporting is None or tracker.parent_id is None:
         return
     try:
-        post(source_of(setup), tracker.client, tracker.experiment_id, tracker.parent_id,
-             study_folder(setup, study) / "summary", setup.study.direction == "maximize",
-             reported=setup.data.get("report") is not None)
+        reporting.answer(setup, tracker, study_folder(setup, study) / "summary")
     except Exception as exc:
         print(f"note: the answer in MLflow's description was not updated: {type(exc).__name__}: {exc}",
               file=sys.stderr)
@@ -228,9 +237,10 @@ def _parent_params(setup: StudySetup) -> dict[str, str]:
 
 
 # -- the whole study ------------------------------------------------------------------------------
-def run_study(setup: StudySetup, workers: int | str = 1) -> int:
+def run_study(setup: StudySetup, workers: int | str = 1, reporting: Reporting | None = None) -> int:
     """The CLI's main path: open the study and its parent run, run the trials, summarize.
-    ``workers``: a count, or ``"auto"`` (:func:`~dora_lab.study.workers.resolve_workers`)."""
+    ``workers``: a count, or ``"auto"`` (:func:`~dora_lab.study.workers.resolve_workers`);
+    ``reporting``: the answer and the report (:class:`Reporting`; the study command's)."""
     if workers != "auto" and (not isinstance(workers, int) or workers < 1):
         raise ConfigError(f"--workers must be a whole number of at least 1 or 'auto', got {workers!r}")
     check_writable_folder(setup.output_dir, "output_dir")
@@ -241,7 +251,7 @@ def run_study(setup: StudySetup, workers: int | str = 1) -> int:
     check_sqlite_store(setup.tracking_uri, "mlflow")
     try:
         if setup.data.get("report") is not None:  # its mistakes now, not after the last trial
-            from ..report.block import parse_report
+            from ..plan.report_block import parse_report
 
             parse_report(setup.data["report"], str(setup.config_path))
         preflight(setup.base)
@@ -254,7 +264,7 @@ def run_study(setup: StudySetup, workers: int | str = 1) -> int:
         study = open_study(setup, tracker)
         check_space_unchanged(setup.study, study)
         parent_id = tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
-        return _run_and_summarize(setup, workers, tracker, study, parent_id)
+        return _run_and_summarize(setup, workers, tracker, study, parent_id, reporting)
     except Exception as exc:
         failure = store_failure(exc)
         if failure is None:
@@ -280,7 +290,7 @@ def _store_failed(setup: StudySetup, store: str, problem: str, tracker: StudyTra
 
 
 def _run_and_summarize(setup: StudySetup, workers: int | str, tracker: StudyTracker, study: optuna.Study,
-                       parent_id: str) -> int:
+                       parent_id: str, reporting: Reporting | None) -> int:
     """Run this invocation's trials (here or on ``workers`` processes), write the summary; the exit code."""
     tracker.save_view(setup.metric, list(setup.study.space), setup.study.direction == "maximize", *_groups(setup),
                       extra=[f"tags.`{FRONT_TAG}`"] if is_multi(setup.goals) else [])
@@ -298,20 +308,21 @@ def _run_and_summarize(setup: StudySetup, workers: int | str, tracker: StudyTrac
     worker_failed = False
     try:
         if workers == 1:
-            optimize(setup, n_trials, parent_id, progress=sys.stderr.isatty(), tracker=tracker, study=study)
+            optimize(setup, n_trials, parent_id, progress=sys.stderr.isatty(), tracker=tracker, study=study,
+                     reporting=reporting)
         elif n_trials != 0:
             stop, worker_failed = run_workers(setup, n_trials, workers, parent_id)
             left = 0 if stop else trials_to_run(setup.study, open_study(setup, tracker))
             if setup.study.sampler.name == "grid" and left:  # points a failed worker left
-                optimize(setup, left, parent_id, tracker=tracker, study=open_study(setup, tracker))
+                optimize(setup, left, parent_id, tracker=tracker, study=open_study(setup, tracker), reporting=reporting)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (dora_lab.run.cli.stoppable)
         stop = exc
     study = open_study(setup, tracker)  # fresh trials, from every worker
     rows = tracker.summarize(parent_id, study, setup.metric, study_folder(setup, study) / "summary",
                              status="KILLED" if stop else "FINISHED")
     if stop is None:
-        make_report(setup)
-    post_answer(setup, tracker, study)  # with the report's link, now that it is made
+        make_report(setup, reporting)
+    post_answer(setup, tracker, study, reporting)  # with the report's link, now that it is made
     print_summary(setup, study, rows, study_folder(setup, study) / "summary", tracker)
     if stop is not None:
         print(f"stopped: {stop_reason(stop)}; finished trials are kept. Run the same command again to continue.")
@@ -326,30 +337,19 @@ def _run_and_summarize(setup: StudySetup, workers: int | str, tracker: StudyTrac
     return 0
 
 
-def make_report(setup: StudySetup) -> int | None:
-    """At the end of a study whose config has a ``report:`` block: ``python -m dora_lab.report`` on the
-    same config and ``--set``s (report.md, the self-contained report.html, tables and pictures, logged
-    to the parent run under ``report/``; it prints where).  A report that cannot be made (an
-    ``include``d study not run yet, say) is a note, not a failed study.  Returns the report's exit
-    code (``None``: no ``report:`` block)."""
-    if setup.data.get("report") is None:
+def make_report(setup: StudySetup, reporting: Reporting | None) -> int | None:
+    """At the end of a study whose config has a ``report:`` block, its report (``reporting.report``:
+    :func:`dora_lab.report.study_end.make_report`); returns the report's exit code (``None``: no
+    ``report:`` block, or no reporting handed in)."""
+    if reporting is None or setup.data.get("report") is None:
         return None
-    from ..report.compare import main as report_main
-    from ..report.io import report_command
-
-    args = [str(setup.config_path), *(x for s in setup.overrides for x in ("--set", s))]
-    if setup.base.plugins and not any(s.startswith("plugins=") for s in setup.overrides):
-        # the plugins this study ran (its base: chain's too) are the report's own: named, not trusted blindly
-        args += ["--set", "plugins=" + json.dumps([str(p) for p in setup.base.plugins])]
-    print(f"\nreport (the config's report: block): {report_command(args)}", flush=True)
-    code = report_main(args)
-    if code:
-        print(f"note: no report (see above); once that is fixed: {report_command(args)}")
-    return code
+    return reporting.report(setup)
 
 
 @stoppable
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, reporting: Reporting | None = None) -> int:
+    """The study runner's command line; ``reporting``: the answer and the report (the study command,
+    :func:`dora_lab.studies.main`, hands them in)."""
     parser = argparse.ArgumentParser(prog="python -m dora_lab.study", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="a YAML config with a study: block, e.g. configs/cola.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         setup = prepare(args.config, args.overrides)
         if not args.worker:
-            return run_study(setup, args.workers)
+            return run_study(setup, args.workers, reporting)
     except (ConfigError, StoreError) as exc:
         return refuse(exc)
     # a worker started by run_study
@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        optimize(setup, args.n_trials, args.parent_run_id, progress=False)
+        optimize(setup, args.n_trials, args.parent_run_id, progress=False, reporting=reporting)
     except KeyboardInterrupt as exc:  # its trial is recorded FAIL; the parent process writes the summary
         return stop_code(exc)
     except Exception as exc:

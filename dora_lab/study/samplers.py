@@ -1,6 +1,6 @@
 """Optuna's side of the ``study:`` block: the sampler, the pruner and each trial's values.
 
-:mod:`dora_lab.study.space` reads and checks the block without Optuna; this module turns it into
+:mod:`dora_lab.plan.space` and :mod:`dora_lab.plan.setup` read and check the block without Optuna; this module turns it into
 Optuna objects for the runner (:mod:`dora_lab.study.runner`):
 
 - :func:`make_sampler`: TPE and random seeded per trial (:class:`TrialSeeded`), so processes sharing
@@ -19,8 +19,7 @@ from typing import Any
 
 import optuna
 
-from ..run.config import ConfigError
-from .space import (
+from ..plan.space import (
     CategoricalParam,
     FloatParam,
     HyperbandPruner,
@@ -30,6 +29,7 @@ from .space import (
     StudyConfig,
     TPESampler,
 )
+from ..run.config import ConfigError
 
 __all__ = ["TrialSeeded", "check_directions", "check_space_unchanged", "make_pruner", "make_sampler", "suggest"]
 

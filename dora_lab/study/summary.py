@@ -10,11 +10,11 @@ from typing import Any
 import optuna
 from mlflow.exceptions import MlflowException
 
+from ..plan.setup import StudySetup
 from ..track import front
 from ..track.links import ui_lines
 from ..track.tables import markdown_table
 from ..track.tracker import StudyTracker
-from .space import StudySetup
 
 __all__ = ["print_summary"]
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import optuna
 
+from ..plan.objectives import is_multi, run_quantities, trial_values
+from ..plan.setup import trial_config
 from ..run.callbacks import RunInfo, TrainCallback
 from ..run.cli import stop_reason
 from ..run.config import ConfigError, RunConfig
@@ -32,12 +34,10 @@ from ..run.tasks import get_task
 from ..run.token_cache import load_rows
 from ..track.logger import TrialLogger
 from ..track.tracker import StudyTracker
-from .objectives import is_multi, run_quantities, trial_values
 from .samplers import suggest
-from .space import trial_config
 
 if TYPE_CHECKING:
-    from .space import StudySetup
+    from ..plan.setup import StudySetup
 
 __all__ = ["ENVIRONMENT_ERRORS", "OptunaReporter", "make_objective", "objective_value", "preflight"]
 

@@ -32,7 +32,7 @@ from ..run.distributed import gpu_groups, visible_gpus
 from ..run.threads import usable_cpus, worker_env, worker_threads
 
 if TYPE_CHECKING:
-    from .space import StudySetup
+    from ..plan.setup import StudySetup
 
 __all__ = ["auto_workers", "gpu_workers", "probe_command", "probe_peak_mib", "resolve_workers", "run_workers",
            "worker_command", "workers_arg"]

@@ -89,7 +89,9 @@ def rows(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, FieldInfo]]
         path = f"{prefix}{key}"
         if (sub := section_model(field.annotation)) is not None:
             yield from rows(sub, path + ".")
-        elif options := variants(field.annotation):
+        elif len(options := variants(field.annotation)) == 1 and "name" not in options[0].model_fields:
+            yield from rows(options[0], path + ".")  # an optional section (study.seeds: null, or its keys)
+        elif options:
             for option in options:  # its `name` is in the key: study.sampler[name=tpe].seed
                 name = typing.get_args(option.model_fields["name"].annotation)[0]
                 yield from ((p, f) for p, f in rows(option, f"{path}[name={name}].") if not p.endswith("].name"))

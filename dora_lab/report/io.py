@@ -27,7 +27,7 @@ from ..track.links import safe_url
 from ..track.tables import markdown_table, write_csv
 from . import pareto, sections
 from . import plots as report_plots
-from .block import parse_report
+from .block import parse_report, with_study_seeds
 from .conclusions import metric_of
 from .stats import Summary
 from .text import fmt_ci, fmt_int, fmt_num, fmt_p
@@ -109,7 +109,8 @@ def source_of(setup: Any) -> Source:
     which the study runner holds already)."""
     return Source(name=setup.name, storage=setup.storage, tracking_uri=setup.tracking_uri,
                   experiment=setup.study.experiment or setup.name, output_dir=setup.output_dir,
-                  report=parse_report(setup.data.get("report"), str(setup.config_path)).model_dump(),
+                  report=with_study_seeds(parse_report(setup.data.get("report"), str(setup.config_path)).model_dump(),
+                                          setup.study.seeds),
                   path=Path(setup.config_path), metric=setup.metric, objective=setup.study.objective)
 
 

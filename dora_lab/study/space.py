@@ -57,6 +57,7 @@ from ..run.config import (
 from ..run.names import check_name
 from ..run.tasks import get_task
 from .objectives import Objective, check_direction, check_objectives, resolve
+from .seed_option import SeedsOption
 
 __all__ = ["CategoricalParam", "FloatParam", "IntParam", "StudyConfig", "StudySetup", "check_scorer_params", "db_url",
            "parse_study", "prepare", "read_study_block", "trial_config"]
@@ -196,6 +197,9 @@ class StudyConfig(_Strict):
                                           "--set wins)")
     space: dict[str, Param] = Field(
         default_factory=dict, description="dotted config key -> the distribution searched (KEY below)")
+    seeds: SeedsOption | None = Field(
+        None, description="a grid study that plans its seeds from a pilot (Stein's rule; its keys: study.seeds.*); "
+                          "null: seeds are searched like any key")
 
     @model_validator(mode="before")
     @classmethod
@@ -221,6 +225,11 @@ class StudyConfig(_Strict):
             if bad:
                 raise ValueError(f"sampler grid takes categorical parameters only; make {bad} "
                                  f"{{type: categorical, choices: [...]}}")
+            if self.seeds is not None:  # seeds 0 .. max-1 as one int range: the grid holds the running ones
+                self.seeds.check_space({k: p.choices for k, p in self.space.items() if isinstance(p, CategoricalParam)})
+                self.space[self.seeds.key] = IntParam(type="int", low=0, high=self.seeds.max - 1)
+        elif self.seeds is not None:
+            raise ValueError("study.seeds plans the seeds of a grid study: set study.sampler: grid")
         elif self.n_trials is None and self.timeout is None:
             raise ValueError("set study.n_trials or study.timeout (or both), or the study never ends")
         check_objectives(self.objectives, self.metric, self.pruner.name)
@@ -240,7 +249,8 @@ class StudyConfig(_Strict):
                       or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}")
 
     def grid(self) -> dict[str, list[Primitive]]:
-        return {k: list(p.choices) for k, p in self.space.items() if isinstance(p, CategoricalParam)}
+        seeds: dict[str, list[Primitive]] = {self.seeds.key: list(range(self.seeds.running))} if self.seeds else {}
+        return {k: list(p.choices) for k, p in self.space.items() if isinstance(p, CategoricalParam)} | seeds
 
 
 def _dotted(tree: dict[str, Any], descend: Any, prefix: str = "") -> dict[str, Any]:
@@ -454,6 +464,11 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
     except ConfigError as exc:
         raise ConfigError(f"the study's base config (study.overrides applied) is invalid: {exc}") from None
     check_scorer_params(study, base.scorer.name)
+    if study.seeds is not None:
+        try:
+            study.seeds.check_report(data.get("report"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     metric = (study.objectives[0].metric if study.objectives else study.metric) or get_task(base.task.name).main_metric
     for i, (name, direction) in enumerate(resolve(study.objectives, metric, study.direction)):
         check_direction(direction, name, f"study.objectives.{i}.direction" if study.objectives else "study.direction")

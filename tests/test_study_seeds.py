@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,8 @@ def test_a_report_block_with_another_plan_is_refused_before_any_trial(
     assert not (tmp_path / "out").exists()
 
 
-def _run(env: dict[str, Any], name: str, seeds: str, *flags: str) -> int:
-    sets = [*env["sets"], ARMS, f"study.name={name}", f"study.seeds={seeds}"]
+def _run(env: dict[str, Any], name: str, seeds: str, *flags: str, sets: Sequence[str] = ()) -> int:
+    sets = [*env["sets"], ARMS, f"study.name={name}", f"study.seeds={seeds}", *sets]
     return study_main([ABLATION, *(x for s in sets for x in ("--set", s)), *flags])
 
 
@@ -152,17 +153,29 @@ def test_the_pilot_plans_the_seeds_and_the_cap_binds(env: dict[str, Any]) -> Non
     with (env["out"] / "report" / "capped" / "comparisons.csv").open() as fh:
         row = next(csv.DictReader(fh))
     assert (row["planned_seeds"], row["n"], row["capped"], row["plan"]) == ("4", "4", "True", "final")
+    # Stein's interval: the mean over the 4 seeds +- t(0.975, 1) s0 / sqrt(4), s0 the pilot's sd
+    mean = statistics.fmean(arms["sensitivity"][s] - arms["magnitude"][s] for s in range(4))
+    half = sps.t.ppf(0.975, 1) * s0 / 2
+    assert (float(row["stein_low"]), float(row["stein_high"])) == pytest.approx((mean - half, mean + half))
+    assert float(row["pilot_sd"]) == pytest.approx(s0) and row["pilot_pairs"] == "2"
+    md = (env["out"] / "report" / "capped" / "report.md").read_text()
+    assert "seed plan (study.seeds: pilot 2, target half-width 0.001, cap 4)" in md and "**N = 4**" in md
+    assert "**The cap bound** for sensitivity" in md
 
 
 def test_the_planned_n_between_pilot_and_cap(env: dict[str, Any]) -> None:
     """The same pilot (training is deterministic given the seed) with a target that asks for 3 seeds:
-    h = t(0.975, 1) s0 / sqrt(2.5), so (t s0 / h)^2 = 2.5 -> 3, below the cap of 4; on two worker
-    processes sharing the storage (each reads the stored plan)."""
+    h = t(0.975, 1) s0 / sqrt(2.5), so (t s0 / h)^2 = 2.5 -> 3, below the cap of 4.  Stopped by
+    ``study.n_trials: 3`` inside the pilot; the next start, on two worker processes sharing the storage
+    (each reads the stored plan), finishes the pilot, plans, and runs only what is missing."""
     _, arms = _by_arm(env, "capped")
     s0, _, _ = _pilot_n(arms, 2, 0.001, 4)
     h = float(sps.t.ppf(0.975, 1) * s0 / math.sqrt(2.5))
     seeds = f"{{pilot: 2, max: 4, half_width: {h!r}, reference: {{scorer.name: magnitude}}}}"
-    assert _run(env, "planned", seeds, "--workers", "2") == 0
+    assert _run(env, "planned", seeds, sets=["study.n_trials=3"]) == 0
+    study, _ = _by_arm(env, "planned")
+    assert len(study.trials) == 3 and PLAN_ATTR not in study.user_attrs  # 3 of the 4 pilot points: no plan yet
+    assert _run(env, "planned", seeds, "--workers", "2", sets=["study.n_trials=3"]) == 0
     study, arms2 = _by_arm(env, "planned")
     assert {s: arms2["sensitivity"][s] - arms2["magnitude"][s] for s in (0, 1)} == pytest.approx(
         {s: arms["sensitivity"][s] - arms["magnitude"][s] for s in (0, 1)})

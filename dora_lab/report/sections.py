@@ -81,7 +81,7 @@ def study_seeds_note(options: Mapping[str, Any], comparisons: Sequence[Mapping[s
             f"comparison the sd s0 of its pilot's paired differences (*pilot sd*, over the pilot pairs both groups "
             f"completed) gives its own n = max({n0}, ceil((t(0.975, {n0 - 1}) s0 / {h:g})^2)); the study then ran "
             f"the largest of these, at most {cap}, for every group: **N = {', '.join(map(str, planned)) or 'n/a'}** "
-            f"(*seed plan*; the pairs analysed are column n). "
+            f"(*seed plan*: N planned, and whether it is final; *pairs*: N run, the seeds both groups completed). "
             + (f"**The cap bound** for {', '.join(capped)}: those intervals stay wider than {h:g}. " if capped
                else "The cap did not bind. ")
             + "*Stein 95% CI* = mean over the N seeds +- t(0.975, n0 - 1) s0 / sqrt(N) (the pilot's t and sd): "

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..run.config import ConfigError, _Strict
 
-__all__ = ["ReportConfig", "parse_report"]
+__all__ = ["ReportConfig", "parse_report", "with_study_seeds"]
 
 
 class ReportConfig(_Strict):
@@ -26,6 +26,8 @@ class ReportConfig(_Strict):
                                      "95% interval of the paired difference at most this wide on each side")
     pilot_seeds: int = Field(3, ge=2, description="the pilot: the smallest this many common seeds")
     max_seeds: int = Field(20, ge=2, description="the cap on the planned seeds")
+    common_seeds: bool = Field(False, description="one planned n for every comparison, the largest of their plans "
+                               "(a study.seeds study sets this and the three keys above from its own)")
 
     @model_validator(mode="after")
     def _cap_holds_the_pilot(self) -> ReportConfig:
@@ -68,3 +70,13 @@ def parse_report(block: Any, where: str) -> ReportConfig:
     msg = str(err["msg"]).removeprefix("Value error, ")
     got = f"; got {block[key]!r}" if key in block else ""
     raise ConfigError(f"{where}: report.{key or '(block)'}: {msg}{got}")
+
+
+def with_study_seeds(report: dict[str, Any], seeds: Any) -> dict[str, Any]:
+    """The report of a ``study.seeds`` study (``seeds``: its option) states the plan the study ran: its
+    pilot, cap, target half-width and reference, one ``n`` for every comparison (``prepare`` refused
+    a report block that sets another half-width or reference)."""
+    if seeds is None:
+        return report
+    return {**report, "half_width": seeds.half_width, "pilot_seeds": seeds.pilot, "max_seeds": seeds.max,
+            "common_seeds": True, "reference": report.get("reference") or dict(seeds.reference)}

@@ -214,6 +214,11 @@ def prepare(config_path: str | Path, overrides: Sequence[str] = ()) -> StudySetu
     except ConfigError as exc:
         raise ConfigError(f"the study's base config (study.overrides applied) is invalid: {exc}") from None
     check_scorer_params(study, base.scorer.name)
+    if study.seeds is not None:
+        try:
+            study.seeds.check_report(data.get("report"))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     metric = (study.objectives[0].metric if study.objectives else study.metric) or get_task(base.task.name).main_metric
     for i, (name, direction) in enumerate(resolve(study.objectives, metric, study.direction)):
         check_direction(direction, name, f"study.objectives.{i}.direction" if study.objectives else "study.direction")

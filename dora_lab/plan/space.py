@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..run.config import ConfigError, field_at
 from .objectives import Objective, check_objectives
+from .seed_option import SeedsOption
 
 __all__ = ["CategoricalParam", "FloatParam", "GridSampler", "HyperbandPruner", "IntParam", "MedianPruner", "NoPruner",
            "Param", "Primitive", "RandomSampler", "StudyConfig", "TPESampler", "db_url"]
@@ -183,6 +184,9 @@ class StudyConfig(_Strict):
                                           "--set wins)")
     space: dict[str, Param] = Field(
         default_factory=dict, description="dotted config key -> the distribution searched (KEY below)")
+    seeds: SeedsOption | None = Field(
+        None, description="a grid study that plans its seeds from a pilot (Stein's rule; its keys: study.seeds.*); "
+                          "null: seeds are searched like any key")
 
     @model_validator(mode="before")
     @classmethod
@@ -208,6 +212,11 @@ class StudyConfig(_Strict):
             if bad:
                 raise ValueError(f"sampler grid takes categorical parameters only; make {bad} "
                                  f"{{type: categorical, choices: [...]}}")
+            if self.seeds is not None:  # seeds 0 .. max-1 as one int range: the grid holds the running ones
+                self.seeds.check_space({k: p.choices for k, p in self.space.items() if isinstance(p, CategoricalParam)})
+                self.space[self.seeds.key] = IntParam(type="int", low=0, high=self.seeds.max - 1)
+        elif self.seeds is not None:
+            raise ValueError("study.seeds plans the seeds of a grid study: set study.sampler: grid")
         elif self.n_trials is None and self.timeout is None:
             raise ValueError("set study.n_trials or study.timeout (or both), or the study never ends")
         check_objectives(self.objectives, self.metric, self.pruner.name)
@@ -227,7 +236,8 @@ class StudyConfig(_Strict):
                       or f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}")
 
     def grid(self) -> dict[str, list[Primitive]]:
-        return {k: list(p.choices) for k, p in self.space.items() if isinstance(p, CategoricalParam)}
+        seeds: dict[str, list[Primitive]] = {self.seeds.key: list(range(self.seeds.running))} if self.seeds else {}
+        return {k: list(p.choices) for k, p in self.space.items() if isinstance(p, CategoricalParam)} | seeds
 
 
 def _dotted(tree: dict[str, Any], descend: Any, prefix: str = "") -> dict[str, Any]:

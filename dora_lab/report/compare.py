@@ -32,7 +32,7 @@ from typing import Any
 from ..plan.report_block import parse_report
 from ..run.config import ConfigError, parse_assignment
 from ..track.stores import StoreError, check_sqlite_store
-from .conclusions import across_tasks, metric_of, planned_seeds, power_row, run_flags
+from .conclusions import across_tasks, common_seeds, metric_of, planned_seeds, power_row, run_flags
 from .html import write_html
 from .io import (
     Run,
@@ -144,6 +144,12 @@ def _per_seed(runs: Sequence[Run], value: str, metric: str) -> dict[int, float]:
     return {s: _mean([_value(r, value, metric) for r in runs if r.seed == s]) for s in {r.seed for r in runs}}
 
 
+def _diffs(runs: Sequence[Run], reference: Sequence[Run], value: str, metric: str) -> dict[int, float]:
+    """seed -> the paired difference (group - reference) over the seeds both ran."""
+    x, y = _per_seed(runs, value, metric), _per_seed(reference, value, metric)
+    return {s: x[s] - y[s] for s in sorted(set(x) & set(y))}
+
+
 def _mean(values: Sequence[float]) -> float:
     ok = [v for v in values if v == v]
     return sum(ok) / len(ok) if ok else math.nan
@@ -183,6 +189,7 @@ def build(runs: Sequence[Run], factors: Sequence[str], reference: dict[str, Any]
             **({"arm": arm(g)} if task_at is not None else {})})
     comparisons = []
     arms: dict[tuple[str, str], list[tuple[str, list[float], list[float]]]] = {}
+    common = common_seeds([_diffs(groups[g], groups[ref], value, metric) for g, ref in pairs.items() if ref], options)
     for g in keys:
         if g not in pairs:
             continue
@@ -195,7 +202,7 @@ def build(runs: Sequence[Run], factors: Sequence[str], reference: dict[str, Any]
         if not seeds:
             notes.append(f"{label(factors, g)} vs {label(factors, ref)}: no seed in common; not compared")
             continue
-        seeds, plan = planned_seeds(seeds, {s: x[s] - y[s] for s in seeds}, options)
+        seeds, plan = planned_seeds(seeds, {s: x[s] - y[s] for s in seeds}, options, common)
         test = paired_test([x[s] for s in seeds], [y[s] for s in seeds])
         comparisons.append({"group": label(factors, g), "reference": label(factors, ref), "seeds":
                             " ".join(map(str, seeds)), **{k: getattr(test, k) for k in test.__dataclass_fields__},

@@ -16,10 +16,12 @@ from scipy import stats as sps
 
 from ..run.convergence import at_chance, still_rising
 from ..run.tasks import get_task
+from ..track.seed_plan import SeedPlan, common_plan, stein_half_width
 from .power import min_detectable_difference, seeds_needed, stein_n
 from .stats import CONFIDENCE, PairedTest, stratified_paired_test
 
-__all__ = ["ALPHA", "across_tasks", "greater_is_better", "metric_of", "planned_seeds", "power_row", "run_flags"]
+__all__ = ["ALPHA", "across_tasks", "common_seeds", "greater_is_better", "metric_of", "planned_seeds", "power_row",
+           "run_flags"]
 
 ALPHA = 1 - CONFIDENCE
 NAN = float("nan")
@@ -45,29 +47,44 @@ def power_row(test: PairedTest, options: Mapping[str, Any]) -> dict[str, Any]:
             "min_effect": float(effect) if effect else NAN, "seeds_for_min_effect": need}
 
 
-def planned_seeds(seeds: Sequence[int], diffs: Mapping[int, float],
-                  options: Mapping[str, Any]) -> tuple[list[int], dict[str, Any]]:
+def planned_seeds(seeds: Sequence[int], diffs: Mapping[int, float], options: Mapping[str, Any],
+                  common: int | None = None) -> tuple[list[int], dict[str, Any]]:
     """Stein's rule (:func:`.power.stein_n`) when ``report.half_width`` is set: the pilot is the
     ``report.pilot_seeds`` smallest common seeds, fixed before any result is seen; the final analysis
     uses the ``n`` smallest seeds, ``n`` planned from the pilot's sd (seeds beyond ``n`` are left
-    out, so more runs never change ``n`` or the test).  Returns (the seeds to analyse, the plan)."""
+    out, so more runs never change ``n`` or the test).  ``common``: the one ``n`` of every comparison
+    (:func:`common_seeds`, a ``study.seeds`` study), the pilot its seeds below ``pilot_seeds`` that both
+    groups completed.  Returns (the seeds to analyse, the plan)."""
     h = options.get("half_width")
     if not h:
         return list(seeds), {}
     n0, cap = int(options.get("pilot_seeds") or 3), int(options.get("max_seeds") or 20)
-    if len(seeds) < n0:
-        return list(seeds), {"plan": f"pilot incomplete: {len(seeds)} of {n0} seeds"}
-    pilot = [diffs[s] for s in seeds[:n0]]
-    plan = stein_n(statistics.stdev(pilot), n0, float(h), ALPHA, cap)
+    pilot = [diffs[s] for s in seeds if s < n0] if common else [diffs[s] for s in seeds[:n0]]
+    if len(pilot) < (2 if common else n0):
+        return list(seeds), {"plan": f"pilot incomplete: {len(pilot)} of {n0} seeds"}
+    plan = stein_n(statistics.stdev(pilot), len(pilot), float(h), ALPHA, max(cap, len(pilot)))
+    if common:
+        plan = SeedPlan(plan.n0, plan.s0, common, plan.capped, stein_half_width(plan.s0, plan.n0, common))
     used = list(seeds[:plan.n])
     mean = statistics.fmean(diffs[s] for s in used)
     done = len(used) == plan.n
     more = [s for s in range(max(seeds) + plan.n + 1) if s not in seeds][:plan.n - len(used)]
     return used, {"plan": "final" if done else f"interim: {plan.n - len(used)} more seed(s) to run",
-                  "seeds_to_run": " ".join(map(str, more)),
+                  "seeds_to_run": " ".join(map(str, more)), "pilot_pairs": plan.n0,
                   "pilot_sd": plan.s0, "planned_seeds": plan.n, "capped": plan.capped,
                   "stein_low": mean - plan.half_width if done else NAN,
                   "stein_high": mean + plan.half_width if done else NAN}
+
+
+def common_seeds(diffs: Sequence[Mapping[int, float]], options: Mapping[str, Any]) -> int | None:
+    """The one number of seeds of every comparison when ``report.common_seeds`` (a ``study.seeds``
+    study): the largest Stein plan over the comparisons' pilots (``diffs``: per comparison, seed ->
+    paired difference), as the study planned it (:func:`~dora_lab.track.seed_plan.common_plan`)."""
+    if not (options.get("common_seeds") and options.get("half_width")):
+        return None
+    n0, cap = int(options.get("pilot_seeds") or 3), int(options.get("max_seeds") or 20)
+    pilots = {str(i): [d[s] for s in sorted(d) if s < n0] for i, d in enumerate(diffs)}
+    return common_plan(pilots, n0, float(options["half_width"]), cap, ALPHA)[0]
 
 
 def metric_of(run: Any, metric: str) -> str:

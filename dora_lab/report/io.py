@@ -21,7 +21,7 @@ import optuna
 import scipy
 import yaml
 
-from ..plan.report_block import parse_report
+from ..plan.report_block import parse_report, with_study_seeds
 from ..run.config import ConfigError, flatten, read_yaml
 from ..track.links import safe_url
 from ..track.tables import markdown_table, write_csv
@@ -108,7 +108,8 @@ def source_of(setup: Any) -> Source:
     which the study runner holds already)."""
     return Source(name=setup.name, storage=setup.storage, tracking_uri=setup.tracking_uri,
                   experiment=setup.study.experiment or setup.name, output_dir=setup.output_dir,
-                  report=parse_report(setup.data.get("report"), str(setup.config_path)).model_dump(),
+                  report=with_study_seeds(parse_report(setup.data.get("report"), str(setup.config_path)).model_dump(),
+                                          setup.study.seeds),
                   path=Path(setup.config_path), metric=setup.metric, objective=setup.study.objective)
 
 

@@ -10,7 +10,8 @@ whose differences have standard deviation ``sd`` (the observed one, taken as the
   solved by root finding on the exact power (for large ``n`` it tends to the normal
   approximation ``(z_{1-alpha/2} + z_{power}) sd / sqrt(n)``; at ``n = 3`` it is 2.0 times that, at ``n = 5`` 1.34 times).
 - :func:`seeds_needed`: the smallest ``n >= 2`` whose power at ``delta = effect`` reaches ``power``.
-- :func:`stein_n`: the fixed number of seeds from a pilot (Stein's two-stage rule, 1945): a pilot of
+- :func:`stein_n` (its home: :mod:`dora_lab.track.seed_plan`, which the study's ``study.seeds`` uses
+  too): the fixed number of seeds from a pilot (Stein's two-stage rule, 1945): a pilot of
   ``n0`` pairs with sd ``s0`` gives ``n = max(n0, ceil((t_{1-alpha/2, n0-1} s0 / h)^2))`` (capped);
   the final interval ``mean_n +- t_{1-alpha/2, n0-1} s0 / sqrt(n)`` (pilot sd, pilot df) has half-width
   at most ``h`` and exact coverage ``1 - alpha`` for normal differences, because ``n`` depends on
@@ -23,9 +24,10 @@ whose differences have standard deviation ``sd`` (the observed one, taken as the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from scipy import optimize, stats
+
+from ..track.seed_plan import SeedPlan, stein_n
 
 __all__ = ["POWER", "SeedPlan", "min_detectable_difference", "paired_power", "seeds_needed", "stein_n"]
 
@@ -84,28 +86,3 @@ def seeds_needed(effect: float, sd: float, alpha: float = ALPHA, power: float = 
         else:
             low = mid + 1
     return low
-
-
-@dataclass(frozen=True)
-class SeedPlan:
-    """Stein's fixed sample size from a pilot."""
-
-    n0: int  # pilot pairs
-    s0: float  # the pilot differences' sd
-    n: int  # the fixed number of pairs of the final analysis (capped)
-    capped: bool  # the cap was reached: the final half-width is above the target
-    half_width: float  # t_{1-alpha/2, n0-1} s0 / sqrt(n): the final interval's half-width
-
-
-def stein_n(s0: float, n0: int, half_width: float, alpha: float = ALPHA, cap: int = 50) -> SeedPlan:
-    """How many pairs the final analysis uses, from a pilot of ``n0`` pairs with sd ``s0``, for a
-    two-sided ``1 - alpha`` interval of half-width at most ``half_width``; at most ``cap`` pairs."""
-    if n0 < 2 or math.isnan(s0):
-        raise ValueError(f"a pilot needs at least 2 pairs with a known sd, got n0={n0}, sd={s0}")
-    if not half_width > 0 or cap < n0:
-        raise ValueError(f"the target half-width must be > 0 and the cap >= the pilot ({n0}), got "
-                         f"{half_width}, {cap}")
-    t = float(stats.t.ppf(1 - alpha / 2, n0 - 1))
-    wanted = max(n0, math.ceil((t * s0 / half_width) ** 2 - 1e-9))
-    n = min(wanted, cap)
-    return SeedPlan(n0=n0, s0=s0, n=n, capped=wanted > cap, half_width=t * s0 / math.sqrt(n))

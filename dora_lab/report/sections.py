@@ -15,7 +15,7 @@ from ..track.tables import markdown_table
 from .text import fmt_ci, fmt_int, fmt_num, fmt_p
 
 __all__ = ["agreement_section", "comparison_cells", "comparisons_section", "conclusion_notes", "flags_section",
-           "groups_section", "tasks_section"]
+           "groups_section", "study_seeds_note", "tasks_section"]
 
 
 def comparison_cells(c: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, str]:
@@ -24,7 +24,11 @@ def comparison_cells(c: Mapping[str, Any], options: Mapping[str, Any]) -> dict[s
     if options.get("min_effect"):
         need = c["seeds_for_min_effect"]
         cells[f"seeds for {options['min_effect']:g}"] = "n/a" if math.isnan(need) else f"{need:.0f}"
-    if options.get("half_width"):
+    if options.get("half_width") and options.get("common_seeds"):  # study.seeds: the pilot's sd, the cap
+        cells["pilot sd (pairs)"] = f"{fmt_num(c.get('pilot_sd', math.nan))} ({c.get('pilot_pairs', 'n/a')})"
+        cells["seed plan"] = f"{c.get('planned_seeds', 'n/a')} ({c['plan']}{', capped' if c.get('capped') else ''})"
+        cells["Stein 95% CI"] = fmt_ci(c.get("stein_low", math.nan), c.get("stein_high", math.nan))
+    elif options.get("half_width"):
         cells["seed plan"] = f"{c.get('planned_seeds', 'n/a')} ({c['plan']})"
         cells["Stein 95% CI"] = fmt_ci(c.get("stein_low", math.nan), c.get("stein_high", math.nan))
     return cells
@@ -44,7 +48,9 @@ def conclusion_notes(options: Mapping[str, Any], comparisons: Sequence[Mapping[s
         out.append(f"- seeds for {options['min_effect']:g} (report.min_effect): the fewest paired seeds whose "
                    f"test detects a true difference of {options['min_effect']:g} with probability {power:g} "
                    "at the observed sd (the same exact power).")
-    if options.get("half_width"):
+    if options.get("half_width") and options.get("common_seeds"):
+        out.append(study_seeds_note(options, comparisons))
+    elif options.get("half_width"):
         n0, cap = options.get("pilot_seeds") or 3, options.get("max_seeds") or 20
         out.append(f"- seed plan (report.half_width = {options['half_width']:g}): fixed from a pilot, Stein's "
                    f"two-stage rule. The pilot is the {n0} smallest common seeds; from its sd s0, "
@@ -66,6 +72,29 @@ def conclusion_notes(options: Mapping[str, Any], comparisons: Sequence[Mapping[s
                        f"[{', '.join(map(str, todo))}]}}'`, then this report with `report.include: "
                        f"[{source.name}_more]`.")
     return out
+
+
+def study_seeds_note(options: Mapping[str, Any], comparisons: Sequence[Mapping[str, Any]]) -> str:
+    """The rule a ``study.seeds`` study ran (Stein's two-stage rule, one n for every comparison)."""
+    n0, cap, h = options.get("pilot_seeds") or 3, options.get("max_seeds") or 20, options["half_width"]
+    planned = sorted({int(c["planned_seeds"]) for c in comparisons if c.get("planned_seeds")})
+    capped = [str(c["group"]) for c in comparisons if c.get("capped")]
+    interim = any(str(c.get("plan", "")).startswith("interim") for c in comparisons)
+    return (f"- seed plan (study.seeds: pilot {n0}, target half-width {h:g}, cap {cap}), fixed from the pilot by "
+            f"Stein's two-stage rule and run by the study: seeds 0 to {n0 - 1} of every group first; for each "
+            f"comparison the sd s0 of its pilot's paired differences (*pilot sd*, over the pilot pairs both groups "
+            f"completed) gives its own n = max({n0}, ceil((t(0.975, {n0 - 1}) s0 / {h:g})^2)); the study then ran "
+            f"the largest of these, at most {cap}, for every group: **N = {', '.join(map(str, planned)) or 'n/a'}** "
+            f"(*seed plan*: N planned, and whether it is final; *pairs*: N run, the seeds both groups completed). "
+            + (f"**The cap bound** for {', '.join(capped)}: those intervals stay wider than {h:g}. " if capped
+               else "The cap did not bind. ")
+            + "*Stein 95% CI* = mean over the N seeds +- t(0.975, n0 - 1) s0 / sqrt(N) (the pilot's t and sd): "
+            f"what the rule guarantees, exact 95% coverage for normal differences and half-width at most {h:g} "
+            "unless capped (N depends on the pilot only through its sample covariance, independent of every "
+            "mean; docs/statistics.md). The *95% CI* column beside it is the ordinary paired t-interval over the "
+            "same N seeds, for comparison; its width was not planned."
+            + (" *interim*: seeds of the plan have not run yet; run the same study command again (study.seeds "
+               "adds the missing seeds only)." if interim else ""))
 
 
 def flags_section(data: Mapping[str, Any]) -> list[str]:

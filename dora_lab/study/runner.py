@@ -63,6 +63,7 @@ from ..track.stores import StoreError, check_sqlite_store, hide_store_tracebacks
 from ..track.tracker import STALE_REASON, UID_TAG, StudyTracker
 from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
 from .samplers import check_directions, check_space_unchanged, make_pruner, make_sampler
+from .seeds import run_stages, use_plan
 from .summary import print_summary
 from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
 from .workers import resolve_workers, run_workers, workers_arg
@@ -159,6 +160,7 @@ def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = No
     """Run ``n_trials`` trials in this process (``None``: until ``study.timeout``, or a grid's end)."""
     tracker = tracker or _tracker(setup)
     study = study or open_study(setup, tracker)
+    use_plan(setup.study, study)  # study.seeds: the seeds its grid holds now (a worker reads the plan here)
     parent_id = parent_id or tracker.parent_run(study_uid(study), _parent_tags(setup), _parent_params(setup))
     tracker.parent_id = parent_id
     if not tracker.factors:  # a worker process: its trials get their group's colour too
@@ -298,25 +300,9 @@ def _run_and_summarize(setup: StudySetup, workers: int | str, tracker: StudyTrac
                        ("config", str(setup.config_path)), ("metric", setup.metric)):
         study.set_user_attr(key, value)
     finished_before = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-    n_trials = trials_to_run(setup.study, study)  # a grid queues its missing points here (WAITING trials)
-    workers = resolve_workers(workers, n_trials, setup.base.train.processes, setup)  # auto on a GPU: a probe trial
-    print(f"study {setup.name!r}: {len(finished_before)} finished trial(s) so far in {safe_url(setup.storage)}; running "
-          f"{'until the timeout' if n_trials is None else n_trials} more"
-          f"{f' on {workers} workers' if workers > 1 else ''}")
     print("\n".join(ui_lines(setup.tracking_uri, tracker, setup.study.direction == "maximize")), flush=True)
-    stop: KeyboardInterrupt | None = None
-    worker_failed = False
-    try:
-        if workers == 1:
-            optimize(setup, n_trials, parent_id, progress=sys.stderr.isatty(), tracker=tracker, study=study,
-                     reporting=reporting)
-        elif n_trials != 0:
-            stop, worker_failed = run_workers(setup, n_trials, workers, parent_id)
-            left = 0 if stop else trials_to_run(setup.study, open_study(setup, tracker))
-            if setup.study.sampler.name == "grid" and left:  # points a failed worker left
-                optimize(setup, left, parent_id, tracker=tracker, study=open_study(setup, tracker), reporting=reporting)
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (dora_lab.run.cli.stoppable)
-        stop = exc
+    stop, worker_failed = run_stages(setup, study, lambda: open_study(setup, tracker),  # one without study.seeds
+                                     lambda stage: _run_stage(setup, workers, tracker, stage, parent_id, reporting))
     study = open_study(setup, tracker)  # fresh trials, from every worker
     rows = tracker.summarize(parent_id, study, setup.metric, study_folder(setup, study) / "summary",
                              status="KILLED" if stop else "FINISHED")
@@ -335,6 +321,29 @@ def _run_and_summarize(setup: StudySetup, workers: int | str, tracker: StudyTrac
               "(and in each MLflow run's fail_reason tag).", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_stage(setup: StudySetup, workers: int | str, tracker: StudyTracker, study: optuna.Study,
+               parent_id: str, reporting: Reporting | None) -> tuple[KeyboardInterrupt | None, bool]:
+    """Run the trials of one stage (:func:`~dora_lab.study.seeds.stages`) here or on ``workers`` processes."""
+    n_trials = trials_to_run(setup.study, study)  # a grid queues its missing points here (WAITING trials)
+    workers = resolve_workers(workers, n_trials, setup.base.train.processes, setup)  # auto on a GPU: a probe trial
+    more = f"{'until the timeout' if n_trials is None else n_trials} more{f' on {workers} workers' if workers > 1 else ''}"
+    print(f"study {setup.name!r}: {sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))} finished "
+          f"trial(s) so far in {safe_url(setup.storage)}; running {more}", flush=True)
+    try:
+        if workers == 1:
+            optimize(setup, n_trials, parent_id, progress=sys.stderr.isatty(), tracker=tracker, study=study,
+                     reporting=reporting)
+        elif n_trials != 0:
+            stop, failed = run_workers(setup, n_trials, workers, parent_id)
+            left = 0 if stop else trials_to_run(setup.study, open_study(setup, tracker))
+            if setup.study.sampler.name == "grid" and left:  # points a failed worker left
+                optimize(setup, left, parent_id, tracker=tracker, study=open_study(setup, tracker), reporting=reporting)
+            return stop, failed
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (dora_lab.run.cli.stoppable)
+        return exc, False
+    return None, False  # one worker, or nothing to run
 
 
 def make_report(setup: StudySetup, reporting: Reporting | None) -> int | None:

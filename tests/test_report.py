@@ -34,6 +34,8 @@ from tiny import minilm_dir, one_thread, tiny_overrides
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from dora_lab.report import compare as report
+from dora_lab.report.brief import included_runs
+from dora_lab.report.io import source_from_config
 from dora_lab.run.config import ConfigError, read_yaml
 from dora_lab.studies import main as study_main
 from dora_lab.study.space import parse_study, read_study_block, trial_config
@@ -183,7 +185,14 @@ def test_budget_ablation_pools_both_arms(env: dict[str, Any], capsys: pytest.Cap
     # its report includes the LoRA arm, not run yet: the study says so and still succeeds
     printed = capsys.readouterr()
     assert "no study 'ablation_budget_constant'" in printed.err and "note: no report (see above)" in printed.out
+    # the live answer in MLflow did not fail on the reference (schedule=constant) that only the
+    # included study has: it answered with the default reference until that study ran
+    assert "answer in MLflow's description was not updated" not in printed.err
     run_study(env, "ablation_budget_constant", one_seed)
+    # now the live answer pools the included arm, read as the report reads it (the same --set values)
+    sets = [*env["sets"], one_seed]
+    pooled = included_runs(source_from_config(STUDIES / "ablation_budget.yaml", sets), sets)
+    assert sorted(r.config["adapter.r0"] for r in pooled) == [1, 2, 4]
     out = env["root"] / "budget-report"
     assert report.main(report_args(env, "ablation_budget", out, "--no-mlflow")) == 0
     groups = {g["group"]: g for g in read_csv(out / "groups.csv")}

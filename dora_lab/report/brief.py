@@ -20,16 +20,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..run.config import ConfigError, apply_overrides, read_yaml
 from ..track.links import run_url
 from ..track.tables import markdown_table
 from .compare import build, default_reference, detect_factors, drop_repeats, majority_notes
-from .io import Run, Source, load_runs
+from .io import Run, Source, load_runs, source_from_config
 from .plots import allocation_panels
 from .text import fmt_ci as _ci
 from .text import fmt_num as _num
 from .text import fmt_p as _p
 
-__all__ = ["ALLOCATIONS", "DESCRIPTION_TAG", "MAX_DESCRIPTION", "answer_markdown", "post_answer"]
+__all__ = ["ALLOCATIONS", "DESCRIPTION_TAG", "MAX_DESCRIPTION", "answer_markdown", "included_runs", "post_answer"]
 
 DESCRIPTION_TAG = "mlflow.note.content"  # a run's or experiment's description, rendered as Markdown
 ALLOCATIONS = "allocations.png"  # on the parent run: every complete trial's allocation side by side
@@ -93,21 +94,51 @@ def _link(url: str) -> str:
     return url.lstrip("/")
 
 
+def included_runs(source: Source, overrides: Sequence[str] = ()) -> list[Run]:
+    """The complete runs of the studies ``report.include`` pools in (the reference arm is often a study
+    of its own, e.g. plain LoRA), those that exist already, read as the report reads them (``overrides``:
+    the study's ``--set``s).  A study not run yet is left out, and so is a config that lists plugins:
+    their code runs only in the report, named on its command line (``--trust-plugins``)."""
+    runs: list[Run] = []
+    for item in source.report.get("include") or []:
+        try:
+            if str(item).endswith((".yaml", ".yml")):
+                path = source.path.parent / item if source.path else Path(item)
+                if apply_overrides(read_yaml(path), overrides).get("plugins"):
+                    continue
+                other = source_from_config(path, overrides)
+            else:
+                other = Source(name=str(item), storage=source.storage, tracking_uri=source.tracking_uri,
+                               experiment=str(item), output_dir=source.output_dir, metric=source.metric)
+            runs += load_runs(other)[0]
+        except (ConfigError, KeyError, OSError, ValueError):  # not run yet (or not readable): answer without it
+            continue
+    return runs
+
+
 def post_answer(source: Source, client: Any, experiment_id: str, parent_id: str, folder: Path,
-                maximize: bool = True, reported: bool = False) -> str | None:
-    """Compute the answer from the study's storage and run folders and post it: the description of
-    the parent run and of the experiment, and ``allocations.png`` on the parent.  Returns the
-    Markdown (None: no complete trial yet).  ``reported``: the study makes its report at the end
-    (its config has a ``report:`` block)."""
+                maximize: bool = True, reported: bool = False, overrides: Sequence[str] = ()) -> str | None:
+    """Compute the answer from the study's storage and run folders, and those of the studies its
+    ``report.include`` names (:func:`included_runs`), and post it: the description of the parent run
+    and of the experiment, and ``allocations.png`` on the parent.  Returns the Markdown (None: no
+    complete trial yet).  ``reported``: the study makes its report at the end (its config has a
+    ``report:`` block).  A ``report.reference`` no run has yet (its study not run) gives way to the
+    default reference until it has."""
     runs, skipped, searched = load_runs(source)
-    runs, _ = drop_repeats(runs)
     if not runs:
         return None
+    runs, _ = drop_repeats([*runs, *included_runs(source, overrides)])
     factors = source.report.get("factors") or detect_factors(runs, searched - {"seed"})
-    reference = source.report.get("reference") or default_reference(runs, factors)
     metric_key = str(runs[0].metrics.get("metric", "")) if not source.metric or source.metric == "objective" \
         else source.metric
-    data = build(runs, factors, reference, "objective", metric_key)
+    reference = source.report.get("reference") or default_reference(runs, factors)
+    try:
+        data = build(runs, factors, reference, "objective", metric_key)
+    except ConfigError:
+        if not source.report.get("reference"):
+            raise
+        reference = default_reference(runs, factors)
+        data = build(runs, factors, reference, "objective", metric_key)
     ui = ""  # links relative to the page ("#/experiments/..."): right whatever host and port the UI runs on
     links = {}
     tags = client.get_run(parent_id).data.tags

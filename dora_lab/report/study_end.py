@@ -23,7 +23,8 @@ def answer(setup: StudySetup, tracker: StudyTracker, folder: Path) -> None:
     study's summary folder.  The runner turns a failure into a note: it must never stop a study."""
     assert tracker.parent_id is not None  # the runner answers only once the parent run exists
     post_answer(source_of(setup), tracker.client, tracker.experiment_id, tracker.parent_id, folder,
-                setup.study.direction == "maximize", reported=setup.data.get("report") is not None)
+                setup.study.direction == "maximize", reported=setup.data.get("report") is not None,
+                overrides=setup.overrides)
 
 
 def make_report(setup: StudySetup) -> int | None:

@@ -15,6 +15,7 @@ from dora_lab.study.workers import (
     gpu_workers,
     probe_peak_mib,
     resolve_workers,
+    worker_shares,
 )
 from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
 
@@ -112,3 +113,15 @@ def test_a_failing_probe_means_one_worker(tmp_path: Path, monkeypatch: pytest.Mo
     captured = capsys.readouterr()
     assert "the probe trial failed (exit 2)" in captured.err
     assert "1 worker: 1 GPU(s) visible and no measured trial" in captured.out
+
+
+@pytest.mark.parametrize(("n_trials", "workers", "grid_to_end", "expected"), [
+    (20, 2, True, [None, None]),   # a grid to its end: each worker claims points until none is left
+    (1, 2, True, [None]),          # one point left: one worker
+    (None, 3, False, [None, None, None]),  # until the timeout
+    (20, 2, False, [10, 10]),      # a counted study (TPE, or a grid with n_trials): even shares
+    (5, 2, False, [3, 2]),
+    (1, 3, False, [1]),            # no worker without a trial
+])
+def test_worker_shares(n_trials: int | None, workers: int, grid_to_end: bool, expected: list[int | None]) -> None:
+    assert worker_shares(n_trials, workers, grid_to_end) == expected

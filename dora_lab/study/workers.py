@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ..plan.setup import StudySetup
 
 __all__ = ["auto_workers", "gpu_workers", "probe_command", "probe_peak_mib", "resolve_workers", "run_workers",
-           "worker_command", "workers_arg"]
+           "worker_command", "worker_shares", "workers_arg"]
 
 #: One more trial on a GPU costs its measured peak (``torch.cuda.max_memory_allocated`` of the probe) times
 #: SAFETY (the caching allocator's slack and fragmentation over what tensors hold, batches longer than the
@@ -152,12 +152,21 @@ def worker_command(setup: StudySetup, n: int | None, parent_id: str, threads: in
     return cmd + (["--n-trials", str(n)] if n is not None else [])
 
 
+def worker_shares(n_trials: int | None, workers: int, grid_to_end: bool) -> list[int | None]:
+    """Each worker's trial count (``None``: no count).  A grid run to its end gives none: every worker
+    claims points until no point is left (:func:`~dora_lab.study.grid.claim_grid_point`), so a worker
+    that drew short trials takes more of them.  Fixed shares left one of two workers idle while the
+    other ran its last three trials (12 minutes of a 75-minute methods ablation).  Otherwise the
+    ``n_trials`` split as evenly as it goes, no worker without one."""
+    if n_trials is None or grid_to_end:
+        return [None] * (workers if n_trials is None else max(1, min(workers, n_trials)))
+    return [n for n in (n_trials // workers + (i < n_trials % workers) for i in range(workers)) if n]
+
+
 def run_workers(setup: StudySetup, n_trials: int | None, workers: int, parent_id: str
                 ) -> tuple[KeyboardInterrupt | None, bool]:
     """Start the workers, wait for them; ``(what stopped them: Ctrl-C or SIGTERM, or None; a worker failed)``."""
-    shares: list[int | None] = [None] * workers if n_trials is None else [
-        n_trials // workers + (i < n_trials % workers) for i in range(workers)]
-    shares = [s for s in shares if s != 0]
+    shares = worker_shares(n_trials, workers, setup.study.sampler.name == "grid" and setup.study.n_trials is None)
     threads = worker_threads(len(shares))
     env = worker_env(threads)
     # each worker its own GPUs when there are enough for all (train.processes per trial)

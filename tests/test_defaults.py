@@ -26,6 +26,7 @@ HOMES = {
     "final": (0.5, "dora_lab/core/schedules.py", "DEFAULT_FINAL"),
     "interval": (100, "dora_lab/core/schedules.py", "DEFAULT_INTERVAL"),
     "max_length": (128, "dora_lab/run/config.py", "DEFAULT_MAX_LENGTH"),
+    "init": ("dora", "dora_lab/core/adapter/layer.py", "DEFAULT_INIT"),
 }
 #: the allocation method's default: a parameter or attribute ``name``/``method`` of these scopes
 METHOD_SCOPES = ("make_method", "MethodConfig", "PruningController")
@@ -74,8 +75,11 @@ def offenders(tree: ast.AST) -> list[tuple[str, int]]:
 
 
 def constants(tree: ast.Module) -> dict[str, object]:
-    return {t.id: _literal(node.value) for node in tree.body if isinstance(node, ast.Assign)
-            for t in node.targets if isinstance(t, ast.Name)}
+    plain = {t.id: _literal(node.value) for node in tree.body if isinstance(node, ast.Assign)
+             for t in node.targets if isinstance(t, ast.Name)}
+    typed = {node.target.id: _literal(node.value) for node in tree.body
+             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    return {**plain, **typed}
 
 
 # -- the reader, on hand-made cases ----------------------------------------------------------------
@@ -105,7 +109,7 @@ def test_each_merged_default_has_one_home_and_is_written_nowhere_else() -> None:
                       for key, line in offenders(ast.parse(path.read_text()))]
     assert not found, ("a default written again instead of read from its one home (core/schedules.py's "
                        f"DEFAULT_WARMUP/FINAL/INTERVAL, core/methods.py's DEFAULT_METHOD, run/config.py's "
-                       f"DEFAULT_MAX_LENGTH): {found}")
+                       f"DEFAULT_MAX_LENGTH, core/adapter/layer.py's DEFAULT_INIT): {found}")
     for key, (value, home, name) in HOMES.items():
         assert constants(ast.parse((REPO / home).read_text())).get(name) == value, (key, home, name)
     assert constants(ast.parse((REPO / "dora_lab/core/methods.py").read_text()))["DEFAULT_METHOD"] == "dora"

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from ..core.adapter.layer import DEFAULT_INIT
 from ..core.methods import DEFAULT_METHOD
 from ..core.schedules import DEFAULT_FINAL, DEFAULT_INTERVAL, DEFAULT_WARMUP, check_lengths, fraction_or_steps
 from .config_data import DatasetConfig
@@ -102,7 +103,7 @@ class AdapterConfig(_Strict):
     alpha: float = Field(8.0, gt=0, description="the update is scaled by alpha / r0")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout probability on an adapter's input")
     init: Literal["dora", "adalora"] = Field(
-        "dora", description="A, B init: dora (kaiming uniform) or adalora (normal, std 0.02); c starts at 0")
+        DEFAULT_INIT, description="A, B init: dora (kaiming uniform) or adalora (normal, std 0.02); c starts at 0")
 
 
 class BudgetConfig(_Strict):

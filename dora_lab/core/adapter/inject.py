@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layer import LINEAR_TYPES, InitMode, RankOneLinear
+from .layer import DEFAULT_INIT, LINEAR_TYPES, InitMode, RankOneLinear
 
 __all__ = [
     "ALL_LINEAR",
@@ -127,7 +127,7 @@ def inject_adapters(
     targets: str | Sequence[str] | None = None,
     alpha: float = 8.0,
     dropout: float = 0.1,
-    init: InitMode = "dora",
+    init: InitMode = DEFAULT_INIT,
     trainable: Iterable[str] = ("classifier",),
     dtype: torch.dtype | None = None,
 ) -> dict[str, RankOneLinear]:

@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-__all__ = ["LINEAR_TYPES", "InitMode", "RankOneLinear", "linear_features"]
+__all__ = ["DEFAULT_INIT", "LINEAR_TYPES", "InitMode", "RankOneLinear", "linear_features"]
 
 InitMode = Literal["dora", "adalora"]
+DEFAULT_INIT: InitMode = "dora"  # the one home of adapter.init's default (config, inject, the layer)
 
 #: The module types an adapter can wrap: ``nn.Linear`` and GPT-2's transposed ``Conv1D``.
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
@@ -60,7 +61,7 @@ class RankOneLinear(nn.Module):
         r0: int,
         alpha: float = 8.0,
         dropout: float = 0.1,
-        init: InitMode = "dora",
+        init: InitMode = DEFAULT_INIT,
         dtype: torch.dtype | None = None,
     ) -> None:
         """``dtype``: of ``A``, ``B``, ``c`` (default: the base weight's).  float32 adapters on a
@@ -103,7 +104,7 @@ class RankOneLinear(nn.Module):
     index: torch.Tensor
     reserve: torch.Tensor | None
 
-    def reset_parameters(self, init: InitMode = "dora") -> None:
+    def reset_parameters(self, init: InitMode = DEFAULT_INIT) -> None:
         with torch.no_grad():
             if init == "dora":
                 # The official DoRA code: kaiming_uniform_(w) with its default a = 0, i.e.

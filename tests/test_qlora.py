@@ -145,3 +145,33 @@ def test_a_qlora_run_trains_and_lowers_the_perplexity(llama: Path, tmp_path: Pat
     assert result.history[-1]["perplexity"] < result.initial_metrics["perplexity"]
     saved = load_file(tmp_path / "run" / "adapter" / "adapter.safetensors")
     assert saved and all(t.dtype == torch.float32 or t.dtype == torch.int64 for t in saved.values())
+
+
+def test_a_saved_qlora_adapter_loads_onto_its_4_bit_base_and_merges_into_the_dequantised_copy(
+        llama: Path, tmp_path: Path) -> None:
+    """``load_adapter`` (what ``python -m dora_lab.export --to merged`` runs) reads the run's
+    ``model.quantization`` and loads the base in 4 bits again, the base the adapter trained on; the
+    merged model then equals the adapted one, where merging into the float32 base would not."""
+    from dora_lab.export.checkpoint import load_adapter
+
+    cfg = load_config(REPO / "configs" / "smollm2_instruct.yaml", [
+        f"model.name={llama}", f"output_dir={tmp_path}", "task.max_train_samples=16", "task.max_eval_samples=8",
+        "task.max_length=64", "train.max_steps=3", "train.batch_size=8", "train.eval_every=3",
+        "schedule.interval=1", "train.lr=0.05", "model.quantization={compute_dtype: float32}"])
+    train_run(cfg, tmp_path / "run", progress=False)
+    model = load_adapter(tmp_path / "run" / "adapter").eval()
+    assert is_quantized(model) and adapter_layers(model)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():  # a visible update, whatever three steps learned
+            layer.c.normal_(0.0, 1.0)
+    _, tokenizer = load_model_and_tokenizer(str(llama), 0, causal=True)
+    ids = batch(tokenizer)["input_ids"]
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merged = merged_model(model)(ids).logits
+        full = AutoModelForCausalLM.from_pretrained(llama).eval()
+        for name, layer in adapter_layers(model).items():
+            full.get_submodule(name).weight.add_(layer.delta_weight())
+        original = full(ids).logits
+    assert torch.allclose(merged, adapted, atol=1e-4), (merged - adapted).abs().max()
+    assert (original - adapted).abs().max() > 100 * (merged - adapted).abs().max()

@@ -251,7 +251,9 @@ def apply_adapter(
         groups.setdefault((int(lc["r0"]), float(lc["alpha"]), float(lc["dropout"])), []).append(name)
     for (r0, alpha, dropout), names in groups.items():
         regex = "|".join(re.escape(n) for n in names)
-        inject_adapters(model, r0=r0, targets=regex, alpha=alpha, dropout=dropout, trainable=())
+        # the adapters in the dtype they were saved in (float32 over a bf16 or 4-bit base, as they trained)
+        inject_adapters(model, r0=r0, targets=regex, alpha=alpha, dropout=dropout, trainable=(),
+                        dtype=tensors[f"{names[0]}.A"].dtype)
     layers = adapter_layers(model)
     params = dict(model.named_parameters())
     with torch.no_grad():

@@ -14,7 +14,9 @@ them from (docs/export.md).
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import torch
 from torch import nn
 
 from ..core.checkpoint import (
@@ -53,7 +55,9 @@ def load_adapter(
 
     With ``model=None`` the base is loaded with ``AutoModelForSequenceClassification
     .from_pretrained(base_model or the saved name, num_labels=...)`` (``AutoModelForCausalLM`` when
-    the adapter was saved from a causal LM), after the adapter's files are checked.  Adapter and
+    the adapter was saved from a causal LM), after the adapter's files are checked; a QLoRA run's base
+    (its saved config's ``model.quantization``) is loaded in 4 bits again, the base its adapter
+    trained on, so :func:`~dora_lab.export.merge.merged_model` merges into its dequantised copy.  Adapter and
     head parameters come back trainable, the rest frozen; the model's train/eval mode is not changed.
     ``check_base=False`` skips the fingerprint check (only for a base you know is right).
     """
@@ -61,11 +65,18 @@ def load_adapter(
     if model is None:
         base_info = config["base_model"]
         model = _load_base(base_model or str(base_info["name_or_path"]), int(base_info["num_labels"]),
-                           str(base_info.get("model_class") or ""))
+                           str(base_info.get("model_class") or ""), _quantization(config))
     return apply_adapter(model, config, tensors, check_base=check_base)
 
 
-def _load_base(name_or_path: str, num_labels: int, model_class: str = "") -> nn.Module:
+def _quantization(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``model.quantization`` block of the run that saved the adapter (``None``: a full-precision base)."""
+    model = ((config.get("extra") or {}).get("config") or {}).get("model") or {}
+    return model.get("quantization") or None
+
+
+def _load_base(name_or_path: str, num_labels: int, model_class: str = "",
+               quantization: dict[str, Any] | None = None) -> nn.Module:
     """The base as training loaded it: :func:`~dora_lab.run.models.resolve_model_path` picks the Hub,
     a local folder or the known offline copy (the fingerprint check refuses a wrong one).  A saved
     ``*ForCausalLM`` class loads with ``AutoModelForCausalLM``, anything else as a classifier."""
@@ -74,13 +85,18 @@ def _load_base(name_or_path: str, num_labels: int, model_class: str = "") -> nn.
     from ..run.models import resolve_model_path
 
     path, local_only = resolve_model_path(name_or_path)
+    quantized: dict[str, Any] = {}
+    if quantization is not None:  # refused (ConfigError naming the fix) without bitsandbytes
+        from ..run.quantization import QuantizationConfig, quantized_load_kwargs
+
+        quantized = quantized_load_kwargs(QuantizationConfig(**quantization), torch.device("cpu"))
     try:
         model: nn.Module
         if model_class.endswith("ForCausalLM") or model_class.endswith("LMHeadModel"):
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only, **quantized)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, local_files_only=local_only
+                path, num_labels=num_labels, local_files_only=local_only, **quantized
             )
     except Exception as e:  # OSError, Hub/network and validation errors all end here
         raise BaseModelError(
@@ -89,4 +105,8 @@ def _load_base(name_or_path: str, num_labels: int, model_class: str = "") -> nn.
             f"or `python -m dora_lab.export ... --base /path/to/model`, or load the base yourself and pass "
             f"model=...; with a cached copy, HF_HUB_OFFLINE=1 also works"
         ) from e
+    if quantized:
+        from ..run.quantization import standard_layout
+
+        standard_layout(model)  # the layout training kept (bitsandbytes' CPU repacking off)
     return model

@@ -96,7 +96,8 @@ def test_study_workers_get_the_defaults_and_a_share_of_the_cpus(monkeypatch: pyt
 
     monkeypatch.setattr(study_workers.subprocess, "Popen", FakePopen)
     setup = SimpleNamespace(config_path=Path("configs/cola.yaml"), overrides=[],
-                            base=SimpleNamespace(train=SimpleNamespace(processes=1)))
+                            base=SimpleNamespace(train=SimpleNamespace(processes=1)),
+                            study=SimpleNamespace(sampler=SimpleNamespace(name="tpe"), n_trials=4))
     assert study_workers.run_workers(setup, 4, 2, "parent") == (None, False)  # type: ignore[arg-type]
     assert len(started) == 2
     for s in started:

@@ -146,6 +146,25 @@ def test_grid_points_are_claimed_once_and_interrupted_ones_again(tmp_path: Path)
     assert len(study.trials) == 5
 
 
+def test_a_point_is_held_while_its_trial_suggests_its_params(tmp_path: Path) -> None:
+    """A running trial that has suggested only part of its point still holds the whole point: between
+    a worker's first and second ``suggest``, another worker's claim is the next point, not this one."""
+    from dora_lab.study.grid import claim_grid_point
+    from dora_lab.study.runner import open_study
+
+    setup = prepare(COLA, [f"output_dir={tmp_path}", "study.sampler=grid", "study.n_trials=null",
+                           "study.space={adapter.r0: {type: categorical, choices: [1, 2]}, "
+                           "seed: {type: categorical, choices: [0, 1]}}"])
+    study = open_study(setup)
+    first = claim_grid_point(setup.study, study, setup.storage)
+    assert first is not None
+    first.suggest_categorical("adapter.r0", [1, 2])  # the first key only: the worker is mid-way
+    second = claim_grid_point(setup.study, study, setup.storage)
+    assert second is not None
+    assert suggest(first, setup.study.space) == {"adapter.r0": 1, "seed": 0}
+    assert suggest(second, setup.study.space) == {"adapter.r0": 1, "seed": 1}
+
+
 def test_grid_with_changed_choices_runs_its_new_points(tmp_path: Path) -> None:
     """Points that left the grid do not count as done: [0, 1, 2] finished, then [2, 3, 4] runs 3, 4."""
     from dora_lab.study.grid import trials_to_run

@@ -94,7 +94,10 @@ def _retryable(t: optuna.trial.FrozenTrial) -> bool:
 
 
 def _point(t: optuna.trial.FrozenTrial, keys: Sequence[str]) -> tuple[Any, ...]:
-    values = t.params or t.system_attrs.get("fixed_params", {})  # a queued trial: fixed_params
+    """The grid point a trial holds: its queued ``fixed_params`` under the values it has suggested so
+    far.  A running trial between its first and last ``suggest`` has only some params; read from
+    them alone, its point looked free and a second worker ran it again (5 trials of a 4-point grid)."""
+    values = {**t.system_attrs.get("fixed_params", {}), **t.params}
     return tuple(values.get(k) for k in keys)
 
 

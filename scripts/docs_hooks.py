@@ -2,8 +2,8 @@
 
 - ``docs/config_reference.md`` is generated from the pydantic models that validate a config
   (:class:`dora_lab.run.config.RunConfig`, the ``study:`` block's
-  :class:`dora_lab.study.space.StudyConfig`, the ``report:`` block's
-  :class:`dora_lab.run.config.ReportConfig`): every key with its type, default, limits and
+  :class:`dora_lab.plan.space.StudyConfig`, the ``report:`` block's
+  :class:`dora_lab.plan.report_block.ReportConfig`): every key with its type, default, limits and
   ``Field(description=...)``.  It is committed (a fresh clone and GitHub show it) and the build
   fails when it no longer matches the code, saying to run ``python scripts/docs_hooks.py --write``
   (``tests/test_docs.py`` checks the same).
@@ -109,9 +109,9 @@ def rows(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, FieldInfo]]
 
 def blocks() -> list[tuple[str, str, type[BaseModel], str]]:
     """(title, key prefix, model, what it is) of each part of a config file."""
-    from dora_lab.report.block import ReportConfig
+    from dora_lab.plan.report_block import ReportConfig
+    from dora_lab.plan.space import CategoricalParam, FloatParam, IntParam, StudyConfig
     from dora_lab.run.config import RunConfig
-    from dora_lab.study.space import CategoricalParam, FloatParam, IntParam, StudyConfig
 
     return [
         ("The run", "", RunConfig, "One training run (`python -m dora_lab.train`); every trial of a study is one."),
@@ -127,8 +127,8 @@ def reference() -> tuple[str, list[str]]:
     """The reference page's Markdown, and the keys that have no description yet."""
     missing: list[str] = []
     out = ["# Config reference", "",
-           "Generated from the pydantic models that validate a config (`dora_lab/run/config.py`, `dora_lab/report/block.py`,",
-           "`dora_lab/study/space.py`) when the site is built, so it always matches the code. How a config",
+           "Generated from the pydantic models that validate a config (`dora_lab/run/config.py`, `dora_lab/plan/report_block.py`,",
+           "`dora_lab/plan/space.py`) when the site is built, so it always matches the code. How a config",
            "file is written, `base:` chains and `--set`: [configuration.md](configuration.md).", ""]
     for title, prefix, model, what in blocks():
         out += [f"## {title}", "", what, "", "| key | type | default | limits | description |",

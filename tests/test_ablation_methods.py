@@ -6,8 +6,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+from dora_lab.plan.setup import prepare, trial_config
 from dora_lab.report.io import read_report_block, source_from_config
-from dora_lab.study.space import prepare, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "studies"

@@ -11,16 +11,16 @@ from conftest import randomize_c, tiny_config
 from transformers import BertForSequenceClassification
 
 from dora_lab import adapter_layers, count_parameters, inject_adapters
-from dora_lab.export.checkpoint import (
+from dora_lab.core.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterFileError,
     AdapterMismatchError,
     BaseModelError,
-    load_adapter,
     read_adapter_config,
     save_adapter,
 )
+from dora_lab.export.checkpoint import load_adapter
 from dora_lab.export.merge import merge_adapters, merged_model, unmerge_adapters
 
 

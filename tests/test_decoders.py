@@ -22,7 +22,8 @@ from dora_lab import (
     inject_adapters,
     make_scorer,
 )
-from dora_lab.export.checkpoint import load_adapter, save_adapter
+from dora_lab.core.checkpoint import save_adapter
+from dora_lab.export.checkpoint import load_adapter
 from dora_lab.export.merge import merged_model
 from dora_lab.export.peft import export_peft
 from dora_lab.run.train import main as train_main

@@ -14,7 +14,7 @@ from conftest import tiny_bert
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
 from dora_lab import inject_adapters
-from dora_lab.export.checkpoint import MLFLOW_ADAPTER_TAG, save_adapter
+from dora_lab.core.checkpoint import MLFLOW_ADAPTER_TAG, save_adapter
 from dora_lab.export.cli import main
 from tests.tiny import minilm_dir
 

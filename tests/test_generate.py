@@ -12,7 +12,8 @@ from conftest import randomize_c
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from dora_lab import adapter_layers, inject_adapters
-from dora_lab.export.checkpoint import load_adapter, save_adapter
+from dora_lab.core.checkpoint import save_adapter
+from dora_lab.export.checkpoint import load_adapter
 from dora_lab.export.generate import generate_text, main, prompt_ids
 from dora_lab.export.merge import merged_model
 from tests.tiny import make_tiny_model_dir, minilm_dir

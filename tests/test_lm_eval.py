@@ -17,7 +17,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'dora_lab[eval]'")
 
 from dora_lab import adapter_layers, inject_adapters  # noqa: E402
-from dora_lab.export.checkpoint import load_adapter, save_adapter  # noqa: E402
+from dora_lab.core.checkpoint import save_adapter  # noqa: E402
+from dora_lab.export.checkpoint import load_adapter  # noqa: E402
 from dora_lab.export.harness import evaluate, main, task_manager  # noqa: E402
 from tests.tiny import make_tiny_llama_dir  # noqa: E402
 

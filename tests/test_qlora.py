@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 pytest.importorskip("bitsandbytes", reason="QLoRA needs the optional extra: pip install 'dora_lab[qlora]'")
 
 from dora_lab import adapter_layers, inject_adapters  # noqa: E402
-from dora_lab.export.checkpoint import save_adapter  # noqa: E402
+from dora_lab.core.checkpoint import save_adapter  # noqa: E402
 from dora_lab.export.dequantize import dequantized_linear  # noqa: E402
 from dora_lab.export.merge import merge_adapters, merged_model  # noqa: E402
 from dora_lab.run import quantization  # noqa: E402

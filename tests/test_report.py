@@ -33,12 +33,12 @@ from scipy import stats as sps
 from tiny import minilm_dir, one_thread, tiny_overrides
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
+from dora_lab.plan.setup import parse_study, read_study_block, trial_config
 from dora_lab.report import compare as report
 from dora_lab.report.brief import included_runs
 from dora_lab.report.io import source_from_config
 from dora_lab.run.config import ConfigError, read_yaml
 from dora_lab.studies import main as study_main
-from dora_lab.study.space import parse_study, read_study_block, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "studies"

@@ -148,7 +148,7 @@ def test_bad_power_options_are_refused_before_any_file(storage: str, tmp_path: P
 
 
 def test_report_block_keys_are_checked(tmp_path: Path) -> None:
-    from dora_lab.report.block import parse_report
+    from dora_lab.plan.report_block import parse_report
     from dora_lab.run.config import ConfigError
 
     assert parse_report({"min_effect": 0.02, "power": 0.9}, "x.yaml").power == 0.9
@@ -163,8 +163,8 @@ def test_report_block_keys_are_checked(tmp_path: Path) -> None:
 def test_the_sst2_scorer_study_is_a_two_task_report(tmp_path: Path) -> None:
     """studies/ablation_scorer_sst2.yaml: 3 scorers x 5 seeds of configs/sst2.yaml's full run, its report
     pooling the CoLA scorer ablation, with min_effect 0.02."""
+    from dora_lab.plan.setup import prepare, trial_config
     from dora_lab.report.io import read_report_block, source_from_config
-    from dora_lab.study.space import prepare, trial_config
 
     path = Path(__file__).resolve().parents[1] / "studies" / "ablation_scorer_sst2.yaml"
     setup = prepare(path, [f"output_dir={tmp_path}"])

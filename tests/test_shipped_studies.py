@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dora_lab.study.space import prepare, trial_config
+from dora_lab.plan.setup import prepare, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,11 +36,12 @@ from tiny import COLA, make_tiny_model_dir, tiny_overrides
 
 from dora_lab.core.scorers import SCORERS
 from dora_lab.export.cli import main as export_main
+from dora_lab.plan.setup import prepare
+from dora_lab.plan.space import db_url
 from dora_lab.run.data import load_splits
 from dora_lab.run.tasks import get_task
 from dora_lab.studies import main
-from dora_lab.study.runner import open_study, prepare, study_folder
-from dora_lab.study.space import db_url
+from dora_lab.study.runner import open_study, study_folder
 
 REPO = Path(__file__).resolve().parents[1]
 COLA_YAML = str(REPO / "configs" / "cola.yaml")

@@ -8,10 +8,9 @@ from pathlib import Path
 import optuna
 import pytest
 
+from dora_lab.plan.setup import parse_study, prepare, read_study_block, trial_config
 from dora_lab.run.config import ConfigError
-from dora_lab.study.runner import prepare
 from dora_lab.study.samplers import suggest
-from dora_lab.study.space import parse_study, read_study_block, trial_config
 
 REPO = Path(__file__).resolve().parents[1]
 COLA = REPO / "configs" / "cola.yaml"
@@ -245,11 +244,11 @@ def test_searched_scorer_params_every_searched_scorer_takes_are_checked_before_a
 
 
 def test_the_study_block_is_read_without_optuna_mlflow_or_the_runner() -> None:
-    """Reports resolve a study config through study_space: neither Optuna, MLflow nor the runner loads."""
+    """Reports resolve a study config through plan.setup: neither Optuna, MLflow nor the runner loads."""
     import subprocess
     import sys
 
-    code = ("import sys; from dora_lab.study.space import prepare; s = prepare(sys.argv[1]); "
+    code = ("import sys; from dora_lab.plan.setup import prepare; s = prepare(sys.argv[1]); "
             "print(s.name, [m for m in ('optuna', 'mlflow', 'dora_lab.study.runner') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code, str(COLA)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["cola", "[]"]

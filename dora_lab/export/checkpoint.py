@@ -6,9 +6,10 @@ one, and puts the adapter on it (:func:`dora_lab.core.checkpoint.apply_adapter`)
     model = load_adapter("runs/x/adapter")                  # base loaded from the saved name
     model = load_adapter("runs/x/adapter", model=my_base)   # or onto a base you loaded
 
-The adapter format itself (``save_adapter``, the file names, the errors) lives in the core, because
-a training run writes it; its names are re-exported here, where the export tools and users import
-them from (docs/export.md).
+The adapter format itself (``save_adapter``, ``read_adapter_config``, the file names, the
+``AdapterError``s) lives in the core, :mod:`dora_lab.core.checkpoint`, because a training run writes
+it; import those names from there (docs/export.md).  Only loading the *base model* an adapter names
+is export's own: it needs :mod:`dora_lab.run.models`, which the core must not import.
 """
 
 from __future__ import annotations
@@ -19,29 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.checkpoint import (
-    ADAPTER_DIRNAME,
-    CONFIG_NAME,
-    FORMAT_VERSION,
-    MLFLOW_ADAPTER_TAG,
-    WEIGHTS_NAME,
-    AdapterError,
-    AdapterFileError,
-    AdapterMismatchError,
-    AdapterSaveError,
-    BaseModelError,
-    apply_adapter,
-    read_adapter,
-    read_adapter_config,
-    save_adapter,
-)
-from ..core.fingerprint import base_fingerprint
+from ..core.checkpoint import BaseModelError, apply_adapter, read_adapter
 
-__all__ = [
-    "ADAPTER_DIRNAME", "CONFIG_NAME", "FORMAT_VERSION", "MLFLOW_ADAPTER_TAG", "WEIGHTS_NAME",
-    "AdapterError", "AdapterFileError", "AdapterMismatchError", "AdapterSaveError", "BaseModelError",
-    "base_fingerprint", "load_adapter", "read_adapter_config", "save_adapter",
-]
+__all__ = ["load_adapter"]
 
 
 def load_adapter(

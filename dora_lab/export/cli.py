@@ -4,7 +4,7 @@
     python -m dora_lab.export SOURCE --to merged OUT    # AutoModelForSequenceClassification.from_pretrained(OUT)
     python -m dora_lab.export SOURCE --to merged OUT --dtype bfloat16    # half the size; merged in float32 first
 
-SOURCE is a folder written by :func:`dora_lab.export.checkpoint.save_adapter` or a training run's folder
+SOURCE is a folder written by :func:`dora_lab.core.checkpoint.save_adapter` or a training run's folder
 holding it in ``adapter/``, or an MLflow run id: the run's tag ``dora_lab.adapter_dir`` names the
 folder, else its artifact path ``adapter`` is downloaded (tracking URI from ``--tracking-uri`` or
 ``MLFLOW_TRACKING_URI``).  The base model is loaded from the name saved with the adapter, or from
@@ -25,16 +25,16 @@ from pathlib import Path
 
 import torch
 
-from ..run.cli import refuse
-from ..run.models import resolve_model_path
-from .checkpoint import (
+from ..core.checkpoint import (
     ADAPTER_DIRNAME,
     CONFIG_NAME,
     MLFLOW_ADAPTER_TAG,
     AdapterError,
-    load_adapter,
     read_adapter_config,
 )
+from ..run.cli import refuse
+from ..run.models import resolve_model_path
+from .checkpoint import load_adapter
 
 __all__ = ["main", "resolve_source"]
 
@@ -61,7 +61,7 @@ def resolve_source(source: str, tracking_uri: str | None, workdir: Path) -> Path
             return path / ADAPTER_DIRNAME
         raise ExportError(
             f"{path} holds no adapter: expected {CONFIG_NAME} in it or in {path / ADAPTER_DIRNAME} "
-            f"(written by dora_lab.export.checkpoint.save_adapter)"
+            f"(written by dora_lab.core.checkpoint.save_adapter)"
         )
     if not _RUN_ID.fullmatch(source):
         raise ExportError(f"{source} is neither an existing folder nor an MLflow run id")

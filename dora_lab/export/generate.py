@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.checkpoint import AdapterError, read_adapter_config
 from ..run.cli import refuse
 from ..run.generation import Sampling, generate_ids, stop_ids
 from ..run.models import resolve_model_path
-from .checkpoint import AdapterError, load_adapter, read_adapter_config
+from .checkpoint import load_adapter
 from .cli import ExportError, resolve_source
 
 __all__ = ["generate_text", "generate_texts", "load_causal", "main", "prompt_ids"]

@@ -28,8 +28,8 @@ from typing import Any
 
 from torch import nn
 
+from ..core.checkpoint import AdapterError
 from ..run.cli import refuse
-from .checkpoint import AdapterError
 from .cli import ExportError
 from .generate import load_causal
 

@@ -9,7 +9,7 @@ narrow enough, or a cap is reached (Stein's two-stage rule, :mod:`dora_lab.track
 The study runs seeds ``0 .. pilot-1`` of every arm (the grid over the other searched keys), plans
 ``N`` from the pilot's paired differences against the reference arm, then runs seeds
 ``pilot .. N-1`` of every arm (:mod:`dora_lab.study.seeds`).  This module is the option's schema
-only (read by :mod:`dora_lab.study.space`, no Optuna).
+only (read by :mod:`dora_lab.plan.space`, no Optuna).
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def source_from_config(path: str | Path, overrides: Sequence[str] = ()) -> Sourc
 
 
 def source_of(setup: Any) -> Source:
-    """Where the study of a resolved config is (``setup``: a :class:`dora_lab.study.space.StudySetup`,
+    """Where the study of a resolved config is (``setup``: a :class:`dora_lab.plan.setup.StudySetup`,
     which the study runner holds already)."""
     return Source(name=setup.name, storage=setup.storage, tracking_uri=setup.tracking_uri,
                   experiment=setup.study.experiment or setup.name, output_dir=setup.output_dir,

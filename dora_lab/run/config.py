@@ -222,8 +222,8 @@ class RunConfig(_Strict):
     regularizer: RegularizerConfig = Field(default_factory=RegularizerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    study: dict[str, Any] | None = Field(None, description="the study block, validated by dora_lab.study.space")
-    report: dict[str, Any] | None = Field(None, description="the report block, read by dora_lab.report (dora_lab.report.block)")
+    study: dict[str, Any] | None = Field(None, description="the study block, validated by dora_lab.plan.space")
+    report: dict[str, Any] | None = Field(None, description="the report block, read by dora_lab.report (dora_lab.plan.report_block)")
 
     @model_validator(mode="after")
     def _budget_fits(self) -> RunConfig:

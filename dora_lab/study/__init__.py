@@ -3,7 +3,7 @@
 The runner (:mod:`.runner`) reads top to bottom; beside it the samplers and pruners
 (:mod:`.samplers`), one trial (:mod:`.trial`), grid recovery (:mod:`.grid`) and the worker processes
 (:mod:`.workers`).  The ``study:`` block without Optuna, read alike by the reports, is
-:mod:`dora_lab.plan` (re-exported by :mod:`.space` and :mod:`.objectives`); MLflow tracking, pictures,
+:mod:`dora_lab.plan` (import its names from there); MLflow tracking, pictures,
 tables and store locks are :mod:`dora_lab.track`.  The command ``python -m dora_lab.study`` is
 :mod:`dora_lab.studies`: this runner with the report wired in (the runner does not import the report).
 

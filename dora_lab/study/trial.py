@@ -72,7 +72,7 @@ class OptunaReporter(TrainCallback):
 
 def objective_value(setup: StudySetup, history: list[dict[str, float]], eligible_from: int,
                     quantities: Mapping[str, float] | None = None) -> list[float]:
-    """The trial's value per objective (:func:`~dora_lab.study.objectives.trial_values`): an evaluated
+    """The trial's value per objective (:func:`~dora_lab.plan.objectives.trial_values`): an evaluated
     metric per ``study.objective`` (best once pruning is over, or final), a run quantity from
     ``quantities``."""
     return trial_values(setup.goals, history, quantities or {}, setup.study.objective == "final", eligible_from)

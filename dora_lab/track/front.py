@@ -1,7 +1,7 @@
 """A finished study's answer, single- or multi-objective, for its summary and its MLflow parent run.
 
 A single-objective study has one best trial (``best.*`` tags, as before).  A multi-objective one
-(``study.objectives``, :mod:`dora_lab.study.objectives`) has a Pareto front, Optuna's
+(``study.objectives``, :mod:`dora_lab.plan.objectives`) has a Pareto front, Optuna's
 ``study.best_trials``: the parent run gets the tags ``pareto.trials`` (their numbers),
 ``pareto.size`` and ``pareto.objectives``, the figure ``summary/plots/pareto_front.png`` (the first
 objective against the second, the front drawn), and every COMPLETE child run the tag

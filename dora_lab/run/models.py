@@ -45,6 +45,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .config import ConfigError
+from .load_report import quiet_load, unexpected_keys, unexpected_line
 from .positions import check_max_length, sequence_limit
 from .tasks import TaskSpec
 
@@ -213,24 +214,30 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_model_and_tokenizer(
-    name: str, num_labels: int, max_length: int | None = None, *, causal: bool = False, **model_kwargs: Any
+    name: str, num_labels: int, max_length: int | None = None, *, causal: bool = False,
+    trainable: Sequence[str] = (), **model_kwargs: Any
 ) -> tuple[Any, Any]:
     """``AutoModelForSequenceClassification`` (new head with ``num_labels``) and its tokenizer, or with
     ``causal`` ``AutoModelForCausalLM`` (``num_labels`` unused; the tokenizer pads on the right, as
     training and scoring want: positions start at 0 in every row).  A tokenizer without a pad token
     pads with its eos token.  With ``max_length`` (``task.max_length``), :func:`check_max_length`
-    refuses a longer one."""
+    refuses a longer one.  transformers' load report is one ``warning:`` line, and only for keys
+    outside the new head and ``trainable`` (``model.trainable``); its "Loading weights" bar shows
+    on a terminal only (:mod:`dora_lab.run.load_report`)."""
     path, local_only = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        if causal:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only, **model_kwargs)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, local_files_only=local_only, **model_kwargs
-            )
+        with quiet_load():
+            auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+            labels: dict[str, Any] = {} if causal else {"num_labels": num_labels}
+            loaded: Any = auto.from_pretrained(path, local_files_only=local_only, output_loading_info=True,
+                                 **labels, **model_kwargs)
+            model, info = loaded  # with output_loading_info: (model, its missing / unexpected / mismatched keys)
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from exc
+    warning = unexpected_line(name, unexpected_keys(model, info, trainable, causal))
+    if warning is not None:
+        _say(warning, once=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:

@@ -126,7 +126,7 @@ def _model(cfg: RunConfig, spec: TaskSpec, device: torch.device,
     bf16_weights = cfg.model.dtype == "bfloat16"  # frozen weights in bf16 (or 4 bits); what trains stays float32
     float32_trained = bf16_weights or bool(quantized)
     model, tokenizer = load_model_and_tokenizer(cfg.model.name, spec.num_labels, max_length=cfg.task.max_length,
-                                                causal=spec.is_causal, **quantized,
+                                                causal=spec.is_causal, trainable=cfg.model.trainable, **quantized,
                                                 **({"dtype": torch.bfloat16} if bf16_weights else {}))
     seed_everything(cfg.seed)  # adapters' init must not depend on what loading consumed
     adapted = cfg.train.method == "adapter"

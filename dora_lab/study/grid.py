@@ -11,7 +11,10 @@ trial's ``fixed_params``) or on the storage's lock for grids:
 - a point whose trial was interrupted (Ctrl-C, SIGTERM) or left RUNNING by a dead worker (marked
   FAIL by :func:`fail_stale`, with its ``fail_reason``, once its heartbeat is older than
   ``study.grace_period``) is free again; its new trial carries ``retry_of``;
-- :func:`heartbeat`: the running trial's heartbeat, recorded as ``study.optimize`` would.
+- :func:`heartbeat`: the running trial's heartbeat, recorded as ``study.optimize`` would; a beat that
+  fails is tried again, two failures in a row are one ``warning:`` a trial;
+- :func:`tell`: a trial's end, or a warning that its result is discarded when another worker
+  marked it stale meanwhile and took over its point.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -28,9 +32,10 @@ from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 
 from ..plan.space import StudyConfig
 from ..track.locks import store_lock
+from ..track.stores import store_failure
 from ..track.tracker import STALE_REASON
 
-__all__ = ["RETRYABLE_REASONS", "STALE_REASON", "claim_grid_point", "fail_stale", "heartbeat", "trials_to_run"]
+__all__ = ["RETRYABLE_REASONS", "STALE_REASON", "claim_grid_point", "fail_stale", "heartbeat", "tell", "trials_to_run"]
 
 
 #: the ``fail_reason`` of a trial marked FAIL because its heartbeat stopped (its process was killed)
@@ -70,11 +75,17 @@ def heartbeat(trial: optuna.Trial) -> Iterator[None]:
     trial_id = trial._trial_id  # Optuna's own heartbeat thread keys on it too
 
     def beat() -> None:
+        failures = 0  # in a row
         while True:
-            # a store that cannot take the beat (full disk) fails the trial's own next write, which
-            # says so; here it would only print a thread's traceback
-            with contextlib.suppress(Exception):
+            # a beat that fails (a busy SQLite's "database is locked", a full disk) is tried again at
+            # the next interval; two in a row are said once a trial, no thread traceback
+            try:
                 storage.record_heartbeat(trial_id)
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                if failures == 2:
+                    _heartbeat_warning(trial, interval, exc)
             if stop.wait(interval):
                 return
 
@@ -85,6 +96,32 @@ def heartbeat(trial: optuna.Trial) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+
+
+def _heartbeat_warning(trial: optuna.Trial, interval: int, exc: Exception) -> None:
+    """Said once a trial, at its second failed beat in a row: what it risks if the store stays busy."""
+    store = store_failure(exc)  # the database's own words ("database is locked"), not Optuna's wrapper
+    problem = store[1] if store else (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    print(f"warning: trial {trial.number}: its heartbeat failed twice in a row ({problem}); retrying every "
+          f"{interval} s.  If it keeps failing for study.grace_period (default twice the interval), another "
+          f"worker marks this trial stale and runs its point again, and this trial's result is discarded",
+          file=sys.stderr, flush=True)
+
+
+def tell(study: optuna.Study, trial: optuna.Trial, values: float | Sequence[float] | None = None,
+         state: optuna.trial.TrialState | None = None) -> None:
+    """``study.tell``, unless another process marked the trial FAIL as stale meanwhile (its heartbeat
+    stopped for ``study.grace_period``: a busy store, a paused machine) and so freed its point for
+    another worker: then its result is discarded with a warning, and the study goes on (Optuna
+    refuses to tell a FAIL trial, which stopped the worker)."""
+    try:
+        study.tell(trial, values, state=state)
+    except ValueError:
+        frozen = study._storage.get_trial(trial._trial_id)
+        if frozen.state != optuna.trial.TrialState.FAIL or frozen.user_attrs.get("fail_reason") != STALE_REASON:
+            raise
+        print(f"warning: trial {trial.number}: its result was discarded: another worker marked it stale (its "
+              f"heartbeat was older than study.grace_period) and took over its point", file=sys.stderr, flush=True)
 
 
 def _retryable(t: optuna.trial.FrozenTrial) -> bool:

@@ -61,7 +61,7 @@ from ..track.links import safe_url, ui_lines
 from ..track.locks import store_lock
 from ..track.stores import StoreError, check_sqlite_store, hide_store_tracebacks, store_failure, store_message
 from ..track.tracker import STALE_REASON, UID_TAG, StudyTracker
-from .grid import claim_grid_point, fail_stale, heartbeat, trials_to_run
+from .grid import claim_grid_point, fail_stale, heartbeat, tell, trials_to_run
 from .samplers import check_directions, check_space_unchanged, make_pruner, make_sampler
 from .seeds import run_stages, use_plan
 from .summary import print_summary
@@ -139,18 +139,18 @@ def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[opt
             try:
                 value = objective(trial)
             except optuna.TrialPruned:
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                tell(study, trial, state=optuna.trial.TrialState.PRUNED)
             except KeyboardInterrupt:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                tell(study, trial, state=optuna.trial.TrialState.FAIL)
                 raise
             except Exception as exc:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                tell(study, trial, state=optuna.trial.TrialState.FAIL)
                 if store_failure(exc):  # a full or damaged store: every next trial would fail too
                     raise
                 if isinstance(exc, ENVIRONMENT_ERRORS):
                     return
             else:
-                study.tell(trial, value)
+                tell(study, trial, value)
         after()
 
 

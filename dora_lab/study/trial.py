@@ -29,11 +29,12 @@ from ..run.cli import stop_reason
 from ..run.config import ConfigError, RunConfig
 from ..run.data import DataError
 from ..run.distributed import run_in_processes
+from ..run.load_report import hf_bars
 from ..run.models import ModelLoadError, check_model
 from ..run.tasks import get_task
 from ..run.token_cache import load_rows
 from ..track.logger import TrialLogger
-from ..track.tracker import StudyTracker
+from ..track.tracker import STALE_REASON, StudyTracker
 from .samplers import suggest
 
 if TYPE_CHECKING:
@@ -118,7 +119,8 @@ def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, paren
             if cfg.train.processes > 1:  # torchrun in other processes; the hooks follow rank 0 here
                 result = run_in_processes(cfg, run_dir, [logger, reporter])
             else:
-                result = train_run(cfg, run_dir, [logger, reporter], progress=progress, data_cache=folder / "cache")
+                with hf_bars(False):  # no "Loading weights" bar per trial (the training bar stays)
+                    result = train_run(cfg, run_dir, [logger, reporter], progress=progress, data_cache=folder / "cache")
             values = objective_value(setup, result.history, reporter.eligible_from, run_quantities(result))
             for key, v in (("active_components", result.active_components_final),
                            ("adapter_parameters", result.adapter_parameters_final), ("best_step", result.best_step)):
@@ -129,6 +131,10 @@ def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, paren
         except optuna.TrialPruned as exc:
             if logger is not None:
                 logger.finish("PRUNED", reason=str(exc))
+            raise
+        except optuna.exceptions.UpdateFinishedTrialError:  # marked stale by another worker, which runs its point
+            if logger is not None:  # the runner says its result is discarded
+                logger.finish("FAIL", reason=STALE_REASON)
             raise
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (dora_lab.run.cli.stoppable)
             _fail(trial, logger, "INTERRUPTED", stop_reason(exc))

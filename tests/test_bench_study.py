@@ -33,7 +33,7 @@ def test_a_tiny_run_runs_both_arms(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_study.py"), "--trials", "1", "--steps",
                            "2", "--train-samples", "64", "--eval-samples", "32", "--model", str(model), "--data",
                            str(COLA), "--work", str(work), "--out", str(tmp_path), "--name", "smoke"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "smoke.json").read_text())
     assert [t["arm"] for t in result["trials"]] == ["dora_lab", "peft"]
@@ -43,3 +43,26 @@ def test_a_tiny_run_runs_both_arms(tmp_path: Path) -> None:
     for db in ("peft.db", "dora/optuna.db"):  # each arm really ran one complete trial in its own study
         study = optuna.load_study(study_name="peft" if db == "peft.db" else "bench", storage=f"sqlite:///{work / db}")
         assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+
+
+def test_in_process_runs_each_arms_trials_in_one_process(tmp_path: Path) -> None:
+    """--in-process: one process per arm, its two trials in it; the summary divides by its trials."""
+    if not (COLA / "train.jsonl").exists():
+        pytest.skip(f"no CoLA data at {COLA}")
+    model = make_tiny_model_dir(tmp_path / "tiny")
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_study.py"), "--in-process", "--trials",
+                           "2", "--steps", "2", "--train-samples", "64", "--eval-samples", "32", "--model", str(model),
+                           "--data", str(COLA), "--work", str(work), "--out", str(tmp_path), "--name", "smoke"],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    assert [(t["mode"], t["arm"], t["n"]) for t in result["trials"]] == [("in-process", "dora_lab", 2),
+                                                                          ("in-process", "peft", 2)]
+    arms = result["summary"]["in-process"]["arms"]
+    assert arms["dora_lab"]["trials"] == 2
+    assert arms["dora_lab"]["wall_s_per_trial"] == round(result["trials"][0]["wall_s"] / 2, 2)
+    assert "in-process" in (tmp_path / "smoke.md").read_text()
+    for db in ("peft.db", "dora/optuna.db"):  # each arm ran two complete trials in its one process
+        study = optuna.load_study(study_name="peft" if db == "peft.db" else "bench", storage=f"sqlite:///{work / db}")
+        assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2

@@ -62,6 +62,7 @@ from ..track.locks import store_lock
 from ..track.stores import StoreError, check_sqlite_store, hide_store_tracebacks, store_failure, store_message
 from ..track.tracker import STALE_REASON, UID_TAG, StudyTracker
 from .grid import claim_grid_point, fail_stale, heartbeat, tell, trials_to_run
+from .pacing import Paced
 from .samplers import check_directions, check_space_unchanged, make_pruner, make_sampler
 from .seeds import run_stages, use_plan
 from .summary import print_summary
@@ -167,7 +168,7 @@ def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = No
         tracker.factors, tracker.groups = _groups(setup)
     if n_trials is None or n_trials > 0:
         _run_trials(setup, study, make_objective(setup, study_folder(setup, study), tracker, parent_id, progress), n_trials,
-                    after=lambda: post_answer(setup, tracker, study, reporting))
+                    after=Paced(lambda: post_answer(setup, tracker, study, reporting)))  # the end posts it too
 
 
 def _groups(setup: StudySetup) -> tuple[list[str], list[tuple[str, ...]]]:
@@ -347,9 +348,8 @@ def _run_stage(setup: StudySetup, workers: int | str, tracker: StudyTracker, stu
 
 
 def make_report(setup: StudySetup, reporting: Reporting | None) -> int | None:
-    """At the end of a study whose config has a ``report:`` block, its report (``reporting.report``:
-    :func:`dora_lab.report.study_end.make_report`); returns the report's exit code (``None``: no
-    ``report:`` block, or no reporting handed in)."""
+    """The report of a config's ``report:`` block at the study's end (``reporting.report``:
+    :func:`dora_lab.report.study_end.make_report`): its exit code; ``None``: no block, or no reporting."""
     if reporting is None or setup.data.get("report") is None:
         return None
     return reporting.report(setup)

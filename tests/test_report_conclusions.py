@@ -32,7 +32,9 @@ def _run(folder: Path, task: str, scorer: str, seed: int, value: float, rising: 
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     offsets = [-0.2, -0.15, -0.1, -0.06, -0.03, 0.0] if rising else [-0.1, -0.02, 0.0, 0.001, 0.0, 0.0]
     curve = [value + o for o in offsets]
-    history = [{METRIC[task]: v, "step": 100.0 * (i + 1)} for i, v in enumerate(curve)]
+    # a CoLA run evaluates accuracy as well (a little above its majority share), as the real runs do
+    also = {"accuracy": 0.70} if task == "cola" else {}
+    history = [{METRIC[task]: v, **also, "step": 100.0 * (i + 1)} for i, v in enumerate(curve)]
     (folder / "metrics.json").write_text(json.dumps({"metric": METRIC[task], "final": history[-1],
                                                      "history": history, "checks": {"majority_share": SHARE[task]}}))
 
@@ -110,6 +112,25 @@ def test_two_tasks_power_ranks_pooled_test_and_flags(storage: str, tmp_path: Pat
     assert last["scorer=magnitude, task=cola"] == pytest.approx(statistics.mean(BASE["cola"]))
 
 
+def test_each_task_is_read_in_its_own_metric_whatever_comes_first(storage: str, tmp_path: Path) -> None:
+    """SST-2 first: the report's metric is accuracy, which the CoLA runs evaluate too; their values
+    (MCC 0.28-0.33) must still be read as MCC, not as accuracies below CoLA's majority share."""
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for task in ("cola", "sst2"):  # study files: each source's metric is its own task's main metric
+        (tmp_path / f"{task}.yaml").write_text(yaml.safe_dump({"base": str(root / f"{task}.yaml"), "study": {
+            "name": f"s_{task}", "storage": storage}}))
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path / "sst2.yaml"), str(tmp_path / "cola.yaml"), "--no-mlflow", "--out", str(out)]) == 0
+    tmp_path = out
+    flags = {(r["group"], r["seed"]): r for r in _csv(tmp_path / "flags.csv")}
+    assert {r["at_majority"] for (g, _), r in flags.items() if "cola" in g} == {"False"}
+    assert flags[("scorer=sensitivity, task=cola", "2")]["still_rising"] == "True"
+    md = (tmp_path / "report.md").read_text()
+    assert "task=cola: has not learned" not in md and "scorer=magnitude, task=sst2: has not learned" in md
+    last = {g["group"]: float(g["final_mean"]) for g in _csv(tmp_path / "groups.csv")}
+    assert last["scorer=magnitude, task=cola"] == pytest.approx(statistics.mean(BASE["cola"]))
+
+
 def test_seed_plan_from_a_pilot(storage: str, tmp_path: Path) -> None:
     """Stein's rule: the pilot (seeds 0, 1, 2) fixes n; the analysis uses exactly the n smallest seeds."""
     s0 = statistics.stdev(DIFF["cola"][:3])
@@ -162,7 +183,7 @@ def test_report_block_keys_are_checked(tmp_path: Path) -> None:
 
 def test_the_sst2_scorer_study_is_a_two_task_report(tmp_path: Path) -> None:
     """studies/ablation_scorer_sst2.yaml: 3 scorers x 5 seeds of configs/sst2.yaml's full run, its report
-    pooling the CoLA scorer ablation, with min_effect 0.02."""
+    pooling its LoRA arm and CoLA's 5-seed methods ablation with its LoRA arm, with min_effect 0.02."""
     from dora_lab.plan.setup import prepare, trial_config
     from dora_lab.report.io import read_report_block, source_from_config
 
@@ -175,7 +196,9 @@ def test_the_sst2_scorer_study_is_a_two_task_report(tmp_path: Path) -> None:
     assert {(c.task.name, c.task.max_train_samples, c.task.max_eval_samples, c.train.epochs) for c in configs} == {
         ("sst2", 8551, None, 3.0)}
     block = read_report_block(path)
-    assert block["include"] == ["ablation_scorer.yaml"] and block["min_effect"] == 0.02
+    assert block["include"] == ["ablation_scorer_sst2_lora.yaml", "ablation_methods_v2.yaml",
+                                "ablation_methods_v2_lora.yaml"] and block["min_effect"] == 0.02
+    assert block["factors"][0] == "task.name" and block["reference"]["schedule.name"] == "constant"
     assert source_from_config(path, [f"output_dir={tmp_path}"]).metric == "accuracy"
 
 

@@ -88,8 +88,11 @@ def common_seeds(diffs: Sequence[Mapping[int, float]], options: Mapping[str, Any
 
 
 def metric_of(run: Any, metric: str) -> str:
-    """What ``run``'s value measures: the report's metric where the run evaluated it, else the run's
-    own main metric (a report over tasks: MCC on CoLA, accuracy on SST-2)."""
+    """What ``run``'s value measures: its own study's metric where known (a report over tasks: MCC on
+    CoLA, accuracy on SST-2, even though a CoLA run evaluates accuracy too), else the report's metric
+    where the run evaluated it, else the run's own main metric."""
+    if getattr(run, "metric", ""):
+        return str(run.metric)
     return metric if metric in (run.metrics.get("final") or {}) else str(run.metrics.get("metric") or metric)
 
 

@@ -67,6 +67,7 @@ class Run:
     mlflow_run_id: str = ""
     folder: str = ""
     front: bool | None = None  # on its multi-objective study's Pareto front (None: single-objective study)
+    metric: str = ""  # what ``value`` measures: its own study's metric ("" unknown); tasks differ in a report
 
     def factor(self, key: str) -> str:
         if key == "final_rank":
@@ -151,12 +152,13 @@ def load_runs(source: Source) -> tuple[list[Run], list[dict[str, Any]], set[str]
         minutes = trial_minutes(t)
         metrics = _read(folder, "metrics.json", t.number)
         scores = _read(folder, "scores.json")
+        own = source.metric if source.metric not in (None, "objective") else metrics.get("metric")
         runs.append(Run(study=source.name, trial=t.number, seed=int(config.get("seed", t.params.get("seed", 0))),
                         value=float(t.values[0]), config=config, metrics=metrics,
                         allocation=_read(folder, "allocation.json"), scores=scores.get("scores") or {},
                         budget=_read(folder, "budget.json"), minutes=math.nan if minutes is None else minutes,
                         mlflow_run_id=str(t.user_attrs.get("mlflow_run_id", "")), folder=str(folder or ""),
-                        front=None if front is None else t.number in front))
+                        front=None if front is None else t.number in front, metric=str(own or "")))
     return runs, skipped, searched
 
 

@@ -50,6 +50,23 @@ ALLOWED_LONG_FUNCTIONS: set[str] = set()
 #: working), by installed name: none today (issue 26 follow-up deleted study/space.py,
 #: study/objectives.py and report/block.py), none may come: import a name from its one home.
 ALLOWED_SHIMS: set[str] = set()
+#: Names a module (not a package's ``__init__``, the package's front) lists in ``__all__`` but imports
+#: instead of defining: a second import path for a name that lives elsewhere.  As "module: name".
+ALLOWED_RE_EXPORTS: set[str] = {
+    "dora_lab.core.controller: BudgetUnit",
+    *(f"dora_lab.report.compare: {n}" for n in ("Run", "Source", "load_runs", "read_report_block",
+                                                 "source_from_config")),
+    "dora_lab.report.power: SeedPlan", "dora_lab.report.power: stein_n",
+    "dora_lab.run.causal: IGNORE_INDEX",
+    *(f"dora_lab.run.config: {n}" for n in ("ConfigError", "EvalConfig", "apply_overrides", "load_yaml",
+                                             "parse_assignment", "read_yaml", "set_values")),
+    *(f"dora_lab.run.data: {n}" for n in ("DataError", "LengthGroupedBatchSampler", "TaskLoader", "make_loader",
+                                           "padding_stats", "restore_order")),
+    "dora_lab.run.models: check_max_length", "dora_lab.run.models: sequence_limit",
+    *(f"dora_lab.run.train: {n}" for n in ("RUN_FILES", "DivergenceError", "RunDirExists", "claim_run_dir")),
+    "dora_lab.study.grid: STALE_REASON",
+    *(f"dora_lab.study.runner: {n}" for n in ("OptunaReporter", "StudySetup", "prepare", "preflight")),
+}
 
 
 def source_modules() -> dict[str, Path]:
@@ -68,17 +85,25 @@ MODULES = source_modules()
 def imported(name: str) -> set[str]:
     """The package's modules that module ``name`` imports (relative imports resolved; ``from pkg
     import x`` is the module ``pkg.x`` when there is one, else ``pkg``)."""
-    path = MODULES[name]
-    here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     targets: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
         if isinstance(node, ast.Import):
             targets |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            base = ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).strip(".") if node.level \
-                else node.module or ""
+            base = from_base(name, node)
             targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names}
     return {known for t in targets if (known := nearest_module(t)) and known != name}
+
+
+def from_base(name: str | None, node: ast.ImportFrom) -> str:
+    """The module that ``from ... import`` reads in module ``name`` (its relative dots resolved; a file
+    outside the package, ``name`` None, resolves to the dots alone, which name no module of the package)."""
+    if not node.level:
+        return node.module or ""
+    if name is None:
+        return "." * node.level + (node.module or "")
+    here = name.split(".") if MODULES[name].name == "__init__.py" else name.split(".")[:-1]
+    return ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).strip(".")
 
 
 def nearest_module(target: str) -> str | None:
@@ -259,3 +284,64 @@ def test_no_re_export_shim() -> None:
     assert not new, ("modules that only re-export names from elsewhere: import those names from their one home "
                      f"and delete the module: {new}")
     stale("shims", ALLOWED_SHIMS - shims)
+
+
+def top_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """A module's statements that bind its names: its body and the bodies of its ``if``/``try``/``with``/
+    ``for`` blocks, not what a function or class body binds."""
+    for node in body:
+        yield node
+        if isinstance(node, ast.If | ast.Try | ast.With | ast.For):
+            for block in ("body", "orelse", "finalbody"):
+                yield from top_level(getattr(node, block, []))
+            for handler in getattr(node, "handlers", []):
+                yield from top_level(handler.body)
+
+
+def bindings(tree: ast.Module, name: str | None = None) -> tuple[set[str], dict[str, str], list[str]]:
+    """What module ``name``'s top level binds: the names it defines (``def``, ``class``, an assignment),
+    the names it imports (each with the module it reads: :func:`from_base`), and its ``__all__``."""
+    defined: set[str] = set()
+    imports: dict[str, str] = {}
+    listed: list[str] = []
+    for node in top_level(tree.body):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            defined.add(node.name)
+        elif isinstance(node, ast.Import):
+            imports |= {alias.asname or alias.name.partition(".")[0]: alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imports |= {alias.asname or alias.name: from_base(name, node) for alias in node.names}
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = {n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+            defined |= names - {"__all__"}
+            if "__all__" in names:
+                listed += [n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant)
+                           and isinstance(n.value, str)]
+    return defined, imports, listed
+
+
+def re_exports(tree: ast.Module) -> set[str]:
+    """The names a module lists in ``__all__`` that it imports instead of defining."""
+    defined, imports, listed = bindings(tree)
+    return {n for n in listed if n in imports and n not in defined}
+
+
+def test_a_re_export_is_told_from_a_defined_name() -> None:
+    tree = ast.parse("from .x import a\nfrom y import b as c\nimport os.path\n\ndef f():\n    from z import d\n\n"
+                     "class K:\n    pass\n\nV: int = 1\n__all__ = ['a', 'c', 'f', 'K', 'V', 'd']\n__all__ += ['os']\n")
+    assert re_exports(tree) == {"a", "c", "os"}  # d is imported inside f: not a name of the module
+    fallback = "try:\n    from x import g\nexcept ImportError:\n    def g():\n        pass\n__all__ = ('g',)\n"
+    assert re_exports(ast.parse(fallback)) == set()  # defined here when the import fails
+    assert re_exports(ast.parse("from x import a\n__all__ = ['a'] + ['b']\n")) == {"a"}
+    assert re_exports(ast.parse("from x import a\n")) == set()  # imported, not listed: not passed on
+
+
+def test_no_module_re_exports_an_imported_name() -> None:
+    found = {f"{name}: {n}" for name, path in MODULES.items() if path.name != "__init__.py"
+             for n in re_exports(ast.parse(path.read_text()))}
+    new = sorted(found - ALLOWED_RE_EXPORTS)
+    assert not new, ("names a module lists in __all__ but imports from elsewhere (a second import path for one "
+                     "name): import each from the module that defines it, and drop it from this __all__: "
+                     f"{new}")
+    stale("re-exports", ALLOWED_RE_EXPORTS - found)

@@ -51,22 +51,15 @@ ALLOWED_LONG_FUNCTIONS: set[str] = set()
 #: study/objectives.py and report/block.py), none may come: import a name from its one home.
 ALLOWED_SHIMS: set[str] = set()
 #: Names a module (not a package's ``__init__``, the package's front) lists in ``__all__`` but imports
-#: instead of defining: a second import path for a name that lives elsewhere.  As "module: name".
-ALLOWED_RE_EXPORTS: set[str] = {
-    "dora_lab.core.controller: BudgetUnit",
-    *(f"dora_lab.report.compare: {n}" for n in ("Run", "Source", "load_runs", "read_report_block",
-                                                 "source_from_config")),
-    "dora_lab.report.power: SeedPlan", "dora_lab.report.power: stein_n",
-    "dora_lab.run.causal: IGNORE_INDEX",
-    *(f"dora_lab.run.config: {n}" for n in ("ConfigError", "EvalConfig", "apply_overrides", "load_yaml",
-                                             "parse_assignment", "read_yaml", "set_values")),
-    *(f"dora_lab.run.data: {n}" for n in ("DataError", "LengthGroupedBatchSampler", "TaskLoader", "make_loader",
-                                           "padding_stats", "restore_order")),
-    "dora_lab.run.models: check_max_length", "dora_lab.run.models: sequence_limit",
-    *(f"dora_lab.run.train: {n}" for n in ("RUN_FILES", "DivergenceError", "RunDirExists", "claim_run_dir")),
-    "dora_lab.study.grid: STALE_REASON",
-    *(f"dora_lab.study.runner: {n}" for n in ("OptunaReporter", "StudySetup", "prepare", "preflight")),
-}
+#: instead of defining: a second import path for a name that lives elsewhere.  As "module: name": none
+#: today (the clean-up after issue 26 pointed every import at the name's home), none may come.
+ALLOWED_RE_EXPORTS: set[str] = set()
+#: Imports, anywhere in the repository's Python, of a package name from a module that is not its home
+#: but only imports it too (a package's ``__init__``, its front, may be imported from).  As
+#: "file: module.name": none today, none may come.
+ALLOWED_SECOND_PATHS: set[str] = set()
+#: The folders whose Python is read for such imports.
+SCANNED = ("dora_lab", "methods", "metrics", "tests", "benchmarks", "scripts", "examples")
 
 
 def source_modules() -> dict[str, Path]:
@@ -176,7 +169,7 @@ def stale(kind: str, entries: set[str]) -> None:
 # -- the analysis itself, on hand-made cases -------------------------------------------------------
 def test_the_reader_resolves_relative_lazy_and_type_only_imports() -> None:
     # a relative import of a module, of a name in a package, a lazy import and a TYPE_CHECKING one
-    assert {"dora_lab.core.registry", "dora_lab.run.config", "dora_lab.run.data"} <= GRAPH["dora_lab.run.cli"]
+    assert {"dora_lab.core.registry", "dora_lab.run.config_yaml", "dora_lab.run.rows"} <= GRAPH["dora_lab.run.cli"]
     assert "dora_lab.plan.report_block" in GRAPH["dora_lab.study.runner"]  # imported inside a function
     assert "dora_lab.run.callbacks" in GRAPH["dora_lab.plan.objectives"]  # under `if TYPE_CHECKING:`
     assert GRAPH["dora_lab.metrics.magnitude"] >= {"dora_lab.core.scorers"}  # metrics/ as installed
@@ -345,3 +338,47 @@ def test_no_module_re_exports_an_imported_name() -> None:
                      "name): import each from the module that defines it, and drop it from this __all__: "
                      f"{new}")
     stale("re-exports", ALLOWED_RE_EXPORTS - found)
+
+
+BINDINGS = {name: bindings(ast.parse(path.read_text()), name) for name, path in MODULES.items()}
+
+
+def second_path(module: str, name: str) -> bool:
+    """Whether ``from module import name`` takes a package name from a module that is not its home:
+    ``module`` (not a package's front) imports ``name`` from elsewhere in the package and does not
+    define it (a name it takes from outside the package, such as matplotlib's ``plt``, is not asked)."""
+    if module not in MODULES or MODULES[module].name == "__init__.py" or f"{module}.{name}" in MODULES:
+        return False
+    defined, imports, _ = BINDINGS[module]
+    return name in imports and name not in defined and nearest_module(imports[name]) is not None
+
+
+def second_paths(tree: ast.Module, name: str | None) -> set[str]:
+    """The imports, lazy ones included, of module ``name`` (None: a file outside the package) that take
+    a name from a module that is not its home, as "module.name"."""
+    return {f"{base}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            for base in [from_base(name, node)] for alias in node.names if second_path(base, alias.name)}
+
+
+def test_a_second_import_path_is_told_from_the_home() -> None:
+    assert second_path("dora_lab.run.config", "ConfigError")  # run/config.py uses it; its home is config_yaml
+    assert not second_path("dora_lab.run.config_yaml", "ConfigError")
+    assert not second_path("dora_lab.report", "Run")  # a package's front
+    assert not second_path("dora_lab.report", "compare")  # a module
+    assert not second_path("dora_lab.track.plots", "plt")  # matplotlib's, not the package's
+    lazy = ast.parse("def f() -> None:\n    from .config import ConfigError, RunConfig\n")
+    assert second_paths(lazy, "dora_lab.run.train") == {"dora_lab.run.config.ConfigError"}
+    assert second_paths(ast.parse("from ..run.config import RunConfig\n"), "dora_lab.study.trial") == set()
+    assert second_paths(ast.parse("from dora_lab.run.data import DataError\n"), None) == {"dora_lab.run.data.DataError"}
+    assert second_paths(ast.parse("from .speed import timing\n"), None) == set()  # a file outside the package
+
+
+def test_every_import_names_the_home_of_what_it_imports() -> None:
+    installed = {path: name for name, path in MODULES.items()}
+    found = {f"{path.relative_to(REPO).as_posix()}: {hit}" for folder in SCANNED
+             for path in sorted((REPO / folder).rglob("*.py"))
+             for hit in second_paths(ast.parse(path.read_text()), installed.get(path))}
+    new = sorted(found - ALLOWED_SECOND_PATHS)
+    assert not new, ("imports of a name from a module that only imports it too (a second import path): import "
+                     f"it from the module that defines it (or its package's __init__): {new}")
+    stale("second import paths", ALLOWED_SECOND_PATHS - found)

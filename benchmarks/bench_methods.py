@@ -56,7 +56,8 @@ from speed.setup import (  # noqa: E402
 
 import dora_lab  # noqa: E402
 from dora_lab import PruningController, inject_adapters, make_method, make_scorer  # noqa: E402
-from dora_lab.run.data import load_splits, make_loader  # noqa: E402
+from dora_lab.run.batching import make_loader  # noqa: E402
+from dora_lab.run.data import load_splits  # noqa: E402
 from dora_lab.run.tasks import get_task  # noqa: E402
 from dora_lab.run.validation import ValidationLoss  # noqa: E402
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dora_lab.run.data import (
+from dora_lab.run.batching import (
     LengthGroupedBatchSampler,
     TaskLoader,
-    load_splits,
     make_loader,
     padding_stats,
     restore_order,
 )
+from dora_lab.run.data import load_splits
 from dora_lab.run.tasks import compute_metrics, get_task
 from tests.tiny import COLA as TINY_COLA
 

@@ -22,7 +22,7 @@ from tiny import make_tiny_model_dir, one_thread, tiny_overrides
 from dora_lab.plan.objectives import pareto_front
 from dora_lab.plan.setup import prepare
 from dora_lab.report import compare as report
-from dora_lab.run.config import ConfigError
+from dora_lab.run.config_yaml import ConfigError
 from dora_lab.studies import main as study_main
 
 REPO = Path(__file__).resolve().parents[1]

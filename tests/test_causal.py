@@ -16,11 +16,13 @@ import torch
 from tiny import COLA, INSTRUCT, make_tiny_llama_dir, make_tiny_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dora_lab.core.labels import IGNORE_INDEX
 from dora_lab.run.batching import make_loader
-from dora_lab.run.causal import IGNORE_INDEX, encode_causal, prompt_of, uses_chat
-from dora_lab.run.config import ConfigError
-from dora_lab.run.data import DataError, load_splits
+from dora_lab.run.causal import encode_causal, prompt_of, uses_chat
+from dora_lab.run.config_yaml import ConfigError
+from dora_lab.run.data import load_splits
 from dora_lab.run.evaluate import evaluate, label_log_likelihoods, response_nll
+from dora_lab.run.rows import DataError
 from dora_lab.run.tasks import (
     PROMPT_TEMPLATES,
     TaskSpec,

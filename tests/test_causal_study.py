@@ -21,7 +21,8 @@ from tiny import COLA, make_tiny_llama_dir, make_tiny_model_dir
 
 from dora_lab.plan.setup import prepare
 from dora_lab.report import compare as report
-from dora_lab.run.config import ConfigError, load_config
+from dora_lab.run.config import load_config
+from dora_lab.run.config_yaml import ConfigError
 from dora_lab.run.train import main as train_main
 from dora_lab.run.train import train_run
 from dora_lab.studies import main as study_main

@@ -13,10 +13,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dora_lab.run.causal import IGNORE_INDEX, encode_causal
-from dora_lab.run.config import ConfigError, load_config
-from dora_lab.run.data import DataError, load_splits, make_loader
+from dora_lab.core.labels import IGNORE_INDEX
+from dora_lab.run.batching import make_loader
+from dora_lab.run.causal import encode_causal
+from dora_lab.run.config import load_config
+from dora_lab.run.config_yaml import ConfigError
+from dora_lab.run.data import load_splits
 from dora_lab.run.generation import split_prompt_answer
+from dora_lab.run.rows import DataError
 from dora_lab.run.tasks import get_task
 from dora_lab.run.train import train_run
 from tests.tiny import REPO, make_tiny_llama_dir

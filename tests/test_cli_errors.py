@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from dora_lab.core.scorers import SCORERS
-from dora_lab.run.config import ConfigError, load_config
-from dora_lab.run.data import DataError, load_splits
+from dora_lab.run.config import load_config
+from dora_lab.run.config_yaml import ConfigError
+from dora_lab.run.data import load_splits
+from dora_lab.run.rows import DataError
 from dora_lab.run.tasks import get_task
 from dora_lab.run.train import main as train_main
 from tests.tiny import COLA, REPO, make_tiny_model_dir

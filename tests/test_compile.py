@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from dora_lab.run.compile import check_compiler, compile_counts
-from dora_lab.run.config import ConfigError, load_config
+from dora_lab.run.config import load_config
+from dora_lab.run.config_yaml import ConfigError
 from dora_lab.run.train import train_run
 from tests.tiny import COLA, REPO, LossRecorder, make_tiny_model_dir, one_thread, tiny_overrides
 

@@ -6,14 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dora_lab.run.config import (
-    ConfigError,
-    apply_overrides,
-    flatten,
-    load_config,
-    load_config_dict,
-    load_yaml,
-)
+from dora_lab.run.config import flatten, load_config, load_config_dict
+from dora_lab.run.config_yaml import ConfigError, apply_overrides, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +124,7 @@ def test_field_at_is_the_one_walker_of_the_schema() -> None:
 def test_the_study_block_merges_by_its_own_rule_along_base(tmp_path: Path) -> None:
     """One reader of the base: chain: within study:, a file's space/sampler/pruner replace its base's,
     overrides merge by key, and study: null keeps the base's block."""
-    from dora_lab.run.config import read_yaml
+    from dora_lab.run.config_yaml import read_yaml
 
     (tmp_path / "base.yaml").write_text(
         "study:\n  n_trials: 4\n  sampler: {name: tpe, seed: 1}\n  overrides: {train.epochs: 2, seed: 3}\n"

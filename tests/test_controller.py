@@ -293,7 +293,8 @@ def test_a_needs_grad_scorer_is_refused_a_step_without_gradients() -> None:
 def test_build_controller_maps_the_run_config() -> None:
     """``build_controller`` is the one mapping of a run config onto the controller: every block's
     value arrives, and a budget the model cannot reach is a ConfigError naming the run."""
-    from dora_lab.run.config import ConfigError, build_controller, load_config
+    from dora_lab.run.config import build_controller, load_config
+    from dora_lab.run.config_yaml import ConfigError
 
     model = adapted_bert(0)
     cfg = load_config(None, ["scorer.name=magnitude", "schedule.name=linear", "schedule.warmup=2",

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from dora_lab.run.data import GLUE_SPLIT_FILES, DataError, load_splits
+from dora_lab.run.data import GLUE_SPLIT_FILES, load_splits
+from dora_lab.run.rows import DataError
 from dora_lab.run.tasks import get_task
 from tests.tiny import COLA as TINY_COLA
 

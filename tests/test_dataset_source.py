@@ -14,9 +14,11 @@ from typing import Any
 import datasets
 import pytest
 
-from dora_lab.run.config import ConfigError, load_config
+from dora_lab.run.config import load_config
 from dora_lab.run.config_data import DatasetConfig
-from dora_lab.run.data import DataError, load_splits
+from dora_lab.run.config_yaml import ConfigError
+from dora_lab.run.data import load_splits
+from dora_lab.run.rows import DataError
 from dora_lab.run.tasks import get_task
 from dora_lab.run.train import main as train_main
 from dora_lab.run.train import train_run

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from dora_lab.export.checkpoint import load_adapter
+from dora_lab.run.batching import make_loader
 from dora_lab.run.config import load_config
-from dora_lab.run.data import load_splits, make_loader
+from dora_lab.run.data import load_splits
 from dora_lab.run.evaluate import predict
 from dora_lab.run.tasks import compute_metrics, get_task
 from dora_lab.run.train import train_run

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from dora_lab.core.adapter import adapter_layers
-from dora_lab.run.config import ConfigError, load_config
+from dora_lab.run.config import load_config
 from dora_lab.run.config_eval import EvalConfig
+from dora_lab.run.config_yaml import ConfigError
 from dora_lab.run.evaluate import eval_autocast, predict
 from dora_lab.run.train import train_run
 from tests.conftest import adapted_bert

@@ -10,7 +10,8 @@ import torch
 from conftest import adamw, adapted_bert, adapted_decoder, batches, lm_batches, logits, train
 
 from dora_lab import PruningController, RankOneLinear, adapter_layers, make_method, make_scorer
-from dora_lab.run.config import ConfigError, load_config
+from dora_lab.run.config import load_config
+from dora_lab.run.config_yaml import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,10 @@ import torch
 from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dora_lab.run.config import ConfigError, load_config
-from dora_lab.run.data import load_splits, make_loader
+from dora_lab.run.batching import make_loader
+from dora_lab.run.config import load_config
+from dora_lab.run.config_yaml import ConfigError
+from dora_lab.run.data import load_splits
 from dora_lab.run.evaluate import GenerationEval, evaluate, response_nll
 from dora_lab.run.generation import Sampling, answer_score, generate_ids, last_number, stop_ids
 from dora_lab.run.tasks import get_task, language_model_metrics

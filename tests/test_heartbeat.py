@@ -12,9 +12,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from dora_lab.plan.setup import StudySetup
+from dora_lab.plan.setup import StudySetup, prepare
 from dora_lab.study.grid import heartbeat
-from dora_lab.study.runner import _run_trials, open_study, prepare
+from dora_lab.study.runner import _run_trials, open_study
 from dora_lab.track.tracker import STALE_REASON
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,8 +22,8 @@ from tiny import COLA, make_tiny_model_dir, tiny_overrides
 from dora_lab import inject_adapters
 from dora_lab.core.checkpoint import CONFIG_NAME, save_adapter
 from dora_lab.plan.setup import prepare
-from dora_lab.run.config import ConfigError, load_config, read_yaml
-from dora_lab.run.config_yaml import MAX_BYTES, MAX_NODES, parse_assignment
+from dora_lab.run.config import load_config
+from dora_lab.run.config_yaml import MAX_BYTES, MAX_NODES, ConfigError, parse_assignment, read_yaml
 from dora_lab.track.links import filter_value
 
 REPO = Path(__file__).resolve().parents[1]

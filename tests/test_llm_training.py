@@ -14,7 +14,8 @@ from conftest import DECODERS, VOCAB, randomize_c, tiny_decoder
 from safetensors.torch import load_file
 
 from dora_lab import adapter_layers, inject_adapters
-from dora_lab.run.config import ConfigError, load_config
+from dora_lab.run.config import load_config
+from dora_lab.run.config_yaml import ConfigError
 from dora_lab.run.train import train_run
 from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
 

@@ -592,7 +592,8 @@ def test_alora_without_a_validation_loss_says_how_to_give_one() -> None:
 
 
 def test_a_validation_method_for_a_task_without_evaluation_data_is_refused(tmp_path: Path) -> None:
-    from dora_lab.run.config import ConfigError, load_config
+    from dora_lab.run.config import load_config
+    from dora_lab.run.config_yaml import ConfigError
     from dora_lab.run.tasks import TASKS, TaskSpec, register_task
 
     register_task(TaskSpec(name="no_eval_task", text_fields=("sentence",), num_labels=2, is_regression=False,

@@ -14,7 +14,8 @@ import dora_lab
 from dora_lab import PruningController, RankOneLinear, make_method, make_scorer
 from dora_lab.core.methods import keep_top, keep_where
 from dora_lab.core.schedules import BudgetSchedule
-from dora_lab.run.config import ConfigError, load_config
+from dora_lab.run.config import load_config
+from dora_lab.run.config_yaml import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

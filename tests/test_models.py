@@ -13,8 +13,10 @@ import torch
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
 import dora_lab.run.train
-from dora_lab.run.config import ConfigError, load_config
-from dora_lab.run.models import load_model_and_tokenizer, sequence_limit
+from dora_lab.run.config import load_config
+from dora_lab.run.config_yaml import ConfigError
+from dora_lab.run.models import load_model_and_tokenizer
+from dora_lab.run.positions import sequence_limit
 from tests.tiny import COLA, REPO, make_tiny_model_dir, tiny_overrides
 
 

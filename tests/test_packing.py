@@ -11,8 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dora_lab.run.config import ConfigError, load_config
-from dora_lab.run.data import load_splits, make_loader
+from dora_lab.run.batching import make_loader
+from dora_lab.run.config import load_config
+from dora_lab.run.config_yaml import ConfigError
+from dora_lab.run.data import load_splits
 from dora_lab.run.packing import check_packing, pack_rows
 from dora_lab.run.tasks import get_task
 from dora_lab.run.train import train_run

@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dora_lab.run.config import ConfigError
-from dora_lab.run.models import check_model, load_model_and_tokenizer, sequence_limit
+from dora_lab.run.config_yaml import ConfigError
+from dora_lab.run.models import check_model, load_model_and_tokenizer
+from dora_lab.run.positions import sequence_limit
 from dora_lab.run.train import main as train_main
 from tests.tiny import REPO, make_tiny_decoder_dir
 

@@ -12,8 +12,9 @@ import pytest
 from scipy import stats as sps
 
 import dora_lab.report.power
-from dora_lab.report.power import min_detectable_difference, paired_power, seeds_needed, stein_n
+from dora_lab.report.power import min_detectable_difference, paired_power, seeds_needed
 from dora_lab.report.stats import paired_test, stratified_paired_test
+from dora_lab.track.seed_plan import stein_n
 
 
 def test_doctests() -> None:

@@ -20,7 +20,8 @@ from dora_lab.core.checkpoint import save_adapter  # noqa: E402
 from dora_lab.export.dequantize import dequantized_linear  # noqa: E402
 from dora_lab.export.merge import merge_adapters, merged_model  # noqa: E402
 from dora_lab.run import quantization  # noqa: E402
-from dora_lab.run.config import ConfigError, load_config  # noqa: E402
+from dora_lab.run.config import load_config  # noqa: E402
+from dora_lab.run.config_yaml import ConfigError  # noqa: E402
 from dora_lab.run.models import load_model_and_tokenizer  # noqa: E402
 from dora_lab.run.quantization import (  # noqa: E402
     QuantizationConfig,

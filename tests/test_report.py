@@ -36,8 +36,8 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 from dora_lab.plan.setup import parse_study, read_study_block, trial_config
 from dora_lab.report import compare as report
 from dora_lab.report.brief import included_runs
-from dora_lab.report.io import source_from_config
-from dora_lab.run.config import ConfigError, read_yaml
+from dora_lab.report.io import read_report_block, source_from_config
+from dora_lab.run.config_yaml import ConfigError, read_yaml
 from dora_lab.studies import main as study_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,7 +265,7 @@ def test_study_files_are_the_documented_designs(tmp_path: Path) -> None:
     expected = {"ablation_scorer": 9, "ablation_schedule": 9, "ablation_budget": 9, "ablation_budget_constant": 9}
     for name, size in expected.items():
         path = STUDIES / f"{name}.yaml"
-        source = report.source_from_config(path, [f"output_dir={tmp_path}"])
+        source = source_from_config(path, [f"output_dir={tmp_path}"])
         assert source.name == name and source.storage == f"sqlite:///{tmp_path / 'optuna.db'}"
         data = read_yaml(path)
         data.pop("report", None)
@@ -287,9 +287,9 @@ def test_study_files_are_the_documented_designs(tmp_path: Path) -> None:
         if name == "ablation_budget_constant":
             assert {(c.adapter.r0, c.schedule.name) for c in configs} == {(1, "constant"), (2, "constant"),
                                                                           (4, "constant")}
-    assert report.read_report_block(STUDIES / "ablation_scorer.yaml")["reference"] == {"scorer.name": "magnitude"}
-    assert report.read_report_block(STUDIES / "ablation_schedule.yaml")["reference"] == {"schedule.name": "dora"}
-    budget = report.read_report_block(STUDIES / "ablation_budget.yaml")
+    assert read_report_block(STUDIES / "ablation_scorer.yaml")["reference"] == {"scorer.name": "magnitude"}
+    assert read_report_block(STUDIES / "ablation_schedule.yaml")["reference"] == {"schedule.name": "dora"}
+    budget = read_report_block(STUDIES / "ablation_budget.yaml")
     assert budget["factors"] == ["schedule.name", "final_rank"]
     assert budget["include"] == ["ablation_budget_constant.yaml"]
 
@@ -298,10 +298,10 @@ def test_bad_report_blocks_and_references(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"base: {REPO / 'configs' / 'cola.yaml'}\nreport:\n  referense: {{scorer.name: magnitude}}\n")
     with pytest.raises(ConfigError, match="report.referense: unknown key; allowed: reference, factors, include"):
-        report.read_report_block(bad)
+        read_report_block(bad)
     bad.write_text("report:\n  reference: [magnitude]\n")
     with pytest.raises(ConfigError, match="must map config keys to one value each"):
-        report.read_report_block(bad)
+        read_report_block(bad)
     groups = [("magnitude", "dora"), ("sensitivity", "dora"), ("magnitude", "linear"), ("sensitivity", "linear")]
     factors = ["scorer.name", "schedule.name"]
     # a partial reference: each group against the reference scorer with the same schedule

@@ -16,7 +16,8 @@ import yaml
 from scipy import stats as sps
 
 from dora_lab.report import compare as report
-from dora_lab.report.power import min_detectable_difference, seeds_needed, stein_n
+from dora_lab.report.power import min_detectable_difference, seeds_needed
+from dora_lab.track.seed_plan import stein_n
 
 SEEDS = range(5)
 # per task: the reference's values by seed, and the other arm's paired differences by seed
@@ -170,7 +171,7 @@ def test_bad_power_options_are_refused_before_any_file(storage: str, tmp_path: P
 
 def test_report_block_keys_are_checked(tmp_path: Path) -> None:
     from dora_lab.plan.report_block import parse_report
-    from dora_lab.run.config import ConfigError
+    from dora_lab.run.config_yaml import ConfigError
 
     assert parse_report({"min_effect": 0.02, "power": 0.9}, "x.yaml").power == 0.9
     with pytest.raises(ConfigError, match=r"x.yaml: report.power: Input should be less than 1; got 1.5"):

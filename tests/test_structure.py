@@ -50,6 +50,16 @@ ALLOWED_LONG_FUNCTIONS: set[str] = set()
 #: working), by installed name: none today (issue 26 follow-up deleted study/space.py,
 #: study/objectives.py and report/block.py), none may come: import a name from its one home.
 ALLOWED_SHIMS: set[str] = set()
+#: Names a module (not a package's ``__init__``, the package's front) lists in ``__all__`` but imports
+#: instead of defining: a second import path for a name that lives elsewhere.  As "module: name": none
+#: today (the clean-up after issue 26 pointed every import at the name's home), none may come.
+ALLOWED_RE_EXPORTS: set[str] = set()
+#: Imports, anywhere in the repository's Python, of a package name from a module that is not its home
+#: but only imports it too (a package's ``__init__``, its front, may be imported from).  As
+#: "file: module.name": none today, none may come.
+ALLOWED_SECOND_PATHS: set[str] = set()
+#: The folders whose Python is read for such imports.
+SCANNED = ("dora_lab", "methods", "metrics", "tests", "benchmarks", "scripts", "examples")
 
 
 def source_modules() -> dict[str, Path]:
@@ -68,17 +78,25 @@ MODULES = source_modules()
 def imported(name: str) -> set[str]:
     """The package's modules that module ``name`` imports (relative imports resolved; ``from pkg
     import x`` is the module ``pkg.x`` when there is one, else ``pkg``)."""
-    path = MODULES[name]
-    here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     targets: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(MODULES[name].read_text())):
         if isinstance(node, ast.Import):
             targets |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            base = ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).strip(".") if node.level \
-                else node.module or ""
+            base = from_base(name, node)
             targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names}
     return {known for t in targets if (known := nearest_module(t)) and known != name}
+
+
+def from_base(name: str | None, node: ast.ImportFrom) -> str:
+    """The module that ``from ... import`` reads in module ``name`` (its relative dots resolved; a file
+    outside the package, ``name`` None, resolves to the dots alone, which name no module of the package)."""
+    if not node.level:
+        return node.module or ""
+    if name is None:
+        return "." * node.level + (node.module or "")
+    here = name.split(".") if MODULES[name].name == "__init__.py" else name.split(".")[:-1]
+    return ".".join(here[: len(here) - node.level + 1] + [node.module or ""]).strip(".")
 
 
 def nearest_module(target: str) -> str | None:
@@ -151,7 +169,7 @@ def stale(kind: str, entries: set[str]) -> None:
 # -- the analysis itself, on hand-made cases -------------------------------------------------------
 def test_the_reader_resolves_relative_lazy_and_type_only_imports() -> None:
     # a relative import of a module, of a name in a package, a lazy import and a TYPE_CHECKING one
-    assert {"dora_lab.core.registry", "dora_lab.run.config", "dora_lab.run.data"} <= GRAPH["dora_lab.run.cli"]
+    assert {"dora_lab.core.registry", "dora_lab.run.config_yaml", "dora_lab.run.rows"} <= GRAPH["dora_lab.run.cli"]
     assert "dora_lab.plan.report_block" in GRAPH["dora_lab.study.runner"]  # imported inside a function
     assert "dora_lab.run.callbacks" in GRAPH["dora_lab.plan.objectives"]  # under `if TYPE_CHECKING:`
     assert GRAPH["dora_lab.metrics.magnitude"] >= {"dora_lab.core.scorers"}  # metrics/ as installed
@@ -259,3 +277,108 @@ def test_no_re_export_shim() -> None:
     assert not new, ("modules that only re-export names from elsewhere: import those names from their one home "
                      f"and delete the module: {new}")
     stale("shims", ALLOWED_SHIMS - shims)
+
+
+def top_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """A module's statements that bind its names: its body and the bodies of its ``if``/``try``/``with``/
+    ``for`` blocks, not what a function or class body binds."""
+    for node in body:
+        yield node
+        if isinstance(node, ast.If | ast.Try | ast.With | ast.For):
+            for block in ("body", "orelse", "finalbody"):
+                yield from top_level(getattr(node, block, []))
+            for handler in getattr(node, "handlers", []):
+                yield from top_level(handler.body)
+
+
+def bindings(tree: ast.Module, name: str | None = None) -> tuple[set[str], dict[str, str], list[str]]:
+    """What module ``name``'s top level binds: the names it defines (``def``, ``class``, an assignment),
+    the names it imports (each with the module it reads: :func:`from_base`), and its ``__all__``."""
+    defined: set[str] = set()
+    imports: dict[str, str] = {}
+    listed: list[str] = []
+    for node in top_level(tree.body):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            defined.add(node.name)
+        elif isinstance(node, ast.Import):
+            imports |= {alias.asname or alias.name.partition(".")[0]: alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imports |= {alias.asname or alias.name: from_base(name, node) for alias in node.names}
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = {n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+            defined |= names - {"__all__"}
+            if "__all__" in names:
+                listed += [n.value for n in ast.walk(node.value) if isinstance(n, ast.Constant)
+                           and isinstance(n.value, str)]
+    return defined, imports, listed
+
+
+def re_exports(tree: ast.Module) -> set[str]:
+    """The names a module lists in ``__all__`` that it imports instead of defining."""
+    defined, imports, listed = bindings(tree)
+    return {n for n in listed if n in imports and n not in defined}
+
+
+def test_a_re_export_is_told_from_a_defined_name() -> None:
+    tree = ast.parse("from .x import a\nfrom y import b as c\nimport os.path\n\ndef f():\n    from z import d\n\n"
+                     "class K:\n    pass\n\nV: int = 1\n__all__ = ['a', 'c', 'f', 'K', 'V', 'd']\n__all__ += ['os']\n")
+    assert re_exports(tree) == {"a", "c", "os"}  # d is imported inside f: not a name of the module
+    fallback = "try:\n    from x import g\nexcept ImportError:\n    def g():\n        pass\n__all__ = ('g',)\n"
+    assert re_exports(ast.parse(fallback)) == set()  # defined here when the import fails
+    assert re_exports(ast.parse("from x import a\n__all__ = ['a'] + ['b']\n")) == {"a"}
+    assert re_exports(ast.parse("from x import a\n")) == set()  # imported, not listed: not passed on
+
+
+def test_no_module_re_exports_an_imported_name() -> None:
+    found = {f"{name}: {n}" for name, path in MODULES.items() if path.name != "__init__.py"
+             for n in re_exports(ast.parse(path.read_text()))}
+    new = sorted(found - ALLOWED_RE_EXPORTS)
+    assert not new, ("names a module lists in __all__ but imports from elsewhere (a second import path for one "
+                     "name): import each from the module that defines it, and drop it from this __all__: "
+                     f"{new}")
+    stale("re-exports", ALLOWED_RE_EXPORTS - found)
+
+
+BINDINGS = {name: bindings(ast.parse(path.read_text()), name) for name, path in MODULES.items()}
+
+
+def second_path(module: str, name: str) -> bool:
+    """Whether ``from module import name`` takes a package name from a module that is not its home:
+    ``module`` (not a package's front) imports ``name`` from elsewhere in the package and does not
+    define it (a name it takes from outside the package, such as matplotlib's ``plt``, is not asked)."""
+    if module not in MODULES or MODULES[module].name == "__init__.py" or f"{module}.{name}" in MODULES:
+        return False
+    defined, imports, _ = BINDINGS[module]
+    return name in imports and name not in defined and nearest_module(imports[name]) is not None
+
+
+def second_paths(tree: ast.Module, name: str | None) -> set[str]:
+    """The imports, lazy ones included, of module ``name`` (None: a file outside the package) that take
+    a name from a module that is not its home, as "module.name"."""
+    return {f"{base}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            for base in [from_base(name, node)] for alias in node.names if second_path(base, alias.name)}
+
+
+def test_a_second_import_path_is_told_from_the_home() -> None:
+    assert second_path("dora_lab.run.config", "ConfigError")  # run/config.py uses it; its home is config_yaml
+    assert not second_path("dora_lab.run.config_yaml", "ConfigError")
+    assert not second_path("dora_lab.report", "Run")  # a package's front
+    assert not second_path("dora_lab.report", "compare")  # a module
+    assert not second_path("dora_lab.track.plots", "plt")  # matplotlib's, not the package's
+    lazy = ast.parse("def f() -> None:\n    from .config import ConfigError, RunConfig\n")
+    assert second_paths(lazy, "dora_lab.run.train") == {"dora_lab.run.config.ConfigError"}
+    assert second_paths(ast.parse("from ..run.config import RunConfig\n"), "dora_lab.study.trial") == set()
+    assert second_paths(ast.parse("from dora_lab.run.data import DataError\n"), None) == {"dora_lab.run.data.DataError"}
+    assert second_paths(ast.parse("from .speed import timing\n"), None) == set()  # a file outside the package
+
+
+def test_every_import_names_the_home_of_what_it_imports() -> None:
+    installed = {path: name for name, path in MODULES.items()}
+    found = {f"{path.relative_to(REPO).as_posix()}: {hit}" for folder in SCANNED
+             for path in sorted((REPO / folder).rglob("*.py"))
+             for hit in second_paths(ast.parse(path.read_text()), installed.get(path))}
+    new = sorted(found - ALLOWED_SECOND_PATHS)
+    assert not new, ("imports of a name from a module that only imports it too (a second import path): import "
+                     f"it from the module that defines it (or its package's __init__): {new}")
+    stale("second import paths", ALLOWED_SECOND_PATHS - found)

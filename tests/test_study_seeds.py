@@ -22,7 +22,7 @@ import test_report
 from scipy import stats as sps
 
 from dora_lab.plan.setup import parse_study
-from dora_lab.run.config import ConfigError
+from dora_lab.run.config_yaml import ConfigError
 from dora_lab.studies import main as study_main
 from dora_lab.study.seeds import PLAN_ATTR
 from dora_lab.track.seed_plan import common_plan, stein_n

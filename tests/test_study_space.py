@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from dora_lab.plan.setup import parse_study, prepare, read_study_block, trial_config
-from dora_lab.run.config import ConfigError
+from dora_lab.run.config_yaml import ConfigError
 from dora_lab.study.samplers import suggest
 
 REPO = Path(__file__).resolve().parents[1]

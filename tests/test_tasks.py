@@ -15,8 +15,10 @@ import torch
 
 from dora_lab import RegistryError
 from dora_lab.run import tasks
-from dora_lab.run.config import ConfigError, load_config_dict
-from dora_lab.run.data import DataError, load_splits
+from dora_lab.run.config import load_config_dict
+from dora_lab.run.config_yaml import ConfigError
+from dora_lab.run.data import load_splits
+from dora_lab.run.rows import DataError
 from dora_lab.run.tasks import (
     TASKS,
     TaskSpec,

@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 
 from dora_lab.plan.setup import prepare
 from dora_lab.run.callbacks import RunInfo, RunResult
-from dora_lab.run.config import ConfigError, RunConfig
+from dora_lab.run.config import RunConfig
+from dora_lab.run.config_yaml import ConfigError
 from dora_lab.study.trial import OptunaReporter, objective_value
 from dora_lab.track.links import ROLE_TAG, STUDY_TAG, compare_url, experiment_url, safe_url
 from dora_lab.track.logger import run_name

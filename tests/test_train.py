@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from dora_lab.run.config import load_config
-from dora_lab.run.train import DivergenceError, RunDirExists, main, train_run
+from dora_lab.run.loop import DivergenceError
+from dora_lab.run.run_dir import RunDirExists
+from dora_lab.run.train import main, train_run
 from tests.tiny import COLA, REPO, LossRecorder, make_tiny_model_dir, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")

@@ -43,7 +43,7 @@ from .schedules import (
 )
 from .scorers import Scorer
 
-__all__ = ["BudgetUnit", "PruningController", "StepInfo"]
+__all__ = ["PruningController", "StepInfo"]
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def import_plugins(plugins: Iterable[str]) -> None:
     """Import extra modules (``package.module``) or files (``path/to/file.py``) that register things.
 
     Either way the plugin is Python code, run in this process.  A file path is taken as given
-    (relative to the current folder); :func:`dora_lab.run.config.read_yaml` makes a config's relative
+    (relative to the current folder); :func:`dora_lab.run.config_yaml.read_yaml` makes a config's relative
     paths relative to the YAML file that names them.  A plugin that fails to import is a
     :class:`RegistryError` naming the plugin, the file and line, and the config key."""
     for plugin in plugins:

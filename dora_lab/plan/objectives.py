@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ..run.config import ConfigError
+from ..run.config_yaml import ConfigError
 
 if TYPE_CHECKING:
     from ..run.callbacks import RunResult

@@ -7,7 +7,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..run.config import ConfigError, _Strict
+from ..run.config import _Strict
+from ..run.config_yaml import ConfigError
 
 __all__ = ["ReportConfig", "parse_report", "with_study_seeds"]
 

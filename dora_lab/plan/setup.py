@@ -6,7 +6,7 @@ needs, resolved once into a :class:`StudySetup`.  The block's schema is :mod:`do
 
 Both the study runner and the reports read a study file through :func:`prepare`, so both resolve
 its config, ``--set`` overrides and defaults the same way.  Errors are
-:class:`~dora_lab.run.config.ConfigError` with the dotted path (``study.sampler.n_startup_trials``).
+:class:`~dora_lab.run.config_yaml.ConfigError` with the dotted path (``study.sampler.n_startup_trials``).
 """
 
 from __future__ import annotations
@@ -18,16 +18,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from ..run.config import (
-    ConfigError,
-    RunConfig,
-    apply_overrides,
-    field_at,
-    load_config_dict,
-    parse_assignment,
-    read_yaml,
-    set_values,
-)
+from ..run.config import RunConfig, field_at, load_config_dict
+from ..run.config_yaml import ConfigError, apply_overrides, parse_assignment, read_yaml, set_values
 from ..run.names import check_name
 from ..run.tasks import get_task
 from .objectives import check_direction, resolve
@@ -156,7 +148,7 @@ def parse_study(data: Mapping[str, Any] | None, plugins: Sequence[str] = ()) -> 
 
 
 def read_study_block(path: str | Path) -> dict[str, Any] | None:
-    """The ``study:`` block of ``path`` and its ``base:`` files (:func:`~dora_lab.run.config.read_yaml`,
+    """The ``study:`` block of ``path`` and its ``base:`` files (:func:`~dora_lab.run.config_yaml.read_yaml`,
     the one reader of the chain: ``space``, ``sampler`` and ``pruner`` given in a file *replace*
     its base's, ``overrides`` merge by key); ``None`` if there is none."""
     block = read_yaml(path).get("study")

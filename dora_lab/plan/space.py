@@ -31,7 +31,7 @@ Every key of ``space`` and ``overrides`` must be a key of :class:`~dora_lab.run.
 must fit that key's type and limits; scorer and schedule names must be registered, and every
 searched ``scorer.params.*`` key must be a hyper-parameter of every scorer a trial may use
 (checked by :mod:`dora_lab.plan.setup`, :func:`~dora_lab.plan.setup.check_scorer_params`).  Errors are
-:class:`~dora_lab.run.config.ConfigError` with the dotted path (``study.sampler.n_startup_trials``).
+:class:`~dora_lab.run.config_yaml.ConfigError` with the dotted path (``study.sampler.n_startup_trials``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..run.config import ConfigError, field_at
+from ..run.config import field_at
+from ..run.config_yaml import ConfigError
 from .objectives import Objective, check_objectives
 from .seed_option import SeedsOption
 

@@ -6,21 +6,8 @@ wrote (a study file through :mod:`dora_lab.plan.setup`, as the study CLI reads i
 runner; :mod:`.study_end` is what a study does with the report (its answer, its report at the end).
 """
 
-from .compare import (
-    Run,
-    Source,
-    build,
-    detect_factors,
-    drop_repeats,
-    label,
-    load_runs,
-    main,
-    read_report_block,
-    references,
-    side_keys,
-    source_from_config,
-    varying_keys,
-)
+from .compare import build, detect_factors, drop_repeats, label, main, references, side_keys, varying_keys
+from .io import Run, Source, load_runs, read_report_block, source_from_config
 
 __all__ = ["Run", "Source", "build", "detect_factors", "drop_repeats", "label", "load_runs", "main",
            "read_report_block", "references", "side_keys", "source_from_config", "varying_keys"]

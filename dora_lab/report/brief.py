@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..run.config import ConfigError, apply_overrides, read_yaml
+from ..run.config_yaml import ConfigError, apply_overrides, read_yaml
 from ..track.links import run_url
 from ..track.tables import markdown_table
 from .compare import build, default_reference, detect_factors, drop_repeats, majority_notes

@@ -30,29 +30,25 @@ from pathlib import Path
 from typing import Any
 
 from ..plan.report_block import parse_report
-from ..run.config import ConfigError, parse_assignment
+from ..run.config_yaml import ConfigError, parse_assignment
 from ..track.stores import StoreError, check_sqlite_store
 from .conclusions import across_tasks, common_seeds, metric_of, planned_seeds, power_row, run_flags
 from .html import write_html
 from .io import (
     Run,
-    Source,
     fmt,
     load_runs,
     log_to_mlflow,
     mlflow_parent,
-    read_report_block,
     render,
     report_command,
-    source_from_config,
 )
 from .sources import sources_of
 from .stats import describe, holm, kendall_tau, paired_test, top_k_overlap
 
 _MCC = ("matthews", "mcc")  # metric names of the Matthews correlation (majority_notes)
 
-__all__ = ["Run", "Source", "build", "detect_factors", "load_runs", "main", "read_report_block", "references",
-           "source_from_config"]
+__all__ = ["build", "detect_factors", "main", "references"]
 
 TASK = "task.name"  # a factor that makes strata: per-task tables, mean ranks, a stratified test
 NOT_FACTORS = {"seed", "output_dir", "task.data_dir", "model.device", "plugins", "train.save_adapter"}

@@ -16,8 +16,8 @@ from scipy import stats as sps
 
 from ..run.convergence import at_chance, still_rising
 from ..run.tasks import get_task
-from ..track.seed_plan import SeedPlan, common_plan, stein_half_width
-from .power import min_detectable_difference, seeds_needed, stein_n
+from ..track.seed_plan import SeedPlan, common_plan, stein_half_width, stein_n
+from .power import min_detectable_difference, seeds_needed
 from .stats import CONFIDENCE, PairedTest, stratified_paired_test
 
 __all__ = ["ALPHA", "across_tasks", "common_seeds", "greater_is_better", "metric_of", "planned_seeds", "power_row",

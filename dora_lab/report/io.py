@@ -22,7 +22,8 @@ import scipy
 import yaml
 
 from ..plan.report_block import parse_report, with_study_seeds
-from ..run.config import ConfigError, flatten, read_yaml
+from ..run.config import flatten
+from ..run.config_yaml import ConfigError, read_yaml
 from ..track.links import safe_url
 from ..track.tables import markdown_table, write_csv
 from . import pareto, sections

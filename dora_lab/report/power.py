@@ -10,8 +10,8 @@ whose differences have standard deviation ``sd`` (the observed one, taken as the
   solved by root finding on the exact power (for large ``n`` it tends to the normal
   approximation ``(z_{1-alpha/2} + z_{power}) sd / sqrt(n)``; at ``n = 3`` it is 2.0 times that, at ``n = 5`` 1.34 times).
 - :func:`seeds_needed`: the smallest ``n >= 2`` whose power at ``delta = effect`` reaches ``power``.
-- :func:`stein_n` (its home: :mod:`dora_lab.track.seed_plan`, which the study's ``study.seeds`` uses
-  too): the fixed number of seeds from a pilot (Stein's two-stage rule, 1945): a pilot of
+- :func:`~dora_lab.track.seed_plan.stein_n` (not here: its home is :mod:`dora_lab.track.seed_plan`, which
+  the study's ``study.seeds`` uses too): the fixed number of seeds from a pilot (Stein's two-stage rule, 1945): a pilot of
   ``n0`` pairs with sd ``s0`` gives ``n = max(n0, ceil((t_{1-alpha/2, n0-1} s0 / h)^2))`` (capped);
   the final interval ``mean_n +- t_{1-alpha/2, n0-1} s0 / sqrt(n)`` (pilot sd, pilot df) has half-width
   at most ``h`` and exact coverage ``1 - alpha`` for normal differences, because ``n`` depends on
@@ -27,9 +27,7 @@ import math
 
 from scipy import optimize, stats
 
-from ..track.seed_plan import SeedPlan, stein_n
-
-__all__ = ["POWER", "SeedPlan", "min_detectable_difference", "paired_power", "seeds_needed", "stein_n"]
+__all__ = ["POWER", "min_detectable_difference", "paired_power", "seeds_needed"]
 
 POWER = 0.8
 ALPHA = 0.05

@@ -7,8 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..run.config import ConfigError, apply_overrides, parse_assignment, read_yaml
-from ..run.config_yaml import plugins_origin
+from ..run.config_yaml import ConfigError, apply_overrides, parse_assignment, plugins_origin, read_yaml
 from ..run.names import check_name
 from .io import Source, source_from_config
 

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .causal import IGNORE_INDEX, CausalEncoding, encode_causal
+from ..core.labels import IGNORE_INDEX
+from .causal import CausalEncoding, encode_causal
 from .config import DEFAULT_MAX_LENGTH
 from .config_yaml import ConfigError
 from .packing import PackCollator

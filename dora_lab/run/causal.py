@@ -45,8 +45,8 @@ from ..core.labels import IGNORE_INDEX
 from .config_yaml import ConfigError
 from .tasks import LABEL_COLUMN, TaskSpec
 
-__all__ = ["IGNORE_INDEX", "PROMPT_FORMATS", "ROLES", "CausalEncoding", "chat_messages", "chat_segments",
-           "encode_causal", "prompt_of", "uses_chat", "verbalizer_ids"]
+__all__ = ["PROMPT_FORMATS", "ROLES", "CausalEncoding", "chat_messages", "chat_segments", "encode_causal",
+           "prompt_of", "uses_chat", "verbalizer_ids"]
 
 #: Values of ``task.prompt_format``.
 PROMPT_FORMATS = ("auto", "chat", "plain")

@@ -33,9 +33,9 @@ from types import FrameType
 from typing import ParamSpec
 
 from ..core.registry import RegistryError
-from .config import ConfigError
-from .data import DataError
+from .config_yaml import ConfigError
 from .models import ModelLoadError
+from .rows import DataError
 
 __all__ = ["EXIT_FAILED", "EXIT_INPUT", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "INPUT_ERRORS", "Terminated",
            "check_writable_folder", "failed", "refuse", "stop_code", "stop_on_sigterm", "stop_reason",

@@ -32,18 +32,15 @@ from ..core.schedules import DEFAULT_FINAL, DEFAULT_INTERVAL, DEFAULT_WARMUP, ch
 from .config_data import DatasetConfig
 from .config_eval import EvalConfig
 from .config_method import check_method, take_method
-from .config_yaml import ConfigError, apply_overrides, load_yaml, parse_assignment, read_yaml, set_values
+from .config_yaml import ConfigError, apply_overrides, read_yaml
 from .quantization import QuantizationConfig
 
 if TYPE_CHECKING:
     from ..core.controller import PruningController
 
-__all__ = [
-    "AdapterConfig", "BudgetConfig", "ConfigError", "EvalConfig", "MethodConfig", "ModelConfig", "RegularizerConfig",
-    "RunConfig", "ScheduleConfig", "ScorerConfig", "TaskConfig", "TrainConfig",
-    "apply_overrides", "build_controller", "field_at", "flatten", "load_config", "load_config_dict",
-    "load_yaml", "parse_assignment", "read_yaml", "set_values",
-]
+__all__ = ["AdapterConfig", "BudgetConfig", "MethodConfig", "ModelConfig", "RegularizerConfig", "RunConfig",
+           "ScheduleConfig", "ScorerConfig", "TaskConfig", "TrainConfig", "build_controller", "field_at",
+           "flatten", "load_config", "load_config_dict"]
 
 
 class _Strict(BaseModel):

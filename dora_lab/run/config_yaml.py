@@ -4,7 +4,7 @@ The one reader of the ``base:`` chain (:func:`read_yaml`): a file overrides its 
 the ``study:`` block merges by its own rule (:func:`_merge_study`); relative plugin paths are
 relative to the file that names them.  :func:`set_values` is the one way a dotted key is set
 (``--set``, a study's overrides and sampled values).  Typed validation of what is read is in
-:mod:`dora_lab.run.config`, which re-exports these names.
+:mod:`dora_lab.run.config`; import this module's names from here, their one home.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ header-less four-column files are recognised, and class names (``entailment``, .
 in the Hub's order (:attr:`~dora_lab.run.tasks.TaskSpec.label_names`).  TSV files are read with
 quoting off, as GLUE writes them: a ``"`` is an ordinary character.
 
-Batching lives in :mod:`dora_lab.run.batching` and is re-exported here (:func:`make_loader`,
-:func:`padding_stats`, :func:`restore_order`).
+Batching lives in :mod:`dora_lab.run.batching` (:func:`~dora_lab.run.batching.make_loader`,
+:func:`~dora_lab.run.batching.padding_stats`, :func:`~dora_lab.run.batching.restore_order`): import it from there.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .batching import LengthGroupedBatchSampler, TaskLoader, make_loader, padding_stats, restore_order
 from .hub_data import load_dataset_splits, load_hub_splits
 from .rows import DataError, Row, check_columns, normalise, parse_label, renamed, subset
 from .tasks import LABEL_COLUMN, TaskSpec
@@ -45,8 +44,7 @@ from .tasks import LABEL_COLUMN, TaskSpec
 if TYPE_CHECKING:
     from .config_data import DatasetConfig
 
-__all__ = ["GLUE_SPLIT_FILES", "SUFFIXES", "DataError", "LengthGroupedBatchSampler", "TaskLoader", "load_splits",
-           "make_loader", "padding_stats", "restore_order"]
+__all__ = ["GLUE_SPLIT_FILES", "SUFFIXES", "load_splits"]
 
 #: File types read from ``task.data_dir``, in order of preference.
 SUFFIXES = (".jsonl", ".csv", ".tsv")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .causal import IGNORE_INDEX
+from ..core.labels import IGNORE_INDEX
 from .config_eval import EvalConfig
 from .config_yaml import ConfigError
 from .generation import Sampling, generation_metrics

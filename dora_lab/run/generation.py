@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .causal import IGNORE_INDEX, CausalEncoding
+from ..core.labels import IGNORE_INDEX
+from .causal import CausalEncoding
 
 __all__ = ["ANSWER_RULES", "Sampling", "answer_score", "generate_ids", "generation_metrics", "last_number",
            "split_prompt_answer", "stop_ids"]

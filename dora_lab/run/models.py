@@ -44,22 +44,13 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from .config import ConfigError
+from .config_yaml import ConfigError
 from .load_report import quiet_load, unexpected_keys, unexpected_line
-from .positions import check_max_length, sequence_limit
+from .positions import check_max_length
 from .tasks import TaskSpec
 
-__all__ = [
-    "OFFLINE_COPIES",
-    "ModelLoadError",
-    "check_max_length",
-    "check_model",
-    "check_task_model",
-    "load_model_and_tokenizer",
-    "resolve_device",
-    "resolve_model_path",
-    "sequence_limit",
-]
+__all__ = ["OFFLINE_COPIES", "ModelLoadError", "check_model", "check_task_model", "load_model_and_tokenizer",
+           "resolve_device", "resolve_model_path"]
 
 # Hub id -> (importable package, folder or .gguf file inside it) holding the same weights.  A .gguf
 # file is converted once into a model folder under the cache (see :func:`gguf_model_folder`).
@@ -254,7 +245,7 @@ def load_model_and_tokenizer(
 def check_model(name: str, max_length: int | None = None, *, task: TaskSpec | None = None,
                 trainable: Sequence[str] = (), method: str = "adapter") -> None:
     """Fail now, with :class:`ModelLoadError`, if ``name``'s config or tokenizer cannot be loaded,
-    or with :class:`~dora_lab.run.config.ConfigError` if ``max_length`` exceeds what it takes or (given
+    or with :class:`~dora_lab.run.config_yaml.ConfigError` if ``max_length`` exceeds what it takes or (given
     ``task``) :func:`check_task_model` refuses the pairing (a quick check before a run or a study starts;
     the weights are not read: the model is built on the meta device, so :func:`sequence_limit` sees
     its position table without allocating it)."""
@@ -276,7 +267,7 @@ def check_model(name: str, max_length: int | None = None, *, task: TaskSpec | No
 
 def check_task_model(config: Any, name: str, task: TaskSpec, trainable: Sequence[str] = (),
                      method: str = "adapter") -> None:
-    """Raise :class:`~dora_lab.run.config.ConfigError` when model ``name`` (its ``config``) cannot train
+    """Raise :class:`~dora_lab.run.config_yaml.ConfigError` when model ``name`` (its ``config``) cannot train
     ``task``: see the module docstring.  ``trainable`` is ``model.trainable``, ``method`` ``train.method``."""
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .causal import IGNORE_INDEX
+from ..core.labels import IGNORE_INDEX
 
 __all__ = ["PackCollator", "check_packing", "pack_rows"]
 

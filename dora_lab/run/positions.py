@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError
+from .config_yaml import ConfigError
 
 __all__ = ["POSITION_KEYS", "check_max_length", "sequence_limit"]
 
@@ -81,7 +81,7 @@ def sequence_limit(model: torch.nn.Module, tokenizer: Any) -> tuple[int, list[st
 
 
 def check_max_length(max_length: int, model: torch.nn.Module, tokenizer: Any, name: str) -> None:
-    """Raise :class:`~dora_lab.run.config.ConfigError` when ``max_length`` exceeds
+    """Raise :class:`~dora_lab.run.config_yaml.ConfigError` when ``max_length`` exceeds
     :func:`sequence_limit`: longer inputs would fail mid-run with a tensor-size error."""
     found = sequence_limit(model, tokenizer)
     if found is None or max_length <= found[0]:

@@ -31,7 +31,8 @@ from typing import Any
 from .batching import Encoded, encode_rows
 from .causal import CausalEncoding
 from .config import RunConfig
-from .data import Row, load_splits
+from .data import load_splits
+from .rows import Row
 from .tasks import TaskSpec
 
 __all__ = ["CACHE_VERSION", "cache_key", "cache_path", "encoded_splits", "load_rows", "tokenizer_fingerprint"]

@@ -34,20 +34,21 @@ from .batching import loader_of
 from .callbacks import EventLog, RunInfo, RunResult, TrainCallback
 from .cli import INPUT_ERRORS, check_writable_folder, failed, refuse, stop_code, stoppable
 from .compile import check_compiler, for_training
-from .config import ConfigError, RunConfig, build_controller, load_config
+from .config import RunConfig, build_controller, load_config
+from .config_yaml import ConfigError
 from .evaluate import eval_autocast, generation_eval, initial_evaluation
-from .loop import DivergenceError, Run, Trained, train_loop
+from .loop import Run, Trained, train_loop
 from .models import check_model, load_model_and_tokenizer, resolve_device
 from .optim import build_optimizer, lr_factor
 from .packing import check_packing
 from .quantization import quantized_load_kwargs, standard_layout
-from .run_dir import RUN_FILES, RunDirExists, check_run_dir, claim_run_dir  # noqa: F401  (re-exported)
+from .run_dir import RunDirExists, check_run_dir, claim_run_dir
 from .seeding import seed_everything
 from .tasks import TaskSpec, get_task
 from .token_cache import encoded_splits, load_rows
 from .validation import ValidationLoss
 
-__all__ = ["RUN_FILES", "DivergenceError", "RunDirExists", "claim_run_dir", "main", "train_run"]
+__all__ = ["main", "train_run"]
 
 
 def train_run(

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..core.adapter import RankOneLinear
 from ..core.adapter.dropped import dropped_per_copy
-from .causal import IGNORE_INDEX
+from ..core.labels import IGNORE_INDEX
 
 __all__ = ["ValidationLoss", "slice_loss"]
 

@@ -35,7 +35,7 @@ from ..track.locks import store_lock
 from ..track.stores import store_failure
 from ..track.tracker import STALE_REASON
 
-__all__ = ["RETRYABLE_REASONS", "STALE_REASON", "claim_grid_point", "fail_stale", "heartbeat", "tell", "trials_to_run"]
+__all__ = ["RETRYABLE_REASONS", "claim_grid_point", "fail_stale", "heartbeat", "tell", "trials_to_run"]
 
 
 #: the ``fail_reason`` of a trial marked FAIL because its heartbeat stopped (its process was killed)

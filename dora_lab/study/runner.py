@@ -23,7 +23,7 @@ trial is one :func:`dora_lab.run.train.train_run` of the config with the trial's
 - Data-parallel trials: with ``train.processes: N`` each trial is a ``torchrun`` of N ranks
   (:func:`dora_lab.run.distributed.run_in_processes`) that this process follows live; ``--workers W``
   gives each worker its own N GPUs when the machine has W x N (else they share them).
-- Failures: a trial that raises (including :class:`~dora_lab.run.train.DivergenceError` and an invalid
+- Failures: a trial that raises (including :class:`~dora_lab.run.loop.DivergenceError` and an invalid
   sampled config) is recorded FAIL with the reason (trial user attr ``fail_reason``, MLflow tag
   ``fail_reason``) and the study goes on; Ctrl-C (or SIGTERM) fails the running trial the same way
   and stops the study cleanly (exit 130, or 143) after writing the summary.  Before any trial the base config's data
@@ -55,7 +55,7 @@ import optuna
 from ..plan.objectives import is_multi
 from ..plan.setup import StudySetup, prepare
 from ..run.cli import EXIT_FAILED, check_writable_folder, refuse, stop_code, stop_reason, stoppable
-from ..run.config import ConfigError
+from ..run.config_yaml import ConfigError
 from ..track.front import FRONT_TAG
 from ..track.links import safe_url, ui_lines
 from ..track.locks import store_lock
@@ -66,11 +66,10 @@ from .pacing import Paced
 from .samplers import check_directions, check_space_unchanged, make_pruner, make_sampler
 from .seeds import run_stages, use_plan
 from .summary import print_summary
-from .trial import ENVIRONMENT_ERRORS, OptunaReporter, make_objective, preflight
+from .trial import ENVIRONMENT_ERRORS, make_objective, preflight
 from .workers import resolve_workers, run_workers, workers_arg
 
-__all__ = ["OptunaReporter", "Reporting", "StudySetup", "main", "make_report", "optimize", "open_study", "prepare", "preflight", "run_study",
-           "study_folder"]
+__all__ = ["Reporting", "main", "make_report", "optimize", "open_study", "run_study", "study_folder"]
 
 
 # -- Optuna ---------------------------------------------------------------------------------------

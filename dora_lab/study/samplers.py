@@ -29,7 +29,7 @@ from ..plan.space import (
     StudyConfig,
     TPESampler,
 )
-from ..run.config import ConfigError
+from ..run.config_yaml import ConfigError
 
 __all__ = ["TrialSeeded", "check_directions", "check_space_unchanged", "make_pruner", "make_sampler", "suggest"]
 

@@ -26,11 +26,12 @@ from ..plan.objectives import is_multi, run_quantities, trial_values
 from ..plan.setup import trial_config
 from ..run.callbacks import RunInfo, TrainCallback
 from ..run.cli import stop_reason
-from ..run.config import ConfigError, RunConfig
-from ..run.data import DataError
+from ..run.config import RunConfig
+from ..run.config_yaml import ConfigError
 from ..run.distributed import run_in_processes
 from ..run.load_report import hf_bars
 from ..run.models import ModelLoadError, check_model
+from ..run.rows import DataError
 from ..run.tasks import get_task
 from ..run.token_cache import load_rows
 from ..track.logger import TrialLogger
@@ -82,8 +83,8 @@ def objective_value(setup: StudySetup, history: list[dict[str, float]], eligible
 def preflight(cfg: RunConfig) -> None:
     """Load the config's data and the model's config and tokenizer once, before any trial, so
     that a missing data folder, an unreachable Hub or a ``task.max_length`` the model cannot take is
-    one clear error instead of a failed trial each.  Raises :class:`~dora_lab.run.data.DataError`,
-    :class:`~dora_lab.run.models.ModelLoadError` or :class:`~dora_lab.run.config.ConfigError`."""
+    one clear error instead of a failed trial each.  Raises :class:`~dora_lab.run.rows.DataError`,
+    :class:`~dora_lab.run.models.ModelLoadError` or :class:`~dora_lab.run.config_yaml.ConfigError`."""
     spec = get_task(cfg.task.name)
     check_model(cfg.model.name, cfg.task.max_length, task=spec, trainable=cfg.model.trainable,
                 method=cfg.train.method)

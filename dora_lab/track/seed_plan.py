@@ -3,7 +3,7 @@
 The home of the rule for both its users: the study runs the seeds it plans (``study.seeds``,
 :mod:`dora_lab.study.seeds`) and the report states the plan and its interval
 (:mod:`dora_lab.report.conclusions`); study and report may not import each other, so the rule sits
-below both.  :mod:`dora_lab.report.power` re-exports :func:`stein_n` beside the power formulas.
+below both (import it from here: :mod:`dora_lab.report.power`, the power formulas, only names it).
 
 A pilot of ``n0`` paired differences with sd ``s0`` gives
 ``n = max(n0, ceil((t_{1-alpha/2, n0-1} s0 / h)^2))`` pairs (at most ``cap``); the interval

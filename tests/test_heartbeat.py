@@ -15,6 +15,7 @@ import pytest
 from dora_lab.plan.setup import StudySetup, prepare
 from dora_lab.study.grid import heartbeat
 from dora_lab.study.runner import _run_trials, open_study
+from dora_lab.study.trial import OpenRuns
 from dora_lab.track.tracker import STALE_REASON
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def test_a_trial_taken_over_by_another_worker_is_discarded_and_the_study_goes_on
         return 0.5 + seed
 
     capfd.readouterr()
-    _run_trials(setup, study, objective, n_trials=3)  # old code: ValueError "Cannot tell a FAIL trial"
+    _run_trials(setup, study, objective, 3, OpenRuns())  # old code: ValueError "Cannot tell a FAIL trial"
     err = capfd.readouterr().err
     assert err.count(DISCARDED) == 1 and "warning: trial 0:" in err, err
     trials = study.get_trials()
@@ -64,6 +65,44 @@ def test_a_trial_taken_over_by_another_worker_is_discarded_and_the_study_goes_on
     assert trials[0].user_attrs["fail_reason"] == STALE_REASON and trials[0].value is None
     assert trials[1].params == {"seed": 0} and trials[1].user_attrs.get("retry_of") == 0  # its point ran again
     assert trials[2].params == {"seed": 1} and calls == [0, 1, 2]
+
+
+def test_a_trial_gone_stale_before_its_tell_ends_fail_in_optuna_and_mlflow_alike(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real tiny trial through :func:`~dora_lab.study.runner.optimize` (SQLite Optuna storage, SQLite
+    MLflow store): its heartbeat goes stale after its last write (one beat at its start, every 60 s;
+    grace 1 s), and before its tell another worker starts (:func:`open_study`: ``fail_stale`` marks it
+    FAIL, its callback closes the MLflow run).  Old code ended the MLflow run FINISHED before the tell,
+    so it stayed FINISHED (``state`` COMPLETE, an ``objective``) beside Optuna's FAIL."""
+    from mlflow import MlflowClient
+
+    from dora_lab.study import runner
+    from dora_lab.track.logger import STALE_TAG
+    from tests.tiny import make_tiny_model_dir, one_thread, tiny_overrides
+
+    tiny = tiny_overrides(make_tiny_model_dir(tmp_path / "tiny"), tmp_path, train=32, evals=32)
+    setup = prepare(COLA, [*tiny, "train.epochs=1", "study.sampler=grid", "study.n_trials=1",
+                           "study.space={seed: {type: categorical, choices: [0]}}",
+                           "study.heartbeat_interval=60", "study.grace_period=1"])
+    told = runner.tell
+
+    def paused_tell(study: optuna.Study, trial: optuna.Trial, *args: object, **kwargs: object) -> object:
+        time.sleep(1.5)  # a paused machine: the trial's one beat is older than the grace period now
+        runner.open_study(setup, runner._tracker(setup))  # another worker starts and fails it as stale
+        return told(study, trial, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "tell", paused_tell)
+    capfd.readouterr()
+    with one_thread():
+        runner.optimize(setup, 1)
+    assert capfd.readouterr().err.count(DISCARDED) == 1
+    (trial,) = optuna.load_study(study_name=setup.name, storage=setup.storage).trials
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["fail_reason"] == STALE_REASON
+    run = MlflowClient(setup.tracking_uri).get_run(trial.user_attrs["mlflow_run_id"])
+    tags = run.data.tags
+    assert run.info.status == "FAILED" and tags["state"] == "FAIL", (run.info.status, tags.get("state"))
+    assert tags["fail_reason"] == STALE_REASON and tags[STALE_TAG] == "true"
+    assert run.data.metrics and "objective" not in run.data.metrics  # it trained; its value is discarded
 
 
 def test_a_fail_of_another_kind_still_raises(tmp_path: Path) -> None:

@@ -146,3 +146,75 @@ def test_the_loading_bar_shows_on_a_terminal_but_not_in_a_study_trial(tmp_path: 
     assert "Loading weights" in single, text
     assert "Loading weights" not in trial.split("[end]")[0], text
     assert "LOAD REPORT" not in text, text
+
+
+# -- every other load: export's base model (export, generate, lm_eval) ---------------------------------
+def _classifier_adapter(base: Path, out: Path) -> Path:
+    """An adapter saved from a classifier loaded off ``base`` (a pretraining checkpoint: its own load
+    has a LOAD REPORT, the new head missing and cls.* unexpected)."""
+    from dora_lab import inject_adapters
+    from dora_lab.core.checkpoint import save_adapter
+
+    model = BertForSequenceClassification.from_pretrained(base, num_labels=2)
+    inject_adapters(model, r0=2)
+    return save_adapter(model, out, base_model=str(base), num_labels=2)
+
+
+def test_export_loads_the_adapters_base_without_the_report(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """``python -m dora_lab.export ... --to merged``: the base load's report (the new head, the dropped
+    cls.* head) is expected, so nothing is said; old code printed transformers' LOAD REPORT table."""
+    from dora_lab.export.cli import main as export_main
+
+    adapter = _classifier_adapter(_pretraining_dir(tmp_path / "base"), tmp_path / "adapter")
+    capfd.readouterr()
+    assert export_main([str(adapter), "--to", "merged", str(tmp_path / "merged")]) == 0
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "warning:" not in err and "Loading weights" not in err, err
+
+
+def test_an_unexpected_key_in_an_adapters_base_is_one_warning_line(tmp_path: Path,
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    from dora_lab.export.checkpoint import load_adapter
+
+    base = _pretraining_dir(tmp_path / "base")
+    adapter = _classifier_adapter(base, tmp_path / "adapter")
+    extra = "bert.encoder.layer.5.output.dense.weight"  # a 2-layer model has no layer 5
+    _edit_weights(base, add={extra: torch.zeros(32, 64)})
+    capfd.readouterr()
+    load_adapter(adapter)
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"unexpected {extra}" in warnings[0] and str(base) in warnings[0], err
+    assert "cls." not in warnings[0] and "classifier" not in warnings[0]
+    assert "LOAD REPORT" not in err, err
+
+
+def test_generate_loads_a_causal_base_quietly_and_warns_once(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """``python -m dora_lab.generate`` (and ``dora_lab.lm_eval``, the same ``load_causal``): a tiny Llama
+    base with a key it has no place for is one ``warning:`` line, no table."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from dora_lab import inject_adapters
+    from dora_lab.core.checkpoint import save_adapter
+    from dora_lab.export.generate import main as generate_main
+    from tests.tiny import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id))
+    base = tmp_path / "llama"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    inject_adapters(model, r0=2)
+    adapter = save_adapter(model, tmp_path / "adapter", base_model=str(base), num_labels=0)
+    extra = "model.layers.7.mlp.up_proj.weight"
+    _edit_weights(base, add={extra: torch.zeros(64, 32)})
+    capfd.readouterr()
+    assert generate_main([str(adapter), "--prompt", "hi", "--raw", "--max-new-tokens", "2"]) == 0
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"unexpected {extra}" in warnings[0], err
+    assert "LOAD REPORT" not in err and "Loading weights" not in err, err

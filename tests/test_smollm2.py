@@ -42,6 +42,8 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # the silent first part (the tokenizer, then the tensor table) is announced before it starts
     steps = [logs.index(f"dora_lab: {i}/3 ") for i in (1, 2, 3)]
     assert steps == sorted(steps) and logs.count("dora_lab: 1/3 reading the tokenizer") == 1, logs
+    # the GGUF load goes through load_pretrained: no LOAD REPORT table, no bar off a terminal (stderr is a pipe)
+    assert "LOAD REPORT" not in logs and "Loading weights" not in logs, logs
     folder = Path(folders.pop())
     assert folder.parent.parent == cache and not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
     return folder

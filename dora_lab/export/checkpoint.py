@@ -15,6 +15,7 @@ is export's own: it needs :mod:`dora_lab.run.models`, which the core must not im
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ def load_adapter(
     if model is None:
         base_info = config["base_model"]
         model = _load_base(base_model or str(base_info["name_or_path"]), int(base_info["num_labels"]),
-                           str(base_info.get("model_class") or ""), _quantization(config))
+                           str(base_info.get("model_class") or ""), _quantization(config), config["head"])
     return apply_adapter(model, config, tensors, check_base=check_base)
 
 
@@ -57,12 +58,16 @@ def _quantization(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _load_base(name_or_path: str, num_labels: int, model_class: str = "",
-               quantization: dict[str, Any] | None = None) -> nn.Module:
+               quantization: dict[str, Any] | None = None, head: Sequence[str] = ()) -> nn.Module:
     """The base as training loaded it: :func:`~dora_lab.run.models.resolve_model_path` picks the Hub,
     a local folder or the known offline copy (the fingerprint check refuses a wrong one).  A saved
-    ``*ForCausalLM`` class loads with ``AutoModelForCausalLM``, anything else as a classifier."""
+    ``*ForCausalLM`` class loads with ``AutoModelForCausalLM``, anything else as a classifier.  Loaded
+    through :func:`~dora_lab.run.load_report.load_pretrained` (no LOAD REPORT table; one ``warning:``
+    line for keys missing or unexpected outside the new head and the adapter's saved ``head``
+    parameters, which :func:`~dora_lab.core.checkpoint.apply_adapter` puts back)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from ..run.load_report import load_pretrained
     from ..run.models import resolve_model_path
 
     path, local_only = resolve_model_path(name_or_path)
@@ -72,13 +77,12 @@ def _load_base(name_or_path: str, num_labels: int, model_class: str = "",
 
         quantized = quantized_load_kwargs(QuantizationConfig(**quantization), torch.device("cpu"))
     try:
-        model: nn.Module
-        if model_class.endswith("ForCausalLM") or model_class.endswith("LMHeadModel"):
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only, **quantized)
-        else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, local_files_only=local_only, **quantized
-            )
+        causal = model_class.endswith(("ForCausalLM", "LMHeadModel"))
+        auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+        modules = sorted({n.rsplit(".", 1)[0] for n in head})  # the saved parameters' modules (model.trainable)
+        model: nn.Module = load_pretrained(auto, path, name_or_path, causal=causal, trainable=modules,
+                                           local_files_only=local_only, **({} if causal else {"num_labels": num_labels}),
+                                           **quantized)
     except Exception as e:  # OSError, Hub/network and validation errors all end here
         raise BaseModelError(
             f"could not load the base model {name_or_path!r} ({type(e).__name__}: {e}). If the Hugging Face "

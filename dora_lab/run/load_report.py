@@ -15,6 +15,11 @@ weights" bar.  For dora_lab the usual report says nothing: a classifier's task h
   what is not expected: a missing key outside the new head and ``model.trainable``, an unexpected
   key inside the base model, any mismatched shape.  :func:`unexpected_line` says them in one
   ``warning:`` line, written to stderr once per process (a study's trials load the same checkpoint).
+- :func:`load_pretrained` is every model load of dora_lab (training, a study's trials, export's
+  base model, ``generate`` / ``lm_eval``, the GGUF conversion): ``from_pretrained`` under
+  :func:`quiet_load`, then that one line.  A command that loads one model (export, generate,
+  lm_eval, the GGUF conversion) keeps the "Loading weights" bar on a terminal: it is the long wait
+  there; a study's trial never shows it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from transformers.utils import logging as hf_logging
 
 from ..core.adapter.inject import _is_under
 
-__all__ = ["hf_bars", "new_head_keys", "quiet_load", "unexpected_keys", "unexpected_line"]
+__all__ = ["hf_bars", "load_pretrained", "new_head_keys", "quiet_load", "say", "unexpected_keys", "unexpected_line"]
 
 REPORT_LOGGER = "transformers.modeling_utils"  # where transformers' log_state_dict_report writes
 
@@ -80,6 +85,33 @@ def quiet_load() -> Iterator[None]:
         logger.removeFilter(hold)
 
 
+def load_pretrained(auto: Any, path: str, name: str, *, causal: bool, trainable: Sequence[str] = (),
+                    **kwargs: Any) -> Any:
+    """``auto.from_pretrained(path, **kwargs)`` (``auto``: a transformers ``AutoModel*`` or model class)
+    without transformers' LOAD REPORT table (:func:`quiet_load`); what of it is unexpected
+    (:func:`unexpected_keys`, ``trainable`` and ``causal`` as there) is one ``warning:`` line naming
+    ``name``, written once a process (:func:`say`).  Raises what ``from_pretrained`` raises."""
+    with quiet_load():
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+    warning = unexpected_line(name, unexpected_keys(model, info, trainable, causal))
+    if warning is not None:
+        say(warning, once=True)
+    return model
+
+
+_SAID: set[str] = set()  # the once-a-process lines already written
+
+
+def say(line: str, *, once: bool = False) -> None:
+    """Write ``line`` to stderr; with ``once``, only the first time this process says it (a run
+    resolves its model for the quick check and again for the load, a study's trials load the same
+    checkpoint: one line, not one each)."""
+    if once and line in _SAID:
+        return
+    _SAID.add(line)
+    print(line, file=sys.stderr, flush=True)
+
+
 def _base_names(model: Any) -> set[str]:
     """The first parts of a key inside the base model: its prefix (``bert``) and, for a checkpoint
     saved without it (a bare encoder), the base model's own children (``embeddings``, ``encoder``)."""
@@ -115,8 +147,7 @@ def unexpected_keys(model: Any, info: Mapping[str, Any], trainable: Sequence[str
 
 def unexpected_line(name: str, found: Mapping[str, Sequence[str]], shown: int = 8) -> str | None:
     """The ``warning:`` line naming ``found``'s keys (the first ``shown`` of each kind), or ``None``
-    when nothing is unexpected.  :func:`~dora_lab.run.models.load_model_and_tokenizer` writes it
-    to stderr once per process."""
+    when nothing is unexpected.  :func:`load_pretrained` writes it to stderr once per process."""
     if not found:
         return None
     parts = [f"{kind} {', '.join(keys[:shown])}" + (f" and {len(keys) - shown} more" if len(keys) > shown else "")

@@ -35,7 +35,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,7 +44,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .config_yaml import ConfigError
-from .load_report import quiet_load, unexpected_keys, unexpected_line
+from .load_report import load_pretrained, say
 from .positions import check_max_length
 from .tasks import TaskSpec
 
@@ -108,7 +107,7 @@ def gguf_model_folder(gguf: Path, name: str) -> Path:
     with _file_lock(final.parent / (final.name + ".lock")):
         if _converted(final, source):  # another process converted it while this one waited
             return final
-        _say(f"dora_lab: converting {gguf.name} into {final} (once; about 40 s on an idle CPU, three steps)")
+        say(f"dora_lab: converting {gguf.name} into {final} (once; about 40 s on an idle CPU, three steps)")
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
             _convert_gguf(gguf, tmp)
@@ -134,11 +133,12 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     try:
-        _say("dora_lab: 1/3 reading the tokenizer from the GGUF file (no progress bar: about half the time)")
+        say("dora_lab: 1/3 reading the tokenizer from the GGUF file (no progress bar: about half the time)")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        _say("dora_lab: 2/3 reading the GGUF tensors and dequantising them to float32 (a progress bar "
-             "follows a silent read)")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        say("dora_lab: 2/3 reading the GGUF tensors and dequantising them to float32 (a progress bar "
+            "follows a silent read)")
+        model = load_pretrained(AutoModelForCausalLM, str(gguf.parent), str(gguf), causal=True, gguf_file=gguf.name,
+                                dtype=torch.float32)
     except ImportError as exc:  # transformers needs the gguf package to read the file
         raise ModelLoadError(f"reading {gguf} needs the 'gguf' package: pip install gguf ({exc})") from exc
     # the weights are plain float32 now: drop the GGUF quantizer, or save_pretrained refuses
@@ -146,7 +146,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    _say("dora_lab: 3/3 writing the converted folder")
+    say("dora_lab: 3/3 writing the converted folder")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -172,24 +172,12 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable()
     copy = _offline_copy(name) if offline else None
     if copy is not None:
-        _say(f"dora_lab: the Hub is not reachable; using the local copy of {name} at {copy[0]}, {copy[1]}",
+        say(f"dora_lab: the Hub is not reachable; using the local copy of {name} at {copy[0]}, {copy[1]}",
              once=True)
         return copy[0], True
     if not offline:
-        _say(f"dora_lab: loading {name} from the Hugging Face Hub", once=True)
+        say(f"dora_lab: loading {name} from the Hugging Face Hub", once=True)
     return name, offline
-
-
-_SAID: set[str] = set()  # the once-a-process lines already written
-
-
-def _say(line: str, *, once: bool = False) -> None:
-    """Write ``line`` to stderr; with ``once``, only the first time this process says it (a run
-    resolves its model for the quick check and again for the load: one line, not two)."""
-    if once and line in _SAID:
-        return
-    _SAID.add(line)
-    print(line, file=sys.stderr, flush=True)
 
 
 @functools.lru_cache(maxsize=1)
@@ -218,17 +206,12 @@ def load_model_and_tokenizer(
     path, local_only = resolve_model_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-        with quiet_load():
-            auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
-            labels: dict[str, Any] = {} if causal else {"num_labels": num_labels}
-            loaded: Any = auto.from_pretrained(path, local_files_only=local_only, output_loading_info=True,
-                                 **labels, **model_kwargs)
-            model, info = loaded  # with output_loading_info: (model, its missing / unexpected / mismatched keys)
+        auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+        labels: dict[str, Any] = {} if causal else {"num_labels": num_labels}
+        model = load_pretrained(auto, path, name, causal=causal, trainable=trainable, local_files_only=local_only,
+                                **labels, **model_kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from exc
-    warning = unexpected_line(name, unexpected_keys(model, info, trainable, causal))
-    if warning is not None:
-        _say(warning, once=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:

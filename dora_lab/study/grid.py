@@ -14,7 +14,8 @@ trial's ``fixed_params``) or on the storage's lock for grids:
 - :func:`heartbeat`: the running trial's heartbeat, recorded as ``study.optimize`` would; a beat that
   fails is tried again, two failures in a row are one ``warning:`` a trial;
 - :func:`tell`: a trial's end, or a warning that its result is discarded when another worker
-  marked it stale meanwhile and took over its point.
+  marked it stale meanwhile and took over its point; either way the trial as Optuna kept it, whose
+  state its MLflow run then ends with (told first, so the two records never disagree).
 """
 
 from __future__ import annotations
@@ -109,19 +110,21 @@ def _heartbeat_warning(trial: optuna.Trial, interval: int, exc: Exception) -> No
 
 
 def tell(study: optuna.Study, trial: optuna.Trial, values: float | Sequence[float] | None = None,
-         state: optuna.trial.TrialState | None = None) -> None:
+         state: optuna.trial.TrialState | None = None) -> optuna.trial.FrozenTrial:
     """``study.tell``, unless another process marked the trial FAIL as stale meanwhile (its heartbeat
     stopped for ``study.grace_period``: a busy store, a paused machine) and so freed its point for
     another worker: then its result is discarded with a warning, and the study goes on (Optuna
-    refuses to tell a FAIL trial, which stopped the worker)."""
+    refuses to tell a FAIL trial, which stopped the worker).  Returns the trial as Optuna kept it,
+    the state its MLflow run must end with (:meth:`~dora_lab.study.trial.OpenRuns.close`)."""
     try:
-        study.tell(trial, values, state=state)
+        return study.tell(trial, values, state=state)
     except ValueError:
         frozen = study._storage.get_trial(trial._trial_id)
         if frozen.state != optuna.trial.TrialState.FAIL or frozen.user_attrs.get("fail_reason") != STALE_REASON:
             raise
         print(f"warning: trial {trial.number}: its result was discarded: another worker marked it stale (its "
               f"heartbeat was older than study.grace_period) and took over its point", file=sys.stderr, flush=True)
+        return frozen
 
 
 def _retryable(t: optuna.trial.FrozenTrial) -> bool:

@@ -9,10 +9,9 @@ trial is one :func:`dora_lab.run.train.train_run` of the config with the trial's
   adds ``study.n_trials`` more trials; numbering continues, the MLflow parent run is found again by
   its tags.  A trial left RUNNING by a killed worker is marked FAIL once its heartbeat is older
   than ``study.grace_period`` (RDB storages).
-- Identity: a new study gets an identity (creation time + random part, :func:`open_study`); its
-  MLflow parent run is matched by it, its trials' folders are
-  ``<output_dir>/studies/<name>/<identity>/trial-NNN``.  A new study of an old name (``optuna.db``
-  deleted, or a new storage with an old ``output_dir``) so never reuses the old parent or folders.
+- Identity: a new study's identity (creation time + random part, :func:`open_study`) matches its MLflow parent
+  run and names its trial folders ``<output_dir>/studies/<name>/<identity>/trial-NNN``; a new study of an old
+  name (``optuna.db`` deleted) never reuses the old parent or folders.
 - Parallel: ``--workers N`` runs N worker processes (this CLI with ``--worker``) on one storage,
   this invocation's trials split between them.  Distributed: give ``study.storage`` a PostgreSQL
   URL and ``study.tracking_uri`` an MLflow server, and run the same command on every machine.
@@ -66,7 +65,7 @@ from .pacing import Paced
 from .samplers import check_directions, check_space_unchanged, make_pruner, make_sampler
 from .seeds import run_stages, use_plan
 from .summary import print_summary
-from .trial import ENVIRONMENT_ERRORS, make_objective, preflight
+from .trial import ENVIRONMENT_ERRORS, OpenRuns, make_objective, preflight
 from .workers import resolve_workers, run_workers, workers_arg
 
 __all__ = ["Reporting", "main", "make_report", "optimize", "open_study", "run_study", "study_folder"]
@@ -120,10 +119,10 @@ def study_folder(setup: StudySetup, study: optuna.Study) -> Path:
 
 
 def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[optuna.Trial], float | list[float]],
-                n_trials: int | None, after: Callable[[], None] = lambda: None) -> None:
-    """Ask, run and tell up to ``n_trials`` trials (``None``: no limit) until ``study.timeout``; a grid
-    also stops when no point is left.  A failed trial is recorded FAIL and the next one runs, except
-    after a data or model error (every next trial would fail too); Ctrl-C records FAIL and stops."""
+                n_trials: int | None, runs: OpenRuns, after: Callable[[], None] = lambda: None) -> None:
+    """Ask, run and tell up to ``n_trials`` trials (``None``: no limit) until ``study.timeout`` (a grid: or
+    no point left); a failed trial is FAIL and the next runs, except after a data or model error; Ctrl-C
+    records FAIL and stops.  Optuna is told first, then ``runs`` ends the MLflow run as Optuna kept it."""
     started, ran = time.monotonic(), 0
     while n_trials is None or ran < n_trials:
         if setup.study.timeout is not None and time.monotonic() - started >= setup.study.timeout:
@@ -139,18 +138,18 @@ def _run_trials(setup: StudySetup, study: optuna.Study, objective: Callable[[opt
             try:
                 value = objective(trial)
             except optuna.TrialPruned:
-                tell(study, trial, state=optuna.trial.TrialState.PRUNED)
+                runs.close(trial, tell(study, trial, state=optuna.trial.TrialState.PRUNED))
             except KeyboardInterrupt:
-                tell(study, trial, state=optuna.trial.TrialState.FAIL)
+                runs.close(trial, tell(study, trial, state=optuna.trial.TrialState.FAIL))
                 raise
             except Exception as exc:
-                tell(study, trial, state=optuna.trial.TrialState.FAIL)
+                runs.close(trial, tell(study, trial, state=optuna.trial.TrialState.FAIL))
                 if store_failure(exc):  # a full or damaged store: every next trial would fail too
                     raise
                 if isinstance(exc, ENVIRONMENT_ERRORS):
                     return
             else:
-                tell(study, trial, value)
+                runs.close(trial, tell(study, trial, value))
         after()
 
 
@@ -166,7 +165,8 @@ def optimize(setup: StudySetup, n_trials: int | None, parent_id: str | None = No
     if not tracker.factors:  # a worker process: its trials get their group's colour too
         tracker.factors, tracker.groups = _groups(setup)
     if n_trials is None or n_trials > 0:
-        _run_trials(setup, study, make_objective(setup, study_folder(setup, study), tracker, parent_id, progress), n_trials,
+        folder, runs = study_folder(setup, study), OpenRuns()  # runs: each trial's MLflow run, ended after its tell
+        _run_trials(setup, study, make_objective(setup, folder, tracker, parent_id, runs, progress), n_trials, runs,
                     after=Paced(lambda: post_answer(setup, tracker, study, reporting)))  # the end posts it too
 
 

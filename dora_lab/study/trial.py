@@ -6,6 +6,10 @@
   ``<study folder>/trial-NNN``, and it trains (its token rows read from, or written once to,
   ``<study folder>/cache``: :mod:`dora_lab.run.token_cache`), in this process or as a ``torchrun`` of
   ``train.processes`` ranks followed live.
+- :class:`OpenRuns` holds the child run of a trial that ended well (COMPLETE, PRUNED) until the
+  runner has told Optuna: the run then ends with the state Optuna kept.  A trial whose heartbeat
+  went stale after its last write is FAIL in Optuna (another worker took over its point), and so
+  FAILED in MLflow, tagged ``dora_lab.stale``, never FINISHED beside an Optuna FAIL.
 - :class:`OptunaReporter` reports the study metric at every evaluation and prunes.
 - :func:`objective_value`: ``study.objective: best`` is the best evaluation once pruning has ended
   (the budget met), ``final`` the last one.
@@ -18,7 +22,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -41,7 +45,7 @@ from .samplers import suggest
 if TYPE_CHECKING:
     from ..plan.setup import StudySetup
 
-__all__ = ["ENVIRONMENT_ERRORS", "OptunaReporter", "make_objective", "objective_value", "preflight"]
+__all__ = ["ENVIRONMENT_ERRORS", "OpenRuns", "OptunaReporter", "make_objective", "objective_value", "preflight"]
 
 ENVIRONMENT_ERRORS = (DataError, ModelLoadError)  # not the trial's values: every next trial would fail too
 
@@ -72,6 +76,34 @@ class OptunaReporter(TrainCallback):
             raise optuna.TrialPruned(reason)
 
 
+class OpenRuns:
+    """The MLflow runs of trials that ended well (COMPLETE, PRUNED) before Optuna was told: ended by
+    :meth:`close`, after the tell, with the state Optuna kept.  Ended before the tell, a run whose
+    trial another worker failed as stale in between stayed FINISHED beside Optuna's FAIL."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[TrialLogger, str, dict[str, Any]]] = {}
+
+    def hold(self, trial: optuna.Trial, logger: TrialLogger, state: str, **finish: Any) -> None:
+        """Keep ``logger``'s run open until :meth:`close`: it ends ``state`` with ``finish``
+        (:meth:`~dora_lab.track.logger.TrialLogger.finish`'s keywords) if Optuna keeps that state."""
+        self._held[trial.number] = (logger, state, finish)
+
+    def close(self, trial: optuna.Trial, kept: optuna.trial.FrozenTrial) -> None:
+        """End the trial's held run (none: the objective ended it, a FAIL) as Optuna ``kept`` the
+        trial: as held when the states agree, else FAILED with Optuna's ``fail_reason``."""
+        held = self._held.pop(trial.number, None)
+        if held is None:
+            return
+        logger, state, finish = held
+        if kept.state.name == state:
+            logger.finish(state, **finish)
+            return
+        reason = kept.user_attrs.get("fail_reason")
+        logger.finish("FAIL", reason=str(reason or f"Optuna recorded the trial {kept.state.name}, not {state}"),
+                      stale=reason == STALE_REASON)
+
+
 def objective_value(setup: StudySetup, history: list[dict[str, float]], eligible_from: int,
                     quantities: Mapping[str, float] | None = None) -> list[float]:
     """The trial's value per objective (:func:`~dora_lab.plan.objectives.trial_values`): an evaluated
@@ -91,11 +123,13 @@ def preflight(cfg: RunConfig) -> None:
     load_rows(cfg, spec)
 
 
-def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, parent_id: str,
+def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, parent_id: str, runs: OpenRuns,
                    progress: bool = False) -> Callable[[optuna.Trial], float | list[float]]:
     """One trial: its config, its MLflow child run (always one per trial, even when the trial fails
     before training), its run folder (``folder/trial-NNN``, named for the study and the trial; never
-    one that holds a run already), training, its value.  Raises what the trial raised."""
+    one that holds a run already), training, its value.  Raises what the trial raised.  The child
+    run of a trial that completes or is pruned is left open in ``runs``, for the runner to end
+    after its tell (:meth:`OpenRuns.close`); a failed trial's run ends here."""
     from ..run.train import train_run
 
     def objective(trial: optuna.Trial) -> float | list[float]:
@@ -126,16 +160,16 @@ def make_objective(setup: StudySetup, folder: Path, tracker: StudyTracker, paren
             for key, v in (("active_components", result.active_components_final),
                            ("adapter_parameters", result.adapter_parameters_final), ("best_step", result.best_step)):
                 trial.set_user_attr(key, v)
-            logger.finish("COMPLETE", value=values[0], values={m: v for (m, _), v in zip(setup.goals, values,
-                                                                                          strict=True)})
+            runs.hold(trial, logger, "COMPLETE", value=values[0],
+                      values={m: v for (m, _), v in zip(setup.goals, values, strict=True)})
             return values if is_multi(setup.goals) else values[0]
         except optuna.TrialPruned as exc:
             if logger is not None:
-                logger.finish("PRUNED", reason=str(exc))
+                runs.hold(trial, logger, "PRUNED", reason=str(exc))
             raise
         except optuna.exceptions.UpdateFinishedTrialError:  # marked stale by another worker, which runs its point
             if logger is not None:  # the runner says its result is discarded
-                logger.finish("FAIL", reason=STALE_REASON)
+                logger.finish("FAIL", reason=STALE_REASON, stale=True)
             raise
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (dora_lab.run.cli.stoppable)
             _fail(trial, logger, "INTERRUPTED", stop_reason(exc))

@@ -22,10 +22,13 @@ from ..run.callbacks import RunInfo, RunResult, TrainCallback
 from ..run.config import RunConfig, flatten
 from . import plots
 
-__all__ = ["FIGURES", "TrialLogger", "context_tags", "datasets", "effective_settings", "figure_title", "log_params",
+__all__ = ["FIGURES", "STALE_TAG", "TrialLogger", "context_tags", "datasets", "effective_settings", "figure_title", "log_params",
            "run_name", "run_tags"]
 
 FIGURES = ("rank_heatmap.png", "budget.png")  # a trial's figures, at its artifact root
+#: "true" on the run of a trial that Optuna failed as stale (its heartbeat stopped: a killed worker, a
+#: paused machine, a store too busy to take its beats), set together with its ``fail_reason``
+STALE_TAG = "dora_lab.stale"
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED", "INTERRUPTED": "KILLED"}
 # the per-step logs under their MLflow names, grouped by namespace in the UI's charts
 _STEP_KEYS = {"train_loss": "train/loss", "lr": "train/lr", "active_components": "budget/active_components",
@@ -233,11 +236,12 @@ class TrialLogger(TrainCallback):
             self.client.log_batch(self.run_id, metrics=list(chunk))
 
     def finish(self, state: str, value: float | None = None, reason: str | None = None,
-               values: Mapping[str, float] | None = None) -> None:
+               values: Mapping[str, float] | None = None, stale: bool = False) -> None:
         """Send what is left, the pictures and files, the final tags; close the run with the status
         matching the Optuna state (COMPLETE, PRUNED, FAIL, INTERRUPTED).  ``value``: the first
         objective (metric ``objective``); ``values``: every objective of a multi-objective study by
-        name (metrics ``objective/<name>``)."""
+        name (metrics ``objective/<name>``); ``stale``: Optuna failed the trial as stale
+        (:data:`STALE_TAG`)."""
         if self.done:
             return
         self.done = True
@@ -256,6 +260,8 @@ class TrialLogger(TrainCallback):
             tags["state"] = "FAIL" if state == "INTERRUPTED" else state
             if reason:
                 tags["fail_reason" if state != "PRUNED" else "prune_reason"] = reason[:5000]
+            if stale:
+                tags[STALE_TAG] = "true"
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.set_terminated(self.run_id, _STATUS[state])
 

@@ -22,7 +22,7 @@ from ..run.config import RunConfig, flatten
 from . import front, plots
 from .links import ROLE_TAG, STUDY_TAG, experiment_url, filter_value, group_color, study_view, ui_address
 from .locks import store_lock
-from .logger import TrialLogger, context_tags, figure_title, log_params, now_ms, run_name, run_tags
+from .logger import STALE_TAG, TrialLogger, context_tags, figure_title, log_params, now_ms, run_name, run_tags
 from .tables import write_table
 
 __all__ = ["EXPERIMENT_TAGS", "KIND_TAG", "STALE_REASON", "UID_TAG", "VIEW_TAG", "StudyTracker", "find_parent_runs",
@@ -148,7 +148,8 @@ class StudyTracker:
             return
         try:
             if self.client.get_run(run_id).info.status == "RUNNING":
-                self.client.log_batch(run_id, tags=[RunTag("state", "FAIL"), RunTag("fail_reason", reason)])
+                stale = [RunTag(STALE_TAG, "true")] if reason == STALE_REASON else []
+                self.client.log_batch(run_id, tags=[RunTag("state", "FAIL"), RunTag("fail_reason", reason), *stale])
                 self.client.set_terminated(run_id, "FAILED")
         except MlflowException:
             pass

@@ -23,7 +23,7 @@ from dora_lab.track.links import ROLE_TAG, STUDY_TAG, compare_url, experiment_ur
 from dora_lab.track.logger import run_name
 from dora_lab.track.plots import allocation_grid
 from dora_lab.track.tables import markdown_table, write_table
-from dora_lab.track.tracker import UID_TAG, StudyTracker
+from dora_lab.track.tracker import CLOSED_TAG, UID_TAG, StudyTracker
 
 UID = "20260101-000000-00000001"  # a study identity, as dora_lab.study.open_study makes them
 ALLOCATION = {f"bert.encoder.layer.{i}.{m}": (i + j) % 4 for i in range(2)
@@ -238,6 +238,26 @@ def test_mark_failed_closes_a_running_child(tracker: StudyTracker, tmp_path: Pat
     tracker.mark_failed(logger.run_id, "worker died")
     run = MlflowClient(tracker.uri).get_run(logger.run_id)
     assert run.info.status == "FAILED" and run.data.tags["fail_reason"] == "worker died"
+
+
+def test_the_study_end_closes_a_told_trials_run_its_worker_never_ended(tracker: StudyTracker,
+                                                                        tmp_path: Path) -> None:
+    """A worker that stops between Optuna's tell (COMPLETE) and the end of its MLflow run leaves the
+    run RUNNING; the study's summary closes it FINISHED with Optuna's state and says why."""
+    parent = tracker.parent_run("20260101-000000-00000009")
+    open_run = tracker.start_trial(parent, 0, RunConfig(), tmp_path / "a").run_id
+    ended = tracker.start_trial(parent, 1, RunConfig(), tmp_path / "b")
+    ended.finish("COMPLETE", value=0.4)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for run_id, value in ((open_run, 0.5), (ended.run_id, 0.4)):
+        study.add_trial(optuna.trial.create_trial(params={"x": value}, distributions=dist, value=value,
+                                                  user_attrs={"mlflow_run_id": run_id}))
+    tracker.summarize(parent, study, "accuracy", tmp_path / "summary")
+    client = MlflowClient(tracker.uri)
+    run = client.get_run(open_run)
+    assert (run.info.status, run.data.tags["state"], run.data.tags.get(CLOSED_TAG)) == ("FINISHED", "COMPLETE", "true")
+    assert CLOSED_TAG not in client.get_run(ended.run_id).data.tags  # a run its worker ended is left alone
 
 
 def test_allocation_grid_is_layers_by_module_types() -> None:

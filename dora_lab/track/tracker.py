@@ -25,6 +25,8 @@ from .locks import store_lock
 from .logger import STALE_TAG, TrialLogger, context_tags, figure_title, log_params, now_ms, run_name, run_tags
 from .tables import write_table
 
+CLOSED_TAG = "dora_lab.closed_at_study_end"  # a told trial's run its worker never ended
+
 __all__ = ["EXPERIMENT_TAGS", "KIND_TAG", "STALE_REASON", "UID_TAG", "VIEW_TAG", "StudyTracker", "find_parent_runs",
            "trial_rows"]
 
@@ -144,13 +146,23 @@ class StudyTracker:
 
     def mark_failed(self, run_id: str | None, reason: str) -> None:
         """Close a child run left RUNNING by a worker that died (a stale Optuna trial)."""
+        stale = {STALE_TAG: "true"} if reason == STALE_REASON else {}
+        self._close_running(run_id, "FAILED", {"state": "FAIL", "fail_reason": reason, **stale})
+
+    def close_told(self, run_id: str | None, state: str) -> None:
+        """Close a child run left RUNNING after Optuna was told its trial ended ``state`` (COMPLETE,
+        PRUNED): its worker stopped between the tell and the end of the run (the run is ended after
+        the tell, study/trial.OpenRuns), so its last metrics or artifacts may be missing; the tag
+        ``dora_lab.closed_at_study_end`` says so."""
+        self._close_running(run_id, "FINISHED", {"state": state, CLOSED_TAG: "true"})
+
+    def _close_running(self, run_id: str | None, status: str, tags: Mapping[str, str]) -> None:
         if not run_id:
             return
         try:
             if self.client.get_run(run_id).info.status == "RUNNING":
-                stale = [RunTag(STALE_TAG, "true")] if reason == STALE_REASON else []
-                self.client.log_batch(run_id, tags=[RunTag("state", "FAIL"), RunTag("fail_reason", reason), *stale])
-                self.client.set_terminated(run_id, "FAILED")
+                self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+                self.client.set_terminated(run_id, status)
         except MlflowException:
             pass
 
@@ -163,6 +175,9 @@ class StudyTracker:
         rows = trial_rows(study)
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
             self.mark_failed(t.user_attrs.get("mlflow_run_id"), _reason(t))
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                          optuna.trial.TrialState.PRUNED)):
+            self.close_told(t.user_attrs.get("mlflow_run_id"), t.state.name)
         folder.mkdir(parents=True, exist_ok=True)
         write_table(rows, folder / "trials.csv", folder / "trials.md")
         notes = plots.study_plots(study, folder / "plots", target_name=metric)

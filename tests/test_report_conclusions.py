@@ -113,22 +113,30 @@ def test_two_tasks_power_ranks_pooled_test_and_flags(storage: str, tmp_path: Pat
     assert last["scorer=magnitude, task=cola"] == pytest.approx(statistics.mean(BASE["cola"]))
 
 
-def test_each_task_is_read_in_its_own_metric_whatever_comes_first(storage: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cola_by", ["command line", "named include"])
+def test_each_task_is_read_in_its_own_metric_whatever_comes_first(storage: str, tmp_path: Path, cola_by: str) -> None:
     """SST-2 first: the report's metric is accuracy, which the CoLA runs evaluate too; their values
-    (MCC 0.28-0.33) must still be read as MCC, not as accuracies below CoLA's majority share."""
+    (MCC 0.28-0.33) must still be read as MCC, not as accuracies below CoLA's majority share.  The CoLA
+    study comes either as a config on the command line or as a bare study name in SST-2's
+    ``report.include`` (no config to say its metric: each run's metrics.json says it)."""
     root = Path(__file__).resolve().parents[1] / "configs"
     for task in ("cola", "sst2"):  # study files: each source's metric is its own task's main metric
         (tmp_path / f"{task}.yaml").write_text(yaml.safe_dump({"base": str(root / f"{task}.yaml"), "study": {
             "name": f"s_{task}", "storage": storage}}))
     out = tmp_path / "out"
-    assert report.main([str(tmp_path / "sst2.yaml"), str(tmp_path / "cola.yaml"), "--no-mlflow", "--out", str(out)]) == 0
-    tmp_path = out
-    flags = {(r["group"], r["seed"]): r for r in _csv(tmp_path / "flags.csv")}
+    if cola_by == "command line":
+        args = [str(tmp_path / "sst2.yaml"), str(tmp_path / "cola.yaml")]
+    else:
+        config = yaml.safe_load((tmp_path / "sst2.yaml").read_text())
+        (tmp_path / "sst2.yaml").write_text(yaml.safe_dump({**config, "report": {"include": ["s_cola"]}}))
+        args = [str(tmp_path / "sst2.yaml")]
+    assert report.main([*args, "--no-mlflow", "--out", str(out)]) == 0
+    flags = {(r["group"], r["seed"]): r for r in _csv(out / "flags.csv")}
     assert {r["at_majority"] for (g, _), r in flags.items() if "cola" in g} == {"False"}
     assert flags[("scorer=sensitivity, task=cola", "2")]["still_rising"] == "True"
-    md = (tmp_path / "report.md").read_text()
+    md = (out / "report.md").read_text()
     assert "task=cola: has not learned" not in md and "scorer=magnitude, task=sst2: has not learned" in md
-    last = {g["group"]: float(g["final_mean"]) for g in _csv(tmp_path / "groups.csv")}
+    last = {g["group"]: float(g["final_mean"]) for g in _csv(out / "groups.csv")}
     assert last["scorer=magnitude, task=cola"] == pytest.approx(statistics.mean(BASE["cola"]))
 
 

@@ -38,7 +38,7 @@ def sources_of(args: argparse.Namespace) -> list[Source]:
         else:
             sources.append(Source(name=check_name("report.include", item), storage=first.storage,
                                   tracking_uri=first.tracking_uri, experiment=item, output_dir=first.output_dir,
-                                  metric=first.metric))
+                                  metric=None))  # unknown here: each run's metrics.json says it
     unique = {(s.name, s.storage): s for s in reversed(sources)}  # a study named twice counts once
     return [s for s in sources if unique.get((s.name, s.storage)) is s]
 

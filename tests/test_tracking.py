@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import subprocess
+import sys
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -23,7 +27,14 @@ from dora_lab.track.links import ROLE_TAG, STUDY_TAG, compare_url, experiment_ur
 from dora_lab.track.logger import run_name
 from dora_lab.track.plots import allocation_grid
 from dora_lab.track.tables import markdown_table, write_table
-from dora_lab.track.tracker import CLOSED_TAG, UID_TAG, StudyTracker
+from dora_lab.track.tracker import (
+    CLOSED_TAG,
+    TOLD_GRACE_S,
+    UID_TAG,
+    WORKER_TAG,
+    StudyTracker,
+    worker_may_still_end,
+)
 
 UID = "20260101-000000-00000001"  # a study identity, as dora_lab.study.open_study makes them
 ALLOCATION = {f"bert.encoder.layer.{i}.{m}": (i + j) % 4 for i in range(2)
@@ -243,21 +254,45 @@ def test_mark_failed_closes_a_running_child(tracker: StudyTracker, tmp_path: Pat
 def test_the_study_end_closes_a_told_trials_run_its_worker_never_ended(tracker: StudyTracker,
                                                                         tmp_path: Path) -> None:
     """A worker that stops between Optuna's tell (COMPLETE) and the end of its MLflow run leaves the
-    run RUNNING; the study's summary closes it FINISHED with Optuna's state and says why."""
+    run RUNNING; the study's summary closes it FINISHED with Optuna's state and says why.  A run whose
+    worker is another live process (a second invocation on the study, still ending it) is left alone;
+    one whose worker process is gone is closed."""
     parent = tracker.parent_run("20260101-000000-00000009")
     open_run = tracker.start_trial(parent, 0, RunConfig(), tmp_path / "a").run_id
     ended = tracker.start_trial(parent, 1, RunConfig(), tmp_path / "b")
     ended.finish("COMPLETE", value=0.4)
+    client = MlflowClient(tracker.uri)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    others = {}
+    for number, proc in ((2, live), (3, gone)):
+        others[number] = tracker.start_trial(parent, number, RunConfig(), tmp_path / str(number)).run_id
+        client.set_tag(others[number], WORKER_TAG, f"{socket.gethostname()}:{proc.pid}")
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize")
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
-    for run_id, value in ((open_run, 0.5), (ended.run_id, 0.4)):
+    for run_id, value in ((open_run, 0.5), (ended.run_id, 0.4), (others[2], 0.3), (others[3], 0.2)):
         study.add_trial(optuna.trial.create_trial(params={"x": value}, distributions=dist, value=value,
                                                   user_attrs={"mlflow_run_id": run_id}))
-    tracker.summarize(parent, study, "accuracy", tmp_path / "summary")
-    client = MlflowClient(tracker.uri)
+    try:
+        tracker.summarize(parent, study, "accuracy", tmp_path / "summary")
+    finally:
+        live.kill()
+        live.wait()
     run = client.get_run(open_run)
     assert (run.info.status, run.data.tags["state"], run.data.tags.get(CLOSED_TAG)) == ("FINISHED", "COMPLETE", "true")
     assert CLOSED_TAG not in client.get_run(ended.run_id).data.tags  # a run its worker ended is left alone
+    assert client.get_run(others[2]).info.status == "RUNNING"  # its worker is alive: it ends the run
+    assert client.get_run(others[3]).data.tags.get(CLOSED_TAG) == "true"
+
+
+def test_a_worker_on_another_host_gets_a_grace_period_after_the_tell() -> None:
+    told = datetime(2026, 1, 1, 12, 0, 0)
+    far = "another-host.example:123"
+    assert worker_may_still_end(far, told, now=told + timedelta(seconds=TOLD_GRACE_S - 1))
+    assert not worker_may_still_end(far, told, now=told + timedelta(seconds=TOLD_GRACE_S + 1))
+    assert not worker_may_still_end(far, None)  # no tell time: nothing to wait for
+    assert not worker_may_still_end(f"{socket.gethostname()}:{os.getpid()}", told, now=told)  # this process
 
 
 def test_allocation_grid_is_layers_by_module_types() -> None:

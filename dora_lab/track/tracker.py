@@ -9,13 +9,14 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import optuna
 from mlflow import MlflowClient
-from mlflow.entities import Metric, RunTag
+from mlflow.entities import Metric, Run, RunTag
 from mlflow.exceptions import MlflowException
 
 from ..run.config import RunConfig, flatten
@@ -26,9 +27,13 @@ from .logger import STALE_TAG, TrialLogger, context_tags, figure_title, log_para
 from .tables import write_table
 
 CLOSED_TAG = "dora_lab.closed_at_study_end"  # a told trial's run its worker never ended
+WORKER_TAG = "dora_lab.worker"  # host:pid of the process that runs the trial
+#: A told trial's run whose worker is on another host is closed only this long after the tell:
+#: that worker may still be logging its last metrics and artifacts (the run ends after the tell)
+TOLD_GRACE_S = 600.0
 
-__all__ = ["EXPERIMENT_TAGS", "KIND_TAG", "STALE_REASON", "UID_TAG", "VIEW_TAG", "StudyTracker", "find_parent_runs",
-           "trial_rows"]
+__all__ = ["CLOSED_TAG", "EXPERIMENT_TAGS", "KIND_TAG", "STALE_REASON", "TOLD_GRACE_S", "UID_TAG", "VIEW_TAG",
+           "WORKER_TAG", "StudyTracker", "find_parent_runs", "trial_rows", "worker_may_still_end"]
 
 UID_TAG = "dora_lab.study_uid"
 KIND_TAG = "mlflow.experimentKind"
@@ -134,7 +139,7 @@ class StudyTracker:
                     params: Mapping[str, Any] = {}) -> TrialLogger:  # noqa: B006 - read only
         """The trial's child run, named for its searched values ``params`` (:func:`run_name`)."""
         tags = {**context_tags(), "mlflow.parentRunId": parent_id, STUDY_TAG: self.study_name, ROLE_TAG: "trial",
-                "state": "RUNNING", "dora_lab.worker": f"{socket.gethostname()}:{os.getpid()}",
+                "state": "RUNNING", WORKER_TAG: f"{socket.gethostname()}:{os.getpid()}",
                 **run_tags(cfg, number, run_dir)}
         if self.factors:  # its group's colour in the charts (MLflow reads a run's colour from this tag)
             group = [str(params.get(k, flatten(cfg.resolved()).get(k))) for k in self.factors]
@@ -149,18 +154,23 @@ class StudyTracker:
         stale = {STALE_TAG: "true"} if reason == STALE_REASON else {}
         self._close_running(run_id, "FAILED", {"state": "FAIL", "fail_reason": reason, **stale})
 
-    def close_told(self, run_id: str | None, state: str) -> None:
+    def close_told(self, run_id: str | None, state: str, told: datetime | None = None) -> None:
         """Close a child run left RUNNING after Optuna was told its trial ended ``state`` (COMPLETE,
         PRUNED): its worker stopped between the tell and the end of the run (the run is ended after
         the tell, study/trial.OpenRuns), so its last metrics or artifacts may be missing; the tag
-        ``dora_lab.closed_at_study_end`` says so."""
-        self._close_running(run_id, "FINISHED", {"state": state, CLOSED_TAG: "true"})
+        ``dora_lab.closed_at_study_end`` says so.  A run whose worker may still be ending it (another
+        invocation on the same study: its process alive on this host, or on another host told less
+        than :data:`TOLD_GRACE_S` ago) is left to that worker."""
+        self._close_running(run_id, "FINISHED", {"state": state, CLOSED_TAG: "true"},
+                            spare=lambda run: worker_may_still_end(run.data.tags.get(WORKER_TAG, ""), told))
 
-    def _close_running(self, run_id: str | None, status: str, tags: Mapping[str, str]) -> None:
+    def _close_running(self, run_id: str | None, status: str, tags: Mapping[str, str],
+                       spare: Callable[[Run], bool] = lambda run: False) -> None:
         if not run_id:
             return
         try:
-            if self.client.get_run(run_id).info.status == "RUNNING":
+            run = self.client.get_run(run_id)
+            if run.info.status == "RUNNING" and not spare(run):
                 self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
                 self.client.set_terminated(run_id, status)
         except MlflowException:
@@ -177,7 +187,7 @@ class StudyTracker:
             self.mark_failed(t.user_attrs.get("mlflow_run_id"), _reason(t))
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
                                                           optuna.trial.TrialState.PRUNED)):
-            self.close_told(t.user_attrs.get("mlflow_run_id"), t.state.name)
+            self.close_told(t.user_attrs.get("mlflow_run_id"), t.state.name, t.datetime_complete)
         folder.mkdir(parents=True, exist_ok=True)
         write_table(rows, folder / "trials.csv", folder / "trials.md")
         notes = plots.study_plots(study, folder / "plots", target_name=metric)
@@ -193,6 +203,28 @@ class StudyTracker:
         self.client.log_artifacts(parent_id, str(folder), "summary")
         self.client.set_terminated(parent_id, status)
         return rows
+
+
+def worker_may_still_end(worker: str, told: datetime | None, now: datetime | None = None) -> bool:
+    """Whether the process ``worker`` (``host:pid``, the run's :data:`WORKER_TAG`) may still be ending
+    a run whose trial was told at ``told``: on this host, while that process (not this one) is alive;
+    on another host (or no tag), for :data:`TOLD_GRACE_S` after the tell."""
+    host, _, pid = worker.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        return int(pid) != os.getpid() and _process_alive(int(pid))
+    if told is None:
+        return False
+    return ((now or datetime.now()) - told).total_seconds() < TOLD_GRACE_S
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _reason(t: optuna.trial.FrozenTrial) -> str:

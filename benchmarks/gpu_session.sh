@@ -64,6 +64,7 @@ except ImportError:  # MiniLM's shape, random weights (the real ones do not trav
     print(made)
 PY
 )
+MODEL=$(printf '%s\n' "$MODEL" | tail -n 1)  # the folder: the last line, whatever a library printed
 export DORA_LAB_TEST_MINILM=$MODEL
 { echo "- python $("$PY" -c 'import sys; print(sys.version.split()[0])'), device $DEVICE, model $MODEL, data $COLA"
   "$PY" - <<'PY'

@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/gpu_session.sh            # on the device machine, from the repository root
 #   DRY=1 bash benchmarks/gpu_session.sh      # here: the same plumbing on the CPU, tiny settings
+#   ONLY="bench_study_packed" bash benchmarks/gpu_session.sh   # only the steps named (a rerun)
 #
 # Prepared here first: `.venv/bin/python benchmarks/gpu_prepare.py` fills .gpu/ (CoLA, MiniLM's config
 # and tokenizer, the wheels the device's Python lacks), carried by the device tool.  Steps:
@@ -83,6 +84,7 @@ PY
 step() {  # step NAME TIMEOUT_S COMMAND...: run within the time left, log it, pack what there is
   local name=$1 limit=$2 left t0 rc
   shift 2
+  case " ${ONLY:-$name} " in *" $name "*) ;; *) return ;; esac  # ONLY="a b": just those steps (a rerun)
   left=$((TOTAL_S - ($(date +%s) - START)))
   if [ "$left" -lt 30 ]; then echo "- $name: skipped, ${left} s left of TOTAL_S=$TOTAL_S" >>"$SUMMARY"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
@@ -98,9 +100,9 @@ COMMON=(--device "$DEVICE" --model "$MODEL" --data "$COLA" --out "$RES")
 if [ "$DRY" = 1 ]; then
   step test_cuda 120 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider
   step bench_speed 300 "$PY" "$SPEED" --device cpu --quick --out "$RES"
-  step bench_study 600 "$PY" "$STUDY" "${COMMON[@]}" --mode in-process --trials 1 --steps 2 \
+  step bench_study 1200 "$PY" "$STUDY" "${COMMON[@]}" --mode in-process --trials 1 --steps 2 \
     --train-samples 64 --eval-samples 32 --work "$RES/work/both"
-  step bench_study_packed 600 "$PY" "$STUDY" "${COMMON[@]}" --mode packed --trials 2 --dora-workers 2 --steps 2 \
+  step bench_study_packed 1200 "$PY" "$STUDY" "${COMMON[@]}" --mode packed --trials 2 --dora-workers 2 --steps 2 \
     --train-samples 64 --eval-samples 32 --work "$RES/work/packed" --name "bench_study_${DEVICE}_packed"
 else
   step test_cuda 120 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider

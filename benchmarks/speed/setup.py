@@ -127,7 +127,9 @@ def model_specs(quick: bool) -> list[ModelSpec]:
         return [ModelSpec("tiny", "BERT from a config: 2 layers, hidden 32, 2 heads, MLP 64, random weights",
                           lambda: bert_from_config(32, 2, 2, 64), Plan(warmup=1, block=2, min_rounds=2, max_rounds=2))]
     return [
-        ModelSpec("minilm", "all-MiniLM-L6-v2, pretrained: 6 layers, hidden 384, 12 heads, MLP 1536",
+        ModelSpec("minilm", ("all-MiniLM-L6-v2, pretrained" if not os.environ.get("DORA_LAB_TEST_MINILM") else
+                             f"all-MiniLM-L6-v2's shape, weights of {minilm_dir()} (gpu_session.sh: random)")
+                  + ": 6 layers, hidden 384, 12 heads, MLP 1536",
                   pretrained_minilm, Plan(warmup=2, block=2, min_rounds=4, max_rounds=10)),
         ModelSpec("wide", "BERT from a config: 4 layers, hidden 1024, 16 heads, MLP 4096, random weights",
                   lambda: bert_from_config(1024, 4, 16, 4096), Plan(warmup=1, block=1, min_rounds=3, max_rounds=8,

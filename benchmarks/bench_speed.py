@@ -1,6 +1,6 @@
 """Speed and memory of one training step: dora_lab against the frozen-model floor and PEFT.
 
-    python benchmarks/bench_speed.py [--quick] [--out benchmarks/results]
+    python benchmarks/bench_speed.py [--quick] [--out benchmarks/results] [--device cpu|cuda]
 
 Everything runs in one process, on one fixed batch (the first 32 sentences of GLUE CoLA's train
 split, tokenized with the MiniLM tokenizer and padded to the batch's longest), for two models:
@@ -52,6 +52,16 @@ themselves.  Limits: MKL/oneDNN scratch buffers and other native allocations are
 are the frozen weights (shared, listed once per model); the process's ``ru_maxrss`` is reported
 for the whole run only.
 
+On a GPU (``--device cuda``; the results are then ``bench_speed_cuda[_quick]``, with the GPU named):
+the models and the batch live on it, ``torch.cuda.synchronize()`` comes before every timer read (each
+phase of a step is timed after its kernels finish, not after their launch), and the memory column is
+``torch.cuda.max_memory_allocated`` over one step, its counter reset before each configuration, less
+what was allocated before the step, plus the resting state: the same definition as on the CPU, read
+from CUDA's caching allocator, which sees every tensor (``speed/timing.cuda_step_memory``).  The
+torch-dropout variant is left out there (it differs from dora_r3 on the CPU only).  The magnitude
+scorer's table is timed on the GPU too.  Asking for cuda where torch sees no GPU is refused (exit 2)
+before anything is built.
+
 The magnitude scorer is also timed on its own against the paper's naive form, which materialises
 each component's ``d_out x d_in`` update, over several start ranks: the closed form costs
 ``O(r0^2 (d_in + d_out))``, the naive one ``O(r0 d_in d_out)``.
@@ -84,6 +94,7 @@ for _folder in (Path(__file__).resolve().parents[1], Path(__file__).resolve().pa
         sys.path.insert(0, str(_folder))
 
 from speed.configs import build_configs, drive_to_final  # noqa: E402
+from speed.device import cuda_refusal, gpu_info  # noqa: E402
 from speed.report import markdown, targets  # noqa: E402
 from speed.scaling import magnitude_scaling  # noqa: E402
 from speed.setup import REPO, ModelSpec, block_shapes, load_batch, machine_info, model_specs  # noqa: E402
@@ -91,11 +102,13 @@ from speed.timing import config_result, scorer_update_ms, step_memory, time_inte
 
 
 # -- main ----------------------------------------------------------------------------------------------------
-def run_model(spec: ModelSpec, batch: dict[str, torch.Tensor], quick: bool, deadline: float) -> dict[str, Any]:
-    """Build, drive, time and measure every configuration of one model, finishing by ``deadline``
-    (a ``time.perf_counter()`` value) as far as the plan's minimum rounds allow."""
+def run_model(spec: ModelSpec, batch: dict[str, torch.Tensor], quick: bool, deadline: float,
+              device: torch.device) -> dict[str, Any]:
+    """Build, drive, time and measure every configuration of one model on ``device`` (where ``batch``
+    is), finishing by ``deadline`` (a ``time.perf_counter()`` value) as far as the plan's minimum
+    rounds allow."""
     t0 = time.perf_counter()
-    base = spec.build()
+    base = spec.build().to(device)
     frozen_mib = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
     configs = build_configs(base, spec.plan)
     drive_to_final(configs, batch)
@@ -116,10 +129,11 @@ def run_model(spec: ModelSpec, batch: dict[str, torch.Tensor], quick: bool, dead
         results[c.name]["memory"] = step_memory(c, batch)
     shapes = block_shapes(base)
     if quick:
-        mag = magnitude_scaling(shapes, [1, 2, 4, 8], naive_max_rank=8, min_seconds=0.01)
+        mag = magnitude_scaling(shapes, [1, 2, 4, 8], naive_max_rank=8, min_seconds=0.01, device=device)
     else:
         naive_max = 32 if max(d for s in shapes for d in s) <= 2048 else 16  # the naive form is slow
-        mag = magnitude_scaling(shapes, [2, 4, 8, 16, 32, 64, 128, 256], naive_max_rank=naive_max, min_seconds=0.2)
+        mag = magnitude_scaling(shapes, [2, 4, 8, 16, 32, 64, 128, 256], naive_max_rank=naive_max, min_seconds=0.2,
+                                device=device)
     print(f"[{spec.name}] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return {"name": spec.name, "description": spec.description, "frozen_mib": frozen_mib,
             "plan": {**vars(spec.plan), "rounds": rounds}, "configurations": results, "magnitude_scaling": mag}
@@ -136,13 +150,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "each model's minimum")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own choice; 1 with --quick)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the models and the batch live (cuda: results bench_speed_cuda[_quick])")
     args = parser.parse_args(argv)
+    if (why := cuda_refusal(args.device)) is not None:
+        from dora_lab.run.cli import refuse
+
+        raise SystemExit(refuse(why))
+    device = torch.device(args.device)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)  # a tiny model is fastest on one thread
 
     start = time.perf_counter()
     machine = machine_info()
     batch, batch_info = load_batch()
+    batch = {k: v.to(device) for k, v in batch.items()}
     specs = [s for s in model_specs(args.quick) if args.models is None or s.name in args.models]
     if not specs:
         parser.error(f"no model selected; choose from {[s.name for s in model_specs(args.quick)]}")
@@ -154,16 +176,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     models = []
     for i, spec in enumerate(specs):  # each model gets an equal share of the time that is left
         now = time.perf_counter()
-        models.append(run_model(spec, batch, args.quick, now + (deadline - now) / (len(specs) - i)))
+        models.append(run_model(spec, batch, args.quick, now + (deadline - now) / (len(specs) - i), device))
     result: dict[str, Any] = {
         "command": " ".join(["python benchmarks/bench_speed.py", *(argv if argv is not None else sys.argv[1:])]),
-        "quick": args.quick, "machine": machine, "batch": batch_info, "models": models,
+        "quick": args.quick, "device": args.device, **({"gpu": gpu_info()} if device.type == "cuda" else {}),
+        "machine": machine, "batch": batch_info, "models": models,
         "targets": [t for m in models for t in targets(m)],
         "runtime_s": time.perf_counter() - start, "load_average_at_end": list(os.getloadavg()),
         "process_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_speed_quick" if args.quick else "bench_speed"
+    stem = ("bench_speed_quick" if args.quick else "bench_speed") + ("_cuda" if device.type == "cuda" else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
     (args.out / f"{stem}.md").write_text(table)

@@ -38,8 +38,8 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     if not COLA_TRAIN.exists():
         pytest.skip(f"no CoLA data at {COLA_TRAIN}")
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_speed.py"), "--quick", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_speed.py"), "--quick", "--device", "cpu",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "bench_speed_quick.json").read_text()), (out / "bench_speed_quick.md").read_text()
 
@@ -106,6 +106,22 @@ def test_magnitude_closed_form_equals_naive_and_work_counts(report: tuple[dict, 
         assert row["work_naive"] == sum(r * i * o for i, o in shapes)
         assert row["closed_form_ms"] > 0 and row["naive_ms"] > 0
         assert row["max_abs_diff"] < 1e-5
+
+
+def test_a_cpu_run_says_so_and_keeps_its_file_names(report: tuple[dict, str]) -> None:
+    """--device cpu (the default) writes bench_speed_quick.* (the fixture read them) naming the device."""
+    result, md = report
+    assert result["device"] == "cpu" and "gpu" not in result
+    assert "Device: **cuda**" not in md and "torch's CPU allocator events" in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where torch sees no GPU")
+def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_speed.py"), "--quick", "--device", "cuda",
+                           "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: --device cuda: torch.cuda.is_available() is False"), proc.stderr[-2000:]
+    assert "--device cpu" in proc.stderr and not (tmp_path / "out").exists()  # the fix named; nothing written
 
 
 def test_markdown_lists_every_configuration_and_target(report: tuple[dict, str]) -> None:

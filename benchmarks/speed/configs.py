@@ -20,6 +20,7 @@ import dora_lab
 import dora_lab.core.adapter.layer as adapter_layer
 from dora_lab import PruningController, RankOneLinear, adapter_layers, inject_adapters, make_scorer
 
+from .device import synchronizer
 from .setup import (
     ALPHA,
     DRIVE_END,
@@ -53,6 +54,8 @@ class Config:
     times: list[list[float]] = field(default_factory=list)  # per timed step: seconds per phase
 
     def __post_init__(self) -> None:
+        self.device = next(self.model.parameters()).device  # the base model's: every copy shares it
+        self.sync = synchronizer(self.device)  # on a GPU each phase's timer waits for its kernels
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -60,18 +63,25 @@ class Config:
 
     def step(self, batch: dict[str, torch.Tensor], record: bool = False) -> None:
         adapter_layer._FAST_CPU_DROPOUT = self.fast_dropout
+        sync = self.sync
         try:
+            sync()
             t0 = time.perf_counter()
             loss = self.model(**batch).loss
+            sync()
             t1 = time.perf_counter()
             loss.backward()
+            sync()
             t2 = time.perf_counter()
             self.optimizer.step()
+            sync()
             t3 = time.perf_counter()
             if self.after_optimizer is not None:
                 self.after_optimizer(self.steps_done)
+            sync()
             t4 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
+            sync()
             t5 = time.perf_counter()
         finally:
             adapter_layer._FAST_CPU_DROPOUT = True
@@ -188,8 +198,9 @@ def build_configs(base: nn.Module, plan: Plan) -> list[Config]:
     configs = [floor_config(base), peft_lora_config(base, START_RANK), dora_config(base, START_RANK)]
     if plan.high_rank:
         configs += [peft_lora_config(base, HIGH_RANK), dora_config(base, HIGH_RANK)]
-    if plan.variants:
-        configs += [plain_forward_config(base), torch_dropout_config(base)]
+    if plan.variants:  # torch's dropout sampler differs from the fast one on the CPU only
+        cpu = next(base.parameters()).device.type == "cpu"
+        configs += [plain_forward_config(base), *([torch_dropout_config(base)] if cpu else [])]
     configs += [peft_lora_config(base, TARGET_RANK), peft_adalora_config(base), dora_final_config(base)]
     configs += [scorer_config(base, s) for s in dora_lab.list_scorers()]
     return configs

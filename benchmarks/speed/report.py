@@ -9,14 +9,18 @@ from typing import Any
 
 from .setup import HIGH_RANK, START_RANK, TARGET_RANK
 
-
 # -- the report ------------------------------------------------------------------------------------------
+MEMORY_SOURCE = {"cpu": "torch's CPU allocator events from the profiler + tracemalloc's peak for numpy/Python",
+                 "cuda": "torch.cuda.max_memory_allocated over the step, reset before it, less what was allocated "
+                         "before it"}
+
+
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
+    m, gpu = result["machine"], result.get("gpu")
     lines = [
         "# dora_lab training-step benchmark", "",
         f"Machine: {m['cpu_model']}, {m['usable_cpus']} usable CPU(s) of {m['logical_cpus']}, "
@@ -24,13 +28,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"Python {m['python']}. Load average at start {m['load_average_at_start'][0]:.2f}, "
         f"at end {result['load_average_at_end'][0]:.2f}. Run took {result['runtime_s']:.0f} s "
         f"(`{result['command']}`).", "",
+        *([f"Device: **cuda**, {gpu['name']} ({gpu['memory_mib']:.0f} MiB, CUDA {gpu['cuda']}); every "
+           f"phase timed after torch.cuda.synchronize().", ""] if gpu else []),
         f"Batch: {result['batch']['sentences']} CoLA training sentences, shape {result['batch']['shape']} "
         f"(padded to the longest). Step = forward + loss, backward, AdamW.step, controller/allocator (where "
         f"the method has one), zero_grad. Times: median over interleaved steps; spread p10–p90 and IQR. "
         f"Ratios: median step / median step of the floor, and of PEFT LoRA at the comparable rank "
         f"(the start rank for unpruned adapters, the target rank {TARGET_RANK} after pruning). Memory: "
-        f"peak above rest during one step (torch's CPU allocator events from the profiler + tracemalloc's "
-        f"peak for numpy/Python) + trainable parameters and optimizer state (frozen weights not counted).", "",
+        f"peak above rest during one step ({MEMORY_SOURCE['cuda' if gpu else 'cpu']}) + trainable parameters "
+        f"and optimizer state (frozen weights not counted).", "",
     ]
     for model in result["models"]:
         lines += [f"## {model['name']}: {model['description']}", "",

@@ -19,6 +19,8 @@ from torch import nn
 from dora_lab import RankOneLinear
 from dora_lab.metrics.magnitude import magnitude
 
+from .device import synchronizer
+
 
 # -- magnitude scorer: closed form against the naive, materialising form -----------------------------
 def naive_magnitude(layer: RankOneLinear) -> torch.Tensor:
@@ -35,21 +37,27 @@ def _score_all(fn: Callable[[RankOneLinear], torch.Tensor], layers: Sequence[Ran
         fn(layer)
 
 
-def _time_call(fn: Callable[[], object], min_seconds: float, max_repeats: int) -> float:
+def _time_call(fn: Callable[[], object], min_seconds: float, max_repeats: int,
+               sync: Callable[[], None] = lambda: None) -> float:
     fn()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_repeats and (len(times) < 3 or time.perf_counter() - start < min_seconds):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
 
 def magnitude_scaling(shapes: Sequence[tuple[int, int]], ranks: Sequence[int], naive_max_rank: int,
-                      min_seconds: float) -> dict[str, Any]:
-    """Time the magnitude scorer over one transformer block's linears (``shapes`` = (d_in, d_out))."""
-    bases = {s: nn.Linear(*s) for s in set(shapes)}
+                      min_seconds: float, device: torch.device | None = None) -> dict[str, Any]:
+    """Time the magnitude scorer over one transformer block's linears (``shapes`` = (d_in, d_out)) on
+    ``device`` (default the CPU)."""
+    device = device or torch.device("cpu")
+    sync = synchronizer(device)
+    bases = {s: nn.Linear(*s, device=device) for s in set(shapes)}
     rows = []
     for r in ranks:
         torch.manual_seed(r)
@@ -61,10 +69,10 @@ def magnitude_scaling(shapes: Sequence[tuple[int, int]], ranks: Sequence[int], n
             "r0": r,
             "work_closed_form": sum(r * r * (d_in + d_out) for d_in, d_out in shapes),
             "work_naive": sum(r * d_in * d_out for d_in, d_out in shapes),
-            "closed_form_ms": _time_call(partial(_score_all, magnitude, layers), min_seconds, 200),
+            "closed_form_ms": _time_call(partial(_score_all, magnitude, layers), min_seconds, 200, sync),
         }
         if r <= naive_max_rank:
-            row["naive_ms"] = _time_call(partial(_score_all, naive_magnitude, layers), min_seconds, 20)
+            row["naive_ms"] = _time_call(partial(_score_all, naive_magnitude, layers), min_seconds, 20, sync)
             row["max_abs_diff"] = max(float((magnitude(la) - naive_magnitude(la)).abs().max()) for la in layers)
         rows.append(row)
     return {"shapes": [list(s) for s in shapes], "rows": rows, "fits": _fits(rows)}

@@ -20,6 +20,7 @@ import torch
 from dora_lab import PruningController
 
 from .configs import PHASES, Config
+from .device import synchronizer
 from .setup import Plan
 
 
@@ -65,8 +66,10 @@ def scorer_update_ms(cfg: Config, batch: dict[str, torch.Tensor], repeats: int) 
     cfg.optimizer.step()
     times = []
     for _ in range(repeats):
+        cfg.sync()
         t0 = time.perf_counter()
         controller.scorer.update(controller.layers)
+        cfg.sync()
         times.append(time.perf_counter() - t0)
     cfg.optimizer.zero_grad(set_to_none=True)
     return 1e3 * statistics.median(times)
@@ -75,8 +78,12 @@ def scorer_update_ms(cfg: Config, batch: dict[str, torch.Tensor], repeats: int) 
 def step_memory(cfg: Config, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
     """Peak bytes above the resting state during one step: torch's CPU allocator events (profiler)
     plus the peak of what ``tracemalloc`` sees (numpy's buffers and Python objects; both peaks are
-    added, an upper bound that is tight when they peak together, at the end of the forward pass)."""
+    added, an upper bound that is tight when they peak together, at the end of the forward pass).
+    On a GPU: :func:`cuda_step_memory`."""
     from torch.profiler import ProfilerActivity, profile
+
+    if cfg.device.type == "cuda":
+        return cuda_step_memory(cfg, batch)
 
     gc.collect()
     tracemalloc.start()  # numpy's buffers (RankOneLinear's dropout bits) bypass torch's allocator
@@ -99,6 +106,24 @@ def step_memory(cfg: Config, batch: dict[str, torch.Tensor]) -> dict[str, float]
     mib = 2.0**20
     return {"step_peak_torch_mib": peak / mib, "step_peak_numpy_python_mib": other_peak / mib,
             "resting_mib": resting / mib, "peak_mib": (peak + other_peak + resting) / mib}
+
+
+def cuda_step_memory(cfg: Config, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One step's peak on the GPU: ``torch.cuda.max_memory_allocated`` over the step, its counter reset
+    just before it (so each configuration has its own), less what was allocated before the step (every
+    configuration's frozen weights, parameters and optimizer state live at once in this process), plus
+    this configuration's resting bytes: the CPU figure's definition.  The allocator's whole peak is kept
+    as ``cuda_max_allocated_mib``."""
+    gc.collect()
+    synchronizer(cfg.device)()
+    torch.cuda.reset_peak_memory_stats(cfg.device)
+    before = torch.cuda.memory_allocated(cfg.device)
+    cfg.step(batch)
+    peak = torch.cuda.max_memory_allocated(cfg.device)
+    resting, mib = cfg.resting_bytes(), 2.0**20
+    return {"step_peak_torch_mib": (peak - before) / mib, "step_peak_numpy_python_mib": 0.0,
+            "resting_mib": resting / mib, "peak_mib": (peak - before + resting) / mib,
+            "cuda_max_allocated_mib": peak / mib}
 
 
 def summarize(seconds: Sequence[float]) -> dict[str, float]:

@@ -9,10 +9,12 @@ The exit codes are shared by ``dora_lab.train``, ``dora_lab.study`` and ``dora_l
 - 130: stopped by Ctrl-C (SIGINT); 143: stopped by SIGTERM (what ``timeout``, Slurm, Kubernetes and
   schedulers send).
 
-One mechanism stops a run on either signal: :func:`stop_on_sigterm` makes SIGTERM raise
+One mechanism stops a run on either signal: :func:`stop_on_signals` makes SIGTERM raise
 :class:`Terminated`, a :class:`KeyboardInterrupt`, in the main thread, so every ``except
 KeyboardInterrupt`` (the trial recorded FAIL, runs closed, the summary written, workers stopped) runs
 for both; :func:`stop_reason` and :func:`stop_code` tell them apart in the messages and exit codes.
+Neither signal is raised inside a call into a store (:func:`stop_safe`, :func:`deferred_stop`): it
+waits for the call to end, so the clean-up that follows finds the store as the call left it.
 
 :data:`INPUT_ERRORS` are the exceptions that mean "bad input": their messages already name the key,
 file or row and the fix.  :func:`check_writable_folder` is the output-folder check made before work.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import signal
 import sys
@@ -30,7 +33,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import ParamSpec
+from typing import ParamSpec, TypeVar
 
 from ..core.registry import RegistryError
 from .config_yaml import ConfigError
@@ -38,8 +41,8 @@ from .models import ModelLoadError
 from .rows import DataError
 
 __all__ = ["EXIT_FAILED", "EXIT_INPUT", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "INPUT_ERRORS", "Terminated",
-           "check_writable_folder", "failed", "refuse", "stop_code", "stop_on_sigterm", "stop_reason",
-           "stoppable"]
+           "check_writable_folder", "deferred_stop", "failed", "refuse", "stop_code", "stop_on_signals",
+           "stop_reason", "stop_safe", "stoppable"]
 
 EXIT_FAILED = 1
 EXIT_INPUT = 2
@@ -57,7 +60,7 @@ def refuse(exc: BaseException | str) -> int:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (raised by :func:`stop_on_sigterm`'s handler): handled wherever Ctrl-C is."""
+    """SIGTERM arrived (raised by :func:`stop_on_signals`'s handler): handled wherever Ctrl-C is."""
 
 
 def stop_reason(exc: KeyboardInterrupt) -> str:
@@ -72,40 +75,106 @@ def stop_code(exc: KeyboardInterrupt) -> int:
     return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+_held = 0  # the depth of deferred_stop() blocks the main thread is in
+_pending: KeyboardInterrupt | None = None  # the stop that arrived inside one, raised when the outermost ends
+
+
+def _stop(exc: KeyboardInterrupt) -> None:
+    """Raise ``exc`` (from a signal handler) now, or keep it for the end of the outermost
+    :func:`deferred_stop` block the main thread is in (the first stop is kept; later ones add nothing)."""
+    global _pending
+    if _held:
+        if _pending is None:
+            _pending = exc
+        return
+    raise exc
+
+
 @contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[None]:
+def deferred_stop() -> Iterator[None]:
+    """While inside, in the main thread: Ctrl-C and SIGTERM (under :func:`stop_on_signals`) are not
+    raised; the first that arrived is raised when the outermost block ends.
+
+    For the calls into a store.  A :class:`KeyboardInterrupt` raised between two lines of SQLAlchemy
+    (in a commit, in a connection's return to its pool) can leave a connection checked out with its
+    write transaction open, kept alive by the traceback; with SQLite that connection holds the file's
+    write lock, and the clean-up's next write from this process waits past the busy timeout and
+    fails with "database is locked".  Outside the main thread (where no signal handler runs) it does
+    nothing."""
+    global _held, _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if not _held and _pending is not None:
+            exc, _pending = _pending, None
+            raise exc
+
+
+def _deferring(method: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        with deferred_stop():
+            return method(*args, **kwargs)
+    return call
+
+
+def stop_safe(cls: type[T]) -> type[T]:
+    """A subclass of ``cls`` (a store client: MLflow's ``MlflowClient``, Optuna's ``RDBStorage``) whose
+    every public method runs in :func:`deferred_stop`: a stop arrives between two calls into the
+    store, never inside one.  Instances are still instances of ``cls``."""
+    methods = {name: _deferring(attr) for name in dir(cls)  # plain methods (not static, class or property)
+               if not name.startswith("_") and inspect.isfunction(attr := inspect.getattr_static(cls, name))}
+    return type(cls.__name__, (cls,), {**methods, "__module__": __name__, "__doc__": cls.__doc__})
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
     """While inside: SIGTERM raises :class:`Terminated` in the main thread, once; further SIGTERMs
     (a scheduler that signals every process of the job, then the parent forwarding it) are ignored
-    so they cannot cut the clean-up short (SIGKILL still ends the process).  The previous handler is
-    restored on leaving.  Outside the main thread (where handlers cannot be set) it does nothing."""
+    so they cannot cut the clean-up short (SIGKILL still ends the process).  Ctrl-C (SIGINT) raises
+    :class:`KeyboardInterrupt` as Python's own handler does, each time.  Neither is raised inside a
+    :func:`deferred_stop` block (a call into a store): it is raised as that block ends.  The previous
+    handlers are restored on leaving.  Outside the main thread (where handlers cannot be set) it does
+    nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     raised = False
 
-    def handler(signum: int, frame: FrameType | None) -> None:
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
         nonlocal raised
         if not raised:
             raised = True
-            raise Terminated()
+            _stop(Terminated())
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        _stop(KeyboardInterrupt())
+
+    previous_term = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, on_sigint)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-P = ParamSpec("P")
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def stoppable(main: Callable[P, int]) -> Callable[P, int]:
-    """A CLI's ``main`` with SIGTERM handled as Ctrl-C (:func:`stop_on_sigterm`).  A stop that ``main``
+    """A CLI's ``main`` with SIGTERM handled as Ctrl-C (:func:`stop_on_signals`).  A stop that ``main``
     does not handle itself (one during start-up, before any work is stored) ends in one line and
     its exit code (130 or 143) instead of a traceback."""
     @functools.wraps(main)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> int:
-        with stop_on_sigterm():
+        with stop_on_signals():
             try:
                 return main(*args, **kwargs)
             except KeyboardInterrupt as exc:

@@ -222,7 +222,7 @@ def relaunch_command(processes: int, module: str, argv: Sequence[str]) -> list[s
 
 def relaunch(processes: int, module: str, argv: Sequence[str]) -> int:
     """Run this command again under ``torchrun`` (:func:`relaunch_command`) and wait; its exit code.
-    A SIGTERM here (:func:`~dora_lab.run.cli.stop_on_sigterm`) is passed on to ``torchrun``, which stops
+    A SIGTERM here (:func:`~dora_lab.run.cli.stop_on_signals`) is passed on to ``torchrun``, which stops
     its ranks, so that none outlives this process (Ctrl-C needs no passing on: the terminal sends
     SIGINT to every process of the group)."""
     from .cli import Terminated, stop_code

@@ -53,7 +53,7 @@ import optuna
 
 from ..plan.objectives import is_multi
 from ..plan.setup import StudySetup, prepare
-from ..run.cli import EXIT_FAILED, check_writable_folder, refuse, stop_code, stop_reason, stoppable
+from ..run.cli import EXIT_FAILED, check_writable_folder, refuse, stop_code, stop_reason, stop_safe, stoppable
 from ..run.config_yaml import ConfigError
 from ..track.front import FRONT_TAG
 from ..track.links import safe_url, ui_lines
@@ -90,7 +90,7 @@ def open_study(setup: StudySetup, tracker: StudyTracker | None = None) -> optuna
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = optuna.storages.RDBStorage(
+                storage = stop_safe(optuna.storages.RDBStorage)(  # a stop waits out a store call
                     storage, engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {},
                     heartbeat_interval=s.heartbeat_interval, grace_period=s.grace_period,
                     heartbeat_stale_trial_callback=stale if s.heartbeat_interval else None)

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunTag
 from mlflow.exceptions import MlflowException
 
+from ..run.cli import stop_safe
 from ..run.config import RunConfig, flatten
 from . import front, plots
 from .links import ROLE_TAG, STUDY_TAG, experiment_url, filter_value, group_color, study_view, ui_address
@@ -42,6 +43,9 @@ RUN_COLOR_TAG = "mlflow.runColor"  # a run's colour in MLflow's charts and table
 VIEW_TAG = "mlflow.sharedViewState."  # + key: a saved view of the runs table (study_view)
 #: A trial that the heartbeat marked failed (its worker was killed): its reason in Optuna and MLflow
 STALE_REASON = "worker stopped sending heartbeats (killed?); marked stale"
+
+#: MLflow's client with a stop (Ctrl-C, SIGTERM) held off while a call runs (:func:`~dora_lab.run.cli.stop_safe`)
+_Client = stop_safe(MlflowClient)
 
 
 def find_parent_runs(client: MlflowClient, experiment_id: str, study_name: str, uid: str | None,
@@ -69,7 +73,7 @@ class StudyTracker:
         self.groups: list[tuple[str, ...]] = []  # groups in grid order: their colours (group_color)
         self.parent_id: str | None = None  # the study's parent run (parent_run)
         with store_lock(tracking_uri, "mlflow"):  # the first access creates (migrates) a new store
-            self.client = MlflowClient(tracking_uri)
+            self.client = _Client(tracking_uri)
             self.experiment_id = self._experiment(experiment, artifact_root)
 
     def _experiment(self, name: str, artifact_root: Path | None) -> str:

@@ -307,6 +307,18 @@ def test_a_sigterm_in_the_middle_of_an_optuna_write_lands_after_it(tmp_path: Pat
     assert kept.user_attrs["fail_reason"] == "terminated (SIGTERM)"
 
 
+def test_every_mlflow_client_dora_lab_makes_holds_a_stop_off_its_calls() -> None:
+    """dora_lab makes its MLflow clients as track.tracker.StoreClient (stop_safe), never MlflowClient
+    itself: a new plain client would bring back the locked store above."""
+    from dora_lab.track.tracker import StoreClient
+
+    assert issubclass(StoreClient, MlflowClient) and StoreClient is not MlflowClient
+    plain = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "dora_lab").rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if "MlflowClient(" in line and "stop_safe(MlflowClient)" not in line]
+    assert plain == [], f"a plain MLflow client (make it StoreClient): {plain}"
+
+
 _STRESS = """
 import contextlib, random, signal, sqlite3, sys
 from mlflow import MlflowClient

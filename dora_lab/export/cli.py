@@ -72,6 +72,8 @@ def _adapter_from_mlflow(run_id: str, tracking_uri: str | None, workdir: Path) -
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from ..track.tracker import StoreClient
+
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:  # mlflow's default is a sqlite file in the working folder: use it only if it is there
         default = mlflow.get_tracking_uri()
@@ -82,7 +84,7 @@ def _adapter_from_mlflow(run_id: str, tracking_uri: str | None, workdir: Path) -
             )
         uri = default
     _check_store_exists(uri, "--tracking-uri" if tracking_uri else "MLFLOW_TRACKING_URI")
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = StoreClient(tracking_uri=uri)
     try:
         run = client.get_run(run_id)
     except MlflowException as e:

@@ -281,11 +281,9 @@ def mlflow_parent(source: Any) -> tuple[Any, str, dict[str, str]] | str:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         return f"no MLflow store at {uri}"
     try:
-        from mlflow import MlflowClient
+        from ..track.tracker import UID_TAG, StoreClient, find_parent_runs
 
-        from ..track.tracker import UID_TAG, find_parent_runs
-
-        client = MlflowClient(uri)
+        client = StoreClient(uri)
         exp = client.get_experiment_by_name(source.experiment or source.name)
         if exp is None:
             return f"no MLflow experiment {source.experiment or source.name!r} at {uri}"

@@ -34,7 +34,7 @@ WORKER_TAG = "dora_lab.worker"  # host:pid of the process that runs the trial
 TOLD_GRACE_S = 600.0
 
 __all__ = ["CLOSED_TAG", "EXPERIMENT_TAGS", "KIND_TAG", "STALE_REASON", "TOLD_GRACE_S", "UID_TAG", "VIEW_TAG",
-           "WORKER_TAG", "StudyTracker", "find_parent_runs", "trial_rows", "worker_may_still_end"]
+           "WORKER_TAG", "StoreClient", "StudyTracker", "find_parent_runs", "trial_rows", "worker_may_still_end"]
 
 UID_TAG = "dora_lab.study_uid"
 KIND_TAG = "mlflow.experimentKind"
@@ -44,8 +44,9 @@ VIEW_TAG = "mlflow.sharedViewState."  # + key: a saved view of the runs table (s
 #: A trial that the heartbeat marked failed (its worker was killed): its reason in Optuna and MLflow
 STALE_REASON = "worker stopped sending heartbeats (killed?); marked stale"
 
-#: MLflow's client with a stop (Ctrl-C, SIGTERM) held off while a call runs (:func:`~dora_lab.run.cli.stop_safe`)
-_Client = stop_safe(MlflowClient)
+#: MLflow's client with a stop (Ctrl-C, SIGTERM) held off while a call runs (:func:`~dora_lab.run.cli.stop_safe`):
+#: every MLflow client dora_lab makes is one (tests/test_stops.py checks)
+StoreClient = stop_safe(MlflowClient)
 
 
 def find_parent_runs(client: MlflowClient, experiment_id: str, study_name: str, uid: str | None,
@@ -73,7 +74,7 @@ class StudyTracker:
         self.groups: list[tuple[str, ...]] = []  # groups in grid order: their colours (group_color)
         self.parent_id: str | None = None  # the study's parent run (parent_run)
         with store_lock(tracking_uri, "mlflow"):  # the first access creates (migrates) a new store
-            self.client = _Client(tracking_uri)
+            self.client = StoreClient(tracking_uri)
             self.experiment_id = self._experiment(experiment, artifact_root)
 
     def _experiment(self, name: str, artifact_root: Path | None) -> str:

@@ -192,7 +192,8 @@ def test_report_block_keys_are_checked(tmp_path: Path) -> None:
 
 def test_the_sst2_scorer_study_is_a_two_task_report(tmp_path: Path) -> None:
     """studies/ablation_scorer_sst2.yaml: 3 scorers x 5 seeds of configs/sst2.yaml's full run, its report
-    pooling its LoRA arm and CoLA's 5-seed methods ablation with its LoRA arm, with min_effect 0.02."""
+    pooling its LoRA arm (8 seeds), CoLA's two other scorers and CoLA's methods ablation with its LoRA arm
+    (8 seeds) and sora's 8 seeds, with min_effect 0.02; every pooled study file exists."""
     from dora_lab.plan.setup import prepare, trial_config
     from dora_lab.report.io import read_report_block, source_from_config
 
@@ -205,8 +206,11 @@ def test_the_sst2_scorer_study_is_a_two_task_report(tmp_path: Path) -> None:
     assert {(c.task.name, c.task.max_train_samples, c.task.max_eval_samples, c.train.epochs) for c in configs} == {
         ("sst2", 8551, None, 3.0)}
     block = read_report_block(path)
-    assert block["include"] == ["ablation_scorer_sst2_lora.yaml", "ablation_methods_v2.yaml",
-                                "ablation_methods_v2_lora.yaml"] and block["min_effect"] == 0.02
+    assert block["include"] == ["ablation_scorer_sst2_lora.yaml", "ablation_scorer_sst2_lora_more.yaml",
+                                "ablation_scorer_cola.yaml", "ablation_methods_v2.yaml",
+                                "ablation_methods_v2_lora.yaml", "ablation_methods_v2_lora_more.yaml",
+                                "ablation_methods_v2_sora_more.yaml"] and block["min_effect"] == 0.02
+    assert all((path.parent / name).is_file() for name in block["include"])
     assert block["factors"][0] == "task.name" and block["reference"]["schedule.name"] == "constant"
     assert source_from_config(path, [f"output_dir={tmp_path}"]).metric == "accuracy"
 

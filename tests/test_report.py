@@ -166,6 +166,12 @@ def test_scorer_ablation_report(env: dict[str, Any]) -> None:
         # (one evaluation a run here, the study's eval_every 100 > 12 steps: still_rising is not judged, null)
         assert child.data.tags["dora_lab.still_rising"] == json.dumps(checks["still_rising"])
         assert child.data.tags["dora_lab.at_majority"] == json.dumps(checks["at_majority"])
+        # what the run ran on (dora_lab.run.environment): in metrics.json and as tags
+        env_of_run = yaml.safe_load((Path(child.data.tags["dora_lab.run_dir"]) / "metrics.json").read_text())
+        assert env_of_run["environment"]["torch"] == torch.__version__
+        assert child.data.tags["dora_lab.env.torch"] == torch.__version__
+        assert child.data.tags["dora_lab.env.device"] == env_of_run["environment"]["device"]
+    assert "more than one environment" not in md  # one machine, one environment: no warning
     assert len(read_csv(out / "flags.csv")) == 6 and "## Convergence and learning" in md
 
     # by study name and storage: the same groups

@@ -351,8 +351,12 @@ def test_the_convergence_flags_are_tags_of_the_trials_run(tracker: StudyTracker,
     logger = tracker.start_trial(tracker.parent_run(UID), 8, RunConfig(), tmp_path)
     logger.on_train_begin(_info(tmp_path))
     logger.on_train_end(RunResult("matthews_correlation", 0.3, 6, {"matthews_correlation": 0.3}, steps=6,
-                                  checks={"still_rising": True, "at_majority": None, "window": 3}))
+                                  checks={"still_rising": True, "at_majority": None, "window": 3},
+                                  environment={"torch": "2.13.0+cpu", "commit": None, "threads": 1}))
     logger.finish("COMPLETE", value=0.3)
     tags = MlflowClient(tracker.uri).get_run(logger.run_id).data.tags
     assert tags["dora_lab.still_rising"] == "true" and tags["dora_lab.at_majority"] == "null"
     assert "dora_lab.window" not in tags
+    # what it ran on (dora_lab.run.environment), a key without a value (no commit) left out
+    assert tags["dora_lab.env.torch"] == "2.13.0+cpu" and tags["dora_lab.env.threads"] == "1"
+    assert "dora_lab.env.commit" not in tags

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..plan.report_block import parse_report
 from ..run.config_yaml import ConfigError, parse_assignment
+from ..run.environment import differences, distinct
 from ..track.stores import StoreError, check_sqlite_store
 from .conclusions import across_tasks, common_seeds, metric_of, planned_seeds, power_row, run_flags
 from .html import write_html
@@ -210,6 +211,7 @@ def build(runs: Sequence[Run], factors: Sequence[str], reference: dict[str, Any]
     if all(len(groups[g]) == 1 for g in keys) and len(keys) > 1:
         notes.append("every group holds a single run: no spread, no test. Ablations need replicates: a grid "
                      "over the factors and `seed`")
+    notes += environment_notes(groups, keys, factors)
     agreement = _agreement(groups, keys, factors, notes)
     members = {label(factors, g): sorted(groups[g], key=lambda r: (r.seed, r.study, r.trial)) for g in keys}
     flags, warnings = run_flags(members, metric, value)
@@ -217,6 +219,22 @@ def build(runs: Sequence[Run], factors: Sequence[str], reference: dict[str, Any]
     return {"groups": group_rows, "comparisons": comparisons, "agreement": agreement, "notes": notes,
             "metric_key": metric, "flags": flags, "warnings": warnings, "tasks": tasks, "options": dict(options),
             "members": members}
+
+
+def environment_notes(groups: Mapping[tuple[str, ...], Sequence[Run]], keys: Sequence[tuple[str, ...]],
+                      factors: Sequence[str]) -> list[str]:
+    """A note when the runs ran in more than one environment (metrics.json ``environment``:
+    :mod:`dora_lab.run.environment`), naming what differs and, for each group, what its runs had:
+    the same config and seed can end elsewhere on another CPU or library version."""
+    envs = {g: [r.metrics.get("environment") or {} for r in groups[g]] for g in keys}
+    differ = differences([e for g in keys for e in envs[g]])
+    if not differ:
+        return []
+    per_group = "; ".join(f"{label(factors, g)}: " + ", ".join(
+        f"{k} {' / '.join(map(str, distinct(envs[g], k))) or 'not recorded'}" for k in differ) for g in keys)
+    return [f"runs ran in more than one environment ({', '.join(differ)} differ): the same config and seed "
+            f"can end at another value on another machine or library version (docs/results.md), so a "
+            f"difference between groups run apart mixes the two. By group: {per_group}"]
 
 
 def _agreement(groups: dict[tuple[str, ...], list[Run]], keys: Sequence[tuple[str, ...]],

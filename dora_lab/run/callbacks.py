@@ -52,6 +52,7 @@ class RunResult:
     data: dict[str, dict[str, int]] = field(default_factory=dict)  # causal tasks: per split, prompts cut...
     checks: dict[str, Any] = field(default_factory=dict)  # dora_lab.run.convergence: still rising, at majority
     initial_metrics: dict[str, float] = field(default_factory=dict)  # eval.at_start: before the first step
+    environment: dict[str, Any] = field(default_factory=dict)  # dora_lab.run.environment: what it ran on
 
     @property
     def minutes(self) -> float:
@@ -80,6 +81,8 @@ class RunResult:
             out["initial"] = self.initial_metrics
         if self.data:  # a causal task: examples, prompts cut and answers dropped per split
             out["data"] = self.data
+        if self.environment:
+            out["environment"] = self.environment
         return out
 
 

@@ -36,6 +36,7 @@ from .cli import INPUT_ERRORS, check_writable_folder, failed, refuse, stop_code,
 from .compile import check_compiler, for_training
 from .config import RunConfig, build_controller, load_config
 from .config_yaml import ConfigError
+from .environment import environment
 from .evaluate import eval_autocast, generation_eval, initial_evaluation
 from .loop import Run, Trained, train_loop
 from .models import check_model, load_model_and_tokenizer, resolve_device
@@ -230,7 +231,7 @@ def _finish(run: Run, info: RunInfo, trained: Trained, callbacks: Sequence[Train
         active_components_final=counts.active_components, steps=run.total, seconds=time.time() - t0,
         run_dir=run_dir, peak_memory_mb=trained.peak[0], peak_memory_source=trained.peak[1], data=run.data_counts,
         checks=convergence.checks(history, spec.main_metric, spec.greater_is_better, run.majority),
-        initial_metrics=run.initial,
+        initial_metrics=run.initial, environment=environment(run.device),
     )
     if not distributed.is_main():
         return result

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from ..run.callbacks import RunInfo, RunResult, TrainCallback
 from ..run.config import RunConfig, flatten
+from ..run.environment import source_commit
 from . import plots
 
 __all__ = ["FIGURES", "STALE_TAG", "TrialLogger", "context_tags", "datasets", "effective_settings", "figure_title", "log_params",
@@ -126,16 +126,10 @@ def context_tags() -> dict[str, str]:
     from mlflow.tracking.context.registry import resolve_tags
 
     tags = {k: str(v) for k, v in resolve_tags({}).items()}
-    here = Path(__file__).resolve().parent
-    try:
-        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", Path(__file__).name], cwd=here,
-                                 capture_output=True, timeout=10).returncode == 0
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):  # no git here
-        return tags
-    if tracked and head.returncode == 0:
+    commit = source_commit()
+    if commit:
         tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.source.git.")}
-        tags["mlflow.source.git.commit"] = head.stdout.strip()
+        tags["mlflow.source.git.commit"] = commit
     return tags
 
 
@@ -225,8 +219,9 @@ class TrialLogger(TrainCallback):
         self.flush()
         flags = {f"dora_lab.{k}": json.dumps(result.checks[k]) for k in ("still_rising", "at_majority")
                  if k in result.checks}  # dora_lab.run.convergence: "true", "false" or "null" (not judged)
-        if flags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in flags.items()])
+        env = {f"dora_lab.env.{k}": str(v) for k, v in result.environment.items() if v is not None}
+        if flags or env:  # dora_lab.run.environment: what the run ran on
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in {**flags, **env}.items()])
 
     # -- the end of a trial -------------------------------------------------------------------------
     def flush(self) -> None:

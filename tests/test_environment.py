@@ -14,7 +14,7 @@ import transformers
 
 from dora_lab import __version__
 from dora_lab.report.compare import environment_notes
-from dora_lab.report.io import Run
+from dora_lab.report.io import ENV_COLUMNS, Run
 from dora_lab.run.config import load_config
 from dora_lab.run.environment import KEYS, differences, distinct, environment, source_commit
 from dora_lab.run.train import train_run
@@ -33,7 +33,7 @@ def test_a_run_records_its_environment(tmp_path: Path) -> None:
                                                         "train.max_steps=2", "train.eval_every=2"])
     result = train_run(cfg, tmp_path / "run", progress=False)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())["environment"]
-    assert saved == result.environment and list(saved) == list(KEYS)
+    assert saved == result.environment and list(saved) == list(KEYS) and set(ENV_COLUMNS) <= set(KEYS)
     assert saved["dora_lab"] == __version__ and saved["torch"] == torch.__version__
     assert saved["transformers"] == transformers.__version__ and saved["python"] == platform.python_version()
     assert saved["threads"] == torch.get_num_threads() >= 1
@@ -70,3 +70,40 @@ def test_a_report_over_two_machines_says_which_group_ran_where() -> None:
     assert note.endswith("By group: sora: device Xeon A; dora: device Xeon B")
     same = {("sora",): [_run(0, "sora", here)], ("dora",): [_run(0, "dora", here), _run(1, "dora", {})]}
     assert environment_notes(same, list(same), ["method.name"]) == []  # a run without one is not a difference
+
+
+_TRAIN_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+from dora_lab.run.config import load_config
+from dora_lab.run.train import train_run
+from tests.tiny import REPO, tiny_overrides
+tmp, model = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = load_config(REPO / "configs" / "cola.yaml", [*tiny_overrides(model, tmp, train=64), "method.name=sora",
+                  "method.params={}", "train.max_steps=8", "train.eval_every=4"])
+train_run(cfg, tmp / "run", progress=False)
+"""
+
+
+@pytest.mark.skipif(not COLA.is_dir(), reason=f"shared CoLA data not found at {COLA}")
+def test_one_machine_gives_the_same_weights_in_every_process(tmp_path: Path) -> None:
+    """The claim the environment record rests on: on one machine a run is a function of its config
+    and seed, whatever process runs it (another PYTHONHASHSEED, another memory layout).  sora, whose
+    gate draws and thresholds would show any order dependence, trained in two fresh processes."""
+    import os
+    import sys
+
+    from safetensors.torch import load_file
+
+    model = make_tiny_model_dir(tmp_path / "bert")
+    weights = []
+    for hash_seed in ("1", "2"):
+        folder = tmp_path / f"p{hash_seed}"
+        folder.mkdir()
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO)}
+        subprocess.run([sys.executable, "-c", _TRAIN_IN_A_PROCESS, str(folder), str(model)], cwd=REPO, env=env,
+                       check=True, capture_output=True, timeout=600)
+        weights.append(load_file(folder / "run" / "adapter" / "adapter.safetensors"))
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 0
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key  # bit for bit (the file's metadata holds minutes)

@@ -172,6 +172,7 @@ def test_scorer_ablation_report(env: dict[str, Any]) -> None:
         assert child.data.tags["dora_lab.env.torch"] == torch.__version__
         assert child.data.tags["dora_lab.env.device"] == env_of_run["environment"]["device"]
     assert "more than one environment" not in md  # one machine, one environment: no warning
+    assert {r["torch"] for r in read_csv(out / "runs.csv")} == {torch.__version__}  # per run in runs.csv
     assert len(read_csv(out / "flags.csv")) == 6 and "## Convergence and learning" in md
 
     # by study name and storage: the same groups

@@ -189,6 +189,10 @@ def _pictures(data: Mapping[str, Any], out: Path, metric: str, references: set[s
     report_plots.budget_curves(curves, out / "budget.png")
 
 
+ENV_COLUMNS = ("device", "cpu_capability", "threads", "torch", "transformers", "commit")
+"""runs.csv's columns from each run's metrics.json ``environment`` (empty for a run that has none)."""
+
+
 def _write_tables(data: Mapping[str, Any], out: Path, metric: str, runs: Sequence[Run]) -> list[dict[str, Any]]:
     """The report's CSV tables, unrounded (groups, comparisons, agreement, runs, flags, ranks and pooled
     over tasks); returns the runs' rows, which the Markdown's Runs table shows rounded."""
@@ -198,7 +202,8 @@ def _write_tables(data: Mapping[str, Any], out: Path, metric: str, runs: Sequenc
                  "final": (r.metrics.get("final") or {}).get(metric_of(r, data["metric_key"]), math.nan),
                  "components": sum(r.allocation.values()) if r.allocation else None,
                  "adapter_parameters_final": r.metrics.get("adapter_parameters_final"),
-                 "minutes": r.minutes, "mlflow_run_id": r.mlflow_run_id} for r in runs]
+                 "minutes": r.minutes, "mlflow_run_id": r.mlflow_run_id,
+                 **{k: (r.metrics.get("environment") or {}).get(k, "") for k in ENV_COLUMNS}} for r in runs]
     write_csv([{k: (" ".join(map(str, v)) if k == "values" else v) for k, v in g.items()} for g in groups],
          out / "groups.csv")
     write_csv(comparisons, out / "comparisons.csv")

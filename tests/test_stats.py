@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import itertools
 import math
 
 import numpy as np
@@ -65,8 +66,16 @@ def test_sign_flip_enumerated() -> None:
     # d = [1, -2, 3], |sum| = 2; the 8 sign patterns give |sums| 6 0 2 4 4 2 0 6: six are >= 2
     assert sign_flip_p([1.0, -2.0, 3.0]) == pytest.approx(6 / 8)
     assert sign_flip_p([0.1, 0.2, 0.3]) == pytest.approx(2 / 8)  # the floor with 3 seeds: 0.25
-    assert math.isnan(sign_flip_p([1.0] * 11)) and math.isnan(sign_flip_p([1.0] * 11, max_exact=10))
+    assert math.isnan(sign_flip_p([1.0] * 21)) and math.isnan(sign_flip_p([1.0] * 11, max_exact=10))
     assert sign_flip_p([1.0] * 11, max_exact=12) == pytest.approx(2 / 2**11)
+    assert sign_flip_p([1.0] * 16) == pytest.approx(2 / 2**16) and sign_flip_p([0.5]) == pytest.approx(1.0)
+    # the two-half tables against the 2^n sign vectors one by one, on odd and even n
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 12):
+        d = rng.normal(0.01, 0.03, n)
+        brute = [abs(sum(s * x for s, x in zip(signs, d, strict=True))) >= abs(d.sum()) - 1e-12
+                 for signs in itertools.product((1, -1), repeat=n)]
+        assert sign_flip_p(d) == pytest.approx(sum(brute) / 2**n), n
 
 
 def test_paired_test_degenerate_cases() -> None:

@@ -196,7 +196,7 @@ def comparisons_section(data: Mapping[str, Any], reference: Mapping[str, Any], s
                "column.",
                "- p (sign-flip, exact): two-sided permutation test over all 2^n sign assignments of the n "
                "differences "
-               "(no normality assumed; up to 10 pairs). Its smallest possible value is 2 / 2^n "
+               "(no normality assumed; up to 20 pairs). Its smallest possible value is 2 / 2^n "
                f"({fmt_p(2 / 2 ** pairs) if pairs else 'n/a'} for n = {pairs}): below 6 pairs it cannot reach 0.05, "
                "whatever the data. A paired-t p far below that floor rests on the t-test's normality assumption.",
                *conclusion_notes(data.get("options") or {}, comparisons, source), ""]

@@ -33,7 +33,7 @@ def test_a_run_records_its_environment(tmp_path: Path) -> None:
                                                         "train.max_steps=2", "train.eval_every=2"])
     result = train_run(cfg, tmp_path / "run", progress=False)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())["environment"]
-    assert saved == result.environment and list(saved) == list(KEYS) and set(ENV_COLUMNS) <= set(KEYS)
+    assert saved == result.environment and list(saved) == list(KEYS) and set(ENV_COLUMNS) == set(KEYS)
     assert saved["dora_lab"] == __version__ and saved["torch"] == torch.__version__
     assert saved["transformers"] == transformers.__version__ and saved["python"] == platform.python_version()
     assert saved["threads"] == torch.get_num_threads() >= 1

@@ -184,7 +184,7 @@ def test_report_block_keys_are_checked(tmp_path: Path) -> None:
     assert parse_report({"min_effect": 0.02, "power": 0.9}, "x.yaml").power == 0.9
     with pytest.raises(ConfigError, match=r"x.yaml: report.power: Input should be less than 1; got 1.5"):
         parse_report({"power": 1.5}, "x.yaml")
-    with pytest.raises(ConfigError, match="unknown key; allowed: reference, factors, include, min_effect"):
+    with pytest.raises(ConfigError, match="unknown key; allowed: reference, factors, include, archives, min_effect"):
         parse_report({"min_efect": 0.02}, "x.yaml")
 
 

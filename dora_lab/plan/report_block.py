@@ -10,7 +10,15 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ..run.config import _Strict
 from ..run.config_yaml import ConfigError
 
-__all__ = ["ReportConfig", "parse_report", "with_study_seeds"]
+__all__ = ["Archive", "ReportConfig", "parse_report", "with_study_seeds"]
+
+
+class Archive(_Strict):
+    """Runs of a study whose Optuna and run folders are gone, read back from a committed report: the
+    study config that made them and the report folder whose ``runs.csv`` (and ``flags.csv``) hold them."""
+
+    study: str = Field(description="the study config that made the runs (relative to this file)")
+    report: str = Field(description="the report folder with their runs.csv (relative to this file)")
 
 
 class ReportConfig(_Strict):
@@ -20,6 +28,9 @@ class ReportConfig(_Strict):
     reference: dict[str, Any] = Field(default_factory=dict, description="config key -> the reference group's value")
     factors: list[str] = Field(default_factory=list, description="the keys that make a group (default: detected)")
     include: list[str] = Field(default_factory=list, description="more study configs pooled into this report")
+    archives: list[Archive] = Field(default_factory=list, description="runs of studies no longer in any store, read "
+                                    "back from a committed report: [{study: the config that made them, report: the "
+                                    "report folder with their runs.csv}], paths relative to this file")
     min_effect: float | None = Field(None, gt=0, description="the difference worth detecting, in the metric's "
                                      "units: the seeds each comparison needs to detect it")
     power: float = Field(0.8, gt=0.05, lt=1, description="for the minimum detectable difference and seeds needed")
@@ -61,6 +72,11 @@ def parse_report(block: Any, where: str) -> ReportConfig:
     except ValidationError as exc:
         err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
         key = str(err["loc"][0]) if err["loc"] else ""
+    if key == "archives":
+        what = (f"{'.'.join(map(str, err['loc']))}: {str(err['msg']).removeprefix('Value error, ')}"
+                if isinstance(block[key], list) else f"got {block[key]!r}")
+        raise ConfigError(f"{where}: report.archives must be a list of {{study: STUDY.yaml, report: REPORT_FOLDER}} "
+                          f"(the study config that made the runs, the report folder holding their runs.csv); {what}")
     if err["type"] == "extra_forbidden":
         raise ConfigError(f"{where}: report.{key}: unknown key; allowed: {', '.join(ReportConfig.model_fields)}")
     if key == "reference":

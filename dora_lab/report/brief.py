@@ -15,6 +15,7 @@ full report's.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 from ..run.config_yaml import ConfigError, apply_overrides, read_yaml
 from ..track.links import run_url
 from ..track.tables import markdown_table
+from .archive import archived_runs
 from .compare import build, default_reference, detect_factors, drop_repeats, majority_notes
 from .io import Run, Source, load_runs, source_from_config
 from .plots import allocation_panels
@@ -97,7 +99,7 @@ def _link(url: str) -> str:
 def included_runs(source: Source, overrides: Sequence[str] = ()) -> list[Run]:
     """The complete runs of the studies ``report.include`` pools in (the reference arm is often a study
     of its own, e.g. plain LoRA), those that exist already, read as the report reads them (``overrides``:
-    the study's ``--set``s).  A study not run yet is left out, and so is a config that lists plugins:
+    the study's ``--set``s), and those ``report.archives`` reads back.  A study not run yet is left out, and so is a config that lists plugins:
     their code runs only in the report, named on its command line (``--trust-plugins``)."""
     runs: list[Run] = []
     for item in source.report.get("include") or []:
@@ -113,6 +115,8 @@ def included_runs(source: Source, overrides: Sequence[str] = ()) -> list[Run]:
             runs += load_runs(other)[0]
         except (ConfigError, KeyError, OSError, ValueError):  # not run yet (or not readable): answer without it
             continue
+    with contextlib.suppress(ConfigError, KeyError, OSError, ValueError):  # the report names the problem
+        runs += archived_runs(source, overrides)[0]
     return runs
 
 

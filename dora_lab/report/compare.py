@@ -33,6 +33,7 @@ from ..plan.report_block import parse_report
 from ..run.config_yaml import ConfigError, parse_assignment
 from ..run.environment import differences, distinct
 from ..track.stores import StoreError, check_sqlite_store
+from .archive import archived_runs
 from .conclusions import across_tasks, common_seeds, metric_of, planned_seeds, power_row, run_flags
 from .html import write_html
 from .io import (
@@ -180,7 +181,7 @@ def build(runs: Sequence[Run], factors: Sequence[str], reference: dict[str, Any]
             "final_mean": _mean([_value(r, "final", metric) for r in rs]),
             "trainable_parameters": _mean([r.metrics.get("trainable_parameters", math.nan) for r in rs]),
             "adapter_parameters_final": _mean([r.metrics.get("adapter_parameters_final", math.nan) for r in rs]),
-            "active_components": _mean([sum(r.allocation.values()) if r.allocation else math.nan for r in rs]),
+            "active_components": _mean([math.nan if r.components is None else r.components for r in rs]),
             "minutes": _mean([r.minutes for r in rs]), "seeds": " ".join(str(r.seed) for r in rs),
             "values": [_value(r, value, metric) for r in rs], "is_reference": g not in pairs,
             **({"arm": arm(g)} if task_at is not None else {})})
@@ -346,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.reference:
             reference = dict(parse_assignment(r, "--reference") for r in args.reference)
         loaded = [load_runs(source) for source in sources]
-        runs = [r for rs, _, _ in loaded for r in rs]
+        archived, archive_notes = archived_runs(first, args.overrides, args.trust_plugins)
+        runs = [r for rs, _, _ in loaded for r in rs] + archived
         skipped = [s for _, ss, _ in loaded for s in ss]
         searched = {k for _, _, ks in loaded for k in ks}
         if not runs:
@@ -368,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reference = reference or default_reference(runs, factors)
         key = metric if metric != "objective" else str(runs[0].metrics.get("metric", ""))
         data = build(runs, factors, reference, args.value, key, options)
-        data["notes"] = [*majority_notes(data, key), *data["notes"]]
+        data["notes"] = [*majority_notes(data, key), *data["notes"], *archive_notes]
     except (ConfigError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

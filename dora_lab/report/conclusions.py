@@ -107,19 +107,25 @@ def run_flags(members: Mapping[str, Sequence[Any]], metric: str, value: str) -> 
             history = r.metrics.get("history") or []
             task = str(r.config.get("task.name", ""))
             m = metric_of(r, metric)
-            rising = still_rising([float(h[m]) for h in history if m in h],
-                                  [float(h.get("step", i)) for i, h in enumerate(history) if m in h],
-                                  greater_is_better(task)) if m else {"still_rising": None}
+            archived = r.metrics.get("archived")  # read back from a report (report.archives): its flags
+            rising = dict(archived) if archived else still_rising(
+                [float(h[m]) for h in history if m in h],
+                [float(h.get("step", i)) for i, h in enumerate(history) if m in h], greater_is_better(task)) \
+                if m else {"still_rising": None}
             v = float((r.metrics.get("final") or {}).get(m, NAN)) if value == "final" else r.value
-            flat = at_chance(v, m, (r.metrics.get("checks") or {}).get("majority_share"))
+            flat = archived["at_majority"] if archived else at_chance(
+                v, m, (r.metrics.get("checks") or {}).get("majority_share"))
             chance.append(flat)
-            rows.append({"group": group, "seed": r.seed, "trial": r.trial, "evaluations": len(history),
+            rows.append({"group": group, "seed": r.seed, "trial": r.trial,
+                         "evaluations": archived["evaluations"] if archived else len(history),
                          "still_rising": rising["still_rising"], "last_gain": rising.get("last_gain", NAN),
                          "fitted_rise": rising.get("fitted_rise", NAN), "at_majority": flat})
             if rising["still_rising"]:
+                fit = (f"fitted rise {rising['fitted_rise']:+.4f}, as the archived report {archived['folder']} "
+                       f"found it" if archived else f"fitted rise over the last {rising['window']} evaluations "
+                       f"{rising['fitted_rise']:+.4f}")
                 warnings.append(f"{group}, seed {r.seed}: still rising at its last evaluation (last gain "
-                                f"{rising['last_gain']:+.4f}, fitted rise over the last {rising['window']} "
-                                f"evaluations {rising['fitted_rise']:+.4f}): train longer before comparing")
+                                f"{rising['last_gain']:+.4f}, {fit}): train longer before comparing")
         hits = sum(c is True for c in chance)
         if hits == len(runs):
             warnings.append(f"{group}: has not learned: every run ({hits}) scores at the majority class "

@@ -70,6 +70,13 @@ class Run:
     front: bool | None = None  # on its multi-objective study's Pareto front (None: single-objective study)
     metric: str = ""  # what ``value`` measures: its own study's metric ("" unknown); tasks differ in a report
 
+    @property
+    def components(self) -> int | None:
+        """Active components at the end (allocation.json; an archived run's: its runs.csv)."""
+        if self.allocation:
+            return sum(self.allocation.values())
+        return (self.metrics.get("archived") or {}).get("components")
+
     def factor(self, key: str) -> str:
         if key == "final_rank":
             return fmt(round(sum(self.allocation.values()) / len(self.allocation), 3)) if self.allocation else "?"
@@ -189,8 +196,9 @@ def _pictures(data: Mapping[str, Any], out: Path, metric: str, references: set[s
     report_plots.budget_curves(curves, out / "budget.png")
 
 
-ENV_COLUMNS = ("device", "cpu_capability", "threads", "torch", "transformers", "commit")
-"""runs.csv's columns from each run's metrics.json ``environment`` (empty for a run that has none)."""
+ENV_COLUMNS = ("device", "cpu_capability", "threads", "torch", "transformers", "python", "dora_lab", "commit")
+"""runs.csv's columns from each run's metrics.json ``environment`` (empty for a run that has none): all
+of :data:`dora_lab.run.environment.KEYS`, so a report read back (``report.archives``) has them all."""
 
 
 def _write_tables(data: Mapping[str, Any], out: Path, metric: str, runs: Sequence[Run]) -> list[dict[str, Any]]:
@@ -200,7 +208,7 @@ def _write_tables(data: Mapping[str, Any], out: Path, metric: str, runs: Sequenc
     group_of = {id(r): name for name, members in data["members"].items() for r in members}
     run_rows = [{"study": r.study, "trial": r.trial, "group": group_of[id(r)], "seed": r.seed, "value": r.value,
                  "final": (r.metrics.get("final") or {}).get(metric_of(r, data["metric_key"]), math.nan),
-                 "components": sum(r.allocation.values()) if r.allocation else None,
+                 "components": r.components,
                  "adapter_parameters_final": r.metrics.get("adapter_parameters_final"),
                  "minutes": r.minutes, "mlflow_run_id": r.mlflow_run_id,
                  **{k: (r.metrics.get("environment") or {}).get(k, "") for k in ENV_COLUMNS}} for r in runs]

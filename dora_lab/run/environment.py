@@ -70,10 +70,11 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def distinct(environments: Sequence[Mapping[str, Any]], key: str) -> list[Any]:
     """The distinct values of ``key`` among ``environments``, in first-seen order (runs without an
-    environment, from before dora_lab recorded one, are left out)."""
+    environment, from before dora_lab recorded one, and runs read back from a report that lacks the key
+    are left out)."""
     seen: list[Any] = []
     for env in environments:
-        if env and env.get(key) not in seen:
+        if key in env and env[key] not in seen:
             seen.append(env.get(key))
     return seen
 

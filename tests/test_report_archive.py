@@ -53,7 +53,9 @@ def test_archived_runs_compare_as_the_live_ones(tmp_path: Path) -> None:
                                 evals=64), "train.eval_every=2", "train.lr=0.03", "adapter.alpha=64",
                                 "train.warmup_ratio=0"]
         args = [x for s in sets for x in ("--set", s)]
-        lora = _study(tmp_path, "arch_lora", LORA)
+        # LoRA's rank searched as well (one choice): runs.csv's params column brings it back
+        lora = _study(tmp_path, "arch_lora", LORA, space={"seed": {"type": "categorical", "choices": [0, 1, 2]},
+                                                          "adapter.r0": {"type": "categorical", "choices": [2]}})
         live = _study(tmp_path, "arch_dora", {}, {**BLOCK, "include": ["arch_lora.yaml"]})
         archived = _study(tmp_path, "arch_dora_from_archive", {},
                           {**BLOCK, "archives": [{"study": "arch_lora.yaml", "report": "lora_report"}]})
@@ -89,7 +91,7 @@ def test_archives_refuse_what_they_cannot_read_back(tmp_path: Path) -> None:
     sets = ["output_dir=" + str(tmp_path / "out")]
     args = [x for s in sets for x in ("--set", s)]
     (tmp_path / "rep").mkdir()
-    (tmp_path / "rep" / "runs.csv").write_text("study,trial,group,seed,value\nother,0,constant,0,0.5\n")
+    (tmp_path / "rep" / "runs.csv").write_text("study,trial,group,seed,value\nother,0,constant,0,0.5\ngrid_lora,0,constant,0,0.5\n")
     searched = _study(tmp_path, "grid_lora", LORA, space={"seed": {"type": "categorical", "choices": [0]},
                                                           "train.lr": {"type": "categorical", "choices": [1e-3]}})
     _study(tmp_path, "seeds_lora", LORA)
@@ -98,8 +100,8 @@ def test_archives_refuse_what_they_cannot_read_back(tmp_path: Path) -> None:
     cases = {
         "missing_config": ({"study": "nope.yaml", "report": "rep"}, "no study config"),
         "missing_table": ({"study": "seeds_lora.yaml", "report": "nowhere"}, "no .*nowhere/runs.csv"),
-        "other_study": ({"study": "seeds_lora.yaml", "report": "rep"}, "has no runs of study 'seeds_lora'.*it has: other"),
-        "searched": ({"study": searched.name, "report": "rep"}, "searches train.lr besides the seed"),
+        "other_study": ({"study": "seeds_lora.yaml", "report": "rep"}, "has no runs of study 'seeds_lora'.*it has: grid_lora, other"),
+        "searched": ({"study": searched.name, "report": "rep"}, "searches train.lr besides the seed, and .* is from before runs.csv recorded"),
         "plugins": ({"study": with_plugin.name, "report": "rep"}, r"lists plugins \[.*my_scorer.py'\].*--trust-plugins"),
     }
     for name, (entry, message) in cases.items():

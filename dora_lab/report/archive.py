@@ -5,13 +5,15 @@ study config that made them, each row becomes a :class:`Run` whose config is the
 rebuilt exactly as the study runner builds it, so the report groups and pairs it like a live run.
 
 What an archive cannot give back: learning curves (the convergence flags are the ones the archived
-report computed, from its ``flags.csv``), allocations and scores.  Only a study whose search space
-is its seeds alone can be read back: ``runs.csv`` does not record the other sampled values.
+report computed, from its ``flags.csv``), allocations and scores.  ``runs.csv`` records each trial's
+sampled values (its ``params`` column); from a report made before it did, only a study whose search
+space is its seeds alone can be read back.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,37 +74,39 @@ def archived_runs(source: Source, overrides: Sequence[str] = (), trust_plugins: 
             raise ConfigError(f"report.archives: {config_path} lists plugins {plugins}: Python code that report "
                               f"runs only when asked; read it, then pass --trust-plugins")
         setup = prepare(config_path, overrides)
-        searched = sorted(set(setup.study.space) - {"seed"})
-        if searched:
-            raise ConfigError(f"report.archives: {config_path} searches {', '.join(searched)} besides the seed; "
-                              f"runs.csv does not record those values, so only a study whose space is its seeds "
-                              f"can be read back (split it into one study file per value)")
         rows = _read_csv(table)
         mine = [r for r in rows if r.get("study") == setup.name]
         if not mine:
             names = sorted({r.get("study", "") for r in rows})
             raise ConfigError(f"report.archives: {table} has no runs of study {setup.name!r} ({config_path}); "
                               f"it has: {', '.join(names) or 'none'}")
+        searched = sorted(set(setup.study.space) - {"seed"})
+        if searched and not all(r.get("params") for r in mine):
+            raise ConfigError(f"report.archives: {config_path} searches {', '.join(searched)} besides the seed, and "
+                              f"{table} is from before runs.csv recorded each run's sampled values (its params "
+                              f"column); make that report again from the study's store, or split the study into one "
+                              f"file per value")
         flags = {(r.get("group"), r.get("seed"), r.get("trial")): r
                  for r in (_read_csv(folder / "flags.csv") if (folder / "flags.csv").is_file() else [])}
         metric = setup.metric
         for row in mine:
             seed = int(row["seed"])
-            config = flatten(yaml.safe_load(trial_config(setup.data, setup.study, {"seed": seed}, setup.cli).to_yaml()))
+            params = json.loads(row["params"]) if row.get("params") else {"seed": seed}
+            config = flatten(yaml.safe_load(trial_config(setup.data, setup.study, params, setup.cli).to_yaml()))
             flag = flags.get((row.get("group"), row["seed"], row.get("trial")), {})
             final = _number(row.get("final"))
-            params = _number(row.get("adapter_parameters_final"))
+            size = _number(row.get("adapter_parameters_final"))
             archived = {"folder": str(folder), "components": int(row["components"]) if row.get("components") else None,
                         "still_rising": _flag(flag.get("still_rising")), "at_majority": _flag(flag.get("at_majority")),
                         "evaluations": int(flag["evaluations"]) if str(flag.get("evaluations", "")).isdigit() else 0,
                         "last_gain": _number(flag.get("last_gain")), "fitted_rise": _number(flag.get("fitted_rise"))}
             metrics: dict[str, Any] = {"metric": metric, "final": {} if math.isnan(final) else {metric: final},
                                        "environment": _environment(row), "archived": archived}
-            if not math.isnan(params):
-                metrics["adapter_parameters_final"] = int(params)
+            if not math.isnan(size):
+                metrics["adapter_parameters_final"] = int(size)
             runs.append(Run(study=setup.name, trial=int(row["trial"]), seed=seed, value=float(row["value"]),
                             config=config, metrics=metrics, minutes=_number(row.get("minutes")),
-                            mlflow_run_id=row.get("mlflow_run_id", ""), metric=metric))
+                            mlflow_run_id=row.get("mlflow_run_id", ""), metric=metric, params=params))
         notes.append(f"{len(mine)} run(s) of `{setup.name}` are read from the archive {table} (report.archives): "
                      f"their configs rebuilt from {config_path}; no learning curves, allocations or scores, and "
                      f"their convergence flags are those the archived report computed")

@@ -69,6 +69,7 @@ class Run:
     folder: str = ""
     front: bool | None = None  # on its multi-objective study's Pareto front (None: single-objective study)
     metric: str = ""  # what ``value`` measures: its own study's metric ("" unknown); tasks differ in a report
+    params: dict[str, Any] = field(default_factory=dict)  # the trial's sampled values (Optuna's params)
 
     @property
     def components(self) -> int | None:
@@ -166,7 +167,8 @@ def load_runs(source: Source) -> tuple[list[Run], list[dict[str, Any]], set[str]
                         allocation=_read(folder, "allocation.json"), scores=scores.get("scores") or {},
                         budget=_read(folder, "budget.json"), minutes=math.nan if minutes is None else minutes,
                         mlflow_run_id=str(t.user_attrs.get("mlflow_run_id", "")), folder=str(folder or ""),
-                        front=None if front is None else t.number in front, metric=str(own or "")))
+                        front=None if front is None else t.number in front, metric=str(own or ""),
+                        params=dict(t.params)))
     return runs, skipped, searched
 
 
@@ -211,6 +213,7 @@ def _write_tables(data: Mapping[str, Any], out: Path, metric: str, runs: Sequenc
                  "components": r.components,
                  "adapter_parameters_final": r.metrics.get("adapter_parameters_final"),
                  "minutes": r.minutes, "mlflow_run_id": r.mlflow_run_id,
+                 "params": json.dumps(r.params, sort_keys=True) if r.params else "",
                  **{k: (r.metrics.get("environment") or {}).get(k, "") for k in ENV_COLUMNS}} for r in runs]
     write_csv([{k: (" ".join(map(str, v)) if k == "values" else v) for k, v in g.items()} for g in groups],
          out / "groups.csv")

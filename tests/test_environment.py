@@ -65,11 +65,18 @@ def test_a_report_over_two_machines_says_which_group_ran_where() -> None:
     there = {**here, "device": "Xeon B"}
     groups = {("sora",): [_run(0, "sora", here), _run(1, "sora", here)],
               ("dora",): [_run(0, "dora", there), _run(1, "dora", {})]}
-    (note,) = environment_notes(groups, list(groups), ["method.name"])
+    unknown, note = environment_notes(groups, list(groups), ["method.name"])
     assert note.startswith("runs ran in more than one environment (device differ)")
     assert note.endswith("By group: sora: device Xeon A; dora: device Xeon B")
-    same = {("sora",): [_run(0, "sora", here)], ("dora",): [_run(0, "dora", here), _run(1, "dora", {})]}
-    assert environment_notes(same, list(same), ["method.name"]) == []  # a run without one is not a difference
+    assert unknown.startswith("environment unknown for some runs (dora: 1 of 2)")
+    same = {("sora",): [_run(0, "sora", here)], ("dora",): [_run(0, "dora", here), _run(1, "dora", here)]}
+    assert environment_notes(same, list(same), ["method.name"]) == []
+    # a run without one is not a difference, but it is named: it may have run anywhere
+    some = {("sora",): [_run(0, "sora", here)], ("dora",): [_run(0, "dora", {}), _run(1, "dora", here)]}
+    (only,) = environment_notes(some, list(some), ["method.name"])
+    assert only.startswith("environment unknown for some runs (dora: 1 of 2)")
+    none = {("sora",): [_run(0, "sora", {})], ("dora",): [_run(0, "dora", {})]}
+    assert environment_notes(none, list(none), ["method.name"]) == []  # none recorded: nothing to compare
 
 
 _TRAIN_IN_A_PROCESS = """

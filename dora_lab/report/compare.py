@@ -228,12 +228,19 @@ def environment_notes(groups: Mapping[tuple[str, ...], Sequence[Run]], keys: Seq
     :mod:`dora_lab.run.environment`), naming what differs and, for each group, what its runs had:
     the same config and seed can end elsewhere on another CPU or library version."""
     envs = {g: [r.metrics.get("environment") or {} for r in groups[g]] for g in keys}
+    unknown = {g: sum(not e for e in envs[g]) for g in keys}
+    notes = []
+    if 0 < sum(unknown.values()) < sum(len(envs[g]) for g in keys):
+        where = "; ".join(f"{label(factors, g)}: {unknown[g]} of {len(envs[g])}" for g in keys if unknown[g])
+        notes.append(f"environment unknown for some runs ({where}): they ran before dora_lab recorded one, so "
+                     f"whether they ran where the others did cannot be told, and the same config and seed can "
+                     f"end at another value on another machine (docs/results.md)")
     differ = differences([e for g in keys for e in envs[g]])
     if not differ:
-        return []
+        return notes
     per_group = "; ".join(f"{label(factors, g)}: " + ", ".join(
         f"{k} {' / '.join(map(str, distinct(envs[g], k))) or 'not recorded'}" for k in differ) for g in keys)
-    return [f"runs ran in more than one environment ({', '.join(differ)} differ): the same config and seed "
+    return [*notes, f"runs ran in more than one environment ({', '.join(differ)} differ): the same config and seed "
             f"can end at another value on another machine or library version (docs/results.md), so a "
             f"difference between groups run apart mixes the two. By group: {per_group}"]
 

@@ -249,7 +249,7 @@ def render(data: Mapping[str, Any], out: Path, *, sources: Sequence[Any], factor
           f"{', '.join(f'`{f}`' for f in factors) or '(nothing varies)'} into {len(groups)} groups; seeds "
           f"{', '.join(map(str, seeds))}. The value is **{metric}**, {what}. "
           f"{len(skipped)} trial(s) are left out (not COMPLETE, or repeating a group and seed; listed under Notes).", ""]
-    md += [f"> **Warning: {n}**\n" for n in data["notes"] if n.startswith(("did not learn", "runs ran in more"))]
+    md += [f"> **Warning: {n}**\n" for n in data["notes"] if n.startswith(("did not learn", "runs ran in more", "environment unknown"))]
     if derived:
         keys = ", ".join(f"`{k}`" for k in derived)
         md += [f"Keys that also differ between runs but follow from the factors: {keys}.", ""]
